@@ -1,0 +1,167 @@
+"""`cake-cli` and `cake-split-model`: options in, one function per mode. No torch at import time.
+
+Generated text goes to stdout and nothing else does; logs and statistics go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from cake.config import ModelFolderError
+from cake.topology import TopologyError
+
+log = logging.getLogger("cake")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="[%(asctime)s %(levelname)s %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file.")
+@click.option(
+    "--mode",
+    type=click.Choice(["master", "worker"]),
+    default="master",
+    show_default=True,
+    help="master: embed, sample and print text; worker: serve this node's blocks over TCP.",
+)
+@click.option("--name", help="Worker mode: this worker's node name in the topology.")
+@click.option(
+    "--topology", type=click.Path(dir_okay=False), help="topology.yml (blocks per worker)."
+)
+@click.option("--address", help="Worker mode: HOST:PORT to listen on (default: its topology host).")
+@click.option("--prompt", default="Why is the sky blue?", show_default=True)
+@click.option("--system-prompt", default=None, help="Adds a system message (none by default).")
+@click.option("--raw", is_flag=True, help="No chat template: encode the prompt as it is.")
+@click.option(
+    "-n",
+    "--sample-len",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most tokens to generate.",
+)
+@click.option(
+    "--temperature",
+    default=0.7,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0 = greedy.",
+)
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample from the k best.")
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Nucleus sampling mass.",
+)
+@click.option(
+    "--repeat-penalty",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="1.0 = off.",
+)
+@click.option(
+    "--repeat-last-n",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="How many recent tokens the repeat penalty looks at.",
+)
+@click.option("--seed", type=int, default=None, help="Same seed, same output (default: random).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "f32", "f16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 on CUDA, f16 on MPS, f32 on CPU.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto|cpu|cuda|cuda:N|mps. auto: CUDA, else MPS, else CPU.",
+)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context length the KV caches hold (default: the model's, at most 4096).",
+)
+@click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def main(**opts: object) -> None:
+    """Run a Llama-3-family model, whole or split across worker machines."""
+    _setup_logging(bool(opts["verbose"]))
+    try:
+        if opts["mode"] == "worker":
+            _fail("worker mode needs the distribution support (not in this build)")
+        asyncio.run(_run_master(opts))
+    except (ModelFolderError, TopologyError, ValueError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _run_master(opts: dict) -> None:
+    from cake.chat import StreamDecoder
+    from cake.master import GenerationStats, Master
+    from cake.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=opts["temperature"],
+        top_k=opts["top_k"],
+        top_p=opts["top_p"],
+        repeat_penalty=opts["repeat_penalty"],
+        repeat_last_n=opts["repeat_last_n"],
+        seed=opts["seed"],
+    )
+    master = await Master.open(
+        opts["model"],
+        device=opts["device"],
+        dtype=opts["dtype"],
+        max_seq_len=opts["max_seq_len"],
+    )
+    try:
+        prompt_ids = master.encode(opts["prompt"], opts["system_prompt"], opts["raw"])
+        stats = GenerationStats()
+        decoder = StreamDecoder(master.tokenizer)
+        out = sys.stdout
+        async for token in master.generate(
+            prompt_ids, params, opts["sample_len"], opts["ignore_eos"], stats
+        ):
+            piece = decoder.push(token)
+            if piece:
+                out.write(piece)
+                out.flush()
+        out.write(decoder.finish() + "\n")
+        out.flush()
+        if opts["show_stats"]:
+            for line in stats.stage_lines():
+                log.info(line)
+        click.echo(stats.summary(), err=True)
+    finally:
+        await master.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The model's shape, read from a Hugging Face `config.json`. No torch here."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ModelFolderError(ValueError):
+    """A model folder (or file) that cake cannot use; the message says what to fix."""
+
+
+# The rope types our RoPE implements: plain RoPE and Llama 3.1's frequency-dependent scaling.
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    # llama3 rope scaling parameters (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or None for plain RoPE.
+    rope_scaling: dict[str, float] | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+            raise ModelFolderError(
+                f"{source}: unsupported architecture (model_type={model_type!r}, "
+                f"architectures={archs}); cake runs Llama-family models only "
+                "(model_type 'llama', LlamaForCausalLM)"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ModelFolderError(f"{source}: {flag}=true is not supported by cake")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelFolderError(f"{source}: hidden_act={act!r} is not supported (need 'silu')")
+        try:
+            hidden = int(d["hidden_size"])
+            n_heads = int(d["num_attention_heads"])
+            rope_theta, rope_scaling = _rope_from_config(d, source)
+            return cls(
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                head_dim=int(d.get("head_dim") or hidden // n_heads),
+                vocab_size=int(d["vocab_size"]),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                rope_scaling=rope_scaling,
+                eos_token_ids=_as_ids(d.get("eos_token_id")),
+                bos_token_id=d.get("bos_token_id"),
+                raw=dict(d),
+            )
+        except KeyError as exc:
+            raise ModelFolderError(f"{source}: missing field {exc.args[0]!r}") from None
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> LlamaConfig:
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise ModelFolderError(
+                f"{folder}: no config.json; --model must be a Hugging Face model folder "
+                "(config.json, tokenizer files, *.safetensors) or a .gguf file"
+            )
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=path)
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _rope_from_config(d: dict[str, Any], source: str) -> tuple[float, dict[str, float] | None]:
+    # transformers < 5 writes `rope_theta` + `rope_scaling`; transformers >= 5 writes one
+    # `rope_parameters` map. Published checkpoints use both, so read both.
+    params = dict(d.get("rope_parameters") or {})
+    scaling = dict(d.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    merged = {**params, **scaling}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelFolderError(
+            f"{source}: rope type {rope_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return theta, None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in merged]
+    if missing:
+        raise ModelFolderError(f"{source}: llama3 rope scaling lacks {', '.join(missing)}")
+    return theta, {k: float(merged[k]) for k in keys}

@@ -1,0 +1,202 @@
+"""The master: tokenizer, embedding, stages (local or remote), head, sampling, generation.
+
+`Master.generate` is an async generator that yields token ids as they are chosen. It owns the
+positions (`start_pos`) and passes them to every stage, so a stage never guesses where it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
+from cake.config import LlamaConfig
+from cake.convert import resolve_model_path
+from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from cake.model import Llama
+from cake.sampling import Sampler, SamplingParams
+from cake.stages import LocalStage, Stage, StageTimes
+from cake.weights import load_llama
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+class ContextError(ValueError):
+    """The prompt (or prompt + output) does not fit the context the caches were sized for."""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    finish_reason: str = ""  # "stop" (an EOS token) or "length" (sample length or context)
+    stages: dict[str, StageTimes] = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def round_trips(self) -> int:
+        return sum(t.round_trips for t in self.stages.values())
+
+    def summary(self) -> str:
+        line = (
+            f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
+            f"prefill: {self.prefill_tok_s:.1f} tok/s, decode: {self.decode_tok_s:.1f} tok/s"
+        )
+        steps = self.decode_steps + 1 if self.prompt_tokens else 0
+        if self.round_trips and steps:
+            line += f", round trips/token: {self.round_trips / steps:.2f}"
+        return line
+
+    def stage_lines(self) -> list[str]:
+        steps = max(self.decode_steps + 1, 1)
+        return [
+            f"stage {label}: compute {t.compute_s / steps * 1e3:.2f} ms/token, "
+            f"wire {t.wire_s / steps * 1e3:.2f} ms/token, {t.round_trips} round trips"
+            for label, t in self.stages.items()
+        ]
+
+
+class Master:
+    """One model, served by local and remote stages; each `generate` call is its own session."""
+
+    def __init__(
+        self,
+        folder: Path,
+        config: LlamaConfig,
+        tokenizer: Any,
+        model: Llama,
+        stages: list[Stage],
+        max_seq_len: int,
+    ) -> None:
+        self.folder = folder
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = model  # embedding, head, and any block no worker serves
+        self.stages = stages
+        self.max_seq_len = max_seq_len
+        self.stop_ids = stop_token_ids(folder, config, tokenizer)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    async def open(
+        cls,
+        model: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_seq_len: int | None = None,
+        offload: bool = False,
+    ) -> Master:
+        """Load the master's part of the model (here: all of it) and build its stages."""
+        folder = resolve_model_path(model)
+        config = LlamaConfig.from_folder(folder)
+        tokenizer = load_tokenizer(folder)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        blocks = range(config.n_layers)
+        log.info(
+            "loading %s (%d blocks) on %s as %s",
+            folder,
+            config.n_layers,
+            torch_device,
+            DTYPE_NAMES[torch_dtype],
+        )
+        part = load_llama(
+            folder,
+            list(blocks),
+            with_embedding=True,
+            with_head=True,
+            dtype=torch_dtype,
+            device=torch_device,
+            max_seq_len=seq_len,
+            config=config,
+        )
+        stages: list[Stage] = [LocalStage(part, blocks, seq_len, offload=offload)]
+        return cls(folder, config, tokenizer, part, stages, seq_len)
+
+    def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, system_prompt, raw)
+
+    async def _logits(
+        self, session_id: str, token_ids: Sequence[int], start_pos: int, stats: GenerationStats
+    ) -> torch.Tensor:
+        """Run tokens at start_pos.. through every stage; logits (vocab,) of the last one."""
+        tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model.embed(tokens)  # (1, T, C)
+        for stage in self.stages:
+            times = stats.stages.setdefault(stage.label, StageTimes())
+            hidden = await stage.forward(session_id, hidden, start_pos, times)
+        with torch.inference_mode():
+            return self.model.head(hidden[:, -1:])[0, -1]  # only the last position is sampled
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> AsyncIterator[int]:
+        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit."""
+        stats = stats if stats is not None else GenerationStats()
+        if not prompt_ids:
+            raise ContextError("the prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ContextError(
+                f"the prompt has {len(prompt_ids)} tokens, but the context holds "
+                f"{self.max_seq_len}; shorten it or raise --max-seq-len "
+                f"(the model allows up to {self.config.max_position_embeddings})"
+            )
+        session_id = uuid.uuid4().hex
+        sampler = Sampler(params)
+        history = list(prompt_ids)
+        stats.prompt_tokens = len(prompt_ids)
+        stats.finish_reason = "length"
+        try:
+            started = time.perf_counter()
+            logits = await self._logits(session_id, prompt_ids, 0, stats)
+            stats.prefill_s = time.perf_counter() - started
+            started = time.perf_counter()
+            while stats.new_tokens < max_new_tokens:
+                token = sampler(logits, history)
+                if token in self.stop_ids and not ignore_eos:
+                    stats.finish_reason = "stop"
+                    break
+                history.append(token)
+                stats.new_tokens += 1
+                yield token
+                if stats.new_tokens >= max_new_tokens:
+                    break
+                if len(history) >= self.max_seq_len:
+                    log.warning("context full (%d tokens): stopping", self.max_seq_len)
+                    break
+                logits = await self._logits(session_id, [token], len(history) - 1, stats)
+                stats.decode_steps += 1
+                stats.decode_s = time.perf_counter() - started
+        finally:
+            for stage in self.stages:
+                await stage.close_session(session_id)
+
+    async def close(self) -> None:
+        for stage in self.stages:
+            await stage.close()

@@ -1,0 +1,89 @@
+"""Choosing the next token from logits: repeat penalty, temperature, top-k, top-p, seeded draws."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    seed: int | None = None  # None = a fresh random seed
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top-k must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top-p must be in (0, 1]")
+        if self.repeat_penalty <= 0:
+            raise ValueError("repeat-penalty must be > 0 (1.0 turns it off)")
+        if self.repeat_last_n < 0:
+            raise ValueError("repeat-last-n must be >= 0")
+
+
+def apply_repeat_penalty(
+    logits: torch.Tensor, recent_tokens: Sequence[int], penalty: float
+) -> torch.Tensor:
+    """Make recently seen tokens less likely: positive logits divided, negative multiplied."""
+    if penalty == 1.0 or not recent_tokens:
+        return logits
+    ids = torch.tensor(sorted(set(recent_tokens)), dtype=torch.long, device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties at the threshold kept); the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p  # the top token always has mass_before 0, so it stays
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class Sampler:
+    """Draws tokens for one generation; the same seed and logits give the same tokens."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
+        """logits: (vocab,) for the next position; history: every token so far."""
+        p = self.params
+        logits = logits.float().cpu()
+        if p.repeat_last_n:
+            logits = apply_repeat_penalty(logits, history[-p.repeat_last_n :], p.repeat_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k is not None:
+            logits = top_k_filter(logits, p.top_k)
+        if p.top_p is not None:
+            logits = top_p_filter(logits, p.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
