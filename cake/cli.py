@@ -12,6 +12,7 @@ import sys
 import click
 
 from cake.config import ModelFolderError
+from cake.errors import ContextError, WorkerError
 from cake.topology import TopologyError
 
 log = logging.getLogger("cake")
@@ -107,6 +108,27 @@ def _fail(message: str) -> None:
     default=None,
     help="Context length the KV caches hold (default: the model's, at most 4096).",
 )
+@click.option(
+    "--max-sessions",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker mode: most sessions (generations) held at once.",
+)
+@click.option(
+    "--idle-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Worker mode: close a connection silent for this many seconds.",
+)
+@click.option(
+    "--connect-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Master: seconds to reach each worker.",
+)
 @click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(**opts: object) -> None:
@@ -114,9 +136,10 @@ def main(**opts: object) -> None:
     _setup_logging(bool(opts["verbose"]))
     try:
         if opts["mode"] == "worker":
-            _fail("worker mode needs the distribution support (not in this build)")
-        asyncio.run(_run_master(opts))
-    except (ModelFolderError, TopologyError, ValueError) as exc:
+            asyncio.run(_run_worker(opts))
+        else:
+            asyncio.run(_run_master(opts))
+    except (ModelFolderError, TopologyError, ValueError, WorkerError, ContextError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
@@ -137,6 +160,8 @@ async def _run_master(opts: dict) -> None:
     )
     master = await Master.open(
         opts["model"],
+        topology=opts["topology"],
+        connect_timeout=opts["connect_timeout"],
         device=opts["device"],
         dtype=opts["dtype"],
         max_seq_len=opts["max_seq_len"],
@@ -161,6 +186,22 @@ async def _run_master(opts: dict) -> None:
         click.echo(stats.summary(), err=True)
     finally:
         await master.close()
+
+
+async def _run_worker(opts: dict) -> None:
+    from cake.worker import start_worker
+
+    await start_worker(
+        opts["model"],
+        opts["name"],
+        opts["topology"],
+        opts["address"],
+        device=opts["device"],
+        dtype=opts["dtype"],
+        max_seq_len=opts["max_seq_len"],
+        max_sessions=opts["max_sessions"],
+        idle_timeout=opts["idle_timeout"],
+    )
 
 
 if __name__ == "__main__":

@@ -120,3 +120,22 @@ def _rope_from_config(d: dict[str, Any], source: str) -> tuple[float, dict[str, 
     if missing:
         raise ModelFolderError(f"{source}: llama3 rope scaling lacks {', '.join(missing)}")
     return theta, {k: float(merged[k]) for k in keys}
+
+
+def architecture_of(config: LlamaConfig) -> dict[str, Any]:
+    """The config in one canonical spelling (whatever transformers version wrote config.json),
+    for `protocol.fingerprint_config`: master and workers agree iff the architecture agrees."""
+    return {
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }

@@ -6,6 +6,7 @@ positions (`start_pos`) and passes them to every stage, so a stage never guesses
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -17,21 +18,21 @@ from typing import Any
 import torch
 
 from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
-from cake.config import LlamaConfig
+from cake.config import LlamaConfig, architecture_of
 from cake.convert import resolve_model_path
 from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from cake.errors import ContextError
 from cake.model import Llama
+from cake.protocol import fingerprint_config
+from cake.remote import DEFAULT_CONNECT_TIMEOUT_S, RemoteStage, WorkerClient
 from cake.sampling import Sampler, SamplingParams
 from cake.stages import LocalStage, Stage, StageTimes
+from cake.topology import Run, load_topology
 from cake.weights import load_llama
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 4096
-
-
-class ContextError(ValueError):
-    """The prompt (or prompt + output) does not fit the context the caches were sized for."""
 
 
 @dataclass
@@ -100,29 +101,35 @@ class Master:
     async def open(
         cls,
         model: str | Path,
+        topology: str | Path | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_seq_len: int | None = None,
         offload: bool = False,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> Master:
-        """Load the master's part of the model (here: all of it) and build its stages."""
+        """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
         config = LlamaConfig.from_folder(folder)
         tokenizer = load_tokenizer(folder)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        blocks = range(config.n_layers)
+        runs = _runs(topology, config.n_layers)
+        local_blocks = [b for run in runs if run.node is None for b in run.blocks]
+        if topology is not None and local_blocks:
+            log.info("no worker lists blocks %s: they run on the master", _span(local_blocks))
         log.info(
-            "loading %s (%d blocks) on %s as %s",
+            "loading %s (embedding, head, %d of %d blocks) on %s as %s",
             folder,
+            len(local_blocks),
             config.n_layers,
             torch_device,
             DTYPE_NAMES[torch_dtype],
         )
         part = load_llama(
             folder,
-            list(blocks),
+            local_blocks,
             with_embedding=True,
             with_head=True,
             dtype=torch_dtype,
@@ -130,7 +137,23 @@ class Master:
             max_seq_len=seq_len,
             config=config,
         )
-        stages: list[Stage] = [LocalStage(part, blocks, seq_len, offload=offload)]
+        fingerprint = fingerprint_config(architecture_of(config))
+        clients = {
+            run.node.name: WorkerClient(run.node, fingerprint, connect_timeout=connect_timeout)
+            for run in runs
+            if run.node is not None
+        }
+        try:
+            await asyncio.gather(*(client.connect() for client in clients.values()))
+        except BaseException:
+            await asyncio.gather(*(client.close() for client in clients.values()))
+            raise
+        stages: list[Stage] = [
+            LocalStage(part, run.blocks, seq_len, offload=offload)
+            if run.node is None
+            else RemoteStage(clients[run.node.name], run.blocks)
+            for run in runs
+        ]
         return cls(folder, config, tokenizer, part, stages, seq_len)
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
@@ -200,3 +223,14 @@ class Master:
     async def close(self) -> None:
         for stage in self.stages:
             await stage.close()
+
+
+def _runs(topology: str | Path | None, n_layers: int) -> list[Run]:
+    """The model's contiguous runs in block order; all on the master without a topology."""
+    if topology is None:
+        return [Run(node=None, start=0, stop=n_layers)]
+    return load_topology(topology).runs(n_layers)
+
+
+def _span(blocks: Sequence[int]) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])

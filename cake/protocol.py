@@ -422,6 +422,7 @@ class Result(_Message):
     TYPE: ClassVar[str] = "result"
     id: int
     hidden: torch.Tensor  # (batch, seq_len, hidden_size)
+    compute_us: int = 0  # the worker's time in tensor work, so the master can split wire time
 
 
 @_message

@@ -1,0 +1,117 @@
+"""The thin asyncio layer around `protocol`: one framed, typed message stream per TCP connection.
+
+Shared by both ends. TCP_NODELAY on every socket (a decode step is one small frame each way;
+Nagle's algorithm would hold it back), `OSError` translated into `LinkError`, and the connection
+closed on any failure mid-frame, since the framing is unknown after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl as ssl_module
+
+from cake.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameDecoder,
+    Message,
+    ProtocolError,
+    encode_frame,
+    parse_message,
+)
+
+READ_CHUNK = 1 << 20
+
+
+class LinkError(ConnectionError):
+    """The connection failed or closed; the message says which peer and why."""
+
+
+class Link:
+    """A framed message stream over one connection."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_tensor_elements: int | None = None,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self.max_tensor_elements = max_tensor_elements
+        self.inbox: list[dict] = []
+        self.max_frame_bytes = max_frame_bytes
+        self._send_lock = asyncio.Lock()  # one frame at a time from concurrent tasks
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def send(self, message: Message) -> None:
+        frame = encode_frame(message.to_wire(), max_frame_bytes=self.max_frame_bytes)
+        try:
+            async with self._send_lock:
+                self.writer.write(frame)
+                await self.writer.drain()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: writing to a closed transport
+            self.close()
+            raise LinkError(f"{self.peer}: send failed ({exc})") from exc
+
+    async def recv_raw(self, timeout: float | None = None) -> dict:
+        """The next wire dict (not yet checked as a message). ProtocolError on bad bytes."""
+        while not self.inbox:
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            except TimeoutError:
+                raise
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                self.close()
+                raise LinkError(f"{self.peer}: connection lost ({exc})") from exc
+            if not chunk:
+                self.close()
+                cut = " in the middle of a frame" if self.decoder.pending_bytes else ""
+                raise LinkError(f"{self.peer}: connection closed{cut}")
+            self.inbox.extend(self.decoder.feed(chunk))
+        return self.inbox.pop(0)
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        return parse_message(
+            await self.recv_raw(timeout), max_tensor_elements=self.max_tensor_elements
+        )
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+    async def wait_closed(self) -> None:
+        self.close()
+        with contextlib.suppress(OSError, ssl_module.SSLError):
+            await self.writer.wait_closed()
+
+
+async def open_link(
+    host: str,
+    port: int,
+    peer: str,
+    timeout: float,
+    ssl: ssl_module.SSLContext | None = None,
+) -> Link:
+    """Connect under a timeout; LinkError that names the peer and address on failure."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl, limit=READ_CHUNK), timeout
+        )
+    except TimeoutError:
+        raise LinkError(f"{peer}: no answer within {timeout:g}s") from None
+    except ssl_module.SSLError as exc:
+        raise LinkError(f"{peer}: TLS handshake failed ({exc.reason or exc})") from exc
+    except OSError as exc:
+        raise LinkError(f"{peer}: cannot connect ({exc.strerror or exc})") from exc
+    return Link(reader, writer, peer)
+
+
+__all__ = ["Link", "LinkError", "ProtocolError", "open_link"]
