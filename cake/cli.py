@@ -204,5 +204,45 @@ async def _run_worker(opts: dict) -> None:
     )
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model-path", required=True, help="Hugging Face model folder, or a .gguf file.")
+@click.option(
+    "--topology",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="topology.yml: which blocks each worker serves.",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write OUTPUT/<worker>/ and OUTPUT/master/ bundles into.",
+)
+@click.option(
+    "--worker",
+    "workers",
+    multiple=True,
+    help="Only this worker's bundle (repeatable). Default: every worker and the master.",
+)
+@click.option("--force", is_flag=True, help="Replace bundles that already exist in --output.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def split_main(
+    model_path: str,
+    topology: str,
+    output: str,
+    workers: tuple[str, ...],
+    force: bool,
+    verbose: bool,
+) -> None:
+    """Write self-contained per-worker bundles: each worker gets only its blocks."""
+    _setup_logging(verbose)
+    from cake.split import split_model
+
+    try:
+        split_model(model_path, topology, output, workers=list(workers) or None, force=force)
+    except (ModelFolderError, TopologyError, ValueError) as exc:
+        _fail(str(exc))
+
+
 if __name__ == "__main__":
     main()
