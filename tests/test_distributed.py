@@ -1,0 +1,257 @@
+"""Distributed == local == transformers: workers on loopback, in-process and as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import free_port
+
+from cake.errors import WorkerError
+from cake.local_cluster import start_workers
+from cake.master import GenerationStats, Master
+from cake.sampling import SamplingParams
+from cake.topology import parse_topology
+from cake.weights import load_llama
+from cake.worker import Worker
+
+GREEDY = SamplingParams(temperature=0)
+N_TOKENS = 12
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    folder: Path, tmp_path: Path, layers: dict[str, list[str]], serve_as: dict | None = None
+) -> AsyncIterator[tuple[Path, dict[str, Worker]]]:
+    """In-process workers on 127.0.0.1:<free>, and a topology.yml that points at them.
+
+    `serve_as` lets a worker load other blocks than the topology says (the refusal test).
+    """
+    dummy = {name: {"host": "127.0.0.1:1", "layers": entries} for name, entries in layers.items()}
+    planned = parse_topology(yaml.safe_dump(dummy))
+    actual = parse_topology(yaml.safe_dump({**dummy, **(serve_as or {})}))
+    workers, servers, spec = {}, [], {}
+    for node in planned.nodes:
+        part = load_llama(folder, actual.node(node.name).blocks, max_seq_len=256)
+        worker = Worker(node.name, part, max_seq_len=256)
+        server = await worker.serve("127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        workers[node.name], spec[node.name] = worker, dict(dummy[node.name])
+        spec[node.name]["host"] = f"127.0.0.1:{port}"
+        servers.append(server)
+    path = tmp_path / "topology.yml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        yield path, workers
+    finally:
+        for server in servers:
+            server.close()
+        for worker in workers.values():
+            for link in list(worker.links):
+                link.close()
+            worker.compute.shutdown(wait=False)
+
+
+async def generate(
+    master: Master, prompt: str, n: int = N_TOKENS
+) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats()
+    ids = master.encode(prompt)
+    tokens = [t async for t in master.generate(ids, GREEDY, n, ignore_eos=True, stats=stats)]
+    return tokens, stats
+
+
+async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int]:
+    master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=256)
+    try:
+        return (await generate(master, prompt, n))[0]
+    finally:
+        await master.close()
+
+
+def reference_tokens(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy decoding with transformers' LlamaForCausalLM, no cache, no stopping."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seq = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]), use_cache=False).logits
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt_ids) :]
+
+
+TOPOLOGIES = {
+    "two workers": ({"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}, 2),
+    "three uneven": (
+        {"w1": ["model.layers.0"], "w2": ["model.layers.1-2"], "w3": ["model.layers.3"]},
+        3,
+    ),
+    "two ranges on one worker, last block on master": (
+        {"w1": ["model.layers.0", "model.layers.2"], "w2": ["model.layers.1"]},
+        3,
+    ),
+    "first and last blocks on master": ({"w1": ["model.layers.1-2"]}, 1),
+    "adjacent entries merge into one run": (
+        {"w1": ["model.layers.0-1", "model.layers.2"], "w2": ["model.layers.3"]},
+        2,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_expected(tiny_llama: Path) -> dict[str, list[int]]:
+    """Local greedy tokens for two prompts, checked once against transformers."""
+    expected = {p: asyncio.run(local_tokens(tiny_llama, p)) for p in ("hi", "tell me a story")}
+    master = asyncio.run(Master.open(tiny_llama, device="cpu", dtype="f32"))
+    for prompt, tokens in expected.items():
+        assert tokens == reference_tokens(tiny_llama, master.encode(prompt), N_TOKENS)
+    return expected
+
+
+@pytest.mark.parametrize("name", list(TOPOLOGIES))
+def test_distributed_equals_local_and_reference(
+    name: str, tiny_llama: Path, tiny_expected: dict[str, list[int]], tmp_path: Path
+) -> None:
+    layers, remote_runs = TOPOLOGIES[name]
+
+    async def run() -> None:
+        async with cluster(tiny_llama, tmp_path, layers) as (topology, _):
+            master = await Master.open(tiny_llama, topology, device="cpu", dtype="f32")
+            try:
+                tokens, stats = await generate(master, "hi")
+            finally:
+                await master.close()
+        assert tokens == tiny_expected["hi"]
+        steps = stats.decode_steps + 1  # the prefill is a step too
+        assert stats.round_trips == remote_runs * steps
+
+    asyncio.run(run())
+
+
+def test_two_masters_at_once_get_their_solo_output(
+    tiny_llama: Path, tiny_expected: dict[str, list[int]], tmp_path: Path
+) -> None:
+    layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
+
+    async def run() -> None:
+        async with cluster(tiny_llama, tmp_path, layers) as (topology, workers):
+            masters = [
+                await Master.open(tiny_llama, topology, device="cpu", dtype="f32") for _ in range(2)
+            ]
+            try:
+                results = await asyncio.gather(
+                    generate(masters[0], "hi", N_TOKENS),
+                    generate(masters[1], "tell me a story", N_TOKENS),
+                )
+            finally:
+                for master in masters:
+                    await master.close()
+            await asyncio.sleep(0.1)  # let the workers read the close messages
+            assert all(w.session_count == 0 for w in workers.values())
+        assert results[0][0] == tiny_expected["hi"]
+        assert results[1][0] == tiny_expected["tell me a story"]
+
+    asyncio.run(run())
+
+
+def test_worker_serving_other_blocks_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    layers = {"w1": ["model.layers.0-2"]}
+
+    async def run() -> None:
+        serve_as = {"w1": {"host": "127.0.0.1:1", "layers": ["model.layers.0-1"]}}
+        async with cluster(tiny_llama, tmp_path, layers, serve_as) as (topology, _):
+            with pytest.raises(
+                WorkerError,
+                match=r"w1 .*serves blocks \[0, 1\], but the "
+                r"topology gives it \[0, 1, 2\]",
+            ):
+                await Master.open(tiny_llama, topology, device="cpu", dtype="f32")
+
+    asyncio.run(run())
+
+
+def test_worker_with_another_model_is_refused(
+    tiny_llama: Path, tiny_llama_tied: Path, tmp_path: Path
+) -> None:
+    async def run() -> None:
+        async with cluster(tiny_llama, tmp_path, {"w1": ["model.layers.0"]}) as (topology, _):
+            with pytest.raises(WorkerError, match="different model"):
+                await Master.open(tiny_llama_tied, topology, device="cpu", dtype="f32")
+
+    asyncio.run(run())
+
+
+def test_unreachable_worker_names_worker_and_address(tiny_llama: Path, tmp_path: Path) -> None:
+    port = free_port()
+    topology = tmp_path / "topology.yml"
+    topology.write_text(f"gone:\n  host: '127.0.0.1:{port}'\n  layers: ['model.layers.0']\n")
+    with pytest.raises(WorkerError, match=rf"worker gone at 127\.0\.0\.1:{port}.*running"):
+        asyncio.run(Master.open(tiny_llama, topology, device="cpu", connect_timeout=2))
+
+
+@pytest.mark.slow
+def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Real weights, real worker processes: 2 uneven workers plus 2 blocks on the master."""
+    ports = free_port(), free_port()
+    topology = tmp_path / "topology.yml"
+    topology.write_text(
+        yaml.safe_dump(
+            {
+                "w1": {"host": f"127.0.0.1:{ports[0]}", "layers": ["model.layers.0-9"]},
+                "w2": {"host": f"127.0.0.1:{ports[1]}", "layers": ["model.layers.10-27"]},
+            }
+        )
+    )
+    prompt, n = "What is the capital of France?", 16
+    local = asyncio.run(local_tokens(smollm2_dir, prompt, n))
+    workers = start_workers(smollm2_dir, topology, ["w1", "w2"])
+    try:
+
+        async def run() -> tuple[list[int], GenerationStats, list[int]]:
+            master = await Master.open(smollm2_dir, topology, device="cpu", dtype="f32")
+            try:
+                tokens, stats = await generate(master, prompt, n)
+                return tokens, stats, master.encode(prompt)
+            finally:
+                await master.close()
+
+        tokens, stats, prompt_ids = asyncio.run(run())
+        # The CLI end to end: stdout is exactly the local run's text.
+        args = [
+            sys.executable,
+            "-m",
+            "cake.cli",
+            "--model",
+            str(smollm2_dir),
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "--device",
+            "cpu",
+        ]
+        remote_cli = subprocess.run(
+            [*args, "--topology", str(topology)], capture_output=True, text=True, timeout=120
+        )
+        local_cli = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert tokens == local
+    assert tokens == reference_tokens(smollm2_dir, prompt_ids, n)
+    assert stats.round_trips == 2 * (stats.decode_steps + 1)
+    assert remote_cli.returncode == 0, remote_cli.stderr
+    assert remote_cli.stdout == local_cli.stdout
+    assert "Paris" in remote_cli.stdout
+    assert "round trips/token: 2.00" in remote_cli.stderr
