@@ -129,6 +129,26 @@ def _fail(message: str) -> None:
     type=click.FloatRange(min=0.1),
     help="Master: seconds to reach each worker.",
 )
+@click.option(
+    "--api",
+    "api_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve an OpenAI-compatible HTTP API here instead of answering --prompt.",
+)
+@click.option(
+    "--api-key",
+    envvar="CAKE_API_KEY",
+    default=None,
+    help="Require this Bearer token on the HTTP API (or set CAKE_API_KEY).",
+)
+@click.option(
+    "--max-concurrent",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="HTTP API: most requests generating at once (more get HTTP 429).",
+)
 @click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(**opts: object) -> None:
@@ -137,6 +157,8 @@ def main(**opts: object) -> None:
     try:
         if opts["mode"] == "worker":
             asyncio.run(_run_worker(opts))
+        elif opts["api_address"]:
+            asyncio.run(_run_api(opts))
         else:
             asyncio.run(_run_master(opts))
     except (ModelFolderError, TopologyError, ValueError, WorkerError, ContextError) as exc:
@@ -186,6 +208,12 @@ async def _run_master(opts: dict) -> None:
         click.echo(stats.summary(), err=True)
     finally:
         await master.close()
+
+
+async def _run_api(opts: dict) -> None:
+    from cake.api import serve_api
+
+    await serve_api(opts)
 
 
 async def _run_worker(opts: dict) -> None:
