@@ -130,6 +130,37 @@ def _fail(message: str) -> None:
     help="Master: seconds to reach each worker.",
 )
 @click.option(
+    "--cluster-key",
+    envvar="CAKE_CLUSTER_KEY",
+    default=None,
+    help="Shared secret for master-worker authentication (or set CAKE_CLUSTER_KEY).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Worker mode: TLS certificate (PEM) to serve with.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Worker mode: TLS private key (PEM).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Master: CA (or the worker's own certificate) to trust; turns TLS on.",
+)
+@click.option(
+    "--retry-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Master: seconds to wait for a lost worker to come back mid-generation.",
+)
+@click.option(
     "--api",
     "api_address",
     default=None,
@@ -184,6 +215,9 @@ async def _run_master(opts: dict) -> None:
         opts["model"],
         topology=opts["topology"],
         connect_timeout=opts["connect_timeout"],
+        retry_timeout=opts["retry_timeout"],
+        cluster_key=opts["cluster_key"],
+        tls_ca=opts["tls_ca"],
         device=opts["device"],
         dtype=opts["dtype"],
         max_seq_len=opts["max_seq_len"],
@@ -193,15 +227,17 @@ async def _run_master(opts: dict) -> None:
         stats = GenerationStats()
         decoder = StreamDecoder(master.tokenizer)
         out = sys.stdout
-        async for token in master.generate(
-            prompt_ids, params, opts["sample_len"], opts["ignore_eos"], stats
-        ):
-            piece = decoder.push(token)
-            if piece:
-                out.write(piece)
-                out.flush()
-        out.write(decoder.finish() + "\n")
-        out.flush()
+        try:
+            async for token in master.generate(
+                prompt_ids, params, opts["sample_len"], opts["ignore_eos"], stats
+            ):
+                piece = decoder.push(token)
+                if piece:
+                    out.write(piece)
+                    out.flush()
+        finally:  # on a failure too: what was generated stays on stdout, then the error
+            out.write(decoder.finish() + "\n")
+            out.flush()
         if opts["show_stats"]:
             for line in stats.stage_lines():
                 log.info(line)
@@ -229,6 +265,9 @@ async def _run_worker(opts: dict) -> None:
         max_seq_len=opts["max_seq_len"],
         max_sessions=opts["max_sessions"],
         idle_timeout=opts["idle_timeout"],
+        cluster_key=opts["cluster_key"],
+        tls_cert=opts["tls_cert"],
+        tls_key=opts["tls_key"],
     )
 
 

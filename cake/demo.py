@@ -46,8 +46,20 @@ def main(prompt: str, local: bool, sample_len: int) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="[demo] %(message)s")
     folder = resolve_model_path(demo_gguf())  # convert once, before the workers need it
     master = [
-        sys.executable, "-m", "cake.cli", "--model", str(folder), "--prompt", prompt,
-        "--temperature", "0", "-n", str(sample_len), "--device", "cpu", "--stats",
+        sys.executable,
+        "-m",
+        "cake.cli",
+        "--model",
+        str(folder),
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "-n",
+        str(sample_len),
+        "--device",
+        "cpu",
+        "--stats",
     ]
     if local:
         sys.exit(subprocess.call(master))

@@ -28,8 +28,12 @@ class WorkerProcess:
         self.port: int | None = None
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env=env,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
@@ -80,8 +84,18 @@ def worker_command(
     extra: Sequence[str] = (),
 ) -> list[str]:
     args = [
-        sys.executable, "-m", "cake.cli", "--model", str(model), "--mode", "worker",
-        "--name", name, "--topology", str(topology), *extra,
+        sys.executable,
+        "-m",
+        "cake.cli",
+        "--model",
+        str(model),
+        "--mode",
+        "worker",
+        "--name",
+        name,
+        "--topology",
+        str(topology),
+        *extra,
     ]
     return [*args, "--address", address] if address else args
 

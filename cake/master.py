@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from cake.auth import client_tls
+from cake.auth import cluster_key as parse_cluster_key
 from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
 from cake.convert import resolve_model_path
@@ -24,7 +26,12 @@ from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from cake.errors import ContextError
 from cake.model import Llama
 from cake.protocol import fingerprint_config
-from cake.remote import DEFAULT_CONNECT_TIMEOUT_S, RemoteStage, WorkerClient
+from cake.remote import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_RETRY_TIMEOUT_S,
+    RemoteStage,
+    WorkerClient,
+)
 from cake.sampling import Sampler, SamplingParams
 from cake.stages import LocalStage, Stage, StageTimes
 from cake.topology import Run, load_topology
@@ -107,6 +114,9 @@ class Master:
         max_seq_len: int | None = None,
         offload: bool = False,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT_S,
+        cluster_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
@@ -138,8 +148,16 @@ class Master:
             config=config,
         )
         fingerprint = fingerprint_config(architecture_of(config))
+        key, tls = parse_cluster_key(cluster_key), client_tls(tls_ca)
         clients = {
-            run.node.name: WorkerClient(run.node, fingerprint, connect_timeout=connect_timeout)
+            run.node.name: WorkerClient(
+                run.node,
+                fingerprint,
+                connect_timeout=connect_timeout,
+                retry_timeout=retry_timeout,
+                cluster_key=key,
+                tls=tls,
+            )
             for run in runs
             if run.node is not None
         }

@@ -287,6 +287,8 @@ class _Message:
                 ok = _is_int(value)
             elif hint is str:
                 ok = isinstance(value, str)
+            elif hint is bytes:
+                ok = isinstance(value, bytes)
             elif hint == int | None:
                 ok = value is None or _is_int(value)
             elif hint == tuple[int, ...]:
@@ -349,7 +351,7 @@ def _describe(hint: Any) -> str:
         return "a list of ints"
     if hint is torch.Tensor:
         return "a tensor"
-    return {int: "an int", str: "a str"}[hint]
+    return {int: "an int", str: "a str", bytes: "bytes"}[hint]
 
 
 # Every message dataclass: frozen, keyword-only (so defaults like `version` can sit anywhere),
@@ -360,6 +362,44 @@ _message = dataclass(frozen=True, kw_only=True, eq=False)
 def _check_blocks(blocks: tuple[int, ...], field: str = "blocks") -> None:
     if any(block < 0 for block in blocks):
         raise ValueError(f"field {field!r} must hold non-negative block indices, got {blocks}")
+
+
+# Cluster-key authentication (only when master and worker have a key): before anything else,
+#   master -> worker  AuthChallenge(nonce=Nm)
+#   worker -> master  AuthResponse(nonce=Nw, proof=HMAC(key, "worker" Nm Nw))
+#   master -> worker  AuthProof(proof=HMAC(key, "master" Nm Nw))
+# Each side proves it knows the key for nonces it did not choose; see cake/auth.py.
+AUTH_NONCE_BYTES = 32
+
+
+def _check_nonce(value: bytes, field: str) -> None:
+    if len(value) != AUTH_NONCE_BYTES:
+        raise ValueError(f"field {field!r} must be {AUTH_NONCE_BYTES} bytes, got {len(value)}")
+
+
+@_message
+class AuthChallenge(_Message):
+    TYPE: ClassVar[str] = "auth_challenge"
+    nonce: bytes
+
+    def _check(self) -> None:
+        _check_nonce(self.nonce, "nonce")
+
+
+@_message
+class AuthResponse(_Message):
+    TYPE: ClassVar[str] = "auth_response"
+    nonce: bytes
+    proof: bytes
+
+    def _check(self) -> None:
+        _check_nonce(self.nonce, "nonce")
+
+
+@_message
+class AuthProof(_Message):
+    TYPE: ClassVar[str] = "auth_proof"
+    proof: bytes
 
 
 @_message
@@ -455,7 +495,19 @@ class Pong(_Message):
     id: int  # the id of the Ping it answers
 
 
-Message = Hello | Welcome | Forward | Result | CloseSession | ErrorMessage | Ping | Pong
+Message = (
+    AuthChallenge
+    | AuthResponse
+    | AuthProof
+    | Hello
+    | Welcome
+    | Forward
+    | Result
+    | CloseSession
+    | ErrorMessage
+    | Ping
+    | Pong
+)
 # wire type name -> dataclass, the dispatch table of parse_message
 MESSAGE_TYPES: dict[str, type[_Message]] = {cls.TYPE: cls for cls in typing.get_args(Message)}
 

@@ -22,6 +22,9 @@ from cake.protocol import (
 )
 
 READ_CHUNK = 1 << 20
+# Once a frame has started, the rest of it must arrive within this many seconds: a peer that
+# trickles bytes (or stalls mid-frame) cannot hold a connection and its buffer forever.
+FRAME_TIMEOUT_S = 60.0
 
 
 class LinkError(ConnectionError):
@@ -62,10 +65,17 @@ class Link:
             raise LinkError(f"{self.peer}: send failed ({exc})") from exc
 
     async def recv_raw(self, timeout: float | None = None) -> dict:
-        """The next wire dict (not yet checked as a message). ProtocolError on bad bytes."""
+        """The next wire dict (not yet checked as a message). ProtocolError on bad bytes.
+
+        `timeout` bounds the wait for a new frame (None: wait forever); a started frame must
+        complete within FRAME_TIMEOUT_S. Either raises TimeoutError.
+        """
         while not self.inbox:
+            wait = timeout
+            if self.decoder.pending_bytes:
+                wait = FRAME_TIMEOUT_S if timeout is None else min(timeout, FRAME_TIMEOUT_S)
             try:
-                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), wait)
             except TimeoutError:
                 raise
             except (OSError, asyncio.IncompleteReadError) as exc:

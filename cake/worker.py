@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import signal
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from cake.auth import check_proof, new_nonce, proof
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import DTYPE_NAMES
 from cake.model import Llama, SessionCache
 from cake.protocol import (
     PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthProof,
+    AuthResponse,
     CloseSession,
     ErrorMessage,
     Forward,
@@ -67,8 +73,12 @@ class Worker:
         max_seq_len: int,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+        cluster_key: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name = name
+        self.cluster_key = cluster_key
+        self.tls = tls
         self.model = model
         self.config: LlamaConfig = model.config
         self.blocks = model.blocks
@@ -140,7 +150,24 @@ class Worker:
             await link.wait_closed()
 
     async def _handshake(self, link: Link) -> None:
-        hello = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
+        first = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
+        if self.cluster_key is not None:
+            if not isinstance(first, AuthChallenge):
+                raise RequestError(
+                    "auth_required",
+                    f"worker {self.name} requires the cluster key: give the master the same "
+                    "--cluster-key (or CAKE_CLUSTER_KEY)",
+                )
+            await self._authenticate(link, first)
+            hello = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
+        elif isinstance(first, AuthChallenge):
+            raise RequestError(
+                "auth_unsupported",
+                f"worker {self.name} has no cluster key, but the master sent one: start the "
+                "worker with the same --cluster-key, or drop it from the master",
+            )
+        else:
+            hello = first
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
         if hello.version != PROTOCOL_VERSION:
@@ -165,6 +192,23 @@ class Worker:
             )
         )
         log.info("master %r connected from %s", hello.master, link.peer)
+
+    async def _authenticate(self, link: Link, challenge: AuthChallenge) -> None:
+        assert self.cluster_key is not None
+        worker_nonce = new_nonce()
+        await link.send(
+            AuthResponse(
+                nonce=worker_nonce,
+                proof=proof(self.cluster_key, "worker", challenge.nonce, worker_nonce),
+            )
+        )
+        answer = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
+        if not isinstance(answer, AuthProof) or not check_proof(
+            self.cluster_key, "master", challenge.nonce, worker_nonce, answer.proof
+        ):
+            raise RequestError(
+                "auth_failed", f"cluster key mismatch: the master's key is not worker {self.name}'s"
+            )
 
     async def _forward(self, link: Link, conn: int, request: Forward) -> None:
         try:
@@ -234,7 +278,7 @@ class Worker:
         return out, int((time.perf_counter() - started) * 1e6)
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
-        server = await asyncio.start_server(self.handle_connection, host, port)
+        server = await asyncio.start_server(self.handle_connection, host, port, ssl=self.tls)
         bound = server.sockets[0].getsockname()
         log.info(
             "worker %s serving blocks %s on %s:%d (%s, %s)",
@@ -289,8 +333,13 @@ async def start_worker(
     max_seq_len: int | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+    cluster_key: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
     """`cake-cli --mode worker`: load this node's blocks (nothing else) and serve them."""
+    from cake.auth import cluster_key as parse_key
+    from cake.auth import server_tls
     from cake.convert import resolve_model_path
     from cake.devices import resolve_device, resolve_dtype
     from cake.master import DEFAULT_MAX_SEQ_LEN
@@ -301,6 +350,14 @@ async def start_worker(
         raise ValueError("worker mode needs --name and --topology (which blocks to serve)")
     node = load_topology(topology).node(name)
     host, port = parse_address(address, "--address") if address else (node.host, node.port)
+    key, tls = parse_key(cluster_key), server_tls(tls_cert, tls_key)
+    if key is None and not _is_loopback(host):
+        log.warning(
+            "worker %s listens on %s without a cluster key: anyone who reaches this port can "
+            "use it. Set --cluster-key (or CAKE_CLUSTER_KEY) on workers and master.",
+            name,
+            host,
+        )
     folder = resolve_model_path(model)
     config = LlamaConfig.from_folder(folder)
     load_topology(topology).check_fits(config.n_layers)
@@ -316,5 +373,22 @@ async def start_worker(
         max_seq_len=seq_len,
         config=config,
     )
-    worker = Worker(name, part, seq_len, max_sessions=max_sessions, idle_timeout=idle_timeout)
+    worker = Worker(
+        name,
+        part,
+        seq_len,
+        max_sessions=max_sessions,
+        idle_timeout=idle_timeout,
+        cluster_key=key,
+        tls=tls,
+    )
     await run_worker(worker, host, port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -12,9 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cake.protocol import (
+    AUTH_NONCE_BYTES,
     DEFAULT_MAX_FRAME_BYTES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthProof,
+    AuthResponse,
     CloseSession,
     ErrorMessage,
     Forward,
@@ -48,6 +52,9 @@ def _forward(**overrides: object) -> dict[str, object]:
 
 
 ALL_MESSAGES = [
+    AuthChallenge(nonce=b"\x01" * AUTH_NONCE_BYTES),
+    AuthResponse(nonce=b"\x02" * AUTH_NONCE_BYTES, proof=b"\x03" * 32),
+    AuthProof(proof=b"\x04" * 32),
     Hello(fingerprint="abc123", master="laptop"),
     Welcome(
         fingerprint="abc123", worker="worker0", blocks=[0, 1, 5], device="cpu", dtype="float32"
@@ -61,6 +68,12 @@ ALL_MESSAGES = [
     Ping(id=5),
     Pong(id=5),
 ]
+
+
+def test_short_nonce_is_refused() -> None:
+    wire = {"type": "auth_challenge", "nonce": b"short"}
+    with pytest.raises(ProtocolError, match="nonce"):
+        parse_message(wire)
 
 
 def test_every_message_type_is_covered() -> None:

@@ -1,0 +1,406 @@
+"""`cake-split-model`: one self-contained model folder ("bundle") per worker, plus the master's.
+
+A worker bundle holds the tensors of exactly that worker's blocks, config.json, the generation
+config and tokenizer files, and a topology.yml with only that worker, so a worker machine needs
+nothing else: `cake-cli --model OUT/w --mode worker --name w --topology OUT/w/topology.yml`.
+The master bundle holds the embedding, the final norm, the head (nothing more when it is tied to
+the embedding), the blocks no worker serves, and the full topology.
+
+Tensors are copied byte for byte (same names, dtypes and bytes) from the source files into one
+new safetensors file per bundle, in chunks: the header is computed from the source headers first,
+then the data is streamed, so memory stays flat whatever the model or tensor size. We read the
+source headers and data ourselves rather than through `safe_open`, whose memory map would count
+every byte read so far in the process's resident set.
+
+Every bundle is written into a staging folder inside the output folder and renamed into place
+only once all of them are complete, so a failure leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from tqdm import tqdm
+
+from cake.config import LlamaConfig, ModelFolderError
+from cake.convert import resolve_model_path
+from cake.model import Llama
+from cake.topology import Topology, load_topology
+from cake.weights import HEAD, INDEX_FILE, Checkpoint, head_source
+
+log = logging.getLogger(__name__)
+
+MASTER = "master"  # the master bundle's folder name
+SHARD_FILE = "model-00001-of-00001.safetensors"
+TOPOLOGY_FILE = "topology.yml"
+# Copied into every bundle when the source has them; config.json is always there.
+EXTRA_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+# safetensors dtype -> bytes per element. Bundles order their tensors by element size (largest
+# first), as safetensors itself does, so every tensor's data stays aligned to its element size.
+ITEMSIZE = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+COPY_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Where one tensor's bytes lie in the source checkpoint."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str  # a worker's node name, or MASTER
+    blocks: tuple[int, ...]
+    tensors: tuple[SourceTensor, ...]
+    topology_yaml: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def split_model(
+    model_path: str | os.PathLike,
+    topology: str | os.PathLike,
+    output: str | os.PathLike,
+    workers: Sequence[str] | None = None,
+    force: bool = False,
+) -> dict[str, Path]:
+    """Write OUTPUT/<worker>/ for each worker (or only `workers`) and, without `workers`,
+    OUTPUT/master/. Returns bundle name -> folder.
+
+    Raises TopologyError for an unknown worker or a topology that does not fit the model,
+    ModelFolderError for an unusable checkpoint, ValueError for a bundle that already exists
+    (unless `force`).
+    """
+    topo = load_topology(topology)
+    names = _bundle_names(topo, workers)
+    output = Path(output)
+    _refuse_existing(output, names, force)  # before a possibly long GGUF conversion
+    folder = resolve_model_path(model_path)
+    config = LlamaConfig.from_folder(folder)
+    topo.check_fits(config.n_layers)
+    bundles = plan_bundles(folder, config, topo, names)
+    write_bundles(folder, bundles, output, force)
+    log.info(
+        "split %s into %d bundle(s) in %s (%.1f MiB of tensors)",
+        folder,
+        len(bundles),
+        output,
+        sum(bundle.nbytes for bundle in bundles) / 2**20,
+    )
+    return {bundle.name: output / bundle.name for bundle in bundles}
+
+
+def _bundle_names(topo: Topology, workers: Sequence[str] | None) -> list[str]:
+    """The bundles to write: the named workers, or every worker and the master."""
+    if workers is None:
+        names = [node.name for node in topo.nodes]
+        if MASTER in names:
+            raise ValueError(
+                f"{topo.source}: a worker named {MASTER!r} would share the master bundle's "
+                "folder; rename that node"
+            )
+        names.append(MASTER)
+    else:
+        names = list(dict.fromkeys(topo.node(name).name for name in workers))  # TopologyError
+    for name in names:
+        # Node names become folder names: a name must not reach outside the output folder.
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{topo.source}: node name {name!r} cannot be a folder name; rename the node"
+            )
+    return names
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
+    existing = [str(output / name) for name in names if _exists(output / name)]
+    if existing and not force:
+        raise ValueError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "pass --force to replace, or choose another --output"
+        )
+
+
+def plan_bundles(
+    folder: Path, config: LlamaConfig, topo: Topology, names: Sequence[str]
+) -> list[Bundle]:
+    """What each bundle holds, checked against the checkpoint before anything is written."""
+    checkpoint = Checkpoint(folder)
+    headers: dict[str, dict[str, SourceTensor]] = {}
+
+    def source(name: str, needed_by: str) -> SourceTensor:
+        file = checkpoint.file_of.get(name)
+        if file is None:
+            listing = checkpoint.folder / _listing_file(checkpoint)
+            raise ModelFolderError(
+                f"tensor {name!r} (needed by {needed_by}) is not in the checkpoint: {listing} "
+                "does not list it; the checkpoint is incomplete or not this config's model"
+            )
+        if file not in headers:
+            headers[file] = read_header(folder / file)
+        tensor = headers[file].get(name)
+        if tensor is None:
+            raise ModelFolderError(
+                f"tensor {name!r} (needed by {needed_by}) is missing from {folder / file}, "
+                f"though {folder / _listing_file(checkpoint)} says it is there"
+            )
+        return tensor
+
+    bundles = []
+    for name in names:
+        is_master = name == MASTER
+        blocks = tuple(topo.master_blocks(config.n_layers)) if is_master else topo.node(name).blocks
+        needed_by = "the master" if is_master else f"worker {name!r}"
+        shapes = tensor_shapes(config, checkpoint, blocks, is_master)
+        tensors = tuple(source(tensor, needed_by) for tensor in shapes)
+        for tensor in tensors:
+            if tensor.shape != shapes[tensor.name]:
+                raise ModelFolderError(
+                    f"tensor {tensor.name!r} in {tensor.file} has shape {tensor.shape}, but "
+                    f"{folder / 'config.json'} implies {shapes[tensor.name]}"
+                )
+        yaml = topo.to_yaml() if is_master else topo.to_yaml([name])
+        bundles.append(Bundle(name, blocks, tensors, yaml))
+    return bundles
+
+
+def _listing_file(checkpoint: Checkpoint) -> str:
+    """The file that says which tensors the checkpoint has: the index, or the safetensors."""
+    if (checkpoint.folder / INDEX_FILE).is_file():
+        return INDEX_FILE
+    return ", ".join(checkpoint.files)
+
+
+def tensor_shapes(
+    config: LlamaConfig, checkpoint: Checkpoint, blocks: Sequence[int], is_master: bool
+) -> dict[str, tuple[int, ...]]:
+    """Stored tensor name -> shape, for the part of the model that holds `blocks` (and, for the
+    master, the embedding, final norm and head).
+
+    The names come from the model itself, built on `meta`, so they are the names the loaders ask
+    for. A tied head is read from the embedding (weights.head_source), so it is not stored twice.
+    """
+    with torch.device("meta"):
+        part = Llama(config, blocks, with_embedding=is_master, with_head=is_master)
+    shapes = {name: tuple(p.shape) for name, p in part.state_dict().items()}
+    if is_master and head_source(config, checkpoint) != HEAD:
+        del shapes[HEAD]
+    return shapes
+
+
+def read_header(path: Path) -> dict[str, SourceTensor]:
+    """The tensors of one safetensors file, with their absolute data offsets; no data read."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise ModelFolderError(f"{path}: too short for a safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise ModelFolderError(f"{path}: bad safetensors header length {length}")
+            header = json.loads(file.read(length))
+    except OSError as exc:
+        raise ModelFolderError(f"{path}: cannot read it ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{path}: not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{path}: not a safetensors file (the header is not a map)")
+    data_start = 8 + length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = str(entry["dtype"]), tuple(int(n) for n in entry["shape"])
+            start, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFolderError(f"{path}: bad header entry for {name!r}: {entry!r}") from None
+        if not 0 <= start <= end or data_start + end > size:
+            raise ModelFolderError(
+                f"{path}: tensor {name!r} lies at bytes {start}-{end} of the data, past the end "
+                "of the file; the file is truncated or corrupt"
+            )
+        itemsize = ITEMSIZE.get(dtype)
+        if itemsize is not None and math.prod(shape) * itemsize != end - start:
+            raise ModelFolderError(
+                f"{path}: tensor {name!r} ({dtype}, shape {shape}) should take "
+                f"{math.prod(shape) * itemsize} bytes, but its header gives {end - start}"
+            )
+        tensors[name] = SourceTensor(name, path, dtype, shape, data_start + start, end - start)
+    return tensors
+
+
+def write_bundles(
+    folder: Path, bundles: Sequence[Bundle], output: Path, force: bool = False
+) -> None:
+    """Write every bundle into a staging folder, then move them all into `output`."""
+    _refuse_existing(output, [bundle.name for bundle in bundles], force)
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".cake-split-", dir=output))
+    try:
+        total = sum(bundle.nbytes for bundle in bundles)
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="splitting",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        ) as progress:
+            for bundle in bundles:
+                _write_bundle(folder, bundle, staging / bundle.name, progress.update)
+        _refuse_existing(output, [bundle.name for bundle in bundles], force)  # appeared meanwhile?
+        for bundle in bundles:
+            target = output / bundle.name
+            if _exists(target):  # --force: move the old one aside, deleted with the staging
+                os.replace(target, staging / f".replaced-{bundle.name}")
+            os.replace(staging / bundle.name, target)
+            log.info(
+                "wrote %s: %s, %d tensors (%s)",
+                target,
+                "master" if bundle.name == MASTER else f"worker {bundle.name}",
+                len(bundle.tensors),
+                _describe(bundle),
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _describe(bundle: Bundle) -> str:
+    count = len(bundle.blocks)
+    blocks = f"{'block' if count == 1 else 'blocks'} {_span(bundle.blocks)}" if count else "no blocks"
+    return f"{blocks}, {bundle.nbytes / 2**20:.1f} MiB"
+
+
+def _span(blocks: Sequence[int]) -> str:
+    parts, start = [], None
+    for i, block in enumerate(blocks):
+        start = block if start is None else start
+        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
+            parts.append(f"{start}-{block}" if block != start else f"{block}")
+            start = None
+    return ",".join(parts)
+
+
+def _write_bundle(
+    folder: Path, bundle: Bundle, target: Path, progress: Callable[[int], object]
+) -> None:
+    target.mkdir()
+    weight_map = write_safetensors(target / SHARD_FILE, bundle.tensors, progress)
+    index = {
+        "metadata": {"total_size": bundle.nbytes},
+        "weight_map": dict.fromkeys(sorted(weight_map), SHARD_FILE),
+    }
+    (target / INDEX_FILE).write_text(
+        json.dumps(index, indent=2) + "\n", encoding="utf-8"
+    )
+    for name in ("config.json", *EXTRA_FILES):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, target / name)
+    (target / TOPOLOGY_FILE).write_text(bundle.topology_yaml, encoding="utf-8")
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Sequence[SourceTensor],
+    progress: Callable[[int], object] = lambda count: None,
+) -> list[str]:
+    """Copy `tensors` byte for byte into a new safetensors file; returns the names written.
+
+    The header is computed from the source headers alone; the data then streams through one
+    reused buffer, so memory does not grow with the tensors.
+    """
+    ordered = sorted(tensors, key=lambda t: (-ITEMSIZE.get(t.dtype, 1), t.name))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in ordered:
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    buffer = memoryview(bytearray(COPY_CHUNK_BYTES))
+    with contextlib.ExitStack() as stack, open(path, "wb") as out:
+        sources: dict[Path, BinaryIO] = {}
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for tensor in ordered:
+            if tensor.file not in sources:
+                sources[tensor.file] = stack.enter_context(open(tensor.file, "rb"))
+            _copy_range(sources[tensor.file], out, tensor, buffer, progress)
+    return [tensor.name for tensor in ordered]
+
+
+def _copy_range(
+    source: BinaryIO,
+    out: BinaryIO,
+    tensor: SourceTensor,
+    buffer: memoryview,
+    progress: Callable[[int], object],
+) -> None:
+    source.seek(tensor.offset)
+    remaining = tensor.nbytes
+    while remaining:
+        count = source.readinto(buffer[: min(remaining, len(buffer))])
+        if not count:
+            raise ModelFolderError(
+                f"{tensor.file}: ended in the middle of tensor {tensor.name!r}; the file is "
+                "truncated"
+            )
+        out.write(buffer[:count])
+        remaining -= count
+        progress(count)
