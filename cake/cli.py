@@ -307,7 +307,7 @@ def split_main(
 
     try:
         split_model(model_path, topology, output, workers=list(workers) or None, force=force)
-    except (ModelFolderError, TopologyError, ValueError) as exc:
+    except (ModelFolderError, TopologyError, ValueError, OSError) as exc:
         _fail(str(exc))
 
 

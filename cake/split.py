@@ -318,9 +318,10 @@ def write_bundles(
 
 
 def _describe(bundle: Bundle) -> str:
-    count = len(bundle.blocks)
-    blocks = f"{'block' if count == 1 else 'blocks'} {_span(bundle.blocks)}" if count else "no blocks"
-    return f"{blocks}, {bundle.nbytes / 2**20:.1f} MiB"
+    size = f"{bundle.nbytes / 2**20:.1f} MiB"
+    if not bundle.blocks:
+        return f"no blocks, {size}"
+    return f"block{'s' if len(bundle.blocks) > 1 else ''} {_span(bundle.blocks)}, {size}"
 
 
 def _span(blocks: Sequence[int]) -> str:
@@ -342,9 +343,7 @@ def _write_bundle(
         "metadata": {"total_size": bundle.nbytes},
         "weight_map": dict.fromkeys(sorted(weight_map), SHARD_FILE),
     }
-    (target / INDEX_FILE).write_text(
-        json.dumps(index, indent=2) + "\n", encoding="utf-8"
-    )
+    (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for name in ("config.json", *EXTRA_FILES):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, target / name)

