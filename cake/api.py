@@ -574,25 +574,35 @@ def create_app(
         service.check_model(body.model)
         body.check_supported()
         messages = [message.as_template_message() for message in body.messages]
-        prompt_ids = encode_chat(master.tokenizer, messages)
+        prompt_ids = encode_chat(master.tokenizer, messages)  # the CLI's path for --prompt
         max_tokens = body.max_completion_tokens or body.max_tokens
         generation, first = await service.start(body, prompt_ids, max_tokens, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
         head["model"] = model_name
         if not body.stream:
             text, finished = await _collect(generation, first, "messages")
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-            choice |= {"logprobs": None, "finish_reason": finished.reason}
-            return {**head, "object": "chat.completion", "choices": [choice]} | {
-                "usage": finished.usage()
+            message = {"role": "assistant", "content": text}
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": finished.reason,
+                    }
+                ],
+                "usage": finished.usage(),
             }
 
         base = {**head, "object": "chat.completion.chunk"}
         if body.include_usage:
-            base["usage"] = None
+            base["usage"] = None  # on every chunk but the last, as OpenAI does
 
         def chunk(text: str | None, finish: str | None, delta: dict | None = None) -> dict:
-            delta = delta if delta is not None else ({} if text is None else {"content": text})
+            if delta is None:
+                delta = {} if text is None else {"content": text}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**base, "choices": [choice]}
 
@@ -604,12 +614,7 @@ def create_app(
     async def completions(body: CompletionRequest) -> Any:
         service.check_model(body.model)
         body.check_supported()
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            prompt_ids = [int(t) for t in prompt]
-        else:
-            text = prompt if isinstance(prompt, str) else str(prompt[0]) if prompt else ""
-            prompt_ids = master.encode(text, raw=True)  # the CLI's --raw
+        prompt_ids = _completion_prompt_ids(master, body.prompt)
         generation, first = await service.start(body, prompt_ids, body.max_tokens, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
         head |= {"created": int(time.time()), "model": model_name}
@@ -628,6 +633,22 @@ def create_app(
         return EventStream(_stream(generation, first, chunk, None, usage, "prompt"))
 
     return app
+
+
+def _completion_prompt_ids(master: Master, prompt: str | list[str] | list[int]) -> list[int]:
+    """Token ids as they are, or the text encoded as the CLI's --raw does (BOS, no template)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        vocab = master.config.vocab_size
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ApiError(
+                400,
+                f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})",
+                param="prompt",
+            )
+        return [int(t) for t in prompt]
+    text = prompt if isinstance(prompt, str) else str(prompt[0]) if prompt else ""
+    return master.encode(text, raw=True)
 
 
 def _validation_error(errors: Sequence[Any]) -> ApiError:

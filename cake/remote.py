@@ -39,7 +39,7 @@ from cake.protocol import (
 )
 from cake.stages import StageTimes
 from cake.topology import Node
-from cake.transport import Link, LinkError, open_link
+from cake.transport import Link, LinkError, TLSFailure, open_link
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class WorkerClient:
             link = await open_link(
                 self.node.host, self.node.port, self.label, self.connect_timeout, ssl=self.tls
             )
+        except TLSFailure as exc:
+            raise WorkerError(str(exc)) from None
         except LinkError as exc:
             raise WorkerLost(f"{exc}; is the worker running?") from None
         try:

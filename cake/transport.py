@@ -31,6 +31,10 @@ class LinkError(ConnectionError):
     """The connection failed or closed; the message says which peer and why."""
 
 
+class TLSFailure(LinkError):
+    """The TLS handshake failed: an untrusted certificate, or TLS on one side only."""
+
+
 class Link:
     """A framed message stream over one connection."""
 
@@ -118,10 +122,13 @@ async def open_link(
     except TimeoutError:
         raise LinkError(f"{peer}: no answer within {timeout:g}s") from None
     except ssl_module.SSLError as exc:
-        raise LinkError(f"{peer}: TLS handshake failed ({exc.reason or exc})") from exc
+        raise TLSFailure(
+            f"{peer}: TLS handshake failed ({exc.reason or exc}); --tls-ca must trust the "
+            "worker's certificate, which must name the host the topology uses"
+        ) from exc
     except OSError as exc:
         raise LinkError(f"{peer}: cannot connect ({exc.strerror or exc})") from exc
     return Link(reader, writer, peer)
 
 
-__all__ = ["Link", "LinkError", "ProtocolError", "open_link"]
+__all__ = ["Link", "LinkError", "ProtocolError", "TLSFailure", "open_link"]

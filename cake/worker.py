@@ -50,8 +50,8 @@ DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_SESSIONS = 32
 
 
-class RequestError(Exception):
-    """A request this worker cannot serve; answered with an error message of this code."""
+class RequestError(ProtocolError):
+    """A well-formed request this worker cannot serve; answered with an error of this code."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -126,12 +126,10 @@ class Worker:
                     await link.send(Pong(id=message.id))
                 else:
                     raise ProtocolError(f"a master does not send {type(message).__name__!r}")
-        except ProtocolError as exc:
+        except ProtocolError as exc:  # RequestError included
             log.warning("connection %d from %s: %s; closing it", conn, peer, exc)
-            await _try_send(link, ErrorMessage(message=str(exc), code="bad_message"))
-        except RequestError as exc:
-            log.warning("connection %d from %s: %s; closing it", conn, peer, exc)
-            await _try_send(link, ErrorMessage(message=str(exc), code=exc.code))
+            code = exc.code if isinstance(exc, RequestError) else "bad_message"
+            await _try_send(link, ErrorMessage(message=str(exc), code=code))
         except TimeoutError:
             log.info(
                 "connection %d from %s: idle for %.0fs, closing it", conn, peer, self.idle_timeout
@@ -214,12 +212,6 @@ class Worker:
         try:
             session = self._check(conn, request)
             async with session.lock:
-                if request.start_pos > session.length:
-                    raise RequestError(
-                        "bad_position",
-                        f"start_pos {request.start_pos} skips positions: session "
-                        f"{request.session} holds {session.length}",
-                    )
                 loop = asyncio.get_running_loop()
                 hidden, compute_us = await loop.run_in_executor(
                     self.compute, self._run, session, request
@@ -242,14 +234,17 @@ class Worker:
                 f"worker {self.name} does not serve block(s) {missing}; it serves {self.blocks}",
             )
         hidden = request.hidden
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.config.hidden_size:
+        hidden_size = self.config.hidden_size
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size:
             raise RequestError(
                 "bad_shape",
-                f"hidden states must be (1, T, {self.config.hidden_size}), "
+                f"hidden states must be (1, T, {hidden_size}), "
                 f"got {list(hidden.shape)}",
             )
         end = request.start_pos + hidden.shape[1]
-        if hidden.shape[1] == 0 or end > self.max_seq_len:
+        if hidden.shape[1] == 0:
+            raise RequestError("bad_shape", "hidden states hold no positions (T = 0)")
+        if end > self.max_seq_len:
             raise RequestError(
                 "context_full",
                 f"positions {request.start_pos}..{end - 1} do not fit this worker's context of "
@@ -257,6 +252,18 @@ class Worker:
             )
         key = (conn, request.session)
         session = self.sessions.get(key)
+        if session is None and request.start_pos > 0:
+            raise RequestError(
+                "unknown_session",
+                f"session {request.session} is unknown here (a new session starts at position "
+                "0); the worker may have restarted",
+            )
+        if session is not None and request.start_pos > session.length:
+            raise RequestError(
+                "bad_position",
+                f"start_pos {request.start_pos} skips positions: session {request.session} "
+                f"holds {session.length}",
+            )
         if session is None:
             if len(self.sessions) >= self.max_sessions:
                 raise RequestError(

@@ -1,0 +1,176 @@
+"""Worker loss: killed mid-generation and restarted (same text, nothing printed twice), gone for
+good (a clear error, the text so far kept), restarted while the master is idle (picked up)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from cluster import GREEDY, local_tokens
+from helpers import free_port
+
+from cake.errors import WorkerError
+from cake.local_cluster import WorkerProcess, start_workers, worker_command
+from cake.master import GenerationStats, Master
+
+N = 40
+
+
+class Cluster:
+    def __init__(self, model: Path, topology: Path, names: list[str]) -> None:
+        self.model, self.topology = model, topology
+        self.workers = {w.name: w for w in start_workers(model, topology, names)}
+
+    def kill(self, name: str) -> None:
+        self.workers[name].kill()
+
+    def restart(self, name: str) -> None:
+        command = worker_command(self.model, name, self.topology, extra=("--device", "cpu"))
+        process = WorkerProcess(name, command)
+        self.workers[name] = process
+        process.wait_ready()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+
+
+@pytest.fixture
+def two_workers(tiny_llama: Path, tmp_path: Path) -> Iterator[Cluster]:
+    topology = tmp_path / "topology.yml"
+    topology.write_text(
+        yaml.safe_dump(
+            {
+                "w1": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.0-1"]},
+                "w2": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.2-3"]},
+            }
+        )
+    )
+    cluster = Cluster(tiny_llama, topology, ["w1", "w2"])
+    yield cluster
+    cluster.stop()
+
+
+async def open_master(cluster: Cluster, retry_timeout: float = 60) -> Master:
+    return await Master.open(
+        cluster.model, cluster.topology, device="cpu", dtype="f32", retry_timeout=retry_timeout
+    )
+
+
+def test_worker_killed_and_restarted_mid_generation(two_workers: Cluster) -> None:
+    expected = asyncio.run(local_tokens(two_workers.model, "hi", N))
+    restarted = threading.Thread()
+
+    async def run() -> tuple[list[int], GenerationStats]:
+        nonlocal restarted
+        master = await open_master(two_workers)
+        stats = GenerationStats()
+        tokens: list[int] = []
+        try:
+            async for token in master.generate(
+                master.encode("hi"), GREEDY, N, ignore_eos=True, stats=stats
+            ):
+                tokens.append(token)
+                if len(tokens) == 10:
+                    two_workers.kill("w2")  # SIGKILL, as a crash
+                    restarted = threading.Thread(target=two_workers.restart, args=("w2",))
+                    restarted.start()
+        finally:
+            await master.close()
+        return tokens, stats
+
+    tokens, stats = asyncio.run(run())
+    restarted.join()
+    assert tokens == expected  # same text, and no token twice
+    # w2's stage replayed once: one extra round trip on top of 2 per step.
+    assert stats.round_trips == 2 * (stats.decode_steps + 1) + 1
+
+
+def test_worker_gone_for_good_gives_a_clear_error(two_workers: Cluster) -> None:
+    async def run() -> list[int]:
+        master = await open_master(two_workers, retry_timeout=1.5)
+        tokens: list[int] = []
+        try:
+            async for token in master.generate(master.encode("hi"), GREEDY, N, True):
+                tokens.append(token)
+                if len(tokens) == 5:
+                    two_workers.kill("w2")
+        finally:
+            await master.close()
+        return tokens
+
+    with pytest.raises(
+        WorkerError,
+        match=r"worker w2 at 127\.0\.0\.1:\d+ did not come back "
+        r"within 1\.5s \(--retry-timeout\)",
+    ):
+        asyncio.run(run())
+
+
+def test_worker_restarted_while_idle_is_picked_up(two_workers: Cluster) -> None:
+    async def run() -> tuple[list[int], list[int]]:
+        master = await open_master(two_workers)
+        try:
+            first = [t async for t in master.generate(master.encode("hi"), GREEDY, 8, True)]
+            two_workers.kill("w1")
+            await asyncio.to_thread(two_workers.restart, "w1")
+            second = [t async for t in master.generate(master.encode("hi"), GREEDY, 8, True)]
+        finally:
+            await master.close()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first == second
+
+
+def test_cli_keeps_the_text_so_far_when_a_worker_is_lost(tiny_llama: Path, tmp_path: Path) -> None:
+    port = free_port()
+    topology = tmp_path / "topology.yml"
+    topology.write_text(
+        yaml.safe_dump({"w1": {"host": f"127.0.0.1:{port}", "layers": ["model.layers.0-3"]}})
+    )
+    (worker,) = start_workers(
+        tiny_llama, topology, ["w1"], extra=("--device", "cpu", "--max-seq-len", "4096")
+    )
+    master = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cake.cli",
+            "--model",
+            str(tiny_llama),
+            "--topology",
+            str(topology),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0",
+            "-n",
+            "4000",
+            "--ignore-eos",
+            "--max-seq-len",
+            "4096",
+            "--retry-timeout",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        first = master.stdout.read(1)  # text is streaming: the generation is under way
+        worker.kill()
+        rest, stderr = master.communicate(timeout=60)
+    finally:
+        master.kill()
+        worker.stop()
+    assert master.returncode == 1
+    assert first and len(first + rest) > 1
+    assert f"worker w1 at 127.0.0.1:{port} did not come back within 1s" in stderr.decode()

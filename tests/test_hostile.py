@@ -1,0 +1,232 @@
+"""A live worker process fed hostile bytes and messages: each gets an error reply where one is
+possible and its connection closes; the worker keeps serving everyone else correctly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import yaml
+from cluster import generate, local_tokens
+from helpers import free_port
+
+from cake.config import LlamaConfig, architecture_of
+from cake.local_cluster import WorkerProcess, start_workers
+from cake.master import Master
+from cake.protocol import (
+    Forward,
+    FrameDecoder,
+    Hello,
+    encode_frame,
+    fingerprint_config,
+    tensor_to_wire,
+)
+
+HIDDEN = 64  # tiny_llama's hidden size
+CONTEXT = 64  # the worker's --max-seq-len here
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    port = free_port()
+    topology = tmp_path_factory.mktemp("hostile") / "topology.yml"
+    topology.write_text(
+        yaml.safe_dump({"w1": {"host": f"127.0.0.1:{port}", "layers": ["model.layers.0-3"]}})
+    )
+    extra = (
+        "--device",
+        "cpu",
+        "--max-seq-len",
+        str(CONTEXT),
+        "--max-sessions",
+        "2",
+        "--idle-timeout",
+        "3",
+    )
+    (process,) = start_workers(tiny_llama, topology, ["w1"], extra=extra)
+    process.topology = topology
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def hello(tiny_llama: Path) -> bytes:
+    fingerprint = fingerprint_config(architecture_of(LlamaConfig.from_folder(tiny_llama)))
+    return encode_frame(Hello(fingerprint=fingerprint, master="hostile-test").to_wire())
+
+
+def frame(message: dict) -> bytes:
+    return encode_frame(message)
+
+
+def raw_frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def forward(
+    session: str = "s",
+    start_pos: int = 0,
+    blocks=(0, 1),
+    tokens: int = 1,
+    hidden_size: int = HIDDEN,
+    **wire_overrides: object,
+) -> bytes:
+    message = Forward(
+        id=1,
+        session=session,
+        start_pos=max(start_pos, 0),
+        blocks=blocks,
+        hidden=torch.randn(1, tokens, hidden_size),
+    ).to_wire()
+    if start_pos < 0:
+        message["start_pos"] = start_pos
+    message.update(wire_overrides)
+    return frame(message)
+
+
+def exchange(
+    port: int, payload: bytes, hello: bytes | None, wait: float = 15.0, half_close: bool = False
+) -> tuple[list[dict], bool]:
+    """Send (hello +) payload; read replies until the worker closes or `wait` passes."""
+    decoder = FrameDecoder()
+    replies: list[dict] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        if hello is not None:  # the handshake first, so the payload arrives on its own
+            sock.sendall(hello)
+            while not replies:
+                replies.extend(decoder.feed(sock.recv(1 << 16)))
+            assert replies.pop(0)["type"] == "welcome", replies
+        sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        closed = False
+        try:
+            while True:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    closed = True
+                    break
+                replies.extend(decoder.feed(chunk))
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:  # closed with unread bytes still in its buffer
+            closed = True
+    return replies, closed
+
+
+def tensor(dtype: str = "f32", shape=(1, 1, HIDDEN), data: bytes | None = None) -> dict:
+    wire = tensor_to_wire(torch.zeros(shape))
+    wire["dtype"] = dtype
+    if data is not None:
+        wire["data"] = data
+    return wire
+
+
+def forward_with(**fields: object) -> bytes:
+    message = {
+        "type": "forward",
+        "id": 1,
+        "session": "s",
+        "start_pos": 0,
+        "blocks": [0],
+        "hidden": tensor(),
+    }
+    message.update(fields)
+    return frame(message)
+
+
+CASES: dict[str, tuple[Callable[[], bytes], bool, str | None]] = {
+    # name: (payload, send hello first, expected error fragment; None = closed, no reply)
+    "random bytes": (lambda: random.Random(0).randbytes(4096), False, "exceeds the limit"),
+    "no hello first": (lambda: forward(), False, "expected 'hello' first"),
+    "length prefix of 4 GB": (lambda: b"\xff\xff\xff\xff" + b"\0" * 16, True, "exceeds the limit"),
+    "msgpack list, not a map": (lambda: raw_frame(msgpack.packb([1, 2, 3])), True, "map"),
+    "not msgpack at all": (lambda: raw_frame(b"\xc1\xc1\xc1"), True, "not valid msgpack"),
+    "unknown message type": (lambda: frame({"type": "launch"}), True, "unknown message type"),
+    "field of the wrong type": (lambda: forward_with(blocks="abc"), True, "'blocks'"),
+    "missing field": (lambda: frame({"type": "forward", "id": 1}), True, "missing field"),
+    "wrong dtype": (lambda: forward_with(hidden=tensor("i64")), True, "not allowed"),
+    "bytes do not match shape": (
+        lambda: forward_with(hidden=tensor(data=b"\0" * 12)),
+        True,
+        "needs 256 bytes",
+    ),
+    "huge shape": (
+        lambda: forward_with(hidden=tensor(shape=(1, 10**6, HIDDEN), data=b"")),
+        True,
+        "exceeds the limit",
+    ),
+    "hidden size of another model": (lambda: forward(hidden_size=32), True, "must be (1, T, 64)"),
+    "unknown session": (lambda: forward(start_pos=5), True, "unknown"),
+    "block it does not serve": (lambda: forward(blocks=(4, 5)), True, "does not serve"),
+    "negative position": (lambda: forward(start_pos=-3), True, "start_pos"),
+    "positions past the context": (
+        lambda: forward(tokens=40) + forward(start_pos=40, tokens=40),
+        True,
+        "do not fit",
+    ),
+    "a worker's message from a master": (
+        lambda: frame({"type": "pong", "id": 1}),
+        True,
+        "does not send",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input_gets_an_error_and_a_closed_connection(
+    name: str, worker: WorkerProcess, hello: bytes
+) -> None:
+    make_payload, send_hello, error = CASES[name]
+    replies, closed = exchange(worker.port, make_payload(), hello if send_hello else None)
+    errors = [r for r in replies if r["type"] == "error"]
+    assert closed, f"the worker kept the connection open after {name}"
+    assert errors, f"no error reply for {name}: {replies}"
+    assert error in errors[-1]["message"]
+
+
+def test_truncated_frame_closes_quietly(worker: WorkerProcess, hello: bytes) -> None:
+    payload = forward()[:40]
+    _, closed = exchange(worker.port, payload, hello, half_close=True)
+    assert closed
+
+
+def test_idle_connection_is_closed(worker: WorkerProcess, hello: bytes) -> None:
+    replies, closed = exchange(worker.port, b"", hello, wait=10)
+    assert closed and replies == []
+
+
+def test_session_limit_refuses_the_third_session(worker: WorkerProcess, hello: bytes) -> None:
+    payload = forward(session="a") + forward(session="b") + forward(session="c")
+    replies, _ = exchange(worker.port, payload, hello, wait=6)
+    assert sorted(r["type"] for r in replies) == ["error", "result", "result"]
+    (error,) = [r for r in replies if r["type"] == "error"]
+    assert error["code"] == "too_many_sessions"
+    assert "already holds 2 sessions" in error["message"]
+
+
+def test_worker_still_serves_correctly_after_all_that(
+    worker: WorkerProcess, hello: bytes, tiny_llama: Path
+) -> None:
+    for make_payload, send_hello, _ in CASES.values():
+        exchange(worker.port, make_payload(), hello if send_hello else None)
+
+    async def run() -> list[int]:
+        master = await Master.open(
+            tiny_llama, worker.topology, device="cpu", dtype="f32", max_seq_len=CONTEXT
+        )
+        try:
+            return (await generate(master, "hi"))[0]
+        finally:
+            await master.close()
+
+    assert asyncio.run(run()) == asyncio.run(local_tokens(tiny_llama, "hi"))
+    assert worker.proc.poll() is None
+    assert "Traceback" not in worker.log
