@@ -236,8 +236,9 @@ async def _run_master(opts: dict) -> None:
                     out.write(piece)
                     out.flush()
         finally:  # on a failure too: what was generated stays on stdout, then the error
-            out.write(decoder.finish() + "\n")
-            out.flush()
+            if decoder.ids:
+                out.write(decoder.finish() + "\n")
+                out.flush()
         if opts["show_stats"]:
             for line in stats.stage_lines():
                 log.info(line)

@@ -125,6 +125,13 @@ class Master:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        if seq_len > config.max_position_embeddings:
+            log.warning(
+                "--max-seq-len %d is beyond the %d positions the model was trained for; "
+                "output quality past that is not guaranteed",
+                seq_len,
+                config.max_position_embeddings,
+            )
         runs = _runs(topology, config.n_layers)
         local_blocks = [b for run in runs if run.node is None for b in run.blocks]
         if topology is not None and local_blocks:

@@ -210,13 +210,12 @@ class Worker:
 
     async def _forward(self, link: Link, conn: int, request: Forward) -> None:
         try:
-            session = self._check(conn, request)
+            session = self.check_request(conn, request)
             async with session.lock:
                 loop = asyncio.get_running_loop()
                 hidden, compute_us = await loop.run_in_executor(
-                    self.compute, self._run, session, request
+                    self.compute, self.run_request, session, request
                 )
-                session.length = max(session.length, request.start_pos + request.hidden.shape[1])
             await link.send(Result(id=request.id, hidden=hidden, compute_us=compute_us))
         except RequestError as exc:
             log.warning("request %d from %s: %s", request.id, link.peer, exc)
@@ -226,7 +225,8 @@ class Worker:
         except LinkError:
             pass
 
-    def _check(self, conn: int, request: Forward) -> Session:
+    def check_request(self, conn: int, request: Forward) -> Session:
+        """The session a forward runs in, or RequestError (on the event loop thread)."""
         missing = [b for b in request.blocks if b not in self.served]
         if missing:
             raise RequestError(
@@ -238,8 +238,7 @@ class Worker:
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size:
             raise RequestError(
                 "bad_shape",
-                f"hidden states must be (1, T, {hidden_size}), "
-                f"got {list(hidden.shape)}",
+                f"hidden states must be (1, T, {hidden_size}), got {list(hidden.shape)}",
             )
         end = request.start_pos + hidden.shape[1]
         if hidden.shape[1] == 0:
@@ -275,13 +274,15 @@ class Worker:
             log.info("connection %d: session %s opened", conn, request.session)
         return session
 
-    def _run(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:
+    def run_request(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:
+        """Run a checked forward (on the compute thread): hidden states out, microseconds."""
         started = time.perf_counter()
         wire_dtype = request.hidden.dtype
         with torch.inference_mode():
             hidden = request.hidden.to(device=self.device, dtype=self.dtype)
             hidden = self.model.run_blocks(hidden, request.start_pos, session.cache, request.blocks)
             out = hidden.to(device="cpu", dtype=wire_dtype)
+        session.length = max(session.length, request.start_pos + request.hidden.shape[1])
         return out, int((time.perf_counter() - started) * 1e6)
 
     async def serve(self, host: str, port: int) -> asyncio.Server:

@@ -1,0 +1,105 @@
+"""SmolLM2-135M-Instruct (real weights, converted from its GGUF) against transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from cake.master import GenerationStats, Master
+from cake.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MAX_SEQ_LEN = 256
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def master(smollm2_dir: Path) -> Master:
+    opened = asyncio.run(Master.open(smollm2_dir, device="cpu", dtype="f32", max_seq_len=256))
+    yield opened
+    asyncio.run(opened.close())
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path) -> LlamaForCausalLM:
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    # Both sides must run the full length: ours with ignore_eos, theirs with no EOS at all
+    # (min_new_tokens would mask EOS instead, which changes the argmax where EOS would win).
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def generate(
+    master: Master, prompt_ids: list[int], n: int, ignore_eos: bool = False
+) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats()
+
+    async def run() -> list[int]:
+        return [t async for t in master.generate(prompt_ids, GREEDY, n, ignore_eos, stats)]
+
+    return asyncio.run(run()), stats
+
+
+def test_converted_folder_is_a_llama_checkpoint(smollm2_dir: Path) -> None:
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert (smollm2_dir / "tokenizer.json").is_file()
+
+
+def test_conversion_is_cached(smollm2_dir: Path) -> None:
+    from helpers import smollm2_gguf_path
+
+    from cake.convert import resolve_model_path
+
+    # The second resolve finds the finished folder instead of converting again.
+    assert resolve_model_path(smollm2_gguf_path()) == smollm2_dir
+    assert resolve_model_path(smollm2_dir) == smollm2_dir
+
+
+def test_answers_the_capital_of_france(master: Master) -> None:
+    prompt_ids = master.encode("What is the capital of France?")
+    tokens, stats = generate(master, prompt_ids, 48)
+    text = master.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert "Paris" in text, text
+    # A short answer ends on the model's own end-of-turn token, which is not yielded.
+    assert stats.finish_reason == "stop"
+    assert not set(tokens) & master.stop_ids
+    assert stats.prompt_tokens == len(prompt_ids)
+    assert stats.new_tokens == len(tokens)
+
+
+def test_prefill_logits_match_transformers(master: Master, reference: LlamaForCausalLM) -> None:
+    prompt_ids = master.encode("Explain why the sky is blue, in two sentences.")
+    tokens = torch.tensor([prompt_ids])
+    model = master.model
+    with torch.inference_mode():
+        ours = model.head(
+            model.run_blocks(model.embed(tokens), 0, model.new_cache(64), model.blocks)
+        )
+        theirs = reference(tokens).logits
+    # 30 real blocks and logits of magnitude ~40: allow a little more than the tiny models' 1e-4.
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+
+
+def test_greedy_tokens_equal_transformers_for_32_tokens(
+    master: Master, reference: LlamaForCausalLM
+) -> None:
+    prompt_ids = master.encode("Write a short poem about the sea.")
+    with torch.inference_mode():
+        expected = reference.generate(
+            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=32, pad_token_id=0
+        )[0, len(prompt_ids) :].tolist()
+    tokens, stats = generate(master, prompt_ids, 32, ignore_eos=True)
+    assert len(expected) == 32
+    assert stats.new_tokens == 32
+    assert stats.finish_reason == "length"
+    assert tokens == expected
