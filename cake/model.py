@@ -87,6 +87,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+class Projection(nn.Module):
+    """y = x @ W.T for one weight, or for several fused along the output (q|k|v, gate|up).
+
+    Stored in the layout the device multiplies fastest. On the CPU, a decode step is one row
+    times a matrix streamed from memory, and an (in, out) matrix streams about 1.6x faster than
+    the checkpoint's (out, in) when out >= in (measured: bench/README.md); GPUs keep (out, in).
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        weight = torch.cat(list(weights), dim=0) if len(weights) > 1 else weights[0]  # (out, in)
+        self.transposed = weight.device.type == "cpu" and weight.shape[0] >= weight.shape[1]
+        stored = weight.t().contiguous() if self.transposed else weight.contiguous()
+        self.weight = nn.Parameter(stored, requires_grad=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1] if self.transposed else self.weight.shape[0]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W (out, in) for `ids`: a tied head doubles as the embedding table."""
+        return self.weight.t()[ids] if self.transposed else self.weight[ids]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight if self.transposed else F.linear(x, self.weight)
+
+
 class KVCache:
     """A static cache for one block of one session: preallocated once, written at positions."""
 
@@ -126,6 +153,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, hidden, bias=False)
+        self.qkv: Projection | None = None
+        self.out: Projection | None = None
+
+    def pack(self) -> None:
+        """Replace the checkpoint's four projections by one fused q|k|v and the output."""
+        self.qkv = Projection([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.out = Projection([self.o_proj.weight])
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(
         self,
@@ -135,10 +170,13 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
+        assert self.qkv is not None and self.out is not None, "call Llama.pack() first"
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, nh, T, hd); k, v: (B, n_kv, T, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -151,8 +189,8 @@ class Attention(nn.Module):
             is_causal=False,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
-        return self.o_proj(y)
+        y = y.transpose(1, 2).reshape(batch, length, q_size)
+        return self.out(y)
 
 
 def _causal_mask(start_pos: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -171,9 +209,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.inner = inner
+        self.gate_up: Projection | None = None
+        self.down: Projection | None = None
+
+    def pack(self) -> None:
+        """Replace the checkpoint's projections by one fused gate|up and the down projection."""
+        self.gate_up = Projection([self.gate_proj.weight, self.up_proj.weight])
+        self.down = Projection([self.down_proj.weight])
+        del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        assert self.gate_up is not None and self.down is not None, "call Llama.pack() first"
+        gate, up = self.gate_up(x).split([self.inner, self.inner], dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -228,6 +277,27 @@ class Llama(nn.Module):
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None
         )
         self.rope: RotaryTables | None = None
+        self.head_proj: Projection | None = None
+
+    def pack(self) -> None:
+        """After loading: fuse projections and lay weights out for fast multiplication.
+
+        The checkpoint's names are what `load_state_dict` fills; this turns them into the
+        runtime layout (see Projection), one block at a time so memory grows by one block at
+        most. A tied head keeps a single copy, which also serves as the embedding table.
+        """
+        for block in self.model.layers.values():
+            block.self_attn.pack()
+            block.mlp.pack()
+        if self.lm_head is not None:
+            embedding = self.model.embed_tokens
+            tied = embedding is not None and embedding.weight.data_ptr() == (
+                self.lm_head.weight.data_ptr()
+            )
+            self.head_proj = Projection([self.lm_head.weight])
+            self.lm_head = None
+            if tied:
+                self.model.embed_tokens = None
 
     @property
     def blocks(self) -> list[int]:
@@ -248,8 +318,10 @@ class Llama(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> hidden (B, T, C)."""
-        assert self.model.embed_tokens is not None, "this part holds no embedding"
-        return self.model.embed_tokens(tokens)
+        if self.model.embed_tokens is not None:
+            return self.model.embed_tokens(tokens)
+        assert self.head_proj is not None, "this part holds no embedding"
+        return self.head_proj.rows(tokens)  # tied: the head's rows are the embedding
 
     def run_blocks(
         self,
@@ -267,5 +339,5 @@ class Llama(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, T, vocab), in float32."""
-        assert self.lm_head is not None and self.model.norm is not None, "no head here"
-        return self.lm_head(self.model.norm(hidden)).float()
+        assert self.head_proj is not None and self.model.norm is not None, "no head here"
+        return self.head_proj(self.model.norm(hidden)).float()

@@ -135,5 +135,6 @@ def load_llama(
             )
     model.load_state_dict(tensors, assign=True, strict=True)
     model.eval().requires_grad_(False)
+    model.pack()
     model.setup_rope(max_seq_len)
     return model

@@ -101,8 +101,10 @@ def test_fixture_writes_what_was_asked(pair: Pair) -> None:
     assert pair.ours.config.head_dim == config.head_dim
     assert pair.ours.config.n_kv_heads == config.num_key_value_heads
     if config.tie_word_embeddings:
-        # One tensor serves both: the head is the embedding, not a copy of it.
-        assert pair.ours.lm_head.weight.data_ptr() == pair.ours.model.embed_tokens.weight.data_ptr()
+        # One tensor serves both: the embedding rows are read from the head's single copy.
+        assert pair.ours.model.embed_tokens is None and pair.ours.head_proj is not None
+        reference_rows = pair.reference.model.embed_tokens.weight[:5]
+        assert torch.equal(pair.ours.embed(torch.arange(5)[None])[0], reference_rows)
 
 
 def test_prefill_and_cached_decode_logits_match_reference(pair: Pair) -> None:
@@ -180,7 +182,7 @@ def test_partial_models_compose_to_the_whole(pair: Pair) -> None:
     first = load_llama(pair.folder, range(split), max_seq_len=MAX_SEQ_LEN)
     second = load_llama(pair.folder, range(split, pair.n_layers), max_seq_len=MAX_SEQ_LEN)
     assert head.blocks == [] and second.blocks == list(range(split, pair.n_layers))
-    assert first.model.embed_tokens is None and first.lm_head is None
+    assert first.model.embed_tokens is None and first.head_proj is None
 
     tokens = random_tokens(pair.vocab, 16, seed=3)
     whole = ours_forward(pair.ours, tokens, 0, pair.ours.new_cache(MAX_SEQ_LEN))
