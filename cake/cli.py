@@ -161,6 +161,12 @@ def _fail(message: str) -> None:
     help="Master: seconds to wait for a lost worker to come back mid-generation.",
 )
 @click.option(
+    "--debug-round-trip-per-block",
+    is_flag=True,
+    hidden=True,
+    help="Benchmarks only: one round trip per block instead of per worker run.",
+)
+@click.option(
     "--api",
     "api_address",
     default=None,
@@ -218,6 +224,7 @@ async def _run_master(opts: dict) -> None:
         retry_timeout=opts["retry_timeout"],
         cluster_key=opts["cluster_key"],
         tls_ca=opts["tls_ca"],
+        round_trip_per_block=opts["debug_round_trip_per_block"],
         device=opts["device"],
         dtype=opts["dtype"],
         max_seq_len=opts["max_seq_len"],

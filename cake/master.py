@@ -117,6 +117,7 @@ class Master:
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT_S,
         cluster_key: str | None = None,
         tls_ca: str | None = None,
+        round_trip_per_block: bool = False,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
@@ -133,6 +134,8 @@ class Master:
                 config.max_position_embeddings,
             )
         runs = _runs(topology, config.n_layers)
+        if round_trip_per_block:  # debug/benchmark mode: shows what one trip per run saves
+            runs = [single for run in runs for single in _one_per_block(run)]
         local_blocks = [b for run in runs if run.node is None for b in run.blocks]
         if topology is not None and local_blocks:
             log.info("no worker lists blocks %s: they run on the master", _span(local_blocks))
@@ -259,3 +262,9 @@ def _runs(topology: str | Path | None, n_layers: int) -> list[Run]:
 
 def _span(blocks: Sequence[int]) -> str:
     return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+
+
+def _one_per_block(run: Run) -> list[Run]:
+    if run.node is None:
+        return [run]
+    return [Run(run.node, block, block + 1) for block in run.blocks]

@@ -197,3 +197,23 @@ def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> Non
     assert remote_cli.stdout == local_cli.stdout
     assert "Paris" in remote_cli.stdout
     assert "round trips/token: 2.00" in remote_cli.stderr
+
+
+def test_round_trip_per_block_debug_mode_counts_each_block(
+    tiny_llama: Path, tiny_expected: dict[str, list[int]], tmp_path: Path
+) -> None:
+    layers = {"w1": ["model.layers.0-2"]}  # block 3 on the master
+
+    async def run() -> None:
+        async with cluster(tiny_llama, tmp_path, layers) as (topology, _):
+            master = await Master.open(
+                tiny_llama, topology, device="cpu", dtype="f32", round_trip_per_block=True
+            )
+            try:
+                tokens, stats = await generate(master, "hi")
+            finally:
+                await master.close()
+        assert tokens == tiny_expected["hi"]
+        assert stats.round_trips == 3 * (stats.decode_steps + 1)
+
+    asyncio.run(run())
