@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -168,13 +168,14 @@ class CompletionRequest(_GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        texts = (
-            [p for p in self.prompt if isinstance(p, str)] if isinstance(self.prompt, list) else []
-        )
-        if len(texts) > 1:
+        if (
+            isinstance(self.prompt, list)
+            and len(self.prompt) > 1
+            and isinstance(self.prompt[0], str)
+        ):
             raise ApiError(
                 400,
-                f"got {len(texts)} prompts: cake completes one prompt per request",
+                f"got {len(self.prompt)} prompts: cake completes one prompt per request",
                 param="prompt",
             )
         if self.echo:
@@ -416,24 +417,29 @@ class Service:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """Every stage and whether it is reachable now. A worker whose connection is gone gets
+        one reconnection attempt here: generations only reconnect when they need the worker,
+        and a health check that never did would report a restarted worker as down forever."""
         stages = []
         for stage in self.master.stages:
             blocks = f"{stage.blocks.start}-{stage.blocks.stop - 1}"
-            if isinstance(stage, RemoteStage):
-                client = stage.client
-                connected = client.link is not None
-                stages.append(
-                    {
-                        "stage": stage.label,
-                        "blocks": blocks,
-                        "worker": client.node.name,
-                        "address": client.node.address,
-                        "connected": connected,
-                    }
-                )
-            else:
+            if not isinstance(stage, RemoteStage):
                 stages.append({"stage": stage.label, "blocks": blocks, "connected": True})
+                continue
+            client = stage.client
+            if client.link is None:
+                with contextlib.suppress(WorkerError):
+                    await client.ensure_connected(deadline=time.monotonic())
+            stages.append(
+                {
+                    "stage": stage.label,
+                    "blocks": blocks,
+                    "worker": client.node.name,
+                    "address": client.node.address,
+                    "connected": client.link is not None,
+                }
+            )
         ok = all(stage["connected"] for stage in stages)
         return ok, {
             "status": "ok" if ok else "unavailable",
@@ -452,21 +458,23 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed as soon as the response ends, however it
-    ends: when the client goes away, Starlette cancels the send, and the generator would
-    otherwise wait for the garbage collector to run its `finally` (which stops the generation)."""
+    """Server-sent events for one generation, which stops as soon as the response ends, however
+    it ends. When the client goes away, Starlette cancels the send; without this, the events'
+    generator would wait for the garbage collector (or, if it never started, run to the end)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, generation: Generation, events: AsyncGenerator[str, None]) -> None:
         super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
         self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.events.aclose()  # type: ignore[attr-defined]
+            self.generation.stop()
+            await self.events.aclose()
 
 
 async def _collect(generation: Generation, first: Event, param: str) -> tuple[str, Finished]:
@@ -488,26 +496,23 @@ async def _stream(
     opening: dict[str, Any] | None,
     usage_chunk: dict[str, Any] | None,
     param: str,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """SSE lines: `opening` (if any), one chunk per text piece, a last chunk with the
     finish_reason, the usage chunk (if asked), `[DONE]`. A failure ends the stream with an
     error event and no `[DONE]`, so that no client mistakes it for a normal finish."""
-    try:
-        if opening is not None:
-            yield _sse(opening)
-        event = first
-        while not isinstance(event, Finished):
-            if isinstance(event, BaseException):
-                yield _sse({"error": _generation_error(event, param).body})
-                return
-            yield _sse(chunk(event, None))
-            event = await generation.events.get()
-        yield _sse(chunk(None, event.reason))
-        if usage_chunk is not None:
-            yield _sse({**usage_chunk, "usage": event.usage()})
-        yield _sse("[DONE]")
-    finally:
-        generation.stop()
+    if opening is not None:
+        yield _sse(opening)
+    event = first
+    while not isinstance(event, Finished):
+        if isinstance(event, BaseException):
+            yield _sse({"error": _generation_error(event, param).body})
+            return
+        yield _sse(chunk(event, None))
+        event = await generation.events.get()
+    yield _sse(chunk(None, event.reason))
+    if usage_chunk is not None:
+        yield _sse({**usage_chunk, "usage": event.usage()})
+    yield _sse("[DONE]")
 
 
 # ---------------------------------------------------------------- the app
@@ -557,7 +562,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok, body = service.health()
+        ok, body = await service.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models", dependencies=guarded)
@@ -577,8 +582,11 @@ def create_app(
         prompt_ids = encode_chat(master.tokenizer, messages)  # the CLI's path for --prompt
         max_tokens = body.max_completion_tokens or body.max_tokens
         generation, first = await service.start(body, prompt_ids, max_tokens, "messages")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
-        head["model"] = model_name
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model_name,
+        }
         if not body.stream:
             text, finished = await _collect(generation, first, "messages")
             message = {"role": "assistant", "content": text}
@@ -608,7 +616,9 @@ def create_app(
 
         opening = chunk(None, None, {"role": "assistant", "content": ""})
         usage = {**base, "choices": []} if body.include_usage else None
-        return EventStream(_stream(generation, first, chunk, opening, usage, "messages"))
+        return EventStream(
+            generation, _stream(generation, first, chunk, opening, usage, "messages")
+        )
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest) -> Any:
@@ -616,8 +626,8 @@ def create_app(
         body.check_supported()
         prompt_ids = _completion_prompt_ids(master, body.prompt)
         generation, first = await service.start(body, prompt_ids, body.max_tokens, "prompt")
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
-        head |= {"created": int(time.time()), "model": model_name}
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        head["object"] = "text_completion"
         if not body.stream:
             text, finished = await _collect(generation, first, "prompt")
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finished.reason}
@@ -630,7 +640,7 @@ def create_app(
             return {**base, "choices": [choice]}
 
         usage = {**base, "choices": []} if body.include_usage else None
-        return EventStream(_stream(generation, first, chunk, None, usage, "prompt"))
+        return EventStream(generation, _stream(generation, first, chunk, None, usage, "prompt"))
 
     return app
 
@@ -715,23 +725,16 @@ async def serve_api(opts: dict) -> None:
     host, port = api_address(opts["api_address"])
     sock = listen(host, port)
     try:
-        master = await Master.open(
-            opts["model"],
-            topology=opts.get("topology"),
-            device=opts.get("device", "auto"),
-            dtype=opts.get("dtype", "auto"),
-            max_seq_len=opts.get("max_seq_len"),
-            offload=True,  # several sessions at once: local tensor work off the event loop
-            connect_timeout=opts.get("connect_timeout", 10.0),
-        )
+        # several sessions at once: local tensor work off the event loop
+        master = await Master.from_options(opts, offload=True)
     except BaseException:
         sock.close()
         raise
     app = create_app(
         master,
         model_name=model_id(opts["model"]),
-        api_key=opts.get("api_key"),
-        max_concurrent=opts.get("max_concurrent") or 8,
+        api_key=opts["api_key"],
+        max_concurrent=opts["max_concurrent"],
         defaults=ApiDefaults.from_options(opts),
     )
     bound_host, bound_port = sock.getsockname()[:2]

@@ -240,18 +240,7 @@ async def _run_master(opts: dict) -> None:
         repeat_last_n=opts["repeat_last_n"],
         seed=opts["seed"],
     )
-    master = await Master.open(
-        opts["model"],
-        topology=opts["topology"],
-        connect_timeout=opts["connect_timeout"],
-        retry_timeout=opts["retry_timeout"],
-        cluster_key=opts["cluster_key"],
-        tls_ca=opts["tls_ca"],
-        round_trip_per_block=opts["debug_round_trip_per_block"],
-        device=opts["device"],
-        dtype=opts["dtype"],
-        max_seq_len=opts["max_seq_len"],
-    )
+    master = await Master.from_options(opts)
     try:
         prompt_ids = master.encode(opts["prompt"], opts["system_prompt"], opts["raw"])
         stats = GenerationStats()

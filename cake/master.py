@@ -94,6 +94,7 @@ class Master:
         model: Llama,
         stages: list[Stage],
         max_seq_len: int,
+        offload: bool = False,
     ) -> None:
         self.folder = folder
         self.config = config
@@ -103,6 +104,7 @@ class Master:
         self.max_seq_len = max_seq_len
         self.stop_ids = stop_token_ids(folder, config, tokenizer)
         self.device = next(model.parameters()).device
+        self.offload = offload  # run the master's own tensor work in a thread (HTTP API)
 
     @classmethod
     async def open(
@@ -182,7 +184,24 @@ class Master:
             else RemoteStage(clients[run.node.name], run.blocks)
             for run in runs
         ]
-        return cls(folder, config, tokenizer, part, stages, seq_len)
+        return cls(folder, config, tokenizer, part, stages, seq_len, offload)
+
+    @classmethod
+    async def from_options(cls, opts: dict[str, Any], offload: bool = False) -> Master:
+        """`open` with the CLI's options (one list for the CLI and the HTTP API)."""
+        return await cls.open(
+            opts["model"],
+            topology=opts["topology"],
+            device=opts["device"],
+            dtype=opts["dtype"],
+            max_seq_len=opts["max_seq_len"],
+            offload=offload,
+            connect_timeout=opts["connect_timeout"],
+            retry_timeout=opts["retry_timeout"],
+            cluster_key=opts["cluster_key"],
+            tls_ca=opts["tls_ca"],
+            round_trip_per_block=opts.get("debug_round_trip_per_block", False),
+        )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, system_prompt, raw)
@@ -192,13 +211,19 @@ class Master:
     ) -> torch.Tensor:
         """Run tokens at start_pos.. through every stage; logits (vocab,) of the last one."""
         tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            hidden = self.model.embed(tokens)  # (1, T, C)
+        hidden = await self._local(self.model.embed, tokens)  # (1, T, C)
         for stage in self.stages:
             times = stats.stages.setdefault(stage.label, StageTimes())
             hidden = await stage.forward(session_id, hidden, start_pos, times)
-        with torch.inference_mode():
-            return self.model.head(hidden[:, -1:])[0, -1]  # only the last position is sampled
+        logits = await self._local(self.model.head, hidden[:, -1:])  # only the last is sampled
+        return logits[0, -1]
+
+    async def _local(self, fn: Any, *args: Any) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return fn(*args)
+
+        return await asyncio.to_thread(run) if self.offload else run()
 
     async def generate(
         self,

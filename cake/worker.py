@@ -116,7 +116,18 @@ class Worker:
             while True:
                 message = await link.recv(timeout=self.idle_timeout)
                 if isinstance(message, Forward):
-                    task = asyncio.create_task(self._forward(link, conn, message))
+                    # Checked here, in wire order (a close_session right behind a forward
+                    # must not overtake it); only the tensor work runs as a task.
+                    try:
+                        session = self.check_request(conn, message)
+                    except RequestError as exc:
+                        log.warning("request %d from %s: %s", message.id, peer, exc)
+                        reply = ErrorMessage(message=str(exc), code=exc.code, id=message.id)
+                        await link.send(reply)
+                        if exc.code == "too_many_sessions":
+                            continue
+                        break  # the master's view of this worker is wrong: close
+                    task = asyncio.create_task(self._forward(link, session, message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 elif isinstance(message, CloseSession):
@@ -208,22 +219,22 @@ class Worker:
                 "auth_failed", f"cluster key mismatch: the master's key is not worker {self.name}'s"
             )
 
-    async def _forward(self, link: Link, conn: int, request: Forward) -> None:
+    async def _forward(self, link: Link, session: Session, request: Forward) -> None:
         try:
-            session = self.check_request(conn, request)
             async with session.lock:
                 loop = asyncio.get_running_loop()
                 hidden, compute_us = await loop.run_in_executor(
                     self.compute, self.run_request, session, request
                 )
             await link.send(Result(id=request.id, hidden=hidden, compute_us=compute_us))
-        except RequestError as exc:
-            log.warning("request %d from %s: %s", request.id, link.peer, exc)
-            await _try_send(link, ErrorMessage(message=str(exc), code=exc.code, id=request.id))
-            if exc.code != "too_many_sessions":
-                link.close()  # the master misbehaved: its view of this worker is wrong
         except LinkError:
             pass
+        except Exception as exc:  # a failure of ours (out of memory, ...): say so, keep serving
+            log.exception("request %d from %s failed", request.id, link.peer)
+            reply = ErrorMessage(
+                message=f"worker {self.name} failed: {exc}", code="internal", id=request.id
+            )
+            await _try_send(link, reply)
 
     def check_request(self, conn: int, request: Forward) -> Session:
         """The session a forward runs in, or RequestError (on the event loop thread)."""
@@ -272,6 +283,9 @@ class Worker:
                 )
             session = self.sessions[key] = Session(self.model.new_cache(self.max_seq_len))
             log.info("connection %d: session %s opened", conn, request.session)
+        # Reserve the positions now, so the next step's check (which may come before this
+        # one's compute ends) sees them.
+        session.length = max(session.length, end)
         return session
 
     def run_request(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:
@@ -282,7 +296,6 @@ class Worker:
             hidden = request.hidden.to(device=self.device, dtype=self.dtype)
             hidden = self.model.run_blocks(hidden, request.start_pos, session.cache, request.blocks)
             out = hidden.to(device="cpu", dtype=wire_dtype)
-        session.length = max(session.length, request.start_pos + request.hidden.shape[1])
         return out, int((time.perf_counter() - started) * 1e6)
 
     async def serve(self, host: str, port: int) -> asyncio.Server:

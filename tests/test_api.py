@@ -1,0 +1,673 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` client over loopback.
+
+Servers run either as `python -m cake.cli --api 127.0.0.1:0` (a subprocess, as users run it) or
+in a background thread with its own event loop (so that tests can look at the workers' sessions
+and slow a stage down). Expected texts come from the CLI or from `Master.generate` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from cluster import cluster
+from helpers import free_port
+
+from cake.api import StopFilter, create_app, listen, model_id, server_for
+from cake.chat import load_tokenizer
+from cake.local_cluster import start_workers
+from cake.master import Master
+from cake.sampling import SamplingParams
+from cake.worker import Worker
+
+API_KEY = "sekret-key"
+MAX_SEQ_LEN = 256  # the in-process workers of `cluster` hold 256 positions
+TWO_WORKERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
+PROMPTS = ["hi", "tell me a story", "what is two plus two?", "name a colour"]
+
+
+# ---------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    master: Master
+    workers: dict[str, Worker]
+    service: Any  # cake.api.Service
+    loop: asyncio.AbstractEventLoop
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60
+        )
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the server's event loop (where its links and events live)."""
+        self.loop.call_soon_threadsafe(fn)
+
+
+@contextlib.contextmanager
+def api_in_thread(
+    folder: Path,
+    tmp_path: Path | None = None,
+    layers: dict[str, list[str]] | None = None,
+    prepare: Callable[[Master], None] | None = None,
+    topology: Path | None = None,
+    master_options: dict[str, Any] | None = None,
+    **app_options: Any,
+) -> Iterator[Server]:
+    """create_app + uvicorn on 127.0.0.1:<any> in a thread; in-process workers if `layers`,
+    or the workers that `topology` names."""
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                workers: dict[str, Worker] = {}
+                where = topology
+                if layers:
+                    # Last on the way out: let the workers' connection handlers see the close,
+                    # rather than be cancelled mid-read when the loop ends.
+                    stack.push_async_callback(asyncio.sleep, 0.1)
+                    where, workers = await stack.enter_async_context(
+                        cluster(folder, tmp_path, layers)
+                    )
+                master = await Master.open(
+                    folder, where, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN,
+                    offload=True, **(master_options or {}),
+                )  # fmt: skip
+                stack.push_async_callback(master.close)
+                if prepare is not None:
+                    prepare(master)
+                app = create_app(master, model_name=model_id(folder), **app_options)
+                stack.push_async_callback(app.state.service.close)
+                sock = listen("127.0.0.1", 0)
+                port = sock.getsockname()[1]
+                box["uvicorn"] = uvicorn_server = server_for(app)
+                box["server"] = Server(
+                    f"http://127.0.0.1:{port}",
+                    model_id(folder),
+                    master,
+                    workers,
+                    app.state.service,
+                    asyncio.get_running_loop(),
+                )
+                started.set()
+                await uvicorn_server.serve(sockets=[sock])
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    started.wait(120)
+    if "server" not in box:
+        thread.join(10)
+        raise RuntimeError("the API server thread did not start (see its traceback above)")
+    try:
+        yield box["server"]
+    finally:
+        box["uvicorn"].should_exit = True
+        thread.join(30)
+
+
+class ThrottledStage:
+    """Wraps a stage: waits for `gate` (if any) and `delay` seconds before each forward."""
+
+    def __init__(self, stage: Any, delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
+        self.stage, self.delay, self.gate = stage, delay, gate
+        self.label, self.blocks = stage.label, stage.blocks
+        self.forwards = self.in_flight = self.most_in_flight = 0
+
+    async def forward(self, session_id: str, hidden: Any, start_pos: int, times: Any) -> Any:
+        self.forwards += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(self.delay)
+            return await self.stage.forward(session_id, hidden, start_pos, times)
+        finally:
+            self.in_flight -= 1
+
+    async def close_session(self, session_id: str) -> None:
+        await self.stage.close_session(session_id)
+
+    async def close(self) -> None:
+        await self.stage.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cake.cli", *args]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama: Path) -> Iterator[Server]:
+    """The tiny model on the master alone, behind an API key."""
+    with api_in_thread(tiny_llama, api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Path) -> Iterator[Callable[[list[int], int], list[int]]]:
+    """Greedy token ids straight from Master.generate (no HTTP), as the API should give."""
+    master = asyncio.run(
+        Master.open(tiny_llama, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN)
+    )
+
+    def greedy(prompt_ids: list[int], n: int) -> list[int]:
+        async def run() -> list[int]:
+            greedy_params = SamplingParams(temperature=0)
+            return [t async for t in master.generate(prompt_ids, greedy_params, n)]
+
+        return asyncio.run(run())
+
+    yield greedy
+    asyncio.run(master.close())
+
+
+def chat(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, **kw: Any) -> Any:
+    messages = [{"role": "user", "content": prompt}]
+    return client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=max_tokens, **kw
+    )
+
+
+def streamed_chat(
+    client: openai.OpenAI, model: str, prompt: str, max_tokens: int, **kw: Any
+) -> list:
+    return list(chat(client, model, prompt, max_tokens, stream=True, **kw))
+
+
+def chunk_text(chunks: list) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+# ---------------------------------------------------------------- the CLI's server
+
+
+@pytest.mark.slow
+def test_cli_api_server_gives_the_cli_greedy_output(
+    tiny_llama: Path, reference: Callable[[list[int], int], list[int]]
+) -> None:
+    """`cake-cli --api 127.0.0.1:0` as a process: a chat, streamed and not, equals the text
+    `cake-cli --prompt P --temperature 0 -n N` prints; a completion equals Master.generate."""
+    prompt, raw_prompt, n = "tell me a story", "Once upon a time", 24
+    model = ["--model", str(tiny_llama), "--device", "cpu"]
+    cli_run = subprocess.Popen(
+        cli(*model, "--prompt", prompt, "--temperature", "0", "-n", str(n)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = subprocess.Popen(
+        cli(*model, "--api", "127.0.0.1:0"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        assert server.stderr is not None
+        for line in server.stderr:
+            lines.append(line)
+            if "API on http://" in line:
+                ready.set()
+        ready.set()
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    try:
+        assert ready.wait(120), "the API server did not start"
+        match = re.search(r"API on http://127\.0\.0\.1:(\d+)", "".join(lines))
+        assert match, "".join(lines)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="-", max_retries=0
+        )
+        name, tokenizer = model_id(tiny_llama), load_tokenizer(tiny_llama)
+        assert [m.id for m in client.models.list()] == [name]
+        stdout, stderr = cli_run.communicate(timeout=120)
+        assert cli_run.returncode == 0, stderr
+        assert stdout.endswith("\n")
+        expected = stdout[:-1]
+        assert expected
+
+        reply = chat(client, name, prompt, n)
+        assert reply.choices[0].message.content == expected
+        assert reply.choices[0].message.role == "assistant"
+        assert chunk_text(streamed_chat(client, name, prompt, n)) == expected
+
+        # The completions endpoint encodes its prompt as --raw does.
+        tokens = reference(tokenizer.encode(raw_prompt), n)
+        expected = tokenizer.decode(tokens, skip_special_tokens=True)
+        completion = client.completions.create(
+            model=name, prompt=raw_prompt, temperature=0, max_tokens=n
+        )
+        assert completion.choices[0].text == expected
+        stream = client.completions.create(
+            model=name, prompt=raw_prompt, temperature=0, max_tokens=n, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream) == expected
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            out, _ = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            out, _ = server.communicate()
+        drainer.join(5)
+    assert out == "", "the API server wrote to stdout"
+    assert server.returncode in (0, 130), "".join(lines)
+
+
+# ---------------------------------------------------------------- one server, many checks
+
+
+def test_text_and_usage_equal_master_generate(served: Server, reference: Callable) -> None:
+    client, tokenizer, n = served.client(), served.master.tokenizer, 16
+    prompt_ids = served.master.encode("tell me a story")
+    tokens = reference(prompt_ids, n)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+
+    reply = chat(client, served.model, "tell me a story", n)
+    assert reply.object == "chat.completion"
+    assert reply.model == served.model
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].finish_reason == ("length" if len(tokens) == n else "stop")
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens == len(tokens)
+    assert reply.usage.total_tokens == len(prompt_ids) + len(tokens)
+
+    chunks = streamed_chat(
+        client, served.model, "tell me a story", n, stream_options={"include_usage": True}
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunk_text(chunks) == text
+    *_, last, usage = chunks
+    assert last.choices[0].finish_reason == reply.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+    assert usage.choices == []
+    assert usage.usage.model_dump(include={"prompt_tokens", "completion_tokens"}) == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(tokens),
+    }
+
+    # Completions: the prompt is encoded as --raw does, BOS and no template.
+    raw_ids = tokenizer.encode("Once upon a time")
+    tokens = reference(raw_ids, n)
+    completion = client.completions.create(
+        model=served.model, prompt="Once upon a time", temperature=0, max_tokens=n
+    )
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert completion.usage.prompt_tokens == len(raw_ids)
+    assert completion.usage.completion_tokens == len(tokens)
+    # Token ids are a prompt too.
+    by_ids = client.completions.create(
+        model=served.model, prompt=raw_ids, temperature=0, max_tokens=n
+    )
+    assert by_ids.choices[0].text == completion.choices[0].text
+
+
+def test_sampling_follows_seed_and_openai_default_temperature(served: Server) -> None:
+    client, messages = served.client(), [{"role": "user", "content": "tell me a story"}]
+
+    def sample(**kw: Any) -> str:
+        reply = client.chat.completions.create(
+            model=served.model, messages=messages, max_tokens=12, **kw
+        )
+        return reply.choices[0].message.content
+
+    seeded = sample(seed=7, temperature=1.0)
+    assert sample(seed=7) == seeded  # no temperature: OpenAI's default, 1.0
+    assert sample(seed=7, temperature=1.0) == seeded
+    assert sample(seed=7, temperature=0.5, top_p=0.9) != seeded
+    assert chat(client, served.model, "tell me a story", 12).choices[0].message.content != seeded
+
+
+def test_system_and_assistant_turns_use_the_chat_template(served: Server) -> None:
+    from cake.chat import encode_chat
+
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"},
+    ]
+    reply = served.client().chat.completions.create(
+        model=served.model, messages=messages, temperature=0, max_tokens=2
+    )
+    assert reply.usage.prompt_tokens == len(encode_chat(served.master.tokenizer, messages))
+
+
+def test_stop_string_cuts_the_text(served: Server, reference: Callable) -> None:
+    client, tokenizer, n = served.client(), served.master.tokenizer, 24
+    prompt_ids = served.master.encode("tell me a story")
+    tokens = reference(prompt_ids, n)
+    texts = [tokenizer.decode(tokens[:k], skip_special_tokens=True) for k in range(n + 1)]
+    full = texts[-1]
+    # A stop string from the middle of the text that ends in a visible character.
+    start = len(full) // 2
+    while not full[start + 2].strip():
+        start += 1
+    stop = full[start : start + 3]
+    expected = full[: full.index(stop)]
+    tokens_to_stop = next(k for k, text in enumerate(texts) if stop in text)
+    assert 0 < tokens_to_stop < n
+
+    reply = chat(client, served.model, "tell me a story", n, stop=["never seen", stop])
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == tokens_to_stop
+
+    chunks = streamed_chat(
+        client,
+        served.model,
+        "tell me a story",
+        n,
+        stop=stop,
+        stream_options={"include_usage": True},
+    )
+    assert chunk_text(chunks) == expected
+    assert all(stop not in (c.choices[0].delta.content or "") for c in chunks if c.choices)
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == tokens_to_stop
+
+    raw = client.completions.create(
+        model=served.model, prompt=prompt_ids, temperature=0, max_tokens=n, stop=stop
+    )
+    assert raw.choices[0].text == expected
+    assert raw.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("stops", "text", "expected"),
+    [
+        (["</s>"], "hello </s> world", "hello "),
+        (["ab"], "xaab", "xa"),
+        (["abc", "xyz"], "aabxyabc", "aabxy"),  # "ab", then "xy" held back, then released
+        (["END"], "no stop here, EN", "no stop here, EN"),  # held back, then flushed
+        (["\n\n"], "one\ntwo\n\nthree", "one\ntwo"),
+        ([], "anything", "anything"),
+    ],
+)
+def test_stop_filter_never_emits_a_stop_string(stops: list[str], text: str, expected: str) -> None:
+    for size in range(1, len(text) + 1):  # the same text in pieces of every size
+        stop_filter = StopFilter(stops)
+        emitted = [stop_filter.push(text[i : i + size]) for i in range(0, len(text), size)]
+        emitted.append(stop_filter.flush())
+        assert "".join(emitted) == expected
+        assert not any(stop in piece for piece in emitted for stop in stops)
+
+
+def test_models_and_health(served: Server) -> None:
+    client = served.client()
+    assert client.models.retrieve(served.model).id == served.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    with urllib.request.urlopen(f"{served.url}/health", timeout=10) as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok"
+    assert health["model"] == served.model
+    assert health["stages"] == [{"stage": "master", "blocks": "0-3", "connected": True}]
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_errors_have_their_status_and_openai_shape(served: Server) -> None:
+    client = served.client()
+    shape = {"message", "type", "param", "code"}
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        chat(client, "llama-70b", "hi", 2)
+    assert set(caught.value.body) == shape
+    assert caught.value.body["code"] == "model_not_found"
+    assert served.model in caught.value.body["message"]
+
+    with pytest.raises(openai.BadRequestError, match="n=2 is not supported") as caught:
+        chat(client, served.model, "hi", 2, n=2)
+    assert caught.value.body["param"] == "n"
+
+    with pytest.raises(openai.BadRequestError, match=r"\d+ tokens.*context holds 256") as caught:
+        chat(client, served.model, "hello " * 300, 2)
+    assert caught.value.body["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError, match="temperature") as caught:
+        chat(client, served.model, "hi", 2, extra_body={"temperature": 7})
+    assert caught.value.body["param"] == "temperature"
+
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key") as caught:
+        served.client(api_key="wrong").models.list()
+    assert set(caught.value.body) == shape
+
+    # What no OpenAI client sends: a request without a key, a body that is not JSON.
+    url = f"{served.url}/v1/chat/completions"
+    json_type = {"Content-Type": "application/json"}
+    good = json.dumps({"model": served.model, "messages": [{"role": "user", "content": "hi"}]})
+    status, body = post(url, good.encode(), json_type)
+    assert status == 401
+    assert "missing API key" in body["error"]["message"]
+    authorized = {**json_type, "Authorization": f"Bearer {API_KEY}"}
+    status, body = post(url, b'{"model": "x", "messages": [', authorized)
+    assert status == 400
+    assert set(body["error"]) == shape
+    assert "not valid JSON" in body["error"]["message"]
+    status, body = post(url, b'{"messages": [{"role": "robot", "content": "hi"}]}', authorized)
+    assert status == 400
+    assert body["error"]["param"] == "messages.0.role"
+    # The server still serves.
+    assert chat(client, served.model, "hi", 2).usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------- sessions and workers
+
+
+def test_concurrent_streams_through_two_workers(
+    tiny_llama: Path, tmp_path: Path, reference: Callable[[list[int], int], list[int]]
+) -> None:
+    """Four streams at once: each gets its solo output, and they overlap rather than queue.
+
+    The tiny model's blocks take microseconds, so a 15 ms wait before the first worker stands
+    for the compute and network time of a real model's stage: what concurrent sessions can
+    overlap (this machine's CPU time they can only share). bench/api_throughput.py measures
+    real models without it."""
+    n = 24
+    throttles: list[ThrottledStage] = []
+
+    def stage_time(master: Master) -> None:
+        throttles.append(ThrottledStage(master.stages[0], delay=0.015))
+        master.stages[0] = throttles[0]
+
+    with api_in_thread(tiny_llama, tmp_path, TWO_WORKERS, stage_time) as server:
+
+        async def stream(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, float]:
+            started = time.perf_counter()
+            chunks = await client.chat.completions.create(
+                model=server.model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=n,
+                stream=True,
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks])
+            return text, time.perf_counter() - started
+
+        async def run() -> tuple[list, list, float]:
+            client = server.async_client()
+            await stream(client, "warm up")
+            solo = [await stream(client, prompt) for prompt in PROMPTS]
+            assert throttles[0].most_in_flight == 1
+            started = time.perf_counter()
+            together = await asyncio.gather(*(stream(client, prompt) for prompt in PROMPTS))
+            return solo, together, time.perf_counter() - started
+
+        solo, together, wall = asyncio.run(run())
+        assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()))
+        tokenizer = server.master.tokenizer
+        expected = [
+            tokenizer.decode(reference(server.master.encode(p), n), skip_special_tokens=True)
+            for p in PROMPTS
+        ]
+    assert [text for text, _ in solo] == expected
+    assert [text for text, _ in together] == expected
+    assert len(set(expected)) == len(PROMPTS)
+    assert throttles[0].most_in_flight > 1  # several sessions' steps were in flight at once
+    solo_wall = sum(seconds for _, seconds in solo)
+    print(f"4 streams of {n} tokens: {solo_wall:.2f}s in a row, {wall:.2f}s at once")
+    assert wall < solo_wall
+
+
+def test_a_client_that_goes_away_frees_its_session(tiny_llama: Path, tmp_path: Path) -> None:
+    throttles: list[ThrottledStage] = []
+
+    def slow_down(master: Master) -> None:  # 20 ms per step: 200 tokens would take 4 s
+        throttles.append(ThrottledStage(master.stages[0], delay=0.02))
+        master.stages[0] = throttles[0]
+
+    with api_in_thread(tiny_llama, tmp_path, TWO_WORKERS, slow_down) as server:
+        stream = chat(server.client(), server.model, "tell me a story", 200, stream=True)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        assert all(w.session_count == 1 for w in server.workers.values())
+        stream.close()  # the client hangs up mid-stream
+        assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
+        assert wait_for(lambda: not server.service.running, 2)
+        steps = throttles[0].forwards
+        time.sleep(0.2)
+        assert throttles[0].forwards == steps < 100, "the generation went on"
+
+
+def test_max_concurrent_answers_429(tiny_llama: Path) -> None:
+    gate: list[asyncio.Event] = []
+
+    def hold(master: Master) -> None:
+        gate.append(asyncio.Event())
+        master.stages[0] = ThrottledStage(master.stages[0], gate=gate[0])
+
+    with api_in_thread(tiny_llama, prepare=hold, api_key=API_KEY, max_concurrent=1) as server:
+        client = server.client()
+        first: list[Any] = []
+        waiting = threading.Thread(target=lambda: first.append(chat(client, server.model, "hi", 4)))
+        waiting.start()
+        assert wait_for(lambda: len(server.service.running) == 1)
+        with pytest.raises(openai.RateLimitError, match="max-concurrent") as caught:
+            chat(client, server.model, "hello", 4)
+        assert caught.value.status_code == 429
+        assert set(caught.value.body) == {"message", "type", "param", "code"}
+        server.call_soon(gate[0].set)
+        waiting.join(30)
+        assert first and first[0].usage.completion_tokens >= 1
+        assert wait_for(lambda: not server.service.running)
+        assert chat(client, server.model, "hello", 4).usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_a_worker_gone_for_good_ends_the_stream_with_an_error(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Worker processes; w2 is killed mid-stream and does not come back within
+    --retry-timeout: the stream ends with an error event (no finish_reason, no [DONE]), the
+    next request gets 502, and /health says 503."""
+    topology = tmp_path / "topology.yml"
+    topology.write_text(
+        yaml.safe_dump(
+            {
+                name: {"host": f"127.0.0.1:{free_port()}", "layers": layers}
+                for name, layers in TWO_WORKERS.items()
+            }
+        )
+    )
+    processes = {w.name: w for w in start_workers(tiny_llama, topology, list(TWO_WORKERS))}
+
+    def slow_down(master: Master) -> None:
+        master.stages[0] = ThrottledStage(master.stages[0], delay=0.02)
+
+    try:
+        with api_in_thread(
+            tiny_llama,
+            prepare=slow_down,
+            topology=topology,
+            master_options={"retry_timeout": 0.5},
+        ) as server:
+            client = server.client()
+            chunks = iter(chat(client, server.model, "tell me a story", 200, stream=True))
+            seen = [next(chunks), next(chunks)]
+            processes["w2"].kill()
+            with pytest.raises(openai.APIError, match=r"w2.*did not come back"):
+                seen.extend(chunks)
+            assert all(c.choices[0].finish_reason is None for c in seen)  # no fake finish
+
+            with pytest.raises(openai.APIStatusError, match="w2") as caught:
+                chat(client, server.model, "hi", 4)
+            assert caught.value.status_code == 502
+            assert caught.value.body["type"] == "server_error"
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(f"{server.url}/health", timeout=10)
+            assert failed.value.code == 503
+            health = json.loads(failed.value.read())
+            assert [s["connected"] for s in health["stages"]] == [True, False]
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+# ---------------------------------------------------------------- a real model
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(smollm2_dir: Path) -> None:
+    with api_in_thread(smollm2_dir) as server:
+        client = server.client()
+        reply = chat(client, server.model, "What is the capital of France?", 24)
+        assert "Paris" in reply.choices[0].message.content
+        streamed = streamed_chat(client, server.model, "What is the capital of France?", 24)
+        assert chunk_text(streamed) == reply.choices[0].message.content
