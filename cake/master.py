@@ -34,7 +34,7 @@ from cake.remote import (
 )
 from cake.sampling import Sampler, SamplingParams
 from cake.stages import LocalStage, Stage, StageTimes
-from cake.topology import Run, load_topology
+from cake.topology import Run, format_blocks, load_topology
 from cake.weights import load_llama
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,9 @@ class Master:
             runs = [single for run in runs for single in _one_per_block(run)]
         local_blocks = [b for run in runs if run.node is None for b in run.blocks]
         if topology is not None and local_blocks:
-            log.info("no worker lists blocks %s: they run on the master", _span(local_blocks))
+            log.info(
+                "no worker lists blocks %s: they run on the master", format_blocks(local_blocks)
+            )
         log.info(
             "loading %s (embedding, head, %d of %d blocks) on %s as %s",
             folder,
@@ -283,10 +285,6 @@ def _runs(topology: str | Path | None, n_layers: int) -> list[Run]:
     if topology is None:
         return [Run(node=None, start=0, stop=n_layers)]
     return load_topology(topology).runs(n_layers)
-
-
-def _span(blocks: Sequence[int]) -> str:
-    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
 
 
 def _one_per_block(run: Run) -> list[Run]:

@@ -38,7 +38,7 @@ from cake.protocol import (
     Welcome,
 )
 from cake.stages import StageTimes
-from cake.topology import Node
+from cake.topology import Node, format_blocks
 from cake.transport import Link, LinkError, TLSFailure, open_link
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class WorkerClient:
         log.info(
             "connected to %s: blocks %s on %s (%s)",
             self.label,
-            _span(welcome.blocks),
+            format_blocks(welcome.blocks),
             welcome.device,
             welcome.dtype,
         )
@@ -324,7 +324,3 @@ class RemoteStage:
     async def close(self) -> None:
         self.inputs.clear()
         await self.client.close()
-
-
-def _span(blocks: tuple[int, ...]) -> str:
-    return f"{min(blocks)}-{max(blocks)}" if blocks else "none"

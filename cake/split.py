@@ -38,7 +38,7 @@ from tqdm import tqdm
 from cake.config import LlamaConfig, ModelFolderError
 from cake.convert import resolve_model_path
 from cake.model import Llama
-from cake.topology import Topology, load_topology
+from cake.topology import Topology, format_blocks, load_topology
 from cake.weights import HEAD, INDEX_FILE, Checkpoint, head_source
 
 log = logging.getLogger(__name__)
@@ -321,17 +321,7 @@ def _describe(bundle: Bundle) -> str:
     size = f"{bundle.nbytes / 2**20:.1f} MiB"
     if not bundle.blocks:
         return f"no blocks, {size}"
-    return f"block{'s' if len(bundle.blocks) > 1 else ''} {_span(bundle.blocks)}, {size}"
-
-
-def _span(blocks: Sequence[int]) -> str:
-    parts, start = [], None
-    for i, block in enumerate(blocks):
-        start = block if start is None else start
-        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
-            parts.append(f"{start}-{block}" if block != start else f"{block}")
-            start = None
-    return ",".join(parts)
+    return f"block{'s' if len(bundle.blocks) > 1 else ''} {format_blocks(bundle.blocks)}, {size}"
 
 
 def _write_bundle(

@@ -144,6 +144,12 @@ def _ranges(blocks: Iterable[int]) -> list[tuple[int, int]]:
     return ranges
 
 
+def format_blocks(blocks: Iterable[int]) -> str:
+    """Blocks for people to read: [0, 1, 2, 5] -> '0-2,5' (sorted first)."""
+    pairs = _ranges(sorted(blocks))
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in pairs) or "none"
+
+
 def _format_range(first: int, last: int) -> str:
     return f"model.layers.{first}" if first == last else f"model.layers.{first}-{last}"
 

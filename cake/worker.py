@@ -41,6 +41,7 @@ from cake.protocol import (
     Welcome,
     fingerprint_config,
 )
+from cake.topology import format_blocks
 from cake.transport import Link, LinkError
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ class Worker:
         log.info(
             "worker %s serving blocks %s on %s:%d (%s, %s)",
             self.name,
-            _ranges(self.blocks),
+            format_blocks(self.blocks),
             bound[0],
             bound[1],
             self.device,
@@ -316,16 +317,6 @@ class Worker:
 async def _try_send(link: Link, message: ErrorMessage) -> None:
     with contextlib.suppress(LinkError):
         await link.send(message)
-
-
-def _ranges(blocks: list[int]) -> str:
-    parts, start = [], None
-    for i, b in enumerate(blocks):
-        start = b if start is None else start
-        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
-            parts.append(f"{start}-{b}" if b != start else f"{b}")
-            start = None
-    return ",".join(parts)
 
 
 async def run_worker(worker: Worker, host: str, port: int) -> None:
@@ -385,7 +376,7 @@ async def start_worker(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    log.info("worker %s: loading blocks %s of %s", name, _ranges(list(node.blocks)), folder)
+    log.info("worker %s: loading blocks %s of %s", name, format_blocks(node.blocks), folder)
     part = load_llama(
         folder,
         node.blocks,
