@@ -187,7 +187,8 @@ class Attention(nn.Module):
             keys,
             values,
             attn_mask=_causal_mask(start_pos, length, x.device),
-            is_causal=False,
+            # From position 0 the mask is plain causal: the kernel then skips the masked half.
+            is_causal=start_pos == 0 and length > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(batch, length, q_size)
@@ -195,8 +196,9 @@ class Attention(nn.Module):
 
 
 def _causal_mask(start_pos: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """Query t (at position start_pos + t) sees keys 0..start_pos + t; None when it sees all."""
-    if length == 1:
+    """Query t (at position start_pos + t) sees keys 0..start_pos + t; None when it sees all
+    (one query) or when SDPA's own causal mask fits (from position 0)."""
+    if length == 1 or start_pos == 0:
         return None
     query_pos = torch.arange(start_pos, start_pos + length, device=device)[:, None]
     key_pos = torch.arange(start_pos + length, device=device)[None, :]
@@ -284,13 +286,15 @@ class Llama(nn.Module):
         """After loading: fuse projections and lay weights out for fast multiplication.
 
         The checkpoint's names are what `load_state_dict` fills; this turns them into the
-        runtime layout (see Projection), one block at a time so memory grows by one block at
-        most. A tied head keeps a single copy, which also serves as the embedding table.
+        runtime layout (see Projection). It packs whatever is loaded and not packed yet, so the
+        loader can call it after each block. A tied head keeps a single copy, which also serves
+        as the embedding table.
         """
         for block in self.model.layers.values():
-            block.self_attn.pack()
-            block.mlp.pack()
-        if self.lm_head is not None:
+            if block.mlp.gate_up is None and not block.mlp.gate_proj.weight.is_meta:
+                block.self_attn.pack()
+                block.mlp.pack()
+        if self.lm_head is not None and not self.lm_head.weight.is_meta:
             embedding = self.model.embed_tokens
             tied = embedding is not None and embedding.weight.data_ptr() == (
                 self.lm_head.weight.data_ptr()

@@ -88,7 +88,11 @@ class Checkpoint:
             with safe_open(str(self.folder / file), framework="pt", device=open_device) as f:
                 for stored in stored_names:
                     tensor = f.get_tensor(stored)
-                    loaded[stored] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    # copy=True: a tensor that still points into the memory-mapped file keeps
+                    # every page of it that was read counted in this process's memory.
+                    loaded[stored] = tensor.to(
+                        device=device, dtype=dtype or tensor.dtype, copy=True
+                    )
         # A tied head shares the embedding's tensor: one copy in memory.
         return {name: loaded[stored] for name, stored in wanted.items()}
 
@@ -126,15 +130,29 @@ def load_llama(
     checkpoint = Checkpoint(folder)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     sources = {HEAD: head_source(config, checkpoint)} if with_head else {}
-    tensors = checkpoint.load(expected, dtype, device, sources)
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ModelFolderError(
-                f"tensor {sources.get(name, name)!r} in {folder} has shape "
-                f"{tuple(tensors[name].shape)}, but config.json implies {shape}"
-            )
-    model.load_state_dict(tensors, assign=True, strict=True)
+    # Block by block, each packed as soon as it is loaded (see Llama.pack): the checkpoint's
+    # tensors of one block at most live beside the packed ones.
+    for names in _load_groups(expected, blocks):
+        tensors = checkpoint.load(names, dtype, device, sources)
+        for name in names:
+            if tuple(tensors[name].shape) != expected[name]:
+                raise ModelFolderError(
+                    f"tensor {sources.get(name, name)!r} in {folder} has shape "
+                    f"{tuple(tensors[name].shape)}, but config.json implies {expected[name]}"
+                )
+        model.load_state_dict(tensors, assign=True, strict=False)
+        del tensors
+        model.pack()
     model.eval().requires_grad_(False)
-    model.pack()
     model.setup_rope(max_seq_len)
     return model
+
+
+def _load_groups(names: Iterable[str], blocks: Sequence[int]) -> list[list[str]]:
+    """The tensor names of each block, then the rest (embedding, norm, head)."""
+    groups: dict[str, list[str]] = {f"model.layers.{i}.": [] for i in blocks}
+    rest: list[str] = []
+    for name in names:
+        prefix = ".".join(name.split(".")[:3]) + "."
+        groups[prefix].append(name) if prefix in groups else rest.append(name)
+    return [group for group in [*groups.values(), rest] if group]
