@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl as ssl_module
+import sys
 
 from cake.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -29,6 +30,16 @@ FRAME_TIMEOUT_S = 60.0
 
 class LinkError(ConnectionError):
     """The connection failed or closed; the message says which peer and why."""
+
+
+async def _read_within(reader: asyncio.StreamReader, timeout: float | None) -> bytes:
+    """reader.read under a timeout, without wait_for's extra task per call where possible."""
+    if timeout is None:
+        return await reader.read(READ_CHUNK)
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await reader.read(READ_CHUNK)
+    return await asyncio.wait_for(reader.read(READ_CHUNK), timeout)  # pragma: no cover
 
 
 class TLSFailure(LinkError):
@@ -79,7 +90,7 @@ class Link:
             if self.decoder.pending_bytes:
                 wait = FRAME_TIMEOUT_S if timeout is None else min(timeout, FRAME_TIMEOUT_S)
             try:
-                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), wait)
+                chunk = await _read_within(self.reader, wait)
             except TimeoutError:
                 raise
             except (OSError, asyncio.IncompleteReadError) as exc:
