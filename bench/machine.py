@@ -1,0 +1,67 @@
+"""The machine a run was measured on, and its memory read bandwidth (the decode speed limit)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far larger than any cache, so every pass streams from DRAM
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "load_average_start": load_average(),
+    }
+
+
+def read_bandwidth(passes: int = 5) -> dict:
+    """Bytes per second that `sum` of a 1 GiB float32 tensor reads, with this process's threads.
+
+    A decode step reads every weight once, so this is the ceiling a decoder can approach. The
+    median of `passes` timed sums after one untimed pass (which faults the pages in).
+    """
+    data = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+    data.sum()
+    seconds = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        data.sum()
+        seconds.append(time.perf_counter() - started)
+    del data
+    rates = [BANDWIDTH_BYTES / s for s in seconds]
+    return {
+        "bytes_per_s": statistics.median(rates),
+        "min_bytes_per_s": min(rates),
+        "max_bytes_per_s": max(rates),
+        "passes": passes,
+    }

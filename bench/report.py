@@ -1,0 +1,331 @@
+"""The run's results as JSON, a markdown report and a PNG chart of decode tokens/s.
+
+    .venv/bin/python -m bench.report [bench/results/latest.json]
+
+re-renders latest.md and the chart next to a saved JSON (the numbers are not measured again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from bench.goals import MB, bandwidth_fraction
+
+GB = 1e9
+CHART = "decode_tok_s.png"
+
+
+def _spread(s: dict, digits: int = 1) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def _ratio(s: dict | None) -> str:
+    return "—" if s is None else f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f})"
+
+
+def _best(s: dict | None) -> str:
+    return "—" if s is None else f"{s['best']:.2f}×"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "**pass**", False: "**FAIL**", None: "—"}[passed]
+
+
+def machine_section(results: dict) -> list[str]:
+    m, s, bw = results["machine"], results["settings"], results["bandwidth"]
+    load_start = "/".join(f"{v:g}" for v in m["load_average_start"])
+    load_end = "/".join(f"{v:g}" for v in m.get("load_average_end", []))
+    return [
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
+        f"transformers {m['transformers']}, Python {m['python']}, {m['threads']} threads "
+        f"and OMP_WAIT_POLICY={m['omp_wait_policy']} everywhere (this process, which runs "
+        "transformers and the master, and the workers; as cake-cli sets it).",
+        f"Load average (1/5/15 min) at start {load_start}, at end {load_end}: the machine is "
+        "shared, so every comparison is a ratio within one round of the same run.",
+        f"Memory read bandwidth: {bw['bytes_per_s'] / GB:.1f} GB/s "
+        f"({bw['min_bytes_per_s'] / GB:.1f}–{bw['max_bytes_per_s'] / GB:.1f}; `sum` of a 1 GiB "
+        f"f32 tensor, median of {bw['passes']}).",
+        f"Each configuration: a prompt of {s['prompt_tokens']} random token ids, then "
+        f"{s['tokens']} greedy decode steps (EOS ignored); {s['rounds']} rounds, every "
+        "configuration once per round, order reversed every other round; median (min–max). "
+        "Ratios: within each round (median, min–max) and best vs best (the fastest round of "
+        "each; the goals use it, since load only ever slows a round down). "
+        f"KV caches hold {s['max_seq_len']} positions. transformers: a manual greedy loop "
+        "over `forward` carrying its own KV cache (DynamicCache), `logits_to_keep=1`.",
+    ]
+
+
+def goals_section(results: dict) -> list[str]:
+    rows = [
+        [g["goal"], g["target"], g["measured"], _verdict(g["passed"])] for g in results["goals"]
+    ]
+    return ["## Goals", "", *_table(["goal", "target", "measured", "result"], rows)]
+
+
+def throughput_section(results: dict) -> list[str]:
+    lines = ["## Decode and prefill"]
+    for key, model in results["models"].items():
+        rows = []
+        for label, c in model["configs"].items():
+            fraction = bandwidth_fraction(results, key, label)
+            rows.append(
+                [
+                    label,
+                    _spread(c["decode_tok_s"], 2),
+                    _ratio(c.get("decode_vs_baseline")),
+                    _best(c.get("decode_vs_baseline")),
+                    _ratio(c.get("decode_vs_transformers")),
+                    _spread(c["prefill_tok_s"]),
+                    _ratio(c.get("prefill_vs_baseline")),
+                    f"{c['round_trips_per_token']:.0f}",
+                    f"{c['wire_ms_per_token']['median']:.2f}",
+                    f"{fraction:.0%}" if fraction is not None else "—",
+                    "yes" if c["same_tokens_as_transformers"] else "no",
+                ]
+            )
+        header = [
+            "configuration",
+            "decode tok/s",
+            "decode vs baseline",
+            "best vs best",
+            "decode vs transformers",
+            "prefill tok/s",
+            "prefill vs baseline",
+            "round trips/token",
+            "wire ms/token",
+            "of bandwidth limit",
+            "tokens = transformers",
+        ]
+        lines += [
+            "",
+            f"### {model['title']}",
+            "",
+            f"{model['n_layers']} blocks, hidden {model['hidden_size']}; a decode step reads "
+            f"{model['bytes_per_token'] / GB:.3f} GB of weights (blocks, final norm, head). "
+            "Baseline: transformers for cake local, cake local for the workers (blocks split "
+            "evenly, none on the master; worker processes on 127.0.0.1). Load average "
+            f"(1 min) {model['load_average']['start'][0]:g} before the rounds, "
+            f"{model['load_average']['end'][0]:g} after.",
+            "",
+            *_table(header, rows),
+        ]
+    return lines
+
+
+def hop_section(results: dict) -> list[str]:
+    rows = [
+        [
+            str(r["hidden_size"]),
+            f"{r['forward_frame_bytes']} / {r['result_frame_bytes']}",
+            f"{r['round_trip_us']:.0f} ({r['p10_us']:.0f}–{r['p90_us']:.0f})",
+            f"{r['best_batch_us']:.0f}",
+            f"{r['encode_us']:.0f}",
+            f"{r['decode_us']:.0f}",
+            f"{r['socket_us']:.0f}",
+            f"{r['after_idle_us']:.0f}",
+            f"{r['asyncio_streams_us']:.0f}",
+            f"{r['blocking_socket_us']:.0f}",
+        ]
+        for r in results["hop"]
+    ]
+    header = [
+        "hidden (f32, 1 position)",
+        "frame bytes (forward / result)",
+        "round trip µs, median (p10–p90)",
+        "best batch's median µs",
+        "encode µs (both ends)",
+        "decode µs (both ends)",
+        "socket + asyncio µs",
+        "round trip after 20 ms idle µs",
+        "floor: asyncio streams µs",
+        "floor: blocking sockets µs",
+    ]
+    trips = results["hop"][0]["trips"] if results["hop"] else 0
+    return [
+        "## Per-hop overhead (loopback)",
+        "",
+        f"`RemoteStage.forward` against an echo peer built from `cake.transport.Link` and "
+        f"`cake.protocol` (no model compute), {trips} round trips. encode = message + "
+        "`to_wire` + `encode_frame`; decode = `FrameDecoder.feed` + `parse_message`, timed "
+        "apart on the same frames; socket + asyncio = the rest. After 20 ms idle: the same round "
+        "trip when both ends have slept for about a decode step, as in a generation (200 trips). "
+        "The floors bounce the same bytes off the same peer process with plain asyncio streams "
+        "and with blocking sockets. The trips run in batches; the goal uses the best batch's "
+        "median (load from other processes can spoil a batch).",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def memory_section(results: dict) -> list[str]:
+    rows = []
+    for model in results["models"].values():
+        for r in model["memory"]:
+            rss = r["rss_bytes"]
+            rows.append(
+                [
+                    model["title"],
+                    r["config"],
+                    f"{r['worker']} ({r['blocks']})",
+                    f"{r['blocks_bytes'] / MB:.0f}",
+                    f"{r['kv_cache_bytes'] / MB:.0f}",
+                    f"{rss.get('after load', 0) / MB:.0f}",
+                    f"{rss.get('after 1 generation', 0) / MB:.0f}",
+                    f"{rss.get('after all rounds', 0) / MB:.0f}",
+                    f"{r['overhead_bytes'] / MB:.0f}",
+                    _verdict(r["overhead_bytes"] <= 150 * MB),
+                ]
+            )
+    header = [
+        "model",
+        "configuration",
+        "worker (blocks)",
+        "blocks MB",
+        "KV cache MB",
+        "RSS after load MB",
+        "after 1 generation",
+        "after all rounds",
+        "overhead MB",
+        "≤ 150 MB",
+    ]
+    idle = results["idle_torch_rss"] / MB
+    return [
+        "## Worker memory",
+        "",
+        f"psutil RSS of each worker process. overhead = the largest RSS − its blocks' bytes − "
+        f"the RSS of an idle `python -c 'import torch'` ({idle:.0f} MB); the overhead includes "
+        "one session's KV cache (its column) while a generation runs.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def netns_section(results: dict) -> list[str]:
+    netns = results.get("netns")
+    if netns is None:
+        return []
+    lines = ["## Workers in network namespaces (`--netns`)", ""]
+    if "skipped" in netns:
+        return [*lines, f"Skipped: {netns['skipped']}."]
+    link = (
+        f"netem {netns['rtt_ms']:g} ms RTT ({netns['rtt_ms'] / 2:g} ms each way), {netns['rate']}"
+        if netns["rtt_ms"] > 0
+        else "plain veth links, no added delay (--netns-rtt-ms 0)"
+    )
+    rows = [
+        [
+            str(r["workers"]),
+            f"{_spread(r['batched_decode_tok_s'], 2)}",
+            f"{r['batched_round_trips_per_token']:.0f}",
+            f"{_spread(r['per_block_decode_tok_s'], 2)}",
+            f"{r['per_block_round_trips_per_token']:.0f}",
+            _ratio(r["batched_vs_per_block"]),
+        ]
+        for r in netns["rows"]
+    ]
+    header = [
+        "workers",
+        "decode tok/s, one trip per worker",
+        "round trips/token",
+        "decode tok/s, one trip per block",
+        "round trips/token",
+        "batched vs per block",
+    ]
+    return [
+        *lines,
+        f"{netns['model']}; each worker in its own namespace behind a veth pair ({link}); "
+        "the master in the root namespace.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def markdown(results: dict) -> str:
+    sections = [
+        ["# cake benchmark", "", *machine_section(results)],
+        goals_section(results),
+        throughput_section(results),
+        hop_section(results),
+        memory_section(results),
+        netns_section(results),
+        [f"![decode tokens/s per configuration]({CHART})"],
+    ]
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
+
+
+def _bar_color(label: str) -> str:
+    if label == "transformers":
+        return "#8C8C8C"  # the reference
+    return "#DD8452" if "per block" in label else "#4C72B0"
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m["title"], m["configs"]) for m in results["models"].values()]
+    netns = results.get("netns") or {}
+    if netns.get("rows"):
+        configs = {}
+        for r in netns["rows"]:
+            configs[f"{r['workers']}w, per worker"] = {"decode_tok_s": r["batched_decode_tok_s"]}
+            configs[f"{r['workers']}w, per block"] = {"decode_tok_s": r["per_block_decode_tok_s"]}
+        link = f"{netns['rtt_ms']:g} ms RTT" if netns["rtt_ms"] > 0 else "plain veth"
+        panels.append((f"namespaces ({link}): {netns['model']}", configs))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for axis, (title, configs) in zip(axes[0], panels, strict=True):
+        labels = list(configs)
+        spreads = [configs[label]["decode_tok_s"] for label in labels]
+        medians = [s["median"] for s in spreads]
+        errors = [
+            [m - s["min"] for m, s in zip(medians, spreads, strict=True)],
+            [s["max"] - m for m, s in zip(medians, spreads, strict=True)],
+        ]
+        colors = [_bar_color(label) for label in labels]
+        bars = axis.bar(range(len(labels)), medians, yerr=errors, capsize=4, color=colors)
+        axis.bar_label(bars, labels=[f"{m:.1f}" for m in medians], padding=3, fontsize=8)
+        axis.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        axis.set_ylabel("decode tokens/s (median, min–max)")
+        axis.set_title(title, fontsize=10)
+    figure.suptitle(f"cake decode throughput — {results['machine']['date'][:10]}", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write(results: dict, out: Path, docs: Path | None) -> str:
+    """latest.json, latest.md and the chart in `out`; the table and chart copied to `docs`."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(results)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "latest.md").write_text(text, encoding="utf-8")
+    chart(results, out / CHART)
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "latest.md", docs / "latest.md")
+        shutil.copy2(out / CHART, docs / CHART)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Re-render a saved run's report and chart.")
+    parser.add_argument("json", nargs="?", type=Path, default=Path("bench/results/latest.json"))
+    parser.add_argument("--docs", type=Path, default=None, help="also copy them here")
+    options = parser.parse_args()
+    results = json.loads(options.json.read_text(encoding="utf-8"))
+    sys.stdout.write(write(results, options.json.parent, options.docs))
+
+
+if __name__ == "__main__":
+    main()
