@@ -106,7 +106,7 @@ def run(options: argparse.Namespace) -> dict:
             "prompt_tokens": settings.prompt_tokens,
             "max_seq_len": settings.max_seq_len,
             "quick": options.quick,
-            "command": " ".join(sys.argv),
+            "command": " ".join(["python -m bench.bench", *sys.argv[1:]]),
         },
     }
     log.info("memory bandwidth")
