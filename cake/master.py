@@ -143,24 +143,6 @@ class Master:
             log.info(
                 "no worker lists blocks %s: they run on the master", format_blocks(local_blocks)
             )
-        log.info(
-            "loading %s (embedding, head, %d of %d blocks) on %s as %s",
-            folder,
-            len(local_blocks),
-            config.n_layers,
-            torch_device,
-            DTYPE_NAMES[torch_dtype],
-        )
-        part = load_llama(
-            folder,
-            local_blocks,
-            with_embedding=True,
-            with_head=True,
-            dtype=torch_dtype,
-            device=torch_device,
-            max_seq_len=seq_len,
-            config=config,
-        )
         fingerprint = fingerprint_config(architecture_of(config))
         key, tls = parse_cluster_key(cluster_key), client_tls(tls_ca)
         clients = {
@@ -175,8 +157,33 @@ class Master:
             for run in runs
             if run.node is not None
         }
+        # Workers first: an unreachable or mismatched worker fails in seconds, before a
+        # possibly long load of the master's part.
         try:
-            await asyncio.gather(*(client.connect() for client in clients.values()))
+            outcomes = await asyncio.gather(
+                *(client.connect() for client in clients.values()), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            log.info(
+                "loading %s (embedding, head, %d of %d blocks) on %s as %s",
+                folder,
+                len(local_blocks),
+                config.n_layers,
+                torch_device,
+                DTYPE_NAMES[torch_dtype],
+            )
+            part = load_llama(
+                folder,
+                local_blocks,
+                with_embedding=True,
+                with_head=True,
+                dtype=torch_dtype,
+                device=torch_device,
+                max_seq_len=seq_len,
+                config=config,
+            )
         except BaseException:
             await asyncio.gather(*(client.close() for client in clients.values()))
             raise
