@@ -87,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # so that every finally: stops what it started
+    """SIGINT and SIGTERM raise KeyboardInterrupt where the main thread is, so that every
+    finally (and atexit) stops what it started. For SIGINT this replaces asyncio.run's
+    task cancellation, which Python 3.11's wait_for can swallow (mid-connect, say)."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(options: argparse.Namespace) -> dict:
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for noisy in ("cake", "transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         results = run(options)

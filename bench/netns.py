@@ -5,7 +5,8 @@ the master runs, in this process) by a veth pair on a private /30 (10.N.i.1 here
 there, with N chosen so that no address or route on this machine uses 10.N.0.0/16). netem on
 both ends of each pair adds half the round-trip time each way and caps the rate (1 ms RTT and
 1 gbit by default). Traffic only crosses links this module creates; it deletes them, and stops
-the workers inside, on the way out: finally, atexit, SIGTERM and Ctrl-C alike.
+the workers inside, on the way out (finally, and atexit as a backstop; bench.bench turns SIGINT
+and SIGTERM into KeyboardInterrupt so both reach them).
 
 Each worker count (1, 2, 3) runs twice, alternating: with one round trip per worker per step
 (cake's batching of contiguous blocks) and with one round trip per block
@@ -20,12 +21,10 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from bench.cluster import write_topology
 from bench.models import ModelSpec
@@ -161,10 +160,6 @@ class Lab:
             run("ip", "link", "del", self.host_links.pop(), check=False)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 async def measure_netns(
     spec: ModelSpec, settings: RunSettings, rtt_ms: float, rate: str = "1gbit"
 ) -> dict:
@@ -176,8 +171,7 @@ async def measure_netns(
         log.warning("netns: skipped: %s", exc)
         return {**result, "skipped": str(exc)}
     lab = Lab(MAX_WORKERS, rtt_ms, rate)
-    atexit.register(lab.cleanup)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    atexit.register(lab.cleanup)  # in case the finally below never runs
     try:
         lab.create()
         prompt = random_prompt(spec, settings)
@@ -187,7 +181,6 @@ async def measure_netns(
         ]
     finally:
         lab.cleanup()
-        signal.signal(signal.SIGTERM, previous)
         atexit.unregister(lab.cleanup)
     return {**result, "rows": rows}
 

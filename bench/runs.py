@@ -13,6 +13,7 @@ inside, minus its logits processors and stopping checks.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import os
@@ -35,6 +36,7 @@ log = logging.getLogger("bench")
 
 GREEDY = SamplingParams(temperature=0)
 WARMUP_DECODE_STEPS = 4
+_RUNNING: set[WorkerProcess] = set()  # stopped at exit if a finally never got to them
 
 
 @dataclass
@@ -125,6 +127,7 @@ class CakeRunner:
         extra = ("--device", "cpu", "--dtype", spec.dtype, "--max-seq-len", str(max_seq_len))
         log.info("starting %d workers: %s", n_workers, ", ".join(f"{h}" for h in hosts))
         workers = start_workers(spec.folder, topology, list(split), extra=extra, env=env)
+        _RUNNING.update(workers)
         try:
             master = await Master.open(
                 spec.folder,
@@ -182,6 +185,12 @@ Runner = TransformersRunner | CakeRunner
 def stop_workers(workers: Sequence[WorkerProcess]) -> None:
     for worker in workers:
         worker.stop()
+        _RUNNING.discard(worker)
+
+
+@atexit.register
+def _stop_running() -> None:
+    stop_workers(list(_RUNNING))
 
 
 async def warm_up(runners: Sequence[Runner], prompt_ids: Sequence[int]) -> None:

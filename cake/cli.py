@@ -6,7 +6,6 @@ Generated text goes to stdout and nothing else does; logs and statistics go to s
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import sys
@@ -44,22 +43,6 @@ def _setup_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _return_freed_memory() -> None:
-    """Fix glibc's mmap threshold at 1 MiB, so freed tensors go back to the system.
-
-    By default glibc raises the threshold each time a large block is freed, after which the
-    temporaries of loading (a block's tensors before packing) stay in the heap for good: a
-    worker then holds ~30% more memory than its blocks need. No-op without glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _fail(message: str) -> None:
@@ -231,7 +214,6 @@ def main(**opts: object) -> None:
     """Run a Llama-3-family model, whole or split across worker machines."""
     _setup_logging(bool(opts["verbose"]))
     _setup_threads(opts["threads"])
-    _return_freed_memory()
     try:
         if opts["mode"] == "worker":
             asyncio.run(_run_worker(opts))

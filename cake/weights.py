@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from cake.config import LlamaConfig, ModelFolderError
+from cake.devices import release_free_memory
 from cake.model import Llama
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -145,6 +146,7 @@ def load_llama(
         model.pack()
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)
+    release_free_memory()
     return model
 
 

@@ -23,7 +23,7 @@ import torch
 
 from cake.auth import check_proof, new_nonce, proof
 from cake.config import LlamaConfig, architecture_of
-from cake.devices import DTYPE_NAMES
+from cake.devices import DTYPE_NAMES, release_free_memory
 from cake.model import Llama, SessionCache
 from cake.protocol import (
     PROTOCOL_VERSION,
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_SESSIONS = 32
+LONG_REQUEST = 64  # positions; after a forward this long, freed memory goes back (see devices)
 
 
 class RequestError(ProtocolError):
@@ -297,6 +298,8 @@ class Worker:
             hidden = request.hidden.to(device=self.device, dtype=self.dtype)
             hidden = self.model.run_blocks(hidden, request.start_pos, session.cache, request.blocks)
             out = hidden.to(device="cpu", dtype=wire_dtype)
+        if request.hidden.shape[1] >= LONG_REQUEST:
+            release_free_memory()  # a prefill's large activations: back to the system
         return out, int((time.perf_counter() - started) * 1e6)
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
