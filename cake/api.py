@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -302,8 +302,10 @@ class Generation:
     ) -> None:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._stopped = False
+        stats = GenerationStats()
+        tokens = master.generate(prompt_ids, params, max_tokens, ignore_eos, stats)
         self.task = asyncio.create_task(
-            self._run(master, prompt_ids, params, max_tokens, stops, ignore_eos)
+            self._run(tokens, stats, master.tokenizer, stops, len(prompt_ids))
         )
 
     def stop(self) -> None:
@@ -311,16 +313,13 @@ class Generation:
 
     async def _run(
         self,
-        master: Master,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        max_tokens: int,
+        tokens: AsyncIterator[int],
+        stats: GenerationStats,
+        tokenizer: Any,
         stops: Sequence[str],
-        ignore_eos: bool,
+        prompt_tokens: int,
     ) -> None:
-        stats = GenerationStats()
-        tokens = master.generate(prompt_ids, params, max_tokens, ignore_eos, stats)
-        decoder = StreamDecoder(master.tokenizer)
+        decoder = StreamDecoder(tokenizer)
         stop_filter = StopFilter(stops)
         count = 0
         try:
@@ -337,7 +336,7 @@ class Generation:
                 if text:
                     self.events.put_nowait(text)
             reason = "stop" if stop_filter.hit else stats.finish_reason
-            self.events.put_nowait(Finished(reason, len(prompt_ids), count))
+            self.events.put_nowait(Finished(reason, prompt_tokens, count))
         except Exception as exc:
             self.events.put_nowait(exc)
         finally:

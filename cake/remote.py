@@ -174,6 +174,12 @@ class WorkerClient:
                 future.set_exception(WorkerLost(str(error)))
         self._pending.clear()
 
+    def gave_up(self, cause: Exception) -> WorkerError:
+        return WorkerError(
+            f"{self.label} did not come back within {self.retry_timeout:g}s "
+            f"(--retry-timeout): {cause}"
+        )
+
     async def ensure_connected(self, deadline: float) -> None:
         """Reconnect (with backoff, until `deadline`) if the connection is gone."""
         async with self._connecting:
@@ -184,10 +190,7 @@ class WorkerClient:
                 except WorkerLost as exc:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise WorkerError(
-                            f"{self.label} did not come back within {self.retry_timeout:g}s "
-                            f"(--retry-timeout): {exc}"
-                        ) from None
+                        raise self.gave_up(exc) from None
                     log.warning("%s; retrying in %.1fs", exc, min(delay, left))
                     await asyncio.sleep(min(delay, left))
                     delay = min(delay * 2, 2.0)
@@ -284,10 +287,7 @@ class RemoteStage:
                     log.warning("%s; reconnecting (up to %gs)", exc, client.retry_timeout)
                     deadline = time.monotonic() + client.retry_timeout
                 elif time.monotonic() > deadline:
-                    raise WorkerError(
-                        f"{client.label} did not come back within {client.retry_timeout:g}s "
-                        f"(--retry-timeout): {exc}"
-                    ) from None
+                    raise client.gave_up(exc) from None
         elapsed = time.perf_counter() - started
         compute = result.compute_us / 1e6
         times.round_trips += 1
