@@ -29,7 +29,7 @@ from pathlib import Path
 import openai
 import yaml
 
-from cake.convert import resolve_model_path
+from cake.gguf import resolve_model_path
 from cake.local_cluster import start_workers
 
 PROMPTS = [

@@ -113,6 +113,14 @@ def _fail(message: str) -> None:
     help="auto: bf16 on CUDA, f16 on MPS, f32 on CPU.",
 )
 @click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    default=None,
+    help="Quantize linear weights while loading: int8 per channel or int4 in groups of 32 "
+    "(the head int8). auto --dtype then computes in bf16. Weights stored quantized (GGUF, "
+    "quantized bundles) are used as they are.",
+)
+@click.option(
     "--device",
     default="auto",
     show_default=True,
@@ -288,6 +296,7 @@ async def _run_worker(opts: dict) -> None:
         cluster_key=opts["cluster_key"],
         tls_cert=opts["tls_cert"],
         tls_key=opts["tls_key"],
+        quantize=opts["quantize"],
     )
 
 
@@ -312,6 +321,13 @@ async def _run_worker(opts: dict) -> None:
     help="Only this worker's bundle (repeatable). Default: every worker and the master.",
 )
 @click.option("--force", is_flag=True, help="Replace bundles that already exist in --output.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    default=None,
+    help="Store linear weights quantized (int8 per channel, int4 in groups of 32; the head "
+    "int8), block by block; workers then load them as they are.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def split_main(
     model_path: str,
@@ -319,6 +335,7 @@ def split_main(
     output: str,
     workers: tuple[str, ...],
     force: bool,
+    quantize: str | None,
     verbose: bool,
 ) -> None:
     """Write self-contained per-worker bundles: each worker gets only its blocks."""
@@ -326,7 +343,14 @@ def split_main(
     from cake.split import split_model
 
     try:
-        split_model(model_path, topology, output, workers=list(workers) or None, force=force)
+        split_model(
+            model_path,
+            topology,
+            output,
+            workers=list(workers) or None,
+            force=force,
+            quantize=quantize,
+        )
     except (ModelFolderError, TopologyError, ValueError, OSError) as exc:
         _fail(str(exc))
 

@@ -41,7 +41,7 @@ def demo_gguf() -> Path:
 @click.option("-n", "--sample-len", default=128, show_default=True)
 def main(prompt: str, local: bool, sample_len: int) -> None:
     """Start two workers on the demo model, run the master against them, stop the workers."""
-    from cake.convert import resolve_model_path
+    from cake.gguf import resolve_model_path
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="[demo] %(message)s")
     folder = resolve_model_path(demo_gguf())  # convert once, before the workers need it

@@ -21,9 +21,9 @@ from cake.auth import client_tls
 from cake.auth import cluster_key as parse_cluster_key
 from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
-from cake.convert import resolve_model_path
-from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from cake.devices import resolve_device
 from cake.errors import ContextError
+from cake.gguf import resolve_model_path
 from cake.model import Llama
 from cake.protocol import fingerprint_config
 from cake.remote import (
@@ -35,7 +35,7 @@ from cake.remote import (
 from cake.sampling import Sampler, SamplingParams
 from cake.stages import LocalStage, Stage, StageTimes
 from cake.topology import Run, format_blocks, load_topology
-from cake.weights import load_llama
+from cake.weights import Quantization, activation_dtype, describe_part, load_llama
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Master:
         self.stages = stages
         self.max_seq_len = max_seq_len
         self.stop_ids = stop_token_ids(folder, config, tokenizer)
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.offload = offload  # run the master's own tensor work in a thread (HTTP API)
 
     @classmethod
@@ -120,13 +120,15 @@ class Master:
         cluster_key: str | None = None,
         tls_ca: str | None = None,
         round_trip_per_block: bool = False,
+        quantize: str | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
         config = LlamaConfig.from_folder(folder)
         tokenizer = load_tokenizer(folder)
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        quantization = Quantization(quantize) if quantize else None
+        torch_dtype = activation_dtype(dtype, torch_device, folder, config, quantization)
         seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if seq_len > config.max_position_embeddings:
             log.warning(
@@ -167,12 +169,11 @@ class Master:
                 if isinstance(outcome, BaseException):
                     raise outcome
             log.info(
-                "loading %s (embedding, head, %d of %d blocks) on %s as %s",
+                "loading %s (embedding, head, %d of %d blocks) on %s",
                 folder,
                 len(local_blocks),
                 config.n_layers,
                 torch_device,
-                DTYPE_NAMES[torch_dtype],
             )
             part = load_llama(
                 folder,
@@ -183,7 +184,9 @@ class Master:
                 device=torch_device,
                 max_seq_len=seq_len,
                 config=config,
+                quantization=quantization,
             )
+            log.info("master runs %s", describe_part(part))
         except BaseException:
             await asyncio.gather(*(client.close() for client in clients.values()))
             raise
@@ -210,6 +213,7 @@ class Master:
             cluster_key=opts["cluster_key"],
             tls_ca=opts["tls_ca"],
             round_trip_per_block=opts.get("debug_round_trip_per_block", False),
+            quantize=opts.get("quantize"),
         )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:

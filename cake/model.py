@@ -19,9 +19,9 @@ from cake.config import LlamaConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (C,)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,24 +148,13 @@ SessionCache = dict[int, KVCache]  # block index -> its KV cache
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, qkv: nn.Module, out: nn.Module) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, config.n_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, hidden, bias=False)
-        self.qkv: Projection | None = None
-        self.out: Projection | None = None
-
-    def pack(self) -> None:
-        """Replace the checkpoint's four projections by one fused q|k|v and the output."""
-        self.qkv = Projection([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.out = Projection([self.o_proj.weight])
-        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+        self.qkv = qkv  # fused q_proj|k_proj|v_proj: hidden -> (nh + 2 * n_kv) * hd
+        self.out = out  # o_proj
 
     def forward(
         self,
@@ -175,7 +164,6 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        assert self.qkv is not None and self.out is not None, "call Llama.pack() first"
         batch, length, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -211,35 +199,77 @@ def _causal_mask(start_pos: int, length: int, device: torch.device) -> torch.Ten
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, gate_up: nn.Module, down: nn.Module) -> None:
         super().__init__()
-        hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-        self.inner = inner
-        self.gate_up: Projection | None = None
-        self.down: Projection | None = None
-
-    def pack(self) -> None:
-        """Replace the checkpoint's projections by one fused gate|up and the down projection."""
-        self.gate_up = Projection([self.gate_proj.weight, self.up_proj.weight])
-        self.down = Projection([self.down_proj.weight])
-        del self.gate_proj, self.up_proj, self.down_proj
+        self.inner = config.intermediate_size
+        self.gate_up = gate_up  # fused gate_proj|up_proj: hidden -> 2 * inner
+        self.down = down  # down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.gate_up is not None and self.down is not None, "call Llama.pack() first"
         gate, up = self.gate_up(x).split([self.inner, self.inner], dim=-1)
         return self.down(F.silu(gate) * up)
 
 
+# The runtime's fused projections and the checkpoint tensors each is built from, in output order.
+# Module names elsewhere equal the checkpoint's; these four are the exception, on purpose: one
+# matrix call for q|k|v and one for gate|up is what decode speed needs.
+PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.out": ("self_attn.o_proj",),
+    "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down": ("mlp.down_proj",),
+}
+NORMS = ("input_layernorm", "post_attention_layernorm")
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+HEAD = "lm_head.weight"
+
+
+def checkpoint_shapes(
+    config: LlamaConfig, blocks: Iterable[int], with_embedding: bool, with_head: bool
+) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, for the part of the model that holds `blocks` (and the
+    embedding, and the final norm with the head). The one list of what a part reads."""
+    c = config
+    hidden, q_out, kv_out = c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    per_block = {
+        "self_attn.q_proj.weight": (q_out, hidden),
+        "self_attn.k_proj.weight": (kv_out, hidden),
+        "self_attn.v_proj.weight": (kv_out, hidden),
+        "self_attn.o_proj.weight": (hidden, q_out),
+        "mlp.gate_proj.weight": (c.intermediate_size, hidden),
+        "mlp.up_proj.weight": (c.intermediate_size, hidden),
+        "mlp.down_proj.weight": (hidden, c.intermediate_size),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+    shapes = {}
+    if with_embedding:
+        shapes[EMBEDDING] = (c.vocab_size, hidden)
+    for i in sorted(blocks):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_block.items()})
+    if with_head:
+        shapes[FINAL_NORM] = (hidden,)
+        shapes[HEAD] = (c.vocab_size, hidden)
+    return shapes
+
+
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        projections: dict[str, nn.Module],
+        norms: dict[str, torch.Tensor],
+    ) -> None:
+        """projections: PROJECTIONS' keys -> built modules; norms: NORMS -> weights (C,)."""
         super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(
+            config, projections["self_attn.qkv"], projections["self_attn.out"]
+        )
+        self.mlp = MLP(config, projections["mlp.gate_up"], projections["mlp.down"])
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(norms["input_layernorm"], eps)
+        self.post_attention_layernorm = RMSNorm(norms["post_attention_layernorm"], eps)
 
     def forward(
         self,
@@ -257,57 +287,43 @@ class LlamaModel(nn.Module):
     """The checkpoint's `model.` prefix: embedding, the blocks this process holds, final norm."""
 
     def __init__(
-        self, config: LlamaConfig, blocks: Iterable[int], with_embedding: bool, with_norm: bool
+        self,
+        embed_tokens: nn.Embedding | None,
+        layers: dict[int, Block],
+        norm: RMSNorm | None,
     ) -> None:
         super().__init__()
-        self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size) if with_embedding else None
-        )
+        self.embed_tokens = embed_tokens
         # ModuleDict keyed by the absolute block index gives the names `model.layers.{i}.*`.
-        self.layers = nn.ModuleDict({str(i): Block(config) for i in sorted(blocks)})
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if with_norm else None
+        self.layers = nn.ModuleDict({str(i): layers[i] for i in sorted(layers)})
+        self.norm = norm
 
 
 class Llama(nn.Module):
-    """Any part of a Llama model: some blocks, and optionally the embedding and/or the head."""
+    """Any part of a Llama model: some blocks, and optionally the embedding and/or the head.
+
+    Built from finished modules (weights.load_llama builds them from a checkpoint): a tied head
+    has no separate embedding; `head_proj` then doubles as the table (its `rows`).
+    """
 
     def __init__(
         self,
         config: LlamaConfig,
-        blocks: Iterable[int] = (),
-        with_embedding: bool = False,
-        with_head: bool = False,
+        layers: dict[int, Block],
+        embed_tokens: nn.Embedding | None = None,
+        norm: RMSNorm | None = None,
+        head_proj: nn.Module | None = None,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, blocks, with_embedding, with_norm=with_head)
-        self.lm_head = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None
-        )
+        self.model = LlamaModel(embed_tokens, layers, norm)
+        self.head_proj = head_proj
+        self.dtype = dtype  # the activations' dtype (hidden states, KV caches)
+        self.device = device
         self.rope: RotaryTables | None = None
-        self.head_proj: Projection | None = None
-
-    def pack(self) -> None:
-        """After loading: fuse projections and lay weights out for fast multiplication.
-
-        The checkpoint's names are what `load_state_dict` fills; this turns them into the
-        runtime layout (see Projection). It packs whatever is loaded and not packed yet, so the
-        loader can call it after each block. A tied head keeps a single copy, which also serves
-        as the embedding table.
-        """
-        for block in self.model.layers.values():
-            if block.mlp.gate_up is None and not block.mlp.gate_proj.weight.is_meta:
-                block.self_attn.pack()
-                block.mlp.pack()
-        if self.lm_head is not None and not self.lm_head.weight.is_meta:
-            embedding = self.model.embed_tokens
-            tied = embedding is not None and embedding.weight.data_ptr() == (
-                self.lm_head.weight.data_ptr()
-            )
-            self.head_proj = Projection([self.lm_head.weight])
-            self.lm_head = None
-            if tied:
-                self.model.embed_tokens = None
 
     @property
     def blocks(self) -> list[int]:
@@ -315,14 +331,12 @@ class Llama(nn.Module):
 
     def setup_rope(self, max_seq_len: int) -> None:
         """Precompute cos/sin once weights are on their device (the model is built on meta)."""
-        param = next(self.parameters())
-        self.rope = RotaryTables(self.config, max_seq_len, param.device, param.dtype)
+        self.rope = RotaryTables(self.config, max_seq_len, self.device, self.dtype)
 
     def new_cache(self, max_seq_len: int, blocks: Sequence[int] | None = None) -> SessionCache:
-        param = next(self.parameters())
         c = self.config
         return {
-            i: KVCache(c.n_kv_heads, max_seq_len, c.head_dim, param.device, param.dtype)
+            i: KVCache(c.n_kv_heads, max_seq_len, c.head_dim, self.device, self.dtype)
             for i in (self.blocks if blocks is None else blocks)
         }
 

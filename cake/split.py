@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
 from tqdm import tqdm
 
 from cake.config import LlamaConfig, ModelFolderError
-from cake.convert import resolve_model_path
-from cake.model import Llama
+from cake.gguf import gguf_file_of, resolve_model_path
+from cake.model import HEAD, checkpoint_shapes
 from cake.topology import Topology, format_blocks, load_topology
-from cake.weights import HEAD, INDEX_FILE, Checkpoint, head_source
+from cake.transcode import write_transcoded
+from cake.weights import INDEX_FILE, Checkpoint, Quantization, head_source
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def split_model(
     output: str | os.PathLike,
     workers: Sequence[str] | None = None,
     force: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Path]:
     """Write OUTPUT/<worker>/ for each worker (or only `workers`) and, without `workers`,
     OUTPUT/master/. Returns bundle name -> folder.
@@ -124,15 +125,18 @@ def split_model(
     folder = resolve_model_path(model_path)
     config = LlamaConfig.from_folder(folder)
     topo.check_fits(config.n_layers)
-    bundles = plan_bundles(folder, config, topo, names)
-    write_bundles(folder, bundles, output, force)
-    log.info(
-        "split %s into %d bundle(s) in %s (%.1f MiB of tensors)",
-        folder,
-        len(bundles),
-        output,
-        sum(bundle.nbytes for bundle in bundles) / 2**20,
-    )
+    quantization = Quantization(quantize) if quantize else None
+    if quantization or gguf_file_of(folder):
+        # Tensors change form (quantized, or decoded from GGUF blocks): block by block.
+        bundles = [
+            Bundle(name, _bundle_blocks(topo, config, name), (), _bundle_yaml(topo, name))
+            for name in names
+        ]
+        write_bundles(folder, bundles, output, force, (config, quantization))
+    else:
+        bundles = plan_bundles(folder, config, topo, names)
+        write_bundles(folder, bundles, output, force)
+    log.info("split %s into %d bundle(s) in %s", folder, len(bundles), output)
     return {bundle.name: output / bundle.name for bundle in bundles}
 
 
@@ -198,7 +202,7 @@ def plan_bundles(
     bundles = []
     for name in names:
         is_master = name == MASTER
-        blocks = tuple(topo.master_blocks(config.n_layers)) if is_master else topo.node(name).blocks
+        blocks = _bundle_blocks(topo, config, name)
         needed_by = "the master" if is_master else f"worker {name!r}"
         shapes = tensor_shapes(config, checkpoint, blocks, is_master)
         tensors = tuple(source(tensor, needed_by) for tensor in shapes)
@@ -208,9 +212,18 @@ def plan_bundles(
                     f"tensor {tensor.name!r} in {tensor.file} has shape {tensor.shape}, but "
                     f"{folder / 'config.json'} implies {shapes[tensor.name]}"
                 )
-        yaml = topo.to_yaml() if is_master else topo.to_yaml([name])
-        bundles.append(Bundle(name, blocks, tensors, yaml))
+        bundles.append(Bundle(name, blocks, tensors, _bundle_yaml(topo, name)))
     return bundles
+
+
+def _bundle_blocks(topo: Topology, config: LlamaConfig, name: str) -> tuple[int, ...]:
+    if name == MASTER:
+        return tuple(topo.master_blocks(config.n_layers))
+    return tuple(topo.node(name).blocks)
+
+
+def _bundle_yaml(topo: Topology, name: str) -> str:
+    return topo.to_yaml() if name == MASTER else topo.to_yaml([name])
 
 
 def _listing_file(checkpoint: Checkpoint) -> str:
@@ -224,14 +237,9 @@ def tensor_shapes(
     config: LlamaConfig, checkpoint: Checkpoint, blocks: Sequence[int], is_master: bool
 ) -> dict[str, tuple[int, ...]]:
     """Stored tensor name -> shape, for the part of the model that holds `blocks` (and, for the
-    master, the embedding, final norm and head).
-
-    The names come from the model itself, built on `meta`, so they are the names the loaders ask
-    for. A tied head is read from the embedding (weights.head_source), so it is not stored twice.
-    """
-    with torch.device("meta"):
-        part = Llama(config, blocks, with_embedding=is_master, with_head=is_master)
-    shapes = {name: tuple(p.shape) for name, p in part.state_dict().items()}
+    master, the embedding, final norm and head). A tied head is read from the embedding
+    (weights.head_source), so it is not stored twice."""
+    shapes = checkpoint_shapes(config, blocks, is_master, is_master)
     if is_master and head_source(config, checkpoint) != HEAD:
         del shapes[HEAD]
     return shapes
@@ -281,9 +289,16 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
 
 
 def write_bundles(
-    folder: Path, bundles: Sequence[Bundle], output: Path, force: bool = False
+    folder: Path,
+    bundles: Sequence[Bundle],
+    output: Path,
+    force: bool = False,
+    transcode: tuple[LlamaConfig, Quantization | None] | None = None,
 ) -> None:
-    """Write every bundle into a staging folder, then move them all into `output`."""
+    """Write every bundle into a staging folder, then move them all into `output`.
+
+    transcode: (config, quantization) to write tensors in a new form (cake.transcode) instead of
+    copying their bytes."""
     _refuse_existing(output, [bundle.name for bundle in bundles], force)
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".cake-split-", dir=output))
@@ -299,7 +314,7 @@ def write_bundles(
             disable=not sys.stderr.isatty(),
         ) as progress:
             for bundle in bundles:
-                _write_bundle(folder, bundle, staging / bundle.name, progress.update)
+                _write_bundle(folder, bundle, staging / bundle.name, progress.update, transcode)
         _refuse_existing(output, [bundle.name for bundle in bundles], force)  # appeared meanwhile?
         for bundle in bundles:
             target = output / bundle.name
@@ -307,33 +322,46 @@ def write_bundles(
                 os.replace(target, staging / f".replaced-{bundle.name}")
             os.replace(staging / bundle.name, target)
             log.info(
-                "wrote %s: %s, %d tensors (%s)",
+                "wrote %s: %s (%s)",
                 target,
                 "master" if bundle.name == MASTER else f"worker {bundle.name}",
-                len(bundle.tensors),
-                _describe(bundle),
+                _describe(bundle, _tensor_bytes(target)),
             )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _describe(bundle: Bundle) -> str:
-    size = f"{bundle.nbytes / 2**20:.1f} MiB"
+def _tensor_bytes(bundle_folder: Path) -> int:
+    index = json.loads((bundle_folder / INDEX_FILE).read_text(encoding="utf-8"))
+    return int(index["metadata"]["total_size"])
+
+
+def _describe(bundle: Bundle, nbytes: int) -> str:
+    size = f"{nbytes / 2**20:.1f} MiB"
     if not bundle.blocks:
         return f"no blocks, {size}"
     return f"block{'s' if len(bundle.blocks) > 1 else ''} {format_blocks(bundle.blocks)}, {size}"
 
 
 def _write_bundle(
-    folder: Path, bundle: Bundle, target: Path, progress: Callable[[int], object]
+    folder: Path,
+    bundle: Bundle,
+    target: Path,
+    progress: Callable[[int], object],
+    transcode: tuple[LlamaConfig, Quantization | None] | None = None,
 ) -> None:
     target.mkdir()
-    weight_map = write_safetensors(target / SHARD_FILE, bundle.tensors, progress)
-    index = {
-        "metadata": {"total_size": bundle.nbytes},
-        "weight_map": dict.fromkeys(sorted(weight_map), SHARD_FILE),
-    }
-    (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if transcode is not None:
+        config, quantization = transcode
+        is_master = bundle.name == MASTER
+        write_transcoded(folder, config, quantization, bundle.blocks, is_master, target, progress)
+    else:
+        weight_map = write_safetensors(target / SHARD_FILE, bundle.tensors, progress)
+        index = {
+            "metadata": {"total_size": bundle.nbytes},
+            "weight_map": dict.fromkeys(sorted(weight_map), SHARD_FILE),
+        }
+        (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for name in ("config.json", *EXTRA_FILES):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, target / name)

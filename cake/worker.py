@@ -86,8 +86,7 @@ class Worker:
         self.blocks = model.blocks
         self.served = frozenset(self.blocks)
         self.fingerprint = fingerprint_config(architecture_of(self.config))
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.max_seq_len = max_seq_len
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
@@ -351,15 +350,16 @@ async def start_worker(
     cluster_key: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    quantize: str | None = None,
 ) -> None:
     """`cake-cli --mode worker`: load this node's blocks (nothing else) and serve them."""
     from cake.auth import cluster_key as parse_key
     from cake.auth import server_tls
-    from cake.convert import resolve_model_path
-    from cake.devices import resolve_device, resolve_dtype
+    from cake.devices import resolve_device
+    from cake.gguf import resolve_model_path
     from cake.master import DEFAULT_MAX_SEQ_LEN
     from cake.topology import load_topology, parse_address
-    from cake.weights import load_llama
+    from cake.weights import Quantization, activation_dtype, describe_part, load_llama
 
     if not name or not topology:
         raise ValueError("worker mode needs --name and --topology (which blocks to serve)")
@@ -377,7 +377,8 @@ async def start_worker(
     config = LlamaConfig.from_folder(folder)
     load_topology(topology).check_fits(config.n_layers)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    quantization = Quantization(quantize) if quantize else None
+    torch_dtype = activation_dtype(dtype, torch_device, folder, config, quantization)
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     log.info("worker %s: loading blocks %s of %s", name, format_blocks(node.blocks), folder)
     part = load_llama(
@@ -387,7 +388,9 @@ async def start_worker(
         device=torch_device,
         max_seq_len=seq_len,
         config=config,
+        quantization=quantization,
     )
+    log.info("worker %s runs %s", name, describe_part(part))
     worker = Worker(
         name,
         part,

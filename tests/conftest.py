@@ -37,7 +37,7 @@ def smollm2_dir() -> Path:
 
     Converted once into cake's cache ($CAKE_CACHE_DIR or ~/.cache/cake), so later runs reuse it.
     """
-    from cake.convert import resolve_model_path
+    from cake.gguf import resolve_model_path
 
     gguf = smollm2_gguf_path()
     if not gguf.is_file():
