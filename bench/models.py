@@ -21,8 +21,8 @@ import torch
 
 from bench.split_memory import CONFIG as LLAMA_32_1B_CONFIG
 from bench.split_memory import block_shapes
-from cake.gguf import cache_root, resolve_model_path
 from cake.demo import demo_gguf
+from cake.gguf import cache_root, resolve_model_path
 
 log = logging.getLogger("bench")
 

@@ -21,8 +21,7 @@ back in Hugging Face order here (a permutation of whole rows, so quantized rows 
 
 Tensor bytes are read with plain file reads, not through gguf's memory map: mapped pages that
 were read stay counted in the process's resident memory, which would double a worker's
-footprint. gguf's reader parses the header and metadata (it maps the file, but touches only the
-header's pages).
+footprint. The header is walked by our own few lines (see _tensor_index).
 """
 
 from __future__ import annotations
@@ -31,12 +30,15 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -242,25 +244,96 @@ Entry = tuple[str, tuple[int, ...], int, int]  # type name, (out, in) or (n,), o
 
 @functools.lru_cache(maxsize=4)
 def _tensor_index(path: str, size: int, mtime_ns: int) -> dict[str, Entry]:
-    """Hugging Face name -> where its bytes lie; parsed once per file version and process."""
-    from gguf import GGUFReader
+    """Hugging Face name -> where its bytes lie; parsed once per file version and process.
+
+    We walk the header ourselves rather than with gguf.GGUFReader: the reader builds numpy
+    objects for every metadata value, and for a 49k-token vocabulary that parse alone peaked at
+    160 MB (more for Llama 3's 128k), while this walk skips the values and keeps nothing.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, struct errors, ... on bad files
+        with open(path, "rb") as file:
+            header = _Header(file)
+            entries = {}
+            for gguf_name, dims, type_id, offset in header.tensors:
+                name = hf_name(gguf_name)
+                if name is None:
+                    continue
+                kind = GGMLQuantizationType(type_id)
+                block, type_size = GGML_QUANT_SIZES[kind]
+                count = math.prod(dims)
+                shape = tuple(reversed(dims))  # GGUF lists the fastest-moving dimension first
+                nbytes = count // block * type_size
+                start = header.data_start + offset
+                if start + nbytes > size:
+                    raise ValueError(f"tensor {gguf_name} lies past the end of the file")
+                entries[name] = (kind.name, shape, start, nbytes)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError, OSError) as exc:
         raise ModelFolderError(f"{path}: not a readable GGUF file ({exc})") from exc
-    entries = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        if name is not None:
-            shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-            entries[name] = (
-                tensor.tensor_type.name,
-                shape,
-                int(tensor.data_offset),
-                int(tensor.n_bytes),
-            )
     return entries
+
+
+class _Header:
+    """GGUF v2/v3 header walk: metadata skipped (but for the alignment), tensor infos kept."""
+
+    # Fixed-size metadata value types -> struct format (the spec's type ids).
+    _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                11: "q", 12: "d"}  # fmt: skip
+    _STRING, _ARRAY = 8, 9
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        if file.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        (version,) = self._unpack("<I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old (need 2 or later)")
+        n_tensors, n_kv = self._unpack("<QQ")
+        alignment = 32
+        for _ in range(n_kv):
+            key = self._string()
+            (value_type,) = self._unpack("<I")
+            if key == "general.alignment" and value_type == 4:
+                (alignment,) = self._unpack("<I")
+            else:
+                self._skip(value_type)
+        self.tensors = []
+        for _ in range(n_tensors):
+            name = self._string()
+            (n_dims,) = self._unpack("<I")
+            dims = self._unpack(f"<{n_dims}Q")
+            type_id, offset = self._unpack("<IQ")
+            self.tensors.append((name, dims, type_id, offset))
+        position = file.tell()
+        self.data_start = position + (-position % alignment)
+
+    def _unpack(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        data = self.file.read(size)
+        if len(data) != size:
+            raise ValueError("the header ends early")
+        return struct.unpack(fmt, data)
+
+    def _string(self) -> str:
+        (length,) = self._unpack("<Q")
+        return self.file.read(length).decode("utf-8")
+
+    def _skip(self, value_type: int) -> None:
+        if value_type in self._SCALARS:
+            self.file.seek(struct.calcsize(self._SCALARS[value_type]), 1)
+        elif value_type == self._STRING:
+            (length,) = self._unpack("<Q")
+            self.file.seek(length, 1)
+        elif value_type == self._ARRAY:
+            item_type, count = self._unpack("<IQ")
+            if item_type in self._SCALARS:
+                self.file.seek(count * struct.calcsize(self._SCALARS[item_type]), 1)
+            else:
+                for _ in range(count):
+                    self._skip(item_type)
+        else:
+            raise ValueError(f"unknown metadata value type {value_type}")
 
 
 def decode(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> torch.Tensor | QuantizedTensor:
@@ -273,16 +346,17 @@ def decode(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> torch.Tensor |
     out, cols = shape
     # Row chunks keep the decoding temporaries (f32 values are 8x a Q4 tensor's bytes) small.
     row_bytes = raw.size // out
-    parts = []
+    int4 = kind in INT4_TYPES
+    result = QuantizedTensor.empty("int4" if int4 else "int8", out, cols, 32)
     for start in range(0, out, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, out - start)
         chunk = raw[start * row_bytes : (start + rows) * row_bytes]
-        if kind in INT4_TYPES:
-            parts.append(decode_int4(chunk, kind, rows, cols))
+        if int4:
+            result.fill(start, decode_int4(chunk, kind, rows, cols))
         else:
             values = torch.from_numpy(dequantize_rows(chunk, kind, rows, cols))
-            parts.append(quantize(values, "int8"))
-    return QuantizedTensor.cat(parts)
+            result.fill(start, quantize(values, "int8"))
+    return result
 
 
 def dequantize_rows(raw: np.ndarray, kind: str, out: int, cols: int) -> np.ndarray:

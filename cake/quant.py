@@ -81,6 +81,34 @@ class QuantizedTensor:
         return w.reshape(out, cols).to(dtype)
 
     @staticmethod
+    def empty(scheme: str, out: int, cols: int, group_size: int = 0) -> QuantizedTensor:
+        """Uninitialised storage, filled row chunk by row chunk (`fill`): allocating the result
+        once, before the chunks' temporaries, keeps those from fragmenting the heap (building
+        a weight from many small kept pieces held ~10x its size at the peak)."""
+        if scheme == "int8":
+            return QuantizedTensor(
+                "int8",
+                torch.empty(out, cols, dtype=torch.int8),
+                torch.empty(out, dtype=KERNEL_DTYPE),
+            )
+        groups = cols // group_size
+        return QuantizedTensor(
+            "int4",
+            torch.empty(out, cols // 2, dtype=torch.uint8),
+            torch.empty(out, groups, dtype=KERNEL_DTYPE),
+            torch.empty(out, groups, dtype=KERNEL_DTYPE),
+            group_size,
+        )
+
+    def fill(self, start: int, part: QuantizedTensor) -> None:
+        """Write `part` into rows start.. of this weight."""
+        end = start + part.q.shape[0]
+        self.q[start:end] = part.q
+        self.scales[start:end] = part.scales
+        if self.zeros is not None and part.zeros is not None:
+            self.zeros[start:end] = part.zeros
+
+    @staticmethod
     def cat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
         """Stack weights along the output dimension (fused q|k|v, gate|up)."""
         first = parts[0]
@@ -110,11 +138,10 @@ def quantize(
             f"int4 needs the input size ({cols}) to be a multiple of the group size "
             f"({group_size}); use --quantize int8 for this model"
         )
-    chunks = [
-        _quantize_rows(weight[start : start + CHUNK_ROWS], scheme, group_size)
-        for start in range(0, out, CHUNK_ROWS)
-    ]
-    return QuantizedTensor.cat(chunks)
+    result = QuantizedTensor.empty(scheme, out, cols, group_size)
+    for start in range(0, out, CHUNK_ROWS):
+        result.fill(start, _quantize_rows(weight[start : start + CHUNK_ROWS], scheme, group_size))
+    return result
 
 
 def _quantize_rows(weight: torch.Tensor, scheme: str, group_size: int) -> QuantizedTensor:
@@ -201,6 +228,11 @@ class QuantizedLinear(nn.Module):
 
 def _pack_int4(weight: QuantizedTensor, device: torch.device) -> torch.Tensor:
     out, cols = weight.shape
+    if out % 16:
+        raise ValueError(
+            f"int4 needs output sizes that are multiples of 16 (this weight has {out} rows); "
+            "use --quantize int8 for this model"
+        )
     if device.type == "cpu":
         # The CPU op takes int32 (out, in) values 0..15. Packed in row chunks (multiples of its
         # 64-row blocks, so the chunks concatenate to the packing of the whole): an int32 copy of

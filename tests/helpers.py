@@ -141,6 +141,35 @@ def build_random_llama(
     return folder
 
 
+def dequantized_folder(gguf_path: Path, target: Path) -> Path:
+    """A GGUF file dequantized to float32 safetensors by transformers (config, tokenizer and
+    weights): an independent reference for cake's native GGUF reading, and the f32 weights the
+    parity tests compare against."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["dtype"] = "float32"
+    model.config.__dict__.pop("quantization_config", None)
+    target.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    tensors = {
+        key: value.contiguous()
+        for key, value in model.state_dict().items()
+        if not (key == "lm_head.weight" and config.get("tie_word_embeddings"))
+    }
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    model.generation_config.to_json_file(str(target / "generation_config.json"))
+    tokenizer.save_pretrained(str(target))
+    return target
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -1,9 +1,9 @@
-"""SmolLM2-135M-Instruct (real weights, converted from its GGUF) against transformers."""
+"""SmolLM2-135M-Instruct (real weights, its GGUF dequantized to f32 by transformers) against
+transformers. The GGUF run natively is tested in test_quant.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
@@ -44,25 +44,6 @@ def generate(
         return [t async for t in master.generate(prompt_ids, GREEDY, n, ignore_eos, stats)]
 
     return asyncio.run(run()), stats
-
-
-def test_converted_folder_is_a_llama_checkpoint(smollm2_dir: Path) -> None:
-    config = json.loads((smollm2_dir / "config.json").read_text())
-    assert config["model_type"] == "llama"
-    assert config["architectures"] == ["LlamaForCausalLM"]
-    assert config["tie_word_embeddings"] is True
-    assert (smollm2_dir / "model.safetensors").is_file()
-    assert (smollm2_dir / "tokenizer.json").is_file()
-
-
-def test_conversion_is_cached(smollm2_dir: Path) -> None:
-    from helpers import smollm2_gguf_path
-
-    from cake.convert import resolve_model_path
-
-    # The second resolve finds the finished folder instead of converting again.
-    assert resolve_model_path(smollm2_gguf_path()) == smollm2_dir
-    assert resolve_model_path(smollm2_dir) == smollm2_dir
 
 
 def test_answers_the_capital_of_france(master: Master) -> None:
