@@ -59,13 +59,46 @@ def default_cache_dir() -> Path:
 def resolve_model(key: str, cache_dir: Path) -> ModelSpec:
     """The model folder for `key`, converting or building it first if needed."""
     if key == SMOLLM2:
-        folder = resolve_model_path(demo_gguf())  # the GGUF, converted once to f32 safetensors
+        folder = cache_dir.parent / "smollm2-f32"
+        if not (folder / "model.safetensors").is_file():
+            dequantized_copy(demo_gguf(), folder)
         return ModelSpec(SMOLLM2, "SmolLM2-135M (f32)", folder, "f32")
     if key == LLAMA_1B_SHAPE:
         if not (cache_dir / "model.safetensors").is_file():
             build_llama_1b_shape(cache_dir)
         return ModelSpec(LLAMA_1B_SHAPE, "Llama-3.2-1B shape, random (bf16)", cache_dir, "bf16")
     raise ValueError(f"unknown model {key!r}; choose from {', '.join(MODEL_KEYS)}")
+
+
+def dequantized_copy(gguf: Path, folder: Path) -> Path:
+    """The GGUF's weights dequantized to float32 safetensors (the benchmark's f32 baseline;
+    cake itself runs the file as it is), with its cached config and tokenizer files."""
+    from safetensors.torch import save_file
+
+    from cake.config import LlamaConfig
+    from cake.gguf import POINTER_FILE, GGUFCheckpoint
+    from cake.quant import QuantizedTensor
+
+    meta = resolve_model_path(gguf)
+    config = LlamaConfig.from_folder(meta)
+    checkpoint = GGUFCheckpoint(gguf, config.n_heads, config.n_kv_heads)
+    log.info("writing %s dequantized to f32 into %s (once)", gguf.name, folder)
+    staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in checkpoint.entries:
+        (weight,) = checkpoint.load([name], None).values()
+        tensors[name] = (
+            weight.dequantize() if isinstance(weight, QuantizedTensor) else weight.float()
+        ).contiguous()
+    save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    for file in meta.iterdir():
+        if file.is_file() and file.name != POINTER_FILE:
+            shutil.copy2(file, staging / file.name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
 
 
 def llama3_tokenizer_dir() -> Path:

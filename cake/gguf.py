@@ -38,7 +38,7 @@ import struct
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 import torch
@@ -278,8 +278,7 @@ class _Header:
     """GGUF v2/v3 header walk: metadata skipped (but for the alignment), tensor infos kept."""
 
     # Fixed-size metadata value types -> struct format (the spec's type ids).
-    _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
-                11: "q", 12: "d"}  # fmt: skip
+    _SCALARS: ClassVar[dict[int, str]] = dict(enumerate("BbHhIif?")) | {10: "Q", 11: "q", 12: "d"}
     _STRING, _ARRAY = 8, 9
 
     def __init__(self, file: BinaryIO) -> None:
