@@ -265,8 +265,9 @@ class SessionStore:
             session = self._sessions.pop(key, None)
             if session is None:
                 return False
+            # The caches are not cleared here: a forward still on the compute thread keeps
+            # them until it ends, then they are freed with the session.
             self.reserved_bytes -= self._bytes(session, session.capacity)
-            session.caches.clear()
             return True
 
     def close_where(self, predicate: Callable[[Hashable], bool]) -> int:

@@ -226,3 +226,75 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
     tokens, other = asyncio.run(main())
     assert tokens == asyncio.run(solo(long_a))
     assert other == asyncio.run(solo(short))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_32_short_sessions_raise_a_worker_rss_by_what_they_use(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """A worker process with 15 SmolLM2 blocks at a 4096-position context: 32 sessions of a few
+    positions each. Preallocated caches would commit 32 x 92 MiB; pages cost 32 x 1.4 MiB."""
+    import yaml
+    from helpers import free_port
+
+    from cake.config import LlamaConfig, architecture_of
+    from cake.local_cluster import start_workers
+    from cake.protocol import fingerprint_config
+    from cake.remote import WorkerClient
+    from cake.topology import load_topology
+
+    topology = tmp_path / "topology.yml"
+    topology.write_text(
+        yaml.safe_dump(
+            {"w1": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.0-14"]}}
+        )
+    )
+    config = LlamaConfig.from_folder(smollm2_dir)
+    (worker,) = start_workers(
+        smollm2_dir, topology, ["w1"], extra=("--device", "cpu", "--max-seq-len", "4096")
+    )
+
+    async def main() -> tuple[int, int]:
+        client = WorkerClient(
+            load_topology(topology).node("w1"), fingerprint_config(architecture_of(config))
+        )
+        await client.connect()
+        blocks = range(15)
+
+        async def session(name: str) -> None:
+            await client.forward(name, 0, blocks, torch.randn(1, 5, config.hidden_size))
+            for position in range(5, 8):
+                await client.forward(name, position, blocks, torch.randn(1, 1, config.hidden_size))
+
+        try:
+            await session("warm-up")  # thread pools and allocator arenas: not sessions' memory
+            await client.close_session("warm-up")
+            await asyncio.sleep(0.2)
+            before = rss_bytes(worker.proc.pid)
+            for i in range(32):
+                await session(f"s{i}")
+            after = rss_bytes(worker.proc.pid)
+            return before, after
+        finally:
+            await client.close()
+
+    try:
+        before, after = asyncio.run(main())
+    finally:
+        worker.stop()
+    growth = after - before
+    per_session_pages = 64 * kv_bytes_per_position(
+        15, config.n_kv_heads, config.head_dim, torch.float32
+    )
+    print(f"worker RSS +{growth / 2**20:.1f} MiB for 32 sessions "
+          f"(their pages: {32 * per_session_pages / 2**20:.1f} MiB)")  # fmt: skip
+    assert growth <= 150 * 2**20, f"32 short sessions grew the worker by {growth / 2**20:.0f} MiB"
