@@ -67,7 +67,7 @@ def _tiny_model(folder: Path) -> Path:
     from helpers import build_random_llama
 
     if not (folder / "config.json").is_file():
-        build_random_llama(folder, n_layers=4, hidden=256, intermediate=512, max_positions=2048)
+        build_random_llama(folder, tokenizer=True, max_positions=2048)
     return folder
 
 
@@ -89,7 +89,7 @@ def decode(rounds: int, baseline: str, steps: int) -> list[dict]:
         trees = {"preallocated": _extract(baseline, Path(tmp) / "base"), "paged": ROOT}
         models = {
             "SmolLM2-135M": str(resolve_model(SMOLLM2, default_cache_dir()).folder),
-            "tiny (4 x 256)": str(_tiny_model(Path(tmp) / "tiny")),
+            "tiny (4 blocks x 64)": str(_tiny_model(Path(tmp) / "tiny")),
         }
         for title, folder in models.items():
             rates: dict[str, list[float]] = {name: [] for name in trees}
@@ -101,9 +101,11 @@ def decode(rounds: int, baseline: str, steps: int) -> list[dict]:
                         [sys.executable, "-m", "bench.kv_sessions", "--decode-child", folder,
                          "--steps", str(steps)],
                         env={**env, "PYTHONPATH": f"{trees[name]}:{ROOT}"},
-                        cwd=Path(tmp) / "run", check=True, capture_output=True, text=True,
-                    ).stdout  # fmt: skip
-                    child = json.loads(out.strip().splitlines()[-1])
+                        cwd=Path(tmp) / "run", capture_output=True, text=True,
+                    )  # fmt: skip
+                    if out.returncode:
+                        raise RuntimeError(f"{title} {name} failed:\n{out.stderr[-3000:]}")
+                    child = json.loads(out.stdout.strip().splitlines()[-1])
                     assert child["cake"].startswith(str(trees[name])), (name, child["cake"])
                     rates[name].append(child["decode_tok_s"])
                     log.info("%s %s: %.1f tok/s", title, name, rates[name][-1])
