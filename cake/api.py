@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from cake.chat import StreamDecoder, encode_chat
-from cake.errors import ContextError, WorkerError
+from cake.errors import ContextError, KVMemoryError, WorkerError
 from cake.master import GenerationStats, Master
 from cake.remote import RemoteStage
 from cake.sampling import SamplingParams
@@ -75,6 +75,8 @@ def _generation_error(exc: BaseException, param: str) -> ApiError:
     """What a failed generation answers, before the response starts or as a stream's last event."""
     if isinstance(exc, ContextError):
         return ApiError(400, str(exc), param=param, code="context_length_exceeded")
+    if isinstance(exc, KVMemoryError):  # the master's own KV budget: try again later
+        return ApiError(503, str(exc), type="server_error", code=exc.code)
     if isinstance(exc, WorkerError):
         return ApiError(502, str(exc), type="server_error", code="worker_unavailable")
     log.error("generation failed", exc_info=exc)

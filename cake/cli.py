@@ -13,7 +13,7 @@ import sys
 import click
 
 from cake.config import ModelFolderError
-from cake.errors import ContextError, WorkerError
+from cake.errors import ContextError, KVMemoryError, WorkerError
 from cake.topology import TopologyError
 
 log = logging.getLogger("cake")
@@ -133,6 +133,29 @@ def _fail(message: str) -> None:
     help="Context length the KV caches hold (default: the model's, at most 4096).",
 )
 @click.option(
+    "--kv-memory",
+    default=None,
+    metavar="SIZE",
+    help="Bytes all sessions' KV caches may take here: 2GiB, 512MiB, 800MB, or a share of "
+    "free memory such as 30% (default: 50% of what is free after loading).",
+)
+@click.option(
+    "--prefill-chunk",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Master: prompt positions sent through the stages per request.",
+)
+@click.option(
+    "--perplexity",
+    "perplexity_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Score a text file (tokenized like --raw, windows of 1024 tokens) instead of "
+    "generating; the last stdout line is 'perplexity: X (N tokens)'.",
+)
+@click.option(
     "--max-sessions",
     default=32,
     show_default=True,
@@ -227,9 +250,18 @@ def main(**opts: object) -> None:
             asyncio.run(_run_worker(opts))
         elif opts["api_address"]:
             asyncio.run(_run_api(opts))
+        elif opts["perplexity_file"]:
+            asyncio.run(_run_perplexity(opts))
         else:
             asyncio.run(_run_master(opts))
-    except (ModelFolderError, TopologyError, ValueError, WorkerError, ContextError) as exc:
+    except (
+        ModelFolderError,
+        TopologyError,
+        ValueError,
+        WorkerError,
+        ContextError,
+        KVMemoryError,
+    ) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
@@ -274,6 +306,18 @@ async def _run_master(opts: dict) -> None:
         await master.close()
 
 
+async def _run_perplexity(opts: dict) -> None:
+    from cake.master import Master
+    from cake.perplexity import perplexity_of_file
+
+    master = await Master.from_options(opts)
+    try:
+        result = await perplexity_of_file(master, opts["perplexity_file"])
+    finally:
+        await master.close()
+    click.echo(result.line())
+
+
 async def _run_api(opts: dict) -> None:
     from cake.api import serve_api
 
@@ -297,6 +341,7 @@ async def _run_worker(opts: dict) -> None:
         tls_cert=opts["tls_cert"],
         tls_key=opts["tls_key"],
         quantize=opts["quantize"],
+        kv_memory=opts["kv_memory"],
     )
 
 

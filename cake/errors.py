@@ -7,3 +7,15 @@ class ContextError(ValueError):
 
 class WorkerError(RuntimeError):
     """A worker is unreachable, refused us, or failed a request; the message names it."""
+
+
+class KVMemoryError(RuntimeError):
+    """A session cannot get KV-cache room (budget, context or session count); that session only.
+
+    `code` is the wire error code a worker answers with: kv_memory_full, context_full,
+    too_many_sessions or bad_position.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

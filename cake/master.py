@@ -2,6 +2,9 @@
 
 `Master.generate` is an async generator that yields token ids as they are chosen. It owns the
 positions (`start_pos`) and passes them to every stage, so a stage never guesses where it is.
+A prompt goes through the stages in chunks of `prefill_chunk` positions (`forward_chunks`), so
+frames and activations stay bounded for any prompt the context allows; chunk k+1 enters a stage
+as soon as chunk k has left it, so with several stages the chunks flow as a pipeline.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cake.remote import (
     WorkerClient,
 )
 from cake.sampling import Sampler, SamplingParams
+from cake.sessions import SessionStore, check_worker_limits, kv_budget
 from cake.stages import LocalStage, Stage, StageTimes
 from cake.topology import Run, format_blocks, load_topology
 from cake.weights import Quantization, activation_dtype, describe_part, load_llama
@@ -40,6 +44,7 @@ from cake.weights import Quantization, activation_dtype, describe_part, load_lla
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_PREFILL_CHUNK = 512  # positions per prefill request (--prefill-chunk)
 
 
 @dataclass
@@ -95,7 +100,11 @@ class Master:
         stages: list[Stage],
         max_seq_len: int,
         offload: bool = False,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        store: SessionStore | None = None,
     ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
         self.folder = folder
         self.config = config
         self.tokenizer = tokenizer
@@ -105,6 +114,9 @@ class Master:
         self.stop_ids = stop_token_ids(folder, config, tokenizer)
         self.device = model.device
         self.offload = offload  # run the master's own tensor work in a thread (HTTP API)
+        self.prefill_chunk = prefill_chunk
+        self.pipeline_prefill = True  # chunks overlap across stages (off: one chunk at a time)
+        self.store = store  # the KV caches of the blocks the master runs itself
 
     @classmethod
     async def open(
@@ -121,6 +133,8 @@ class Master:
         tls_ca: str | None = None,
         round_trip_per_block: bool = False,
         quantize: str | None = None,
+        kv_memory: str | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
@@ -168,6 +182,9 @@ class Master:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
+            for client in clients.values():
+                assert client.welcome is not None
+                check_worker_limits(client.label, client.welcome, config, seq_len)
             log.info(
                 "loading %s (embedding, head, %d of %d blocks) on %s",
                 folder,
@@ -190,13 +207,22 @@ class Master:
         except BaseException:
             await asyncio.gather(*(client.close() for client in clients.values()))
             raise
+        store = SessionStore(
+            part,
+            local_blocks,
+            seq_len,
+            kv_budget(kv_memory, torch_device),  # measured after loading the weights
+            owner="the master",
+        )
+        if local_blocks:
+            store.check_fits_one_session()
         stages: list[Stage] = [
-            LocalStage(part, run.blocks, seq_len, offload=offload)
+            LocalStage(part, run.blocks, store, offload=offload)
             if run.node is None
             else RemoteStage(clients[run.node.name], run.blocks)
             for run in runs
         ]
-        return cls(folder, config, tokenizer, part, stages, seq_len, offload)
+        return cls(folder, config, tokenizer, part, stages, seq_len, offload, prefill_chunk, store)
 
     @classmethod
     async def from_options(cls, opts: dict[str, Any], offload: bool = False) -> Master:
@@ -214,22 +240,98 @@ class Master:
             tls_ca=opts["tls_ca"],
             round_trip_per_block=opts.get("debug_round_trip_per_block", False),
             quantize=opts.get("quantize"),
+            kv_memory=opts.get("kv_memory"),
+            prefill_chunk=opts.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK,
         )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, system_prompt, raw)
 
+    async def forward_chunks(
+        self, session_id: str, token_ids: Sequence[int], start_pos: int, stats: GenerationStats
+    ) -> AsyncIterator[tuple[int, torch.Tensor]]:
+        """Run tokens at start_pos.. through every stage, `prefill_chunk` positions at a time.
+
+        Yields (start position, hidden states (1, T_chunk, C) after the last stage) per chunk,
+        in order. Each chunk is a task: it enters stage i once the chunk before it has left
+        stage i (a stage must see a session's positions in order), so chunk k+1 runs on the
+        first stage while chunk k runs on the second.
+        """
+        size = self.prefill_chunk
+        starts = range(0, len(token_ids), size)
+        if len(starts) == 1:  # a decode step or a short prompt: no tasks, no events
+            yield start_pos, await self._through_stages(session_id, token_ids, start_pos, stats)
+            return
+        if not self.pipeline_prefill:
+            for offset in starts:
+                chunk = token_ids[offset : offset + size]
+                hidden = await self._through_stages(session_id, chunk, start_pos + offset, stats)
+                yield start_pos + offset, hidden
+            return
+        left = [[asyncio.Event() for _ in starts] for _ in self.stages]  # [stage][chunk]
+        tasks = [
+            asyncio.create_task(
+                self._through_stages(
+                    session_id,
+                    token_ids[offset : offset + size],
+                    start_pos + offset,
+                    stats,
+                    (left, index),
+                )
+            )
+            for index, offset in enumerate(starts)
+        ]
+        try:
+            for offset, task in zip(starts, tasks, strict=True):
+                yield start_pos + offset, await task
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _through_stages(
+        self,
+        session_id: str,
+        token_ids: Sequence[int],
+        start_pos: int,
+        stats: GenerationStats,
+        order: tuple[list[list[asyncio.Event]], int] | None = None,
+    ) -> torch.Tensor:
+        """Embed tokens and run them through every stage: hidden (1, T, C) after the last.
+
+        order = (left, k) for chunk k of a pipelined prefill: left[i][k] is set when chunk k
+        leaves stage i, and chunk k enters stage i only after left[i][k - 1].
+        """
+        tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        hidden = await self._local(self.model.embed, tokens)  # (1, T, C)
+        for i, stage in enumerate(self.stages):
+            if order is not None and order[1]:
+                await order[0][i][order[1] - 1].wait()
+            times = stats.stages.setdefault(stage.label, StageTimes())
+            hidden = await stage.forward(session_id, hidden, start_pos, times)
+            if order is not None:
+                order[0][i][order[1]].set()
+        return hidden
+
     async def _logits(
         self, session_id: str, token_ids: Sequence[int], start_pos: int, stats: GenerationStats
     ) -> torch.Tensor:
         """Run tokens at start_pos.. through every stage; logits (vocab,) of the last one."""
-        tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        hidden = await self._local(self.model.embed, tokens)  # (1, T, C)
-        for stage in self.stages:
-            times = stats.stages.setdefault(stage.label, StageTimes())
-            hidden = await stage.forward(session_id, hidden, start_pos, times)
-        logits = await self._local(self.model.head, hidden[:, -1:])  # only the last is sampled
+        last: torch.Tensor | None = None
+        async for _, hidden in self.forward_chunks(session_id, token_ids, start_pos, stats):
+            last = hidden
+        assert last is not None, "no tokens to run"
+        logits = await self._local(self.model.head, last[:, -1:])  # only the last is sampled
         return logits[0, -1]
+
+    async def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (1, T, C) after the last stage -> float32 logits (1, T, vocab)."""
+        return await self._local(self.model.head, hidden)
+
+    async def close_session(self, session_id: str) -> None:
+        """Free a session's KV caches on every stage (here and on the workers)."""
+        for stage in self.stages:
+            await stage.close_session(session_id)
 
     async def _local(self, fn: Any, *args: Any) -> torch.Tensor:
         def run() -> torch.Tensor:
@@ -283,8 +385,7 @@ class Master:
                 stats.decode_steps += 1
                 stats.decode_s = time.perf_counter() - started
         finally:
-            for stage in self.stages:
-                await stage.close_session(session_id)
+            await self.close_session(session_id)
 
     async def close(self) -> None:
         for stage in self.stages:

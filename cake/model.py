@@ -119,26 +119,71 @@ class Projection(nn.Module):
         return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
 
+def paged_capacity(end: int, page: int, max_seq_len: int) -> int:
+    """Positions a cache holding 0..end-1 allocates: whole pages, never beyond the context."""
+    return min(-(-end // page) * page, max(max_seq_len, end))
+
+
 class KVCache:
-    """A static cache for one block of one session: preallocated once, written at positions."""
+    """Keys and values of one block of one session, grown as positions are written.
+
+    Storage is one contiguous (1, n_kv, capacity, hd) tensor per k and v, so attention reads a
+    plain slice (decode stays as fast as with a preallocated cache). Capacity grows in pages of
+    `page` positions with `torch.empty`: positions that are never written are never filled or
+    read, and growing copies only the positions written so far. The session store decides how
+    many positions a session may hold (`SessionStore.reserve`); this class only allocates.
+    """
 
     def __init__(
         self,
         n_kv_heads: int,
-        max_seq_len: int,
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        page: int,
+        max_seq_len: int,
     ) -> None:
-        shape = (1, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.device, self.dtype = device, dtype
+        self.page, self.max_seq_len = page, max_seq_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage this cache holds right now."""
+        if self.k is None or self.v is None:
+            return 0
+        return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
+
+    def _grow(self, end: int, keep: int) -> None:
+        """Room for positions 0..end-1, keeping positions 0..keep-1 (the rest is unwritten)."""
+        capacity = paged_capacity(end, self.page, self.max_seq_len)
+        shape = (1, self.n_kv_heads, capacity, self.head_dim)
+        k = torch.empty(shape, device=self.device, dtype=self.dtype)
+        v = torch.empty(shape, device=self.device, dtype=self.dtype)
+        if self.k is not None and self.v is not None and keep:
+            k[:, :, :keep] = self.k[:, :, :keep]
+            v[:, :, :keep] = self.v[:, :, :keep]
+        self.k, self.v = k, v
 
     def update(
         self, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v (1, n_kv, T, hd) at start_pos; return every key/value up to the last one."""
+        """Store k/v (1, n_kv, T, hd) at start_pos; return every key/value up to the last one.
+
+        Positions 0..start_pos-1 must have been written before. Whatever was stored at
+        start_pos or beyond (a rolled-back draft) is overwritten or, past the returned end,
+        never read: the returned views stop at start_pos + T.
+        """
         end = start_pos + k.shape[2]
+        if end > self.capacity:
+            self._grow(end, keep=start_pos)
+        assert self.k is not None and self.v is not None
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -333,10 +378,14 @@ class Llama(nn.Module):
         """Precompute cos/sin once weights are on their device (the model is built on meta)."""
         self.rope = RotaryTables(self.config, max_seq_len, self.device, self.dtype)
 
-    def new_cache(self, max_seq_len: int, blocks: Sequence[int] | None = None) -> SessionCache:
+    def new_cache(
+        self, max_seq_len: int, blocks: Sequence[int] | None = None, page: int = 256
+    ) -> SessionCache:
+        """Empty growing caches for `blocks` (all of this part's by default); nothing allocated
+        until positions are written. Sessions get theirs from a `SessionStore`."""
         c = self.config
         return {
-            i: KVCache(c.n_kv_heads, max_seq_len, c.head_dim, self.device, self.dtype)
+            i: KVCache(c.n_kv_heads, c.head_dim, self.device, self.dtype, page, max_seq_len)
             for i in (self.blocks if blocks is None else blocks)
         }
 

@@ -423,9 +423,14 @@ class Welcome(_Message):
     device: str  # e.g. "cpu", "cuda:0", "mps"
     dtype: str  # compute dtype of its weights, e.g. "float32"
     version: int = PROTOCOL_VERSION
+    # Its session store's limits, so a master can refuse a mismatch before generating:
+    max_seq_len: int = 0  # positions one session may hold (worker --max-seq-len); 0 = unknown
+    kv_memory: int = 0  # bytes all sessions' KV caches may take (worker --kv-memory); 0 = unknown
 
     def _check(self) -> None:
         _check_blocks(self.blocks)
+        if self.max_seq_len < 0 or self.kv_memory < 0:
+            raise ValueError("fields 'max_seq_len' and 'kv_memory' must be >= 0")
 
 
 @_message

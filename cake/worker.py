@@ -1,9 +1,12 @@
 """The worker: an asyncio TCP server that holds some blocks and runs them for masters.
 
 Each connection starts with a handshake (`hello` -> `welcome`), then carries `forward` requests
-for any number of sessions. A session is one generation of one master: it has its own KV caches
-here, and lives until the master closes it or the connection ends. Tensor work runs on one
-compute thread, off the event loop, so a long prefill never stalls pings or other connections.
+for any number of sessions. A session is one generation of one master: its KV caches live in the
+worker's `SessionStore` (cake/sessions.py), keyed by (connection, session id), until the master
+closes it, the connection ends, or it is evicted after idling. A session the store cannot serve
+(budget, context, session count) gets an error reply; the connection and other sessions go on.
+Tensor work runs on one compute thread, off the event loop, so a long prefill never stalls pings
+or other connections.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import signal
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from cake.auth import check_proof, new_nonce, proof
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import DTYPE_NAMES, release_free_memory
-from cake.model import Llama, SessionCache
+from cake.errors import KVMemoryError
+from cake.model import Llama
 from cake.protocol import (
     PROTOCOL_VERSION,
     AuthChallenge,
@@ -41,6 +44,7 @@ from cake.protocol import (
     Welcome,
     fingerprint_config,
 )
+from cake.sessions import Session, SessionStore, format_size, kv_budget
 from cake.topology import format_blocks
 from cake.transport import Link, LinkError
 
@@ -50,6 +54,10 @@ HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_SESSIONS = 32
 LONG_REQUEST = 64  # positions; after a forward this long, freed memory goes back (see devices)
+# Refusals that concern one session: answered, and the connection goes on serving the others.
+SESSION_ERRORS = frozenset(
+    {"too_many_sessions", "kv_memory_full", "context_full", "unknown_session"}
+)
 
 
 class RequestError(ProtocolError):
@@ -58,13 +66,6 @@ class RequestError(ProtocolError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class Session:
-    cache: SessionCache
-    length: int = 0  # positions 0..length-1 hold keys/values
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Worker:
@@ -77,7 +78,10 @@ class Worker:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
         cluster_key: bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        kv_memory: int | None = None,
     ) -> None:
+        """kv_memory: the KV caches' byte budget (default: a share of free memory, see
+        cake.sessions.kv_budget)."""
         self.name = name
         self.cluster_key = cluster_key
         self.tls = tls
@@ -90,14 +94,24 @@ class Worker:
         self.max_seq_len = max_seq_len
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
-        self.sessions: dict[tuple[int, str], Session] = {}  # (connection, session id)
+        budget = kv_budget(None, self.device) if kv_memory is None else kv_memory
+        self.store = SessionStore(
+            model,
+            self.blocks,
+            max_seq_len,
+            budget,
+            max_sessions=max_sessions,
+            idle_timeout_s=idle_timeout,
+            owner=f"worker {name}",
+        )  # keys: (connection, session id)
+        self.store.check_fits_one_session()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-compute")
         self._connection_ids = itertools.count(1)
         self.links: set[Link] = set()
 
     @property
     def session_count(self) -> int:
-        return len(self.sessions)
+        return len(self.store)
 
     async def handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -125,14 +139,14 @@ class Worker:
                         log.warning("request %d from %s: %s", message.id, peer, exc)
                         reply = ErrorMessage(message=str(exc), code=exc.code, id=message.id)
                         await link.send(reply)
-                        if exc.code == "too_many_sessions":
+                        if exc.code in SESSION_ERRORS:
                             continue
                         break  # the master's view of this worker is wrong: close
                     task = asyncio.create_task(self._forward(link, session, message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 elif isinstance(message, CloseSession):
-                    if self.sessions.pop((conn, message.session), None) is not None:
+                    if self.store.close((conn, message.session)):
                         log.info("connection %d: session %s closed", conn, message.session)
                 elif isinstance(message, Ping):
                     await link.send(Pong(id=message.id))
@@ -151,11 +165,9 @@ class Worker:
         finally:
             for task in tasks:
                 task.cancel()
-            dropped = [key for key in self.sessions if key[0] == conn]
-            for key in dropped:
-                del self.sessions[key]
+            dropped = self.store.close_where(lambda key: key[0] == conn)
             if dropped:
-                log.info("connection %d: dropped %d session(s)", conn, len(dropped))
+                log.info("connection %d: dropped %d session(s)", conn, dropped)
             self.links.discard(link)
             await link.wait_closed()
 
@@ -199,6 +211,8 @@ class Worker:
                 blocks=tuple(self.blocks),
                 device=str(self.device),
                 dtype=DTYPE_NAMES[self.dtype],
+                max_seq_len=self.max_seq_len,
+                kv_memory=self.store.budget_bytes,
             )
         )
         log.info("master %r connected from %s", hello.master, link.peer)
@@ -222,11 +236,14 @@ class Worker:
 
     async def _forward(self, link: Link, session: Session, request: Forward) -> None:
         try:
-            async with session.lock:
-                loop = asyncio.get_running_loop()
-                hidden, compute_us = await loop.run_in_executor(
-                    self.compute, self.run_request, session, request
-                )
+            try:
+                async with session.lock:
+                    loop = asyncio.get_running_loop()
+                    hidden, compute_us = await loop.run_in_executor(
+                        self.compute, self.run_request, session, request
+                    )
+            finally:
+                self.store.release(session)
             await link.send(Result(id=request.id, hidden=hidden, compute_us=compute_us))
         except LinkError:
             pass
@@ -252,41 +269,30 @@ class Worker:
                 "bad_shape",
                 f"hidden states must be (1, T, {hidden_size}), got {list(hidden.shape)}",
             )
-        end = request.start_pos + hidden.shape[1]
         if hidden.shape[1] == 0:
             raise RequestError("bad_shape", "hidden states hold no positions (T = 0)")
-        if end > self.max_seq_len:
-            raise RequestError(
-                "context_full",
-                f"positions {request.start_pos}..{end - 1} do not fit this worker's context of "
-                f"{self.max_seq_len} (worker --max-seq-len)",
-            )
         key = (conn, request.session)
-        session = self.sessions.get(key)
+        session = self.store.get(key)
         if session is None and request.start_pos > 0:
             raise RequestError(
                 "unknown_session",
-                f"session {request.session} is unknown here (a new session starts at position "
-                "0); the worker may have restarted",
+                f"session {request.session} is unknown to worker {self.name} (a new session "
+                "starts at position 0); it was closed, evicted after idling "
+                f"{self.store.idle_timeout_s:g}s, or the worker restarted",
             )
-        if session is not None and request.start_pos > session.length:
-            raise RequestError(
-                "bad_position",
-                f"start_pos {request.start_pos} skips positions: session {request.session} "
-                f"holds {session.length}",
-            )
-        if session is None:
-            if len(self.sessions) >= self.max_sessions:
-                raise RequestError(
-                    "too_many_sessions",
-                    f"worker {self.name} already holds {self.max_sessions} sessions "
-                    "(worker --max-sessions)",
-                )
-            session = self.sessions[key] = Session(self.model.new_cache(self.max_seq_len))
+        opened = session is None
+        try:
+            if session is None:
+                session = self.store.open(key)
+            # Reserves the positions now, so the next step's check (which may come before
+            # this one's compute ends) sees them; a start before the end rolls back first.
+            self.store.claim(session, request.start_pos, hidden.shape[1])
+        except KVMemoryError as exc:
+            if opened and session is not None:
+                self.store.close(key)
+            raise RequestError(exc.code, f"session {request.session}: {exc}") from None
+        if opened:
             log.info("connection %d: session %s opened", conn, request.session)
-        # Reserve the positions now, so the next step's check (which may come before this
-        # one's compute ends) sees them.
-        session.length = max(session.length, end)
         return session
 
     def run_request(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:
@@ -295,7 +301,9 @@ class Worker:
         wire_dtype = request.hidden.dtype
         with torch.inference_mode():
             hidden = request.hidden.to(device=self.device, dtype=self.dtype)
-            hidden = self.model.run_blocks(hidden, request.start_pos, session.cache, request.blocks)
+            hidden = self.model.run_blocks(
+                hidden, request.start_pos, session.caches, request.blocks
+            )
             out = hidden.to(device="cpu", dtype=wire_dtype)
         if request.hidden.shape[1] >= LONG_REQUEST:
             release_free_memory()  # a prefill's large activations: back to the system
@@ -305,13 +313,15 @@ class Worker:
         server = await asyncio.start_server(self.handle_connection, host, port, ssl=self.tls)
         bound = server.sockets[0].getsockname()
         log.info(
-            "worker %s serving blocks %s on %s:%d (%s, %s)",
+            "worker %s serving blocks %s on %s:%d (%s, %s; context %d, KV memory %s)",
             self.name,
             format_blocks(self.blocks),
             bound[0],
             bound[1],
             self.device,
             DTYPE_NAMES[self.dtype],
+            self.max_seq_len,
+            format_size(self.store.budget_bytes),
         )
         return server
 
@@ -351,6 +361,7 @@ async def start_worker(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     quantize: str | None = None,
+    kv_memory: str | None = None,
 ) -> None:
     """`cake-cli --mode worker`: load this node's blocks (nothing else) and serve them."""
     from cake.auth import cluster_key as parse_key
@@ -395,6 +406,7 @@ async def start_worker(
         name,
         part,
         seq_len,
+        kv_memory=kv_budget(kv_memory, torch_device),  # measured after loading the weights
         max_sessions=max_sessions,
         idle_timeout=idle_timeout,
         cluster_key=key,

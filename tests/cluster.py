@@ -36,8 +36,8 @@ async def cluster(
     actual = parse_topology(yaml.safe_dump({**dummy, **(serve_as or {})}))
     workers, servers, spec = {}, [], {}
     for node in planned.nodes:
-        part = load_llama(folder, actual.node(node.name).blocks, max_seq_len=256)
-        worker = Worker(node.name, part, max_seq_len=256, **worker_options)
+        part = load_llama(folder, actual.node(node.name).blocks, max_seq_len=512)
+        worker = Worker(node.name, part, max_seq_len=512, **worker_options)
         server = await worker.serve("127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         workers[node.name], spec[node.name] = worker, dict(dummy[node.name])
@@ -66,7 +66,7 @@ async def generate(
 
 
 async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int]:
-    master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=256)
+    master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=512)
     try:
         return (await generate(master, prompt, n))[0]
     finally:

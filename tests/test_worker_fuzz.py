@@ -107,7 +107,7 @@ def any_message() -> st.SearchStrategy[dict]:
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(any_message(), min_size=1, max_size=6))
 def test_only_protocol_errors_escape(worker: Worker, messages: list[dict]) -> None:
-    worker.sessions.clear()
+    worker.store.close_all()
     for raw in messages:
         try:
             message = parse_message(raw, max_tensor_elements=CONTEXT * 64)
