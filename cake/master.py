@@ -24,8 +24,9 @@ from cake.config import LlamaConfig, architecture_of
 from cake.convert import resolve_model_path
 from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from cake.errors import ContextError
+from cake.liveness import LivenessSettings
 from cake.model import Llama
-from cake.protocol import fingerprint_config
+from cake.protocol import fingerprint_config, session_frame_limit
 from cake.remote import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_RETRY_TIMEOUT_S,
@@ -120,6 +121,7 @@ class Master:
         cluster_key: str | None = None,
         tls_ca: str | None = None,
         round_trip_per_block: bool = False,
+        liveness: LivenessSettings | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
@@ -153,6 +155,8 @@ class Master:
                 retry_timeout=retry_timeout,
                 cluster_key=key,
                 tls=tls,
+                liveness=liveness,
+                max_frame_bytes=session_frame_limit(config.hidden_size, seq_len),
             )
             for run in runs
             if run.node is not None
@@ -210,6 +214,9 @@ class Master:
             cluster_key=opts["cluster_key"],
             tls_ca=opts["tls_ca"],
             round_trip_per_block=opts.get("debug_round_trip_per_block", False),
+            liveness=LivenessSettings.for_heartbeat_timeout(opts["heartbeat_timeout"])
+            if opts.get("heartbeat_timeout")
+            else None,
         )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
