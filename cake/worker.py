@@ -178,9 +178,13 @@ class Worker:
             release_free_memory()  # a prefill's large activations: back to the system
         return out, int((time.perf_counter() - started) * 1e6)
 
-    async def serve(self, host: str, port: int) -> asyncio.Server:
+    async def serve(self, host: str, port: int, ready_file: str | None = None) -> asyncio.Server:
+        """Listen (port 0: any free port); the 'serving' log line and `ready_file` (JSON: name,
+        host, port, pid; written before that line) say which port."""
         server = await asyncio.start_server(self.handle_connection, host, port, ssl=self.tls)
         bound = server.sockets[0].getsockname()
+        if ready_file is not None:
+            write_ready_file(ready_file, self.name, bound[0], bound[1])
         log.info(
             "worker %s serving blocks %s on %s:%d (%s, %s)",
             self.name,
@@ -194,15 +198,8 @@ class Worker:
 
 
 async def run_worker(worker: Worker, host: str, port: int, ready_file: str | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then close the listener and every connection.
-
-    Port 0 binds a free port; the log line and `ready_file` (JSON: name, host, port, pid,
-    written once the port is bound) say which.
-    """
-    server = await worker.serve(host, port)
-    if ready_file is not None:
-        bound = server.sockets[0].getsockname()
-        write_ready_file(ready_file, worker.name, bound[0], bound[1])
+    """Serve until SIGINT or SIGTERM, then close the listener and every connection."""
+    server = await worker.serve(host, port, ready_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

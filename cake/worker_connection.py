@@ -122,7 +122,7 @@ async def _serve_requests(worker: Worker, conn: int, link: Link, tasks: set[asyn
                 await link.send(ErrorMessage(message=str(exc), code=exc.code, id=message.id))
                 continue
             except Exception as exc:  # e.g. no memory for a new session's caches
-                await link.send(request_failure(worker, message, exc, "opening its session"))
+                await link.send(request_failure(worker, message, exc, "allocating the caches of"))
                 continue
             task = asyncio.create_task(_compute(worker, link, session, message))
             tasks.add(task)
@@ -145,7 +145,7 @@ async def _compute(worker: Worker, link: Link, session: Session, request: Forwar
             )
         reply: Result | ErrorMessage = Result(id=request.id, hidden=hidden, compute_us=compute_us)
     except Exception as exc:  # a failure of ours: say so for this request, keep serving
-        reply = request_failure(worker, request, exc, "running it")
+        reply = request_failure(worker, request, exc, "computing")
     with contextlib.suppress(LinkError):
         await link.send(reply)
 
@@ -167,14 +167,14 @@ def request_failure(
         log.error("request %d: out of memory %s %s: %s", request.id, doing, what, exc)
         return ErrorMessage(
             message=f"worker {worker.name} ran out of memory on {worker.device} {doing} "
-            f"({what}): {_first_line(exc)}; free memory there, lower --max-sessions or "
+            f"{what}: {_first_line(exc)}; free memory there, lower --max-sessions or "
             "--max-seq-len, or move blocks to another worker",
             code="out_of_memory",
             id=request.id,
         )
     log.error("request %d failed %s (%s)", request.id, doing, what, exc_info=exc)
     return ErrorMessage(
-        message=f"worker {worker.name} failed {doing} ({what}): {_first_line(exc)}",
+        message=f"worker {worker.name} failed {doing} {what}: {_first_line(exc)}",
         code="internal",
         id=request.id,
     )

@@ -1,4 +1,4 @@
-"""Test helpers: random Llama checkpoints built with transformers, real artefacts, free ports.
+"""Test helpers: random Llama checkpoints built with transformers, real artefacts.
 
 Plain functions (no fixtures) so that test files and subprocess scripts can import them.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import torch
@@ -139,10 +138,3 @@ def build_random_llama(
             if path.is_file():
                 shutil.copy(path, folder / path.name)
     return folder
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 from cluster import cluster, generate, local_tokens
-from helpers import free_port
 
 import cake
 from cake.auth import client_tls, server_tls
 from cake.errors import WorkerError
-from cake.local_cluster import start_workers
+from cake.local_cluster import start_local_cluster, start_workers
 from cake.master import Master
 
 LAYERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
@@ -79,13 +78,12 @@ def test_cluster_key_handshake(
 
 
 def test_wrong_key_from_the_cli_prints_no_text(tiny_llama: Path, tmp_path: Path) -> None:
-    port = free_port()
     topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump({"w1": {"host": f"127.0.0.1:{port}", "layers": ["model.layers.0-3"]}})
-    )
-    workers = start_workers(
-        tiny_llama, topology, ["w1"], extra=("--device", "cpu", "--cluster-key", "right")
+    workers = start_local_cluster(
+        tiny_llama,
+        {"w1": ["model.layers.0-3"]},
+        topology,
+        extra=("--device", "cpu", "--cluster-key", "right"),
     )
     try:
         result = subprocess.run(
@@ -119,9 +117,8 @@ def test_wrong_key_from_the_cli_prints_no_text(tiny_llama: Path, tmp_path: Path)
 def test_worker_on_a_public_address_without_key_warns(tiny_llama: Path, tmp_path: Path) -> None:
     topology = tmp_path / "topology.yml"
     topology.write_text(yaml.safe_dump({"w1": {"host": "0.0.0.0:1", "layers": ["model.layers.0"]}}))
-    port = free_port()
     workers = start_workers(
-        tiny_llama, topology, ["w1"], extra=("--device", "cpu", "--address", f"0.0.0.0:{port}")
+        tiny_llama, topology, ["w1"], extra=("--device", "cpu", "--address", "0.0.0.0:0")
     )
     workers[0].stop()
     assert "without a cluster key" in workers[0].log
