@@ -44,6 +44,7 @@ class Channel:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()  # a new deadline may come before the heartbeat's next tick
+        self._sleeping_until = 0.0  # when the heartbeat task wakes next
         self._reader = asyncio.create_task(self._read_loop())
         self._heartbeat = asyncio.create_task(self._watch())
 
@@ -65,8 +66,9 @@ class Channel:
         request_id = next(self._ids)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self.clock.request_sent(request_id, positions, self.now())
-        self._wake.set()
+        deadline = self.clock.request_sent(request_id, positions, self.now())
+        if deadline is not None and deadline < self._sleeping_until:
+            self._wake.set()  # rare: deadlines are usually far beyond the next heartbeat
         try:
             try:
                 await self.link.send(make(request_id))
@@ -132,7 +134,8 @@ class Channel:
     async def _watch(self) -> None:
         """The heartbeat: sleep until the clock's next decision, then act on it."""
         while self.closed_reason is None:
-            delay = self.clock.next_tick() - self.now()
+            self._sleeping_until = self.clock.next_tick()
+            delay = self._sleeping_until - self.now()
             if delay > 0:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError from 3.11

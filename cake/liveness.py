@@ -89,7 +89,8 @@ class LinkClock:
 
     # -- events ---------------------------------------------------------------------------
 
-    def request_sent(self, request_id: int, positions: int, now: float) -> None:
+    def request_sent(self, request_id: int, positions: int, now: float) -> float | None:
+        """Start the clock of a request; returns its deadline (None: the heartbeat's alone)."""
         queued = sum(r.positions for r in self._in_flight.values())
         expected = self.expected_s(positions + queued)  # ours waits behind those in flight
         deadline = (
@@ -98,6 +99,7 @@ class LinkClock:
             else now + self.settings.deadline_floor + self.settings.deadline_factor * expected
         )
         self._in_flight[request_id] = _InFlight(now, positions, deadline)
+        return deadline
 
     def reply_received(self, request_id: int, now: float) -> None:
         """A Result or an error for `request_id` (unknown ids are ignored)."""
