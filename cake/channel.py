@@ -90,7 +90,7 @@ class Channel:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
-        self.link.close()
+        self.link.abort()  # the peer may be frozen: do not wait for it to read anything
         error = WorkerLost(f"{self.label}: {reason}")
         for future in self._pending.values():
             if not future.done():

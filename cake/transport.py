@@ -139,6 +139,10 @@ class Link:
         if not self.writer.is_closing():
             self.writer.close()
 
+    def abort(self) -> None:
+        """Close now, dropping unsent bytes: a close would wait for a stalled peer to read them."""
+        self.writer.transport.abort()
+
     async def wait_closed(self) -> None:
         self.close()
         with contextlib.suppress(OSError, ssl_module.SSLError):

@@ -150,6 +150,9 @@ class FakeLink:
             self.closed = True
             self.from_peer.put_nowait(LinkError(f"{self.peer}: connection closed"))
 
+    def abort(self) -> None:
+        self.close()
+
     async def wait_closed(self) -> None:
         self.close()
 
