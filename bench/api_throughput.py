@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import openai
-import yaml
 
 from cake.gguf import resolve_model_path
-from cake.local_cluster import start_workers
+from cake.local_cluster import start_local_cluster
 
 PROMPTS = [
     "What is the capital of France?",
@@ -51,26 +50,12 @@ def default_model() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_topology(folder: Path, path: Path, n_workers: int) -> list[str]:
+def worker_layers(folder: Path, n_workers: int) -> dict[str, list[str]]:
     n_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     bounds = [round(i * n_layers / n_workers) for i in range(n_workers + 1)]
-    spec = {
-        f"w{i + 1}": {
-            "host": f"127.0.0.1:{free_port()}",
-            "layers": [f"model.layers.{bounds[i]}-{bounds[i + 1] - 1}"],
-        }
-        for i in range(n_workers)
+    return {
+        f"w{i + 1}": [f"model.layers.{bounds[i]}-{bounds[i + 1] - 1}"] for i in range(n_workers)
     }
-    path.write_text(yaml.safe_dump(spec))
-    return list(spec)
 
 
 def start_api(folder: Path, topology: Path | None) -> tuple[subprocess.Popen, str]:
@@ -165,8 +150,7 @@ def main() -> None:
     topology, workers = None, []
     if args.workers:
         topology = args.scratch / "topology.yml"
-        names = write_topology(folder, topology, args.workers)
-        workers = start_workers(folder, topology, names)
+        workers = start_local_cluster(folder, worker_layers(folder, args.workers), topology)
     api = None
     try:
         api, url = start_api(folder, topology)

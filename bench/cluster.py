@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import yaml
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def even_split(n_layers: int, n_workers: int) -> list[range]:
@@ -30,3 +23,12 @@ def write_topology(path: Path, n_layers: int, hosts: list[str]) -> dict[str, ran
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return dict(zip(names, runs, strict=True))
+
+
+def even_layers(n_layers: int, n_workers: int) -> dict[str, range]:
+    """Worker name `w{i}` -> its blocks, split evenly (for cake.local_cluster's port-0 start)."""
+    return {f"w{i}": run for i, run in enumerate(even_split(n_layers, n_workers), start=1)}
+
+
+def topology_entries(split: dict[str, range]) -> dict[str, list[str]]:
+    return {name: [f"model.layers.{run.start}-{run.stop - 1}"] for name, run in split.items()}

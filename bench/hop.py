@@ -43,6 +43,8 @@ from cake.protocol import (
     Forward,
     FrameDecoder,
     Hello,
+    Ping,
+    Pong,
     Result,
     Welcome,
     encode_frame,
@@ -81,6 +83,8 @@ async def _cake_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
             message = await link.recv()
             if isinstance(message, Forward):
                 await link.send(Result(id=message.id, hidden=message.hidden))
+            elif isinstance(message, Ping):  # the master's heartbeat on an idle link
+                await link.send(Pong(id=message.id))
             elif not isinstance(message, CloseSession):
                 raise ValueError(f"echo peer: unexpected {type(message).__name__}")
     except LinkError:

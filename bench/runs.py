@@ -26,9 +26,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.cluster import free_port, write_topology
+from bench.cluster import even_layers, topology_entries
 from bench.models import ModelSpec, blocks_bytes
-from cake.local_cluster import WorkerProcess, start_workers
+from cake.local_cluster import WorkerProcess, start_local_cluster
 from cake.master import GenerationStats, Master
 from cake.sampling import SamplingParams
 
@@ -121,12 +121,13 @@ class CakeRunner:
         """Master + `n_workers` worker processes on 127.0.0.1, blocks split evenly."""
         folder = tempfile.TemporaryDirectory(prefix="cake-bench-")
         topology = Path(folder.name) / "topology.yml"
-        hosts = [f"127.0.0.1:{free_port()}" for _ in range(n_workers)]
-        split = write_topology(topology, spec.config["num_hidden_layers"], hosts)
+        split = even_layers(spec.config["num_hidden_layers"], n_workers)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
         extra = ("--device", "cpu", "--dtype", spec.dtype, "--max-seq-len", str(max_seq_len))
-        log.info("starting %d workers: %s", n_workers, ", ".join(f"{h}" for h in hosts))
-        workers = start_workers(spec.folder, topology, list(split), extra=extra, env=env)
+        log.info("starting %d workers on free ports of 127.0.0.1", n_workers)
+        workers = start_local_cluster(
+            spec.folder, topology_entries(split), topology, extra=extra, env=env
+        )
         _RUNNING.update(workers)
         try:
             master = await Master.open(

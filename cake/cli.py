@@ -63,7 +63,16 @@ def _fail(message: str) -> None:
 @click.option(
     "--topology", type=click.Path(dir_okay=False), help="topology.yml (blocks per worker)."
 )
-@click.option("--address", help="Worker mode: HOST:PORT to listen on (default: its topology host).")
+@click.option(
+    "--address",
+    help="Worker mode: HOST:PORT to listen on (default: its topology host); port 0 = any free.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Worker mode: once listening, write {name, host, port, pid} as JSON here.",
+)
 @click.option("--prompt", default="Why is the sky blue?", show_default=True)
 @click.option("--system-prompt", default=None, help="Adds a system message (none by default).")
 @click.option("--raw", is_flag=True, help="No chat template: encode the prompt as it is.")
@@ -208,6 +217,13 @@ def _fail(message: str) -> None:
     help="Master: seconds to wait for a lost worker to come back mid-generation.",
 )
 @click.option(
+    "--heartbeat-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Master: a worker silent this long (pings unanswered) is treated as lost.",
+)
+@click.option(
     "--debug-round-trip-per-block",
     is_flag=True,
     hidden=True,
@@ -342,6 +358,7 @@ async def _run_worker(opts: dict) -> None:
         tls_key=opts["tls_key"],
         quantize=opts["quantize"],
         kv_memory=opts["kv_memory"],
+        ready_file=opts["ready_file"],
     )
 
 

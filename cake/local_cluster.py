@@ -2,7 +2,8 @@
 
 Each worker is `python -m cake.cli --mode worker ...` in its own process; we wait for its
 "serving blocks ... on HOST:PORT" log line, keep its stderr (for error messages), and stop it
-with SIGTERM (SIGKILL if it hangs).
+with SIGTERM (SIGKILL if it hangs). `start_local_cluster` lets each worker bind port 0 and
+writes the topology from the ports they report, so no port is guessed (and none raced for).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import yaml
 
 READY = re.compile(r"serving blocks \S+ on (\S+):(\d+)")
 
@@ -107,11 +110,15 @@ def start_workers(
     extra: Sequence[str] = ("--device", "cpu"),
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    address: str | None = None,
 ) -> list[WorkerProcess]:
-    """Start one process per worker name and wait until all of them serve."""
+    """Start one process per worker name and wait until all of them serve.
+
+    `address` overrides the topology's (e.g. '127.0.0.1:0': each binds a free port).
+    """
     env = env or {**os.environ, "PYTHONUNBUFFERED": "1"}
     workers = [
-        WorkerProcess(name, worker_command(model, name, topology, extra=extra), env)
+        WorkerProcess(name, worker_command(model, name, topology, address, extra=extra), env)
         for name in names
     ]
     try:
@@ -122,4 +129,32 @@ def start_workers(
         for worker in workers:
             worker.stop()
         raise
+    return workers
+
+
+def start_local_cluster(
+    model: str | Path,
+    layers: Mapping[str, Sequence[str]],
+    topology: Path,
+    extra: Sequence[str] = ("--device", "cpu"),
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    timeout: float = 120.0,
+) -> list[WorkerProcess]:
+    """Worker processes on `host`, each on a port of its own choosing, and `topology` naming them.
+
+    `layers` maps worker names to their topology entries (e.g. ['model.layers.0-3']). The
+    topology is written twice: first with a placeholder port (a worker reads only its blocks
+    from it), then with the port each worker reported.
+    """
+    spec = {
+        name: {"host": f"{host}:1", "layers": list(entries)} for name, entries in layers.items()
+    }
+    topology.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    workers = start_workers(
+        model, topology, list(layers), extra=extra, timeout=timeout, env=env, address=f"{host}:0"
+    )
+    for worker in workers:
+        spec[worker.name]["host"] = f"{host}:{worker.port}"
+    topology.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return workers

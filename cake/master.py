@@ -27,8 +27,9 @@ from cake.config import LlamaConfig, architecture_of
 from cake.devices import resolve_device
 from cake.errors import ContextError
 from cake.gguf import resolve_model_path
+from cake.liveness import LivenessSettings
 from cake.model import Llama
-from cake.protocol import fingerprint_config
+from cake.protocol import fingerprint_config, session_frame_limit
 from cake.remote import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_RETRY_TIMEOUT_S,
@@ -135,6 +136,7 @@ class Master:
         quantize: str | None = None,
         kv_memory: str | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        liveness: LivenessSettings | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
@@ -169,6 +171,8 @@ class Master:
                 retry_timeout=retry_timeout,
                 cluster_key=key,
                 tls=tls,
+                liveness=liveness,
+                max_frame_bytes=session_frame_limit(config.hidden_size, seq_len),
             )
             for run in runs
             if run.node is not None
@@ -242,6 +246,9 @@ class Master:
             quantize=opts.get("quantize"),
             kv_memory=opts.get("kv_memory"),
             prefill_chunk=opts.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK,
+            liveness=LivenessSettings.for_heartbeat_timeout(opts["heartbeat_timeout"])
+            if opts.get("heartbeat_timeout")
+            else None,
         )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:

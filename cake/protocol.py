@@ -46,6 +46,23 @@ PROTOCOL_VERSION = 1
 # float32 is 256 MiB of hidden state, so 512 MiB leaves room for that plus the msgpack envelope.
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 
+# Before a peer has proved the cluster key (or said hello), only handshake frames are legitimate:
+# the largest, a Welcome listing a few hundred block indices, is well under this.
+HANDSHAKE_MAX_FRAME_BYTES = 8 * 1024
+# What a frame holds besides its hidden states (type, ids, session, block list, tensor header).
+FRAME_ENVELOPE_BYTES = 64 * 1024
+_WIDEST_WIRE_ITEM_BYTES = 4  # f32, the widest dtype the wire allows
+
+
+def session_frame_limit(hidden_size: int, max_positions: int) -> int:
+    """The largest legitimate frame once a link is up: `max_positions` hidden states in f32.
+
+    A forward or result carries (1, T, hidden_size) with T at most the context (a whole prompt,
+    a prefill chunk or a replay chunk all fit in it), so nothing larger is ever needed.
+    """
+    return max_positions * hidden_size * _WIDEST_WIRE_ITEM_BYTES + FRAME_ENVELOPE_BYTES
+
+
 # The length prefix is a big-endian uint32, so no frame body can be larger than this.
 _MAX_ENCODABLE_FRAME_BYTES = 0xFFFF_FFFF
 _LENGTH_PREFIX = struct.Struct(">I")

@@ -1,19 +1,21 @@
-"""The master's side of a worker: one connection per worker, shared by its stages and sessions.
+"""The master's side of a worker: connection, reconnection and replay, and the stages it serves.
 
-Requests carry ids, so several sessions (the HTTP API's concurrent requests) can have forwards in
-flight on one connection; a reader task hands each result to the request that awaits it.
+`WorkerClient` keeps one `Channel` (cake/channel.py: one connection with its own requests in
+flight, reader and heartbeat) to its worker, shared by the worker's stages and every session,
+and tracks the worker's phase (cake/liveness.py): connected -> lost -> replaying -> connected.
 
-A worker that dies or whose connection breaks loses every session's KV caches. The master then
-reconnects with backoff for up to `retry_timeout` seconds and, per session, replays the hidden
-states that stage has received so far (kept by `RemoteStage`), which rebuilds exactly the lost
-caches without running the other stages again; then it carries on.
+A worker whose connection breaks, or that stops answering (a frozen process, a powered-off or
+partitioned host: caught by the heartbeat or a request's deadline), loses every session's KV
+caches as far as we know. The master then reconnects with backoff until `retry_timeout` seconds
+after the worker was last heard and, per session, replays the hidden states that stage has
+received so far (kept by `RemoteStage`), which rebuilds exactly the lost caches without running
+the other stages again; then it carries on, and the text is the same as without the fault.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import ssl
 import time
@@ -21,19 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cake.auth import check_proof, new_nonce, proof
+from cake.channel import Channel
 from cake.errors import WorkerError
+from cake.handshake import WorkerLost, greet_worker
+from cake.liveness import LinkPhase, LivenessSettings
 from cake.protocol import (
-    AuthChallenge,
-    AuthProof,
-    AuthResponse,
+    DEFAULT_MAX_FRAME_BYTES,
+    HANDSHAKE_MAX_FRAME_BYTES,
     CloseSession,
     ErrorMessage,
     Forward,
-    Hello,
-    Message,
-    Pong,
-    ProtocolError,
     Result,
     Welcome,
 )
@@ -47,12 +46,12 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRY_TIMEOUT_S = 60.0
 REPLAY_CHUNK = 512  # positions per replay request, to keep frames moderate
 
-
-class WorkerLost(WorkerError):
-    """The connection failed (worker down, network); retrying may help, unlike a refusal."""
+__all__ = ["RemoteStage", "WorkerClient", "WorkerLost"]
 
 
 class WorkerClient:
+    """One worker, seen from the master: (re)connects and knows the worker's phase."""
+
     def __init__(
         self,
         node: Node,
@@ -62,6 +61,8 @@ class WorkerClient:
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT_S,
         cluster_key: bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        liveness: LivenessSettings | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.node = node
         self.fingerprint = fingerprint
@@ -70,36 +71,60 @@ class WorkerClient:
         self.retry_timeout = retry_timeout
         self.cluster_key = cluster_key
         self.tls = tls
-        self.link: Link | None = None
+        self.liveness = liveness or LivenessSettings()
+        self.max_frame_bytes = max_frame_bytes  # after the handshake: the session's largest
+        self.channel: Channel | None = None
         self.welcome: Welcome | None = None
-        self.epoch = 0  # +1 per successful connection: sessions of older epochs are gone
-        self._pending: dict[int, asyncio.Future[Message]] = {}
-        self._ids = itertools.count(1)
-        self._reader: asyncio.Task | None = None
+        self.phase = LinkPhase()
         self._connecting = asyncio.Lock()
 
     @property
     def label(self) -> str:
         return f"worker {self.node.name} at {self.node.address}"
 
-    async def connect(self) -> Welcome:
-        """Open the connection, authenticate, check the worker serves what the topology says."""
+    @property
+    def link(self) -> Link | None:
+        """The live connection, or None while the worker is lost (or not yet connected)."""
+        return self.channel.link if self.channel is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return self.phase.epoch
+
+    async def connect(self, timeout: float | None = None) -> Welcome:
+        """Open a connection, authenticate, check the worker serves what the topology says."""
+        timeout = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
         try:
             link = await open_link(
-                self.node.host, self.node.port, self.label, self.connect_timeout, ssl=self.tls
+                self.node.host,
+                self.node.port,
+                self.label,
+                timeout,
+                ssl=self.tls,
+                max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES,  # a stranger until it proves the key
             )
         except TLSFailure as exc:
             raise WorkerError(str(exc)) from None
         except LinkError as exc:
             raise WorkerLost(f"{exc}; is the worker running?") from None
         try:
-            welcome = await self._handshake(link)
+            welcome = await greet_worker(
+                link,
+                self.node,
+                self.label,
+                self.fingerprint,
+                self.master_name,
+                self.cluster_key,
+                timeout,
+                hint="" if self.tls else " (if the worker uses TLS, pass --tls-ca)",
+            )
         except BaseException:
             await link.wait_closed()
             raise
-        self.link, self.welcome = link, welcome
-        self.epoch += 1
-        self._reader = asyncio.create_task(self._read_loop(link))
+        link.set_frame_limit(self.max_frame_bytes)
+        self.channel = Channel(link, self.label, self.liveness, on_lost=self._channel_lost)
+        self.welcome = welcome
+        self.phase.connected()
         log.info(
             "connected to %s: blocks %s on %s (%s)",
             self.label,
@@ -109,70 +134,17 @@ class WorkerClient:
         )
         return welcome
 
-    async def _handshake(self, link: Link) -> Welcome:
-        try:
-            if self.cluster_key is not None:
-                await self._authenticate(link, self.cluster_key)
-            await link.send(Hello(fingerprint=self.fingerprint, master=self.master_name))
-            reply = await link.recv(timeout=self.connect_timeout)
-        except TimeoutError:
-            raise WorkerLost(f"{self.label}: handshake timed out") from None
-        except LinkError as exc:
-            hint = "" if self.tls else " (if the worker uses TLS, pass --tls-ca)"
-            raise WorkerLost(f"{self.label}: handshake failed: {exc}{hint}") from None
-        except ProtocolError as exc:
-            raise WorkerError(f"{self.label}: handshake failed: {exc}") from None
-        if isinstance(reply, ErrorMessage):
-            raise WorkerError(f"{self.label} refused the connection: {reply.message}")
-        if not isinstance(reply, Welcome):
-            raise WorkerError(f"{self.label}: expected 'welcome', got {type(reply).__name__}")
-        if set(reply.blocks) != set(self.node.blocks):
-            raise WorkerError(
-                f"{self.label} serves blocks {list(reply.blocks)}, but the topology gives it "
-                f"{list(self.node.blocks)}; restart the worker with the same topology file"
-            )
-        return reply
+    def _channel_lost(self, channel: Channel) -> None:
+        if channel is self.channel:
+            self.channel = None
+            self.phase.lost(channel.clock.last_heard, channel.closed_reason or "lost")
 
-    async def _authenticate(self, link: Link, key: bytes) -> None:
-        master_nonce = new_nonce()
-        await link.send(AuthChallenge(nonce=master_nonce))
-        reply = await link.recv(timeout=self.connect_timeout)
-        if isinstance(reply, ErrorMessage):
-            raise WorkerError(f"{self.label} refused the connection: {reply.message}")
-        if not isinstance(reply, AuthResponse):
-            raise WorkerError(f"{self.label}: expected 'auth_response', got {reply}")
-        if not check_proof(key, "worker", master_nonce, reply.nonce, reply.proof):
-            raise WorkerError(
-                f"{self.label}: cluster key mismatch (the worker does not know our key); "
-                "use the same --cluster-key / CAKE_CLUSTER_KEY everywhere"
-            )
-        await link.send(AuthProof(proof=proof(key, "master", master_nonce, reply.nonce)))
-
-    async def _read_loop(self, link: Link) -> None:
-        error: Exception
-        try:
-            while True:
-                message = await link.recv()
-                request_id = getattr(message, "id", None)
-                if isinstance(message, Result | Pong | ErrorMessage) and request_id is not None:
-                    future = self._pending.pop(request_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif isinstance(message, ErrorMessage):
-                    raise WorkerError(f"{self.label}: {message.message}")
-                else:
-                    raise ProtocolError(f"unexpected {type(message).__name__} from a worker")
-        except (LinkError, ProtocolError, WorkerError) as exc:
-            error = exc
-        except asyncio.CancelledError:
-            error = WorkerLost(f"{self.label}: connection closed")
-        link.close()
-        if self.link is link:
-            self.link = None
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(WorkerLost(str(error)))
-        self._pending.clear()
+    def retry_deadline(self, needed_since: float) -> float:
+        """Give up at --retry-timeout after the worker was last heard (or after we first
+        needed it, if it was lost before that)."""
+        lost_since = self.phase.lost_since
+        since = needed_since if lost_since is None else max(lost_since, needed_since)
+        return since + self.retry_timeout
 
     def gave_up(self, cause: Exception) -> WorkerError:
         return WorkerError(
@@ -184,9 +156,10 @@ class WorkerClient:
         """Reconnect (with backoff, until `deadline`) if the connection is gone."""
         async with self._connecting:
             delay = 0.1
-            while self.link is None:
+            while self.channel is None:
+                left = deadline - time.monotonic()
                 try:
-                    await self.connect()
+                    await self.connect(timeout=max(left, 0.1))
                 except WorkerLost as exc:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -198,50 +171,42 @@ class WorkerClient:
     async def forward(
         self, session: str, start_pos: int, blocks: range, hidden: torch.Tensor
     ) -> Result:
-        link = self.link
-        if link is None:
+        """One forward on the current connection. WorkerLost if it is (or goes) away;
+        WorkerError if the worker refused or failed this request (that session only)."""
+        channel = self.channel
+        if channel is None:
             raise WorkerLost(f"{self.label}: not connected")
-        request_id = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        request = Forward(
-            id=request_id,
-            session=session,
-            start_pos=start_pos,
-            blocks=tuple(blocks),
-            hidden=hidden,
-        )
-        try:
-            await link.send(request)
-        except LinkError as exc:
-            self._pending.pop(request_id, None)
-            if self.link is link:
-                self.link = None  # reconnect next time; the reader sees the close on its own
-            raise WorkerLost(str(exc)) from None
-        reply = await future
+
+        def request(request_id: int) -> Forward:
+            return Forward(
+                id=request_id,
+                session=session,
+                start_pos=start_pos,
+                blocks=tuple(blocks),
+                hidden=hidden,
+            )
+
+        reply = await channel.request(request, positions=hidden.shape[1])
         if isinstance(reply, ErrorMessage):
             raise WorkerError(f"{self.label} failed a request: {reply.message}")
         assert isinstance(reply, Result)
         return reply
 
     async def close_session(self, session: str) -> None:
-        if self.link is not None:
+        if self.channel is not None:
             with contextlib.suppress(LinkError):
-                await self.link.send(CloseSession(session=session))
+                await self.channel.send(CloseSession(session=session))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self.link is not None:
-            await self.link.wait_closed()
-            self.link = None
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
 
 
 @dataclass
 class SessionInputs:
     """The hidden states a stage has received for one session, in position order."""
 
-    epoch: int  # the connection epoch the worker's caches for this session belong to
     chunks: list[torch.Tensor] = field(default_factory=list)  # each (1, T_i, C), on the CPU
     length: int = 0
 
@@ -266,26 +231,36 @@ class RemoteStage:
         )
         self.inputs: dict[str, SessionInputs] = {}
 
+    def _key(self, session_id: str) -> tuple[int, str]:
+        """This stage's caches of a session, as the worker's phase tracks them."""
+        return (self.blocks.start, session_id)
+
     async def forward(
         self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
     ) -> torch.Tensor:
-        client = self.client
-        inputs = self.inputs.setdefault(session_id, SessionInputs(epoch=client.epoch))
+        client, key = self.client, self._key(session_id)
+        inputs = self.inputs.setdefault(session_id, SessionInputs())
+        needed_since = time.monotonic()
         deadline: float | None = None
         while True:
             try:
-                if client.link is None or inputs.epoch != client.epoch:
-                    deadline = deadline or time.monotonic() + client.retry_timeout
+                if client.channel is None:
+                    deadline = deadline or client.retry_deadline(needed_since)
                     await client.ensure_connected(deadline)
-                    if inputs.epoch != client.epoch:
-                        await self._replay(session_id, inputs, times)
+                if client.phase.needs_replay(key):
+                    await self._replay(session_id, inputs, times)
+                client.phase.session_current(key)
                 started = time.perf_counter()
                 result = await client.forward(session_id, start_pos, self.blocks, hidden)
                 break
             except WorkerLost as exc:
                 if deadline is None:
-                    log.warning("%s; reconnecting (up to %gs)", exc, client.retry_timeout)
-                    deadline = time.monotonic() + client.retry_timeout
+                    deadline = client.retry_deadline(needed_since)
+                    log.warning(
+                        "%s; reconnecting (until %gs after it was last heard)",
+                        exc,
+                        client.retry_timeout,
+                    )
                 elif time.monotonic() > deadline:
                     raise client.gave_up(exc) from None
         elapsed = time.perf_counter() - started
@@ -298,7 +273,6 @@ class RemoteStage:
 
     async def _replay(self, session_id: str, inputs: SessionInputs, times: StageTimes) -> None:
         """Rebuild this session's caches on a reconnected worker from the inputs it had seen."""
-        epoch = self.client.epoch
         if inputs.length:
             log.info(
                 "%s: replaying %d positions of session %s (blocks %d-%d)",
@@ -315,10 +289,11 @@ class RemoteStage:
                     session_id, start, self.blocks, seen[:, start : start + REPLAY_CHUNK]
                 )
                 times.round_trips += 1
-        inputs.epoch = epoch
+        self.client.phase.session_current(self._key(session_id))
 
     async def close_session(self, session_id: str) -> None:
         self.inputs.pop(session_id, None)
+        self.client.phase.session_closed(self._key(session_id))
         await self.client.close_session(session_id)
 
     async def close(self) -> None:

@@ -154,8 +154,11 @@ def _format_range(first: int, last: int) -> str:
     return f"model.layers.{first}" if first == last else f"model.layers.{first}-{last}"
 
 
-def parse_address(text: str, source: str = "<string>", node: str | None = None) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port)."""
+def parse_address(
+    text: str, source: str = "<string>", node: str | None = None, any_port: bool = False
+) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port). `any_port`: port 0 (any free one) is allowed,
+    for a listening address."""
     fix = "write it as 'host:port', e.g. '192.168.1.10:10128' or '[::1]:10128'"
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
@@ -171,9 +174,12 @@ def parse_address(text: str, source: str = "<string>", node: str | None = None) 
             )
     if not host or any(c.isspace() for c in host):
         raise _error(source, node, f"bad address {text!r}: the host is empty or has spaces; {fix}")
-    if not re.fullmatch(r"[0-9]+", port_text) or not 1 <= int(port_text) <= 65535:
+    lowest = 0 if any_port else 1
+    if not re.fullmatch(r"[0-9]+", port_text) or not lowest <= int(port_text) <= 65535:
         raise _error(
-            source, node, f"bad address {text!r}: the port must be a number from 1 to 65535; {fix}"
+            source,
+            node,
+            f"bad address {text!r}: the port must be a number from {lowest} to 65535; {fix}",
         )
     return host, int(port_text)
 

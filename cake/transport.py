@@ -2,7 +2,8 @@
 
 Shared by both ends. TCP_NODELAY on every socket (a decode step is one small frame each way;
 Nagle's algorithm would hold it back), `OSError` translated into `LinkError`, and the connection
-closed on any failure mid-frame, since the framing is unknown after that.
+closed on any failure mid-frame, since the framing is unknown after that. TCP keepalive on every
+socket, and a frame limit the owner tightens or widens as the peer proves who it is.
 """
 
 from __future__ import annotations
@@ -42,6 +43,25 @@ async def _read_within(reader: asyncio.StreamReader, timeout: float | None) -> b
     return await asyncio.wait_for(reader.read(READ_CHUNK), timeout)  # pragma: no cover
 
 
+# TCP keepalive: the kernel probes a connection idle this long, then every interval, and drops
+# it after that many missed probes (~60 s in all). The master's heartbeat notices a frozen worker
+# sooner; keepalive is what lets a worker notice a master whose host vanished.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),  # Linux; macOS calls it TCP_KEEPALIVE
+        ("TCP_KEEPALIVE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        if hasattr(socket, option):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class TLSFailure(LinkError):
     """The TLS handshake failed: an untrusted certificate, or TLS on one side only."""
 
@@ -68,6 +88,13 @@ class Link:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock)
+
+    def set_frame_limit(self, max_frame_bytes: int) -> None:
+        """Change the largest frame accepted (and sent) from the next frame on: small before
+        the peer is authenticated, the session's real maximum after."""
+        self.max_frame_bytes = max_frame_bytes
+        self.decoder.max_frame_bytes = max_frame_bytes
 
     async def send(self, message: Message) -> None:
         frame = encode_frame(message.to_wire(), max_frame_bytes=self.max_frame_bytes)
@@ -112,6 +139,10 @@ class Link:
         if not self.writer.is_closing():
             self.writer.close()
 
+    def abort(self) -> None:
+        """Close now, dropping unsent bytes: a close would wait for a stalled peer to read them."""
+        self.writer.transport.abort()
+
     async def wait_closed(self) -> None:
         self.close()
         with contextlib.suppress(OSError, ssl_module.SSLError):
@@ -124,6 +155,7 @@ async def open_link(
     peer: str,
     timeout: float,
     ssl: ssl_module.SSLContext | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> Link:
     """Connect under a timeout; LinkError that names the peer and address on failure."""
     try:
@@ -139,7 +171,7 @@ async def open_link(
         ) from exc
     except OSError as exc:
         raise LinkError(f"{peer}: cannot connect ({exc.strerror or exc})") from exc
-    return Link(reader, writer, peer)
+    return Link(reader, writer, peer, max_frame_bytes=max_frame_bytes)
 
 
 __all__ = ["Link", "LinkError", "ProtocolError", "TLSFailure", "open_link"]

@@ -12,52 +12,34 @@ or other connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import itertools
+import json
 import logging
+import os
 import signal
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
-from cake.auth import check_proof, new_nonce, proof
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import DTYPE_NAMES, release_free_memory
 from cake.errors import KVMemoryError
 from cake.model import Llama
-from cake.protocol import (
-    PROTOCOL_VERSION,
-    AuthChallenge,
-    AuthProof,
-    AuthResponse,
-    CloseSession,
-    ErrorMessage,
-    Forward,
-    Hello,
-    Ping,
-    Pong,
-    ProtocolError,
-    Result,
-    Welcome,
-    fingerprint_config,
-)
+from cake.protocol import Forward, ProtocolError, Welcome, fingerprint_config
 from cake.sessions import Session, SessionStore, format_size, kv_budget
 from cake.topology import format_blocks
-from cake.transport import Link, LinkError
+from cake.transport import Link
+from cake.worker_connection import serve_connection
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_SESSIONS = 32
 LONG_REQUEST = 64  # positions; after a forward this long, freed memory goes back (see devices)
-# Refusals that concern one session: answered, and the connection goes on serving the others.
-SESSION_ERRORS = frozenset(
-    {"too_many_sessions", "kv_memory_full", "context_full", "unknown_session"}
-)
 
 
 class RequestError(ProtocolError):
@@ -106,153 +88,40 @@ class Worker:
         )  # keys: (connection, session id)
         self.store.check_fits_one_session()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-compute")
-        self._connection_ids = itertools.count(1)
+        self.connection_ids = itertools.count(1)
         self.links: set[Link] = set()
+        self.unauthenticated = 0  # connections still in their handshake
 
     @property
     def session_count(self) -> int:
         return len(self.store)
 
+    def welcome(self) -> Welcome:
+        """The handshake's answer: what this worker is and serves."""
+        return Welcome(
+            fingerprint=self.fingerprint,
+            worker=self.name,
+            blocks=tuple(self.blocks),
+            device=str(self.device),
+            dtype=DTYPE_NAMES[self.dtype],
+            max_seq_len=self.max_seq_len,
+            kv_memory=self.store.budget_bytes,
+        )
+
     async def handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        conn = next(self._connection_ids)
-        address = writer.get_extra_info("peername")
-        peer = f"{address[0]}:{address[1]}" if address else "peer"
-        # A tensor larger than a full context of hidden states is never legitimate.
-        link = Link(
-            reader, writer, peer, max_tensor_elements=self.max_seq_len * self.config.hidden_size
-        )
-        log.info("connection %d from %s", conn, peer)
-        self.links.add(link)
-        tasks: set[asyncio.Task] = set()
-        try:
-            await self._handshake(link)
-            while True:
-                message = await link.recv(timeout=self.idle_timeout)
-                if isinstance(message, Forward):
-                    # Checked here, in wire order (a close_session right behind a forward
-                    # must not overtake it); only the tensor work runs as a task.
-                    try:
-                        session = self.check_request(conn, message)
-                    except RequestError as exc:
-                        log.warning("request %d from %s: %s", message.id, peer, exc)
-                        reply = ErrorMessage(message=str(exc), code=exc.code, id=message.id)
-                        await link.send(reply)
-                        if exc.code in SESSION_ERRORS:
-                            continue
-                        break  # the master's view of this worker is wrong: close
-                    task = asyncio.create_task(self._forward(link, session, message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                elif isinstance(message, CloseSession):
-                    if self.store.close((conn, message.session)):
-                        log.info("connection %d: session %s closed", conn, message.session)
-                elif isinstance(message, Ping):
-                    await link.send(Pong(id=message.id))
-                else:
-                    raise ProtocolError(f"a master does not send {type(message).__name__!r}")
-        except ProtocolError as exc:  # RequestError included
-            log.warning("connection %d from %s: %s; closing it", conn, peer, exc)
-            code = exc.code if isinstance(exc, RequestError) else "bad_message"
-            await _try_send(link, ErrorMessage(message=str(exc), code=code))
-        except TimeoutError:
-            log.info(
-                "connection %d from %s: idle for %.0fs, closing it", conn, peer, self.idle_timeout
-            )
-        except LinkError as exc:
-            log.info("connection %d: %s", conn, exc)
-        finally:
-            for task in tasks:
-                task.cancel()
-            dropped = self.store.close_where(lambda key: key[0] == conn)
-            if dropped:
-                log.info("connection %d: dropped %d session(s)", conn, dropped)
-            self.links.discard(link)
-            await link.wait_closed()
+        await serve_connection(self, reader, writer)
 
-    async def _handshake(self, link: Link) -> None:
-        first = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
-        if self.cluster_key is not None:
-            if not isinstance(first, AuthChallenge):
-                raise RequestError(
-                    "auth_required",
-                    f"worker {self.name} requires the cluster key: give the master the same "
-                    "--cluster-key (or CAKE_CLUSTER_KEY)",
-                )
-            await self._authenticate(link, first)
-            hello = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
-        elif isinstance(first, AuthChallenge):
-            raise RequestError(
-                "auth_unsupported",
-                f"worker {self.name} has no cluster key, but the master sent one: start the "
-                "worker with the same --cluster-key, or drop it from the master",
-            )
-        else:
-            hello = first
-        if not isinstance(hello, Hello):
-            raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
-        if hello.version != PROTOCOL_VERSION:
-            raise RequestError(
-                "version_mismatch",
-                f"protocol version {hello.version} is not this worker's {PROTOCOL_VERSION}; "
-                "run the same cake version on master and workers",
-            )
-        if hello.fingerprint != self.fingerprint:
-            raise RequestError(
-                "model_mismatch",
-                f"worker {self.name} serves a different model (fingerprint {self.fingerprint}, "
-                f"master has {hello.fingerprint}); start both with the same model",
-            )
-        await link.send(
-            Welcome(
-                fingerprint=self.fingerprint,
-                worker=self.name,
-                blocks=tuple(self.blocks),
-                device=str(self.device),
-                dtype=DTYPE_NAMES[self.dtype],
-                max_seq_len=self.max_seq_len,
-                kv_memory=self.store.budget_bytes,
-            )
-        )
-        log.info("master %r connected from %s", hello.master, link.peer)
+    def close_session(self, conn: int, session_id: str) -> None:
+        if self.store.close((conn, session_id)):
+            log.info("connection %d: session %s closed", conn, session_id)
 
-    async def _authenticate(self, link: Link, challenge: AuthChallenge) -> None:
-        assert self.cluster_key is not None
-        worker_nonce = new_nonce()
-        await link.send(
-            AuthResponse(
-                nonce=worker_nonce,
-                proof=proof(self.cluster_key, "worker", challenge.nonce, worker_nonce),
-            )
-        )
-        answer = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
-        if not isinstance(answer, AuthProof) or not check_proof(
-            self.cluster_key, "master", challenge.nonce, worker_nonce, answer.proof
-        ):
-            raise RequestError(
-                "auth_failed", f"cluster key mismatch: the master's key is not worker {self.name}'s"
-            )
-
-    async def _forward(self, link: Link, session: Session, request: Forward) -> None:
-        try:
-            try:
-                async with session.lock:
-                    loop = asyncio.get_running_loop()
-                    hidden, compute_us = await loop.run_in_executor(
-                        self.compute, self.run_request, session, request
-                    )
-            finally:
-                self.store.release(session)
-            await link.send(Result(id=request.id, hidden=hidden, compute_us=compute_us))
-        except LinkError:
-            pass
-        except Exception as exc:  # a failure of ours (out of memory, ...): say so, keep serving
-            log.exception("request %d from %s failed", request.id, link.peer)
-            reply = ErrorMessage(
-                message=f"worker {self.name} failed: {exc}", code="internal", id=request.id
-            )
-            await _try_send(link, reply)
+    def drop_connection(self, conn: int) -> None:
+        """The connection ended: its sessions' caches go with it."""
+        dropped = self.store.close_where(lambda key: key[0] == conn)
+        if dropped:
+            log.info("connection %d: dropped %d session(s)", conn, dropped)
 
     def check_request(self, conn: int, request: Forward) -> Session:
         """The session a forward runs in, or RequestError (on the event loop thread)."""
@@ -309,9 +178,13 @@ class Worker:
             release_free_memory()  # a prefill's large activations: back to the system
         return out, int((time.perf_counter() - started) * 1e6)
 
-    async def serve(self, host: str, port: int) -> asyncio.Server:
+    async def serve(self, host: str, port: int, ready_file: str | None = None) -> asyncio.Server:
+        """Listen (port 0: any free port); the 'serving' log line and `ready_file` (JSON: name,
+        host, port, pid; written before that line) say which port."""
         server = await asyncio.start_server(self.handle_connection, host, port, ssl=self.tls)
         bound = server.sockets[0].getsockname()
+        if ready_file is not None:
+            write_ready_file(ready_file, self.name, bound[0], bound[1])
         log.info(
             "worker %s serving blocks %s on %s:%d (%s, %s; context %d, KV memory %s)",
             self.name,
@@ -326,14 +199,9 @@ class Worker:
         return server
 
 
-async def _try_send(link: Link, message: ErrorMessage) -> None:
-    with contextlib.suppress(LinkError):
-        await link.send(message)
-
-
-async def run_worker(worker: Worker, host: str, port: int) -> None:
+async def run_worker(worker: Worker, host: str, port: int, ready_file: str | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then close the listener and every connection."""
-    server = await worker.serve(host, port)
+    server = await worker.serve(host, port, ready_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -362,6 +230,7 @@ async def start_worker(
     tls_key: str | None = None,
     quantize: str | None = None,
     kv_memory: str | None = None,
+    ready_file: str | None = None,
 ) -> None:
     """`cake-cli --mode worker`: load this node's blocks (nothing else) and serve them."""
     from cake.auth import cluster_key as parse_key
@@ -375,7 +244,9 @@ async def start_worker(
     if not name or not topology:
         raise ValueError("worker mode needs --name and --topology (which blocks to serve)")
     node = load_topology(topology).node(name)
-    host, port = parse_address(address, "--address") if address else (node.host, node.port)
+    host, port = (
+        parse_address(address, "--address", any_port=True) if address else (node.host, node.port)
+    )
     key, tls = parse_key(cluster_key), server_tls(tls_cert, tls_key)
     if key is None and not _is_loopback(host):
         log.warning(
@@ -412,7 +283,14 @@ async def start_worker(
         cluster_key=key,
         tls=tls,
     )
-    await run_worker(worker, host, port)
+    await run_worker(worker, host, port, ready_file)
+
+
+def write_ready_file(path: str, name: str, host: str, port: int) -> None:
+    """Atomically (write, then rename), so a reader never sees half a file."""
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps({"name": name, "host": host, "port": port, "pid": os.getpid()}))
+    partial.replace(path)
 
 
 def _is_loopback(host: str) -> bool:

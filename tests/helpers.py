@@ -1,4 +1,4 @@
-"""Test helpers: random Llama checkpoints built with transformers, real artefacts, free ports.
+"""Test helpers: random Llama checkpoints built with transformers, real artefacts.
 
 Plain functions (no fixtures) so that test files and subprocess scripts can import them.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import torch
@@ -169,9 +168,3 @@ def dequantized_folder(gguf_path: Path, target: Path) -> Path:
     tokenizer.save_pretrained(str(target))
     return target
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

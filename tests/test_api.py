@@ -26,13 +26,11 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 from cluster import cluster
-from helpers import free_port
 
 from cake.api import StopFilter, create_app, listen, model_id, server_for
 from cake.chat import load_tokenizer
-from cake.local_cluster import start_workers
+from cake.local_cluster import start_local_cluster
 from cake.master import Master
 from cake.sampling import SamplingParams
 from cake.worker import Worker
@@ -618,15 +616,7 @@ def test_a_worker_gone_for_good_ends_the_stream_with_an_error(
     --retry-timeout: the stream ends with an error event (no finish_reason, no [DONE]), the
     next request gets 502, and /health says 503."""
     topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump(
-            {
-                name: {"host": f"127.0.0.1:{free_port()}", "layers": layers}
-                for name, layers in TWO_WORKERS.items()
-            }
-        )
-    )
-    processes = {w.name: w for w in start_workers(tiny_llama, topology, list(TWO_WORKERS))}
+    processes = {w.name: w for w in start_local_cluster(tiny_llama, TWO_WORKERS, topology)}
 
     def slow_down(master: Master) -> None:
         master.stages[0] = ThrottledStage(master.stages[0], delay=0.02)

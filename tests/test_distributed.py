@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from cluster import N_TOKENS, cluster, generate, local_tokens
-from helpers import free_port
 
 from cake.errors import WorkerError
-from cake.local_cluster import start_workers
+from cake.local_cluster import start_local_cluster
 from cake.master import GenerationStats, Master
 
 
@@ -133,29 +132,23 @@ def test_worker_with_another_model_is_refused(
 
 
 def test_unreachable_worker_names_worker_and_address(tiny_llama: Path, tmp_path: Path) -> None:
-    port = free_port()
-    topology = tmp_path / "topology.yml"
-    topology.write_text(f"gone:\n  host: '127.0.0.1:{port}'\n  layers: ['model.layers.0']\n")
-    with pytest.raises(WorkerError, match=rf"worker gone at 127\.0\.0\.1:{port}.*running"):
-        asyncio.run(Master.open(tiny_llama, topology, device="cpu", connect_timeout=2))
+    with socket.socket() as listener:  # bound but not listening: connections are refused
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        topology = tmp_path / "topology.yml"
+        topology.write_text(f"gone:\n  host: '127.0.0.1:{port}'\n  layers: ['model.layers.0']\n")
+        with pytest.raises(WorkerError, match=rf"worker gone at 127\.0\.0\.1:{port}.*running"):
+            asyncio.run(Master.open(tiny_llama, topology, device="cpu", connect_timeout=2))
 
 
 @pytest.mark.slow
 def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> None:
     """Real weights, real worker processes: 2 uneven workers plus 2 blocks on the master."""
-    ports = free_port(), free_port()
     topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump(
-            {
-                "w1": {"host": f"127.0.0.1:{ports[0]}", "layers": ["model.layers.0-9"]},
-                "w2": {"host": f"127.0.0.1:{ports[1]}", "layers": ["model.layers.10-27"]},
-            }
-        )
-    )
     prompt, n = "What is the capital of France?", 16
     local = asyncio.run(local_tokens(smollm2_dir, prompt, n))
-    workers = start_workers(smollm2_dir, topology, ["w1", "w2"])
+    layers = {"w1": ["model.layers.0-9"], "w2": ["model.layers.10-27"]}
+    workers = start_local_cluster(smollm2_dir, layers, topology)
     try:
 
         async def run() -> tuple[list[int], GenerationStats, list[int]]:

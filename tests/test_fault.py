@@ -11,27 +11,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from cluster import GREEDY, local_tokens
-from helpers import free_port
 
 from cake.errors import WorkerError
-from cake.local_cluster import WorkerProcess, start_workers, worker_command
+from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.master import GenerationStats, Master
 
 N = 40
 
 
 class Cluster:
-    def __init__(self, model: Path, topology: Path, names: list[str]) -> None:
+    def __init__(self, model: Path, topology: Path, layers: dict[str, list[str]]) -> None:
         self.model, self.topology = model, topology
-        self.workers = {w.name: w for w in start_workers(model, topology, names)}
+        self.workers = {w.name: w for w in start_local_cluster(model, layers, topology)}
 
     def kill(self, name: str) -> None:
         self.workers[name].kill()
 
     def restart(self, name: str) -> None:
-        command = worker_command(self.model, name, self.topology, extra=("--device", "cpu"))
+        """Start it again on the port it had (the one the topology names)."""
+        address = f"127.0.0.1:{self.workers[name].port}"
+        command = worker_command(self.model, name, self.topology, address, ("--device", "cpu"))
         process = WorkerProcess(name, command)
         self.workers[name] = process
         process.wait_ready()
@@ -43,16 +43,8 @@ class Cluster:
 
 @pytest.fixture
 def two_workers(tiny_llama: Path, tmp_path: Path) -> Iterator[Cluster]:
-    topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump(
-            {
-                "w1": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.0-1"]},
-                "w2": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.2-3"]},
-            }
-        )
-    )
-    cluster = Cluster(tiny_llama, topology, ["w1", "w2"])
+    layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
+    cluster = Cluster(tiny_llama, tmp_path / "topology.yml", layers)
     yield cluster
     cluster.stop()
 
@@ -130,14 +122,14 @@ def test_worker_restarted_while_idle_is_picked_up(two_workers: Cluster) -> None:
 
 
 def test_cli_keeps_the_text_so_far_when_a_worker_is_lost(tiny_llama: Path, tmp_path: Path) -> None:
-    port = free_port()
     topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump({"w1": {"host": f"127.0.0.1:{port}", "layers": ["model.layers.0-3"]}})
+    (worker,) = start_local_cluster(
+        tiny_llama,
+        {"w1": ["model.layers.0-3"]},
+        topology,
+        extra=("--device", "cpu", "--max-seq-len", "4096"),
     )
-    (worker,) = start_workers(
-        tiny_llama, topology, ["w1"], extra=("--device", "cpu", "--max-seq-len", "4096")
-    )
+    port = worker.port
     master = subprocess.Popen(
         [
             sys.executable,

@@ -13,12 +13,10 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
-import yaml
 from cluster import generate, local_tokens
-from helpers import free_port
 
 from cake.config import LlamaConfig, architecture_of
-from cake.local_cluster import WorkerProcess, start_workers
+from cake.local_cluster import WorkerProcess, start_local_cluster
 from cake.master import Master
 from cake.protocol import (
     Forward,
@@ -35,11 +33,7 @@ CONTEXT = 64  # the worker's --max-seq-len here
 
 @pytest.fixture(scope="module")
 def worker(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    port = free_port()
     topology = tmp_path_factory.mktemp("hostile") / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump({"w1": {"host": f"127.0.0.1:{port}", "layers": ["model.layers.0-3"]}})
-    )
     extra = (
         "--device",
         "cpu",
@@ -50,7 +44,7 @@ def worker(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--idle-timeout",
         "3",
     )
-    (process,) = start_workers(tiny_llama, topology, ["w1"], extra=extra)
+    (process,) = start_local_cluster(tiny_llama, {"w1": ["model.layers.0-3"]}, topology, extra)
     process.topology = topology
     yield process
     process.stop()

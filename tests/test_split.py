@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import build_random_llama, free_port
+from helpers import build_random_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -335,10 +335,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_bundles_run_without_the_original_model(tiny_llama: Path, tmp_path: Path) -> None:
     model = shutil.copytree(tiny_llama, tmp_path / "model")
-    ports = {"w1": free_port(), "w2": free_port()}
-    topology = write_topology(
-        tmp_path / "t.yml", {"w1": "model.layers.0-1", "w2": "model.layers.2"}, ports
-    )
+    layers = {"w1": "model.layers.0-1", "w2": "model.layers.2"}
+    topology = write_topology(tmp_path / "t.yml", layers)
     split_model(model, topology, tmp_path / "out")
     bundles = shutil.copytree(tmp_path / "out", tmp_path / "copied")
     shutil.rmtree(model)  # nothing may reach back into the source folder
@@ -347,17 +345,19 @@ def test_bundles_run_without_the_original_model(tiny_llama: Path, tmp_path: Path
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     workers = []
     try:
-        for name, port in ports.items():
+        for name in layers:
             args = worker_command(
                 bundles / name,
                 name,
                 bundles / name / "topology.yml",
-                address=f"127.0.0.1:{port}",
+                address="127.0.0.1:0",  # each picks a free port and reports it
                 extra=["--device", "cpu"],
             )
             workers.append(WorkerProcess(name, args, env))
         for worker in workers:
             worker.wait_ready(timeout=60)
+        ports = {worker.name: worker.port for worker in workers}
+        write_topology(bundles / "master" / "topology.yml", layers, ports)
         generate = ["--prompt", "hi", "--temperature", "0", "-n", "12", "--ignore-eos"]
         generate += ["--device", "cpu"]
         split = cli(
