@@ -243,24 +243,19 @@ def test_32_short_sessions_raise_a_worker_rss_by_what_they_use(
 ) -> None:
     """A worker process with 15 SmolLM2 blocks at a 4096-position context: 32 sessions of a few
     positions each. Preallocated caches would commit 32 x 92 MiB; pages cost 32 x 1.4 MiB."""
-    import yaml
-    from helpers import free_port
-
     from cake.config import LlamaConfig, architecture_of
-    from cake.local_cluster import start_workers
+    from cake.local_cluster import start_local_cluster
     from cake.protocol import fingerprint_config
     from cake.remote import WorkerClient
     from cake.topology import load_topology
 
     topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump(
-            {"w1": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.0-14"]}}
-        )
-    )
     config = LlamaConfig.from_folder(smollm2_dir)
-    (worker,) = start_workers(
-        smollm2_dir, topology, ["w1"], extra=("--device", "cpu", "--max-seq-len", "4096")
+    (worker,) = start_local_cluster(
+        smollm2_dir,
+        {"w1": ["model.layers.0-14"]},
+        topology,
+        extra=("--device", "cpu", "--max-seq-len", "4096"),
     )
 
     async def main() -> tuple[int, int]:
