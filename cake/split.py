@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,11 +32,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from tqdm import tqdm
 
 from cake.config import LlamaConfig, ModelFolderError
 from cake.convert import resolve_model_path
 from cake.model import Llama
+from cake.progress import progress_bar
 from cake.topology import Topology, format_blocks, load_topology
 from cake.weights import HEAD, INDEX_FILE, Checkpoint, head_source
 
@@ -289,15 +288,7 @@ def write_bundles(
     staging = Path(tempfile.mkdtemp(prefix=".cake-split-", dir=output))
     try:
         total = sum(bundle.nbytes for bundle in bundles)
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="splitting",
-            file=sys.stderr,
-            disable=not sys.stderr.isatty(),
-        ) as progress:
+        with progress_bar(total, "splitting", unit="B") as progress:
             for bundle in bundles:
                 _write_bundle(folder, bundle, staging / bundle.name, progress.update)
         _refuse_existing(output, [bundle.name for bundle in bundles], force)  # appeared meanwhile?

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from cake.config import LlamaConfig, ModelFolderError
 from cake.devices import release_free_memory
 from cake.model import Llama
+from cake.progress import progress
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -133,7 +134,7 @@ def load_llama(
     sources = {HEAD: head_source(config, checkpoint)} if with_head else {}
     # Block by block, each packed as soon as it is loaded (see Llama.pack): the checkpoint's
     # tensors of one block at most live beside the packed ones.
-    for names in _load_groups(expected, blocks):
+    for names in progress(_load_groups(expected, blocks), "loading weights", unit="part"):
         tensors = checkpoint.load(names, dtype, device, sources)
         for name in names:
             if tuple(tensors[name].shape) != expected[name]:
