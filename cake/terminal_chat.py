@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -103,7 +102,7 @@ class LoopThread:
 class Answer:
     text: str
     tokens: int
-    seconds: float
+    tokens_per_s: float  # decode speed, after the prompt's prefill (as --stats reports it)
     stopped: bool  # by Ctrl-C
 
 
@@ -193,8 +192,7 @@ class TerminalChat:
             self.say(f"\nerror: {exc}")
             return
         self.conversation.add_turn(question, answer.text)
-        rate = answer.tokens / answer.seconds if answer.seconds else 0.0
-        end = "stopped" if answer.stopped else f"{rate:.1f} tok/s"
+        end = "stopped" if answer.stopped else f"{answer.tokens_per_s:.1f} tok/s"
         self.say(f"[{answer.tokens} tokens, {end}]")
 
     def wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -213,7 +211,6 @@ class TerminalChat:
 
         decoder = StreamDecoder(self.master.tokenizer)
         stats = GenerationStats()
-        started = time.perf_counter()
         tokens = self.master.generate(ids, self.params, self.max_new_tokens, self.ignore_eos, stats)
         stopped = False
         try:
@@ -225,8 +222,7 @@ class TerminalChat:
         finally:
             await tokens.aclose()  # closes the session on the master and every worker
             self._write(decoder.finish() + "\n")
-        seconds = time.perf_counter() - started
-        return Answer(decoder.emitted, stats.new_tokens, seconds, stopped)
+        return Answer(decoder.emitted, stats.new_tokens, stats.decode_tok_s, stopped)
 
     def _write(self, text: str) -> None:
         if text:
