@@ -189,7 +189,7 @@ class TerminalChat:
         try:
             answer = self.wait(self.answer(ids))
         except (WorkerError, ContextError) as exc:
-            self.say(f"\nerror: {exc}")
+            self.say(f"error: {exc}")
             return
         self.conversation.add_turn(question, answer.text)
         end = "stopped" if answer.stopped else f"{answer.tokens_per_s:.1f} tok/s"

@@ -301,6 +301,7 @@
 
   refreshStatus();
   setInterval(() => {
-    if (!controller) refreshStatus();
+    // Not while an answer streams, and not to ask again for a key the person dismissed.
+    if (!controller && (!keyRequired || apiKey())) refreshStatus();
   }, STATUS_EVERY_MS);
 })();
