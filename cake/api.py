@@ -40,6 +40,7 @@ from cake.master import GenerationStats, Master
 from cake.remote import RemoteStage
 from cake.sampling import SamplingParams
 from cake.topology import parse_address
+from cake.webchat import mount_webchat
 
 log = logging.getLogger(__name__)
 
@@ -643,6 +644,7 @@ def create_app(
         usage = {**base, "choices": []} if body.include_usage else None
         return EventStream(generation, _stream(generation, first, chunk, None, usage, "prompt"))
 
+    mount_webchat(app, api_key)  # the chat page at / and its status endpoint
     return app
 
 

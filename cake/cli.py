@@ -73,7 +73,11 @@ def _fail(message: str) -> None:
     default=None,
     help="Worker mode: once listening, write {name, host, port, pid} as JSON here.",
 )
-@click.option("--prompt", default="Why is the sky blue?", show_default=True)
+@click.option(
+    "--prompt",
+    default=None,
+    help="The question. Without it: a chat on a terminal, else the prompt is read from stdin.",
+)
 @click.option("--system-prompt", default=None, help="Adds a system message (none by default).")
 @click.option("--raw", is_flag=True, help="No chat template: encode the prompt as it is.")
 @click.option(
@@ -268,6 +272,10 @@ def main(**opts: object) -> None:
             asyncio.run(_run_api(opts))
         elif opts["perplexity_file"]:
             asyncio.run(_run_perplexity(opts))
+        elif opts["prompt"] is None and sys.stdin.isatty() and sys.stdout.isatty():
+            from cake.terminal_chat import run_terminal_chat
+
+            run_terminal_chat(opts)
         else:
             asyncio.run(_run_master(opts))
     except (
@@ -298,7 +306,13 @@ async def _run_master(opts: dict) -> None:
     )
     master = await Master.from_options(opts)
     try:
-        prompt_ids = master.encode(opts["prompt"], opts["system_prompt"], opts["raw"])
+        prompt = opts["prompt"] if opts["prompt"] is not None else sys.stdin.read().strip()
+        prompt_ids = master.encode(prompt, opts["system_prompt"], opts["raw"])
+        if not prompt:
+            raise ValueError(
+                "no prompt: pass --prompt TEXT, pipe one into stdin "
+                "(echo 'question' | cake-cli ...), or run on a terminal to chat"
+            )
         stats = GenerationStats()
         decoder = StreamDecoder(master.tokenizer)
         out = sys.stdout

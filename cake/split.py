@@ -25,18 +25,16 @@ import math
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tqdm import tqdm
-
 from cake.config import LlamaConfig, ModelFolderError
 from cake.gguf import gguf_file_of, resolve_model_path
 from cake.model import HEAD, checkpoint_shapes
+from cake.progress import progress_bar
 from cake.topology import Topology, format_blocks, load_topology
 from cake.transcode import write_transcoded
 from cake.weights import INDEX_FILE, Checkpoint, Quantization, head_source
@@ -304,15 +302,7 @@ def write_bundles(
     staging = Path(tempfile.mkdtemp(prefix=".cake-split-", dir=output))
     try:
         total = sum(bundle.nbytes for bundle in bundles)
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="splitting",
-            file=sys.stderr,
-            disable=not sys.stderr.isatty(),
-        ) as progress:
+        with progress_bar(total, "splitting", unit="B") as progress:
             for bundle in bundles:
                 _write_bundle(folder, bundle, staging / bundle.name, progress.update, transcode)
         _refuse_existing(output, [bundle.name for bundle in bundles], force)  # appeared meanwhile?

@@ -30,6 +30,7 @@ from cake.model import (
     RMSNorm,
     checkpoint_shapes,
 )
+from cake.progress import progress
 from cake.quant import (
     DEFAULT_GROUP_SIZE,
     SCHEMES,
@@ -263,7 +264,7 @@ def load_llama(
         return RMSNorm(weight, config.rms_norm_eps)
 
     layers: dict[int, Block] = {}
-    for i in sorted(blocks):
+    for i in progress(sorted(blocks), "loading blocks", unit="block"):
         prefix = f"model.layers.{i}."
         projections = {
             module: build_projection(

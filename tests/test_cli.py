@@ -192,7 +192,8 @@ def test_system_prompt_is_in_the_prompt(tiny_llama: Path) -> None:
 
 
 def test_stats_flag_adds_stage_lines_on_stderr_only(tiny_llama: Path) -> None:
-    args = ["--model", str(tiny_llama), "--temperature", "0", "-n", "3", "--ignore-eos"]
+    args = ["--model", str(tiny_llama), "--prompt", QUESTION, "--temperature", "0", "-n", "3"]
+    args.append("--ignore-eos")
     plain, with_stats = run_cli(*args), run_cli(*args, "--stats")
     assert with_stats.exit_code == 0, with_stats.stderr
     assert with_stats.stdout == plain.stdout

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from cluster import GREEDY, cluster
-from helpers import free_port
 
-from cake.local_cluster import WorkerProcess, start_workers, worker_command
+from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.master import GenerationStats, Master
 
 PROMPT = [128000] + [(i * 7919) % 120000 + 1000 for i in range(69)]  # 70 tokens
@@ -104,19 +102,13 @@ def test_worker_lost_mid_prefill_is_replayed(
     """w2 dies after its second chunk: the master reconnects, replays the two chunks it had
     sent (one request), and the text is the same."""
     topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump(
-            {
-                "w1": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.0-1"]},
-                "w2": {"host": f"127.0.0.1:{free_port()}", "layers": ["model.layers.2-3"]},
-            }
-        )
-    )
-    workers = {w.name: w for w in start_workers(tiny_llama, topology, ["w1", "w2"])}
+    layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
+    workers = {w.name: w for w in start_local_cluster(tiny_llama, layers, topology)}
     restarted = threading.Thread()
 
     def restart() -> None:
-        command = worker_command(tiny_llama, "w2", topology, extra=("--device", "cpu"))
+        address = f"127.0.0.1:{workers['w2'].port}"  # the port the topology names
+        command = worker_command(tiny_llama, "w2", topology, address, ("--device", "cpu"))
         workers["w2"] = WorkerProcess("w2", command)
         workers["w2"].wait_ready()
 
