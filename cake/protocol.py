@@ -562,7 +562,7 @@ class Description(_Message):
     id: int
     worker: str  # its name (the address it listens on, unless --name gave one)
     device: str  # "cpu", "cuda:0", "mps"
-    free_memory: int  # bytes available for weights and caches on that device now
+    free_memory: int  # bytes it offers for blocks: its --max-memory, or 90% of what is free
     total_memory: int  # bytes of that device's memory
     matmul_mflops: int  # measured at start: a large float32 matmul, in MFLOP/s
     model: str  # content fingerprint of the model it serves, "" while empty
@@ -607,7 +607,7 @@ class Measured(_Message):
     block_us: int
     dtype: str  # the dtype it resolved and timed ("f32", "f16", "bf16")
     block_bytes: int  # memory one block takes there: weights + one session's KV cache
-    free_memory: int  # bytes free after the measurement
+    free_memory: int  # bytes it offers for blocks, as in Description
 
     def _check(self) -> None:
         if self.dtype not in COMPUTE_DTYPES[1:]:

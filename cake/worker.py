@@ -101,20 +101,25 @@ class Worker:
         return len(self.sessions)
 
     async def handle_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        accepted: tuple[Link, Hello] | None = None,
     ) -> None:
+        """Serve one master. `accepted`: a link an empty worker (cake/empty_worker.py) already
+        authenticated, with the Hello it read, handed over once this worker holds its blocks."""
         conn = next(self._connection_ids)
         address = writer.get_extra_info("peername")
         peer = f"{address[0]}:{address[1]}" if address else "peer"
         # A tensor larger than a full context of hidden states is never legitimate.
-        link = Link(
-            reader, writer, peer, max_tensor_elements=self.max_seq_len * self.config.hidden_size
-        )
+        max_elements = self.max_seq_len * self.config.hidden_size
+        link = accepted[0] if accepted else Link(reader, writer, peer)
+        link.max_tensor_elements = max_elements
         log.info("connection %d from %s", conn, peer)
         self.links.add(link)
         tasks: set[asyncio.Task] = set()
         try:
-            await self._handshake(link)
+            await (self._greet(link, accepted[1]) if accepted else self._handshake(link))
             while True:
                 message = await link.recv(timeout=self.idle_timeout)
                 if isinstance(message, Forward):
@@ -179,6 +184,10 @@ class Worker:
             )
         else:
             hello = first
+        await self._greet(link, hello)
+
+    async def _greet(self, link: Link, hello: object) -> None:
+        """Check the master's Hello and answer with Welcome."""
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
         if hello.version != PROTOCOL_VERSION:

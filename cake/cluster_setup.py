@@ -1,0 +1,369 @@
+"""From worker addresses to a running topology: measure, plan, push, assign.
+
+    cake-cli --model M --workers HOST:PORT[,HOST:PORT...] --cluster-key K ...
+    cake-cli --model M --discover [--min-workers N] --cluster-key K ...
+
+For each worker, over one authenticated control connection: ``describe`` (device, memory it
+offers), a few pings (round trip), ``measure`` (one block of this model at this dtype, timed
+there). The master times a block itself too. `placement.place` picks contiguous ranges; the
+plan is logged with its predicted speed (``--plan`` prints it as topology.yml and stops). Then
+each worker gets exactly its blocks' tensors (`push.worker_payload`), resumed after a broken
+connection, and an ``assign``; the result is an ordinary `Topology` the master runs as if it
+had been written by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cake.auth import check_proof, new_nonce, proof
+from cake.config import LlamaConfig
+from cake.errors import WorkerError
+from cake.placement import MASTER, Placement, StageCost, place
+from cake.protocol import (
+    Assign,
+    Assigned,
+    AuthChallenge,
+    AuthProof,
+    AuthResponse,
+    Describe,
+    Description,
+    ErrorMessage,
+    Measure,
+    Measured,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+)
+from cake.push import ModelManifest, PushRefused, PushStats, payload_model, push, worker_payload
+from cake.topology import Node, Topology, parse_address
+from cake.transport import Link, LinkError, open_link
+
+log = logging.getLogger(__name__)
+
+RTT_PINGS = 5
+MEASURE_TIMEOUT_S = 120.0  # a block of a large model on a slow device takes a while to build
+
+
+@dataclass
+class ClusterOptions:
+    """What the master command line says about the cluster (typed, not the CLI's dict)."""
+
+    workers: list[str]  # HOST:PORT
+    cluster_key: bytes
+    tls: ssl.SSLContext | None = None
+    device: str = "auto"  # the master's own device
+    dtype: str = "auto"  # every stage's; "auto" is resolved per device
+    max_seq_len: int | None = None  # None: the model's, at most master.DEFAULT_MAX_SEQ_LEN
+    master_blocks: int | None = None  # most blocks the master may run itself
+    connect_timeout: float = 10.0
+    retry_timeout: float = 60.0
+    on_sent: Callable[[str, int], object] = lambda worker, count: None  # progress, tests
+
+
+@dataclass
+class WorkerProbe:
+    """One worker as measured: its control link stays open for the push and the assignment."""
+
+    host: str
+    port: int
+    link: Link
+    description: Description
+    rtt_ms: float
+    measured: Measured
+
+    @property
+    def name(self) -> str:
+        return self.description.worker
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.name} at {self.host}:{self.port}"
+
+
+@dataclass
+class ClusterPlan:
+    topology: Topology
+    placement: Placement
+    probes: list[WorkerProbe]
+    pushed: dict[str, PushStats] = field(default_factory=dict)  # worker name -> what went
+
+
+async def connect_control(
+    host: str, port: int, label: str, key: bytes, tls: ssl.SSLContext | None, timeout: float
+) -> Link:
+    """Open a control connection and prove the cluster key (the master's half of cake/auth)."""
+    link = await open_link(host, port, label, timeout, ssl=tls)
+    try:
+        master_nonce = new_nonce()
+        await link.send(AuthChallenge(nonce=master_nonce))
+        reply = await link.recv(timeout=timeout)
+        if isinstance(reply, ErrorMessage):
+            raise WorkerError(f"{label} refused the connection: {reply.message}")
+        if not isinstance(reply, AuthResponse) or not check_proof(
+            key, "worker", master_nonce, reply.nonce, reply.proof
+        ):
+            raise WorkerError(
+                f"{label}: cluster key mismatch (the worker does not know our key); use the "
+                "same --cluster-key / CAKE_CLUSTER_KEY everywhere"
+            )
+        await link.send(AuthProof(proof=proof(key, "master", master_nonce, reply.nonce)))
+    except BaseException:
+        await link.wait_closed()
+        raise
+    return link
+
+
+async def _ask(link: Link, request: Message, kind: type, label: str, timeout: float) -> Message:
+    try:
+        await link.send(request)
+        reply = await link.recv(timeout=timeout)
+    except TimeoutError:
+        raise WorkerError(f"{label}: no answer to {request.TYPE!r} within {timeout:g}s") from None
+    except (LinkError, ProtocolError) as exc:
+        raise WorkerError(f"{label}: {exc}") from None
+    if isinstance(reply, ErrorMessage):
+        raise WorkerError(f"{label} refused {request.TYPE!r}: {reply.message}")
+    if not isinstance(reply, kind):
+        raise WorkerError(f"{label}: expected {kind.TYPE!r}, got {type(reply).__name__}")
+    return reply
+
+
+async def probe_worker(address: str, config_text: str, options: ClusterOptions) -> WorkerProbe:
+    """Describe, round trip and block timing of one worker."""
+    host, port = parse_address(address, "--workers")
+    label = f"worker at {address}"
+    try:
+        link = await connect_control(
+            host, port, label, options.cluster_key, options.tls, options.connect_timeout
+        )
+    except LinkError as exc:
+        raise WorkerError(f"{exc}; is an empty worker running there?") from None
+    try:
+        timeout = options.connect_timeout
+        described = await _ask(link, Describe(id=1), Description, label, timeout)
+        assert isinstance(described, Description)
+        trips = []
+        for i in range(RTT_PINGS):
+            started = time.perf_counter()
+            await _ask(link, Ping(id=10 + i), Pong, label, timeout)
+            trips.append((time.perf_counter() - started) * 1e3)
+        measure = Measure(
+            id=2, config=config_text, dtype=options.dtype, positions=options.max_seq_len
+        )
+        measured = await _ask(link, measure, Measured, label, MEASURE_TIMEOUT_S)
+        assert isinstance(measured, Measured)
+    except BaseException:
+        await link.wait_closed()
+        raise
+    probe = WorkerProbe(host, port, link, described, statistics.median(trips), measured)
+    log.info(
+        "%s: %s, %.2f ms per block (%s), round trip %.2f ms, offers %.2f GiB (%d blocks)",
+        probe.label,
+        described.device,
+        measured.block_us / 1e3,
+        measured.dtype,
+        probe.rtt_ms,
+        measured.free_memory / 2**30,
+        measured.free_memory // max(measured.block_bytes, 1),
+    )
+    return probe
+
+
+def master_stage(config: LlamaConfig, options: ClusterOptions) -> StageCost:
+    """The master as a stage: its block time, and the blocks its memory holds beside the
+    embedding and the head."""
+    from cake.devices import resolve_device, resolve_dtype
+    from cake.measure import MEMORY_HEADROOM, free_memory, time_block
+
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    assert options.max_seq_len is not None
+    timing = time_block(config, dtype, device, options.max_seq_len)
+    tables = 1 if config.tie_word_embeddings else 2
+    own = tables * config.vocab_size * config.hidden_size * dtype.itemsize
+    budget = int(free_memory(device)[0] * MEMORY_HEADROOM) - own
+    capacity = max(budget // timing.block_bytes, 0)
+    if options.master_blocks is not None:
+        capacity = min(capacity, options.master_blocks)
+    log.info(
+        "master: %.2f ms per block, room for %d blocks beside the embedding and head",
+        timing.block_ms,
+        capacity,
+    )
+    return StageCost(MASTER, timing.block_ms, 0.0, int(capacity))
+
+
+async def plan_cluster(
+    folder_config: LlamaConfig, config_text: str, options: ClusterOptions
+) -> ClusterPlan:
+    """Measure every worker and the master, and place the blocks."""
+    if not options.workers:
+        raise ValueError("no workers to plan for: give --workers HOST:PORT,... or --discover")
+    outcomes = await asyncio.gather(
+        *(probe_worker(address, config_text, options) for address in options.workers),
+        return_exceptions=True,
+    )
+    probes = [o for o in outcomes if isinstance(o, WorkerProbe)]
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        await close_probes(probes)
+        raise failures[0]
+    names = [probe.name for probe in probes]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        await close_probes(probes)
+        raise WorkerError(f"two workers are named {duplicate!r}; give them distinct --name")
+    stages = [master_stage(folder_config, options)] + [
+        StageCost(
+            probe.name,
+            probe.measured.block_us / 1e3,
+            max(probe.rtt_ms, 1e-3),
+            probe.measured.free_memory // max(probe.measured.block_bytes, 1),
+        )
+        for probe in probes
+    ]
+    try:
+        placement = place(stages, folder_config.n_layers)
+    except ValueError:
+        await close_probes(probes)
+        raise
+    by_name = {probe.name: probe for probe in probes}
+    nodes = []
+    for stage, blocks in placement.ranges:
+        if stage.name == MASTER:
+            continue
+        probe = by_name[stage.name]
+        description = (
+            f"{probe.description.device}, {probe.measured.dtype}, {stage.block_ms:.2f} ms/block, "
+            f"round trip {probe.rtt_ms:.2f} ms (measured)"
+        )
+        nodes.append(Node(probe.name, probe.host, probe.port, description, tuple(blocks)))
+    log.info("plan: %s", placement.describe())
+    topology = Topology(nodes=tuple(nodes), source="<measured plan>")
+    return ClusterPlan(topology, placement, probes)
+
+
+async def push_and_assign(
+    plan: ClusterPlan, folder: str, config: LlamaConfig, options: ClusterOptions
+) -> None:
+    """Send each planned worker its blocks' tensors (what it lacks) and assign them."""
+    manifest = await asyncio.to_thread(ModelManifest.for_folder, folder)
+    model = payload_model(manifest)
+    by_name = {probe.name: probe for probe in plan.probes}
+    await asyncio.gather(
+        *(
+            _push_one(by_name[node.name], node, manifest, model, config, plan, options)
+            for node in plan.topology.nodes
+        )
+    )
+
+
+async def _push_one(
+    probe: WorkerProbe,
+    node: Node,
+    manifest: ModelManifest,
+    model: str,
+    config: LlamaConfig,
+    plan: ClusterPlan,
+    options: ClusterOptions,
+) -> None:
+    items = worker_payload(manifest, config, node.blocks)
+    total = sum(item.nbytes for item in items)
+    stats = plan.pushed.setdefault(probe.name, PushStats())
+    deadline = time.monotonic() + options.retry_timeout
+    delay = 0.2
+    while True:
+        try:
+            await push(
+                probe.link,
+                model,
+                items,
+                stats,
+                on_sent=lambda count: options.on_sent(probe.name, count),
+            )
+            break
+        except (LinkError, TimeoutError) as exc:
+            # The connection broke mid-push: reconnect and offer again; the worker answers
+            # with what it holds, so only the rest travels.
+            await probe.link.wait_closed()
+            log.warning("%s: push interrupted (%s); resuming", probe.label, exc)
+            while True:
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"{probe.label}: push did not complete within {options.retry_timeout:g}s "
+                        f"(--retry-timeout): {exc}"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:
+                    probe.link = await connect_control(
+                        probe.host,
+                        probe.port,
+                        probe.label,
+                        options.cluster_key,
+                        options.tls,
+                        options.connect_timeout,
+                    )
+                    break
+                except LinkError:
+                    continue
+        except (PushRefused, ProtocolError) as exc:
+            raise WorkerError(f"{probe.label}: {exc}") from None
+    log.info(
+        "%s: pushed %.1f MiB of %.1f MiB for blocks %s (%d items sent, %d already there)",
+        probe.label,
+        stats.bytes_sent / 2**20,
+        total / 2**20,
+        f"{node.blocks[0]}-{node.blocks[-1]}",
+        stats.items_sent,
+        stats.items_cached,
+    )
+    assert options.max_seq_len is not None
+    assign = Assign(
+        id=3, model=model, blocks=node.blocks, dtype=options.dtype, max_seq_len=options.max_seq_len
+    )
+    reply = await _ask(probe.link, assign, Assigned, probe.label, MEASURE_TIMEOUT_S)
+    assert isinstance(reply, Assigned)
+
+
+async def close_probes(probes: list[WorkerProbe]) -> None:
+    await asyncio.gather(*(probe.link.wait_closed() for probe in probes))
+
+
+async def prepare_cluster(
+    model: str, options: ClusterOptions, plan_only: bool = False
+) -> ClusterPlan:
+    """Plan (and unless `plan_only`, push and assign); the control connections are closed."""
+    from cake.convert import resolve_model_path
+    from cake.master import DEFAULT_MAX_SEQ_LEN
+
+    folder = resolve_model_path(model)
+    config = LlamaConfig.from_folder(folder)
+    if options.max_seq_len is None:
+        options.max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    config_text = (folder / "config.json").read_text(encoding="utf-8")
+    plan = await plan_cluster(config, config_text, options)
+    try:
+        if not plan_only and plan.topology.nodes:
+            await push_and_assign(plan, str(folder), config, options)
+    finally:
+        await close_probes(plan.probes)
+    return plan
+
+
+def plan_yaml(plan: ClusterPlan) -> str:
+    """The plan as a topology.yml a user can edit and pin, with the prediction on top."""
+    header = (
+        f"# measured plan: {plan.placement.describe()}\n# blocks no node lists run on the master\n"
+    )
+    if not plan.topology.nodes:
+        return header + "# every block runs on the master: no worker was worth its round trip\n{}\n"
+    return header + plan.topology.to_yaml()
