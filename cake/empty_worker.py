@@ -395,7 +395,11 @@ async def start_empty_worker(
             "an empty worker needs --cluster-key (or CAKE_CLUSTER_KEY): it stores and runs "
             "the weights a master pushes, so only a master that knows the key may do that"
         )
-    host, port = parse_address(address, "--address")
+    # Port 0: the system picks a free one (tests, several workers on one machine); the log
+    # line below and the default name give the real one.
+    any_port = address.endswith(":0")
+    host, port = parse_address(address[:-2] + ":1" if any_port else address, "--address")
+    port = 0 if any_port else port
     tls = server_tls(tls_cert, tls_key)
     torch_device = resolve_device(device)
     root = Path(cache_dir) if cache_dir else cache_root() / "pushed"

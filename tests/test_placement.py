@@ -58,7 +58,7 @@ def test_memory_caps_bind() -> None:
     master = StageCost(MASTER, block_ms=5.0, rtt_ms=0.0, capacity=4)
     plan = place([master, big, tiny], 16)
     assert plan.counts == (4, 10, 2)
-    with pytest.raises(PlacementError, match="16 blocks do not fit.*room for 15"):
+    with pytest.raises(PlacementError, match=r"16 blocks do not fit.*room for 15"):
         place([master, big, StageCost("tiny", 0.1, 1.0, 1)], 16)
 
 
