@@ -43,7 +43,7 @@ from cake.protocol import (
     ProtocolError,
 )
 from cake.push import ModelManifest, PushRefused, PushStats, payload_model, push, worker_payload
-from cake.topology import Node, Topology, parse_address
+from cake.topology import Node, Topology, format_blocks, parse_address
 from cake.transport import Link, LinkError, open_link
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class WorkerProbe:
 
     @property
     def label(self) -> str:
-        return f"worker {self.name} at {self.host}:{self.port}"
+        address = Node(self.name, self.host, self.port, "", ()).address
+        return f"worker {self.name}" + (f" at {address}" if address != self.name else "")
 
 
 @dataclass
@@ -165,13 +166,13 @@ async def probe_worker(address: str, config_text: str, options: ClusterOptions) 
         raise
     probe = WorkerProbe(host, port, link, described, statistics.median(trips), measured)
     log.info(
-        "%s: %s, %.2f ms per block (%s), round trip %.2f ms, offers %.2f GiB (%d blocks)",
+        "%s: %s, %.2f ms per block (%s), round trip %.2f ms, offers %s (%d blocks)",
         probe.label,
         described.device,
         measured.block_us / 1e3,
         measured.dtype,
         probe.rtt_ms,
-        measured.free_memory / 2**30,
+        format_bytes(measured.free_memory),
         measured.free_memory // max(measured.block_bytes, 1),
     )
     return probe
@@ -318,11 +319,11 @@ async def _push_one(
         except (PushRefused, ProtocolError) as exc:
             raise WorkerError(f"{probe.label}: {exc}") from None
     log.info(
-        "%s: pushed %.1f MiB of %.1f MiB for blocks %s (%d items sent, %d already there)",
+        "%s: pushed %s of %s for blocks %s (%d items sent, %d already there)",
         probe.label,
-        stats.bytes_sent / 2**20,
-        total / 2**20,
-        f"{node.blocks[0]}-{node.blocks[-1]}",
+        format_bytes(stats.bytes_sent),
+        format_bytes(total),
+        format_blocks(node.blocks),
         stats.items_sent,
         stats.items_cached,
     )
@@ -367,3 +368,10 @@ def plan_yaml(plan: ClusterPlan) -> str:
     if not plan.topology.nodes:
         return header + "# every block runs on the master: no worker was worth its round trip\n{}\n"
     return header + plan.topology.to_yaml()
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"

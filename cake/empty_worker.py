@@ -381,6 +381,7 @@ async def start_empty_worker(
     """`cake-cli --mode worker` without --model: serve until SIGINT/SIGTERM."""
     from cake.auth import cluster_key as parse_key
     from cake.auth import server_tls
+    from cake.cluster_setup import format_bytes
     from cake.convert import cache_root
     from cake.discovery import DEFAULT_DISCOVERY_PORT, respond
     from cake.topology import parse_address
@@ -426,15 +427,14 @@ async def start_empty_worker(
     await empty.resume()
     free, total = empty.offered_memory(), free_memory(torch_device)[1]
     log.info(
-        "worker %s serving blocks %s on %s:%d (%s; offers %.2f of %.1f GiB; %.1f GFLOP/s; "
-        "cache %s)",
+        "worker %s serving blocks %s on %s:%d (%s; offers %s of %s; %.1f GFLOP/s; cache %s)",
         empty.name,
         format_blocks(empty.assignment.blocks if empty.assignment else []),
         bound_host,
         bound_port,
         torch_device,
-        free / 2**30,
-        total / 2**30,
+        format_bytes(free),
+        format_bytes(total),
         empty.mflops / 1e3,
         root,
     )

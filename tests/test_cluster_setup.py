@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from cake.master import Master
 from cake.measure import block_bytes
 from cake.protocol import ErrorMessage, PushOffer
 from cake.push import ModelCache, ModelManifest, payload_model, worker_payload
+from cake.topology import parse_topology
 from cake.transport import open_link
 
 KEY = "test-cluster-key"
@@ -104,6 +106,7 @@ async def _generate(folder: Path, topology: object, prompt: str) -> tuple[list[i
         await master.close()
 
 
+@pytest.mark.slow
 def test_two_empty_workers_plan_push_generate_and_reuse(tiny_llama: Path, tmp_path: Path) -> None:
     config = LlamaConfig.from_folder(tiny_llama)
     # Room for two blocks each (and not three): the plan must split 2 + 2.
@@ -129,6 +132,34 @@ def test_two_empty_workers_plan_push_generate_and_reuse(tiny_llama: Path, tmp_pa
         assert all(stats.items_cached > 0 for stats in again.pushed.values())
         tokens_again, _ = asyncio.run(_generate(tiny_llama, again.topology, "hi"))
         assert tokens_again == tokens
+        # --plan prints the plan as a topology.yml (and nothing else on stdout).
+        printed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cake.cli",
+                "--model",
+                str(tiny_llama),
+                "--workers",
+                ",".join(f"127.0.0.1:{port}" for port in ports),
+                "--cluster-key",
+                KEY,
+                "--plan",
+                "--master-blocks",
+                "0",
+                "--device",
+                "cpu",
+                "--max-seq-len",
+                str(SEQ_LEN),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert printed.returncode == 0, printed.stderr
+        pinned = parse_topology(printed.stdout)
+        assert {node.port: node.blocks for node in pinned.nodes} == ranges
+        assert "predicted decode" in printed.stdout  # in a comment on top
     finally:
         for worker in workers:
             worker.stop()
@@ -138,6 +169,7 @@ def _span(blocks: tuple[int, ...]) -> tuple[int, int]:
     return blocks[0], blocks[-1] + 1
 
 
+@pytest.mark.slow
 def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: Path) -> None:
     cache, port = tmp_path / "cache", free_port()
     worker = empty_worker("w", cache, port)
@@ -170,6 +202,13 @@ def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: 
         assert cached_tensors(cache) == block_names(range(4))
         tokens, prompt_ids = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
         assert tokens == reference_tokens(tiny_llama, prompt_ids, N_TOKENS)
+        # A worker that crashes and is restarted loads its last assignment from its cache, so
+        # the same topology works again with no push and no new plan.
+        worker.kill()
+        worker = empty_worker("w", cache, port)
+        assert "serving blocks 0-3" in worker.log
+        again, _ = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
+        assert again == tokens
     finally:
         worker.stop()
 

@@ -7,7 +7,6 @@ made-up worker. Only the first may be found.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 from cake.discovery import announcement, check_announcement, check_probe, probe
 from cake.local_cluster import WorkerProcess
+from cake.topology import parse_topology
 
 KEY = "discovery-test-key"
 SUBNET = "10.231.77"
@@ -79,13 +79,6 @@ while True:
         sock.sendto(announcement(b"guess", message["nonce"], "evil", 6666), addr)
 """
 
-DISCOVER = f"""
-import asyncio, json
-from cake.discovery import discover
-found = asyncio.run(discover({KEY.encode()!r}, timeout=3.0, port={UDP_PORT}))
-print(json.dumps([[f.name, f.host, f.port] for f in found]))
-"""
-
 
 def _in(ns: str, name: str, args: list[str]) -> WorkerProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -116,8 +109,9 @@ def _empty_worker(key: str, cache: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_discovery_finds_only_workers_with_our_key(
-    namespaces: tuple[str, str], tmp_path: Path
+    namespaces: tuple[str, str], tmp_path: Path, tiny_llama: Path
 ) -> None:
     master_ns, workers_ns = namespaces
     processes = []
@@ -128,15 +122,22 @@ def test_discovery_finds_only_workers_with_our_key(
             _in(workers_ns, "other key", _empty_worker("not-our-key", tmp_path / "other"))
         )
         processes.append(_in(workers_ns, "forger", [sys.executable, "-c", FORGER]))
-        result = subprocess.run(
-            ["ip", "netns", "exec", master_ns, sys.executable, "-c", DISCOVER],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # The master command: discover for 3 s (so every wrong answer had its chance), then
+        # measure what it found over the authenticated connection and print the plan.
+        master = [
+            *("ip", "netns", "exec", master_ns, sys.executable, "-m", "cake.cli"),
+            *("--model", str(tiny_llama), "--cluster-key", KEY, "--device", "cpu"),
+            *("--discover", "--discovery-timeout", "3", "--discovery-port", str(UDP_PORT)),
+            *("--plan", "--master-blocks", "0", "--max-seq-len", "64"),
+        ]
+        result = subprocess.run(master, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        found = json.loads(result.stdout)
-        assert found == [[f"{SUBNET}.2:{good.port}", f"{SUBNET}.2", good.port]]
+        assert "discovery found 1 worker(s)" in result.stderr
+        plan = parse_topology(result.stdout)
+        name = f"{SUBNET}.2:{good.port}"
+        assert [(n.name, n.host, n.port, n.blocks) for n in plan.nodes] == [
+            (name, f"{SUBNET}.2", good.port, (0, 1, 2, 3))
+        ]
     finally:
         for process in processes:
             process.stop()
