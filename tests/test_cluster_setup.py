@@ -246,3 +246,49 @@ async def _offer_without_key(port: int) -> str:
         return reply.code
     finally:
         await link.wait_closed()
+
+
+def test_push_and_generate_over_tls_in_process(tiny_llama: Path, tmp_path: Path) -> None:
+    """The whole flow over TLS: measure, push, assign, hand-over to forwards, generate."""
+    import torch
+    from test_security import make_certificate
+
+    from cake.auth import client_tls, server_tls
+    from cake.empty_worker import EmptyWorker
+
+    cert, key = make_certificate(tmp_path, "worker")
+
+    async def run() -> tuple[list[int], list[int], dict]:
+        empty = EmptyWorker(
+            "tls-worker", ModelCache(tmp_path / "cache"), KEY.encode(), torch.device("cpu")
+        )
+        server = await asyncio.start_server(
+            empty.handle_connection, "127.0.0.1", 0, ssl=server_tls(str(cert), str(key))
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            plan = await prepare_cluster(
+                str(tiny_llama), options([port], tls=client_tls(str(cert)))
+            )
+            master = await Master.open(
+                tiny_llama,
+                plan.topology,
+                device="cpu",
+                dtype="f32",
+                max_seq_len=SEQ_LEN,
+                cluster_key=KEY,
+                tls_ca=str(cert),
+            )
+            try:
+                ids = master.encode("hi")
+                tokens = [t async for t in master.generate(ids, GREEDY, N_TOKENS, ignore_eos=True)]
+            finally:
+                await master.close()
+            return tokens, ids, {n.name: n.blocks for n in plan.topology.nodes}
+        finally:
+            server.close()
+            empty.close()
+
+    tokens, ids, blocks = asyncio.run(run())
+    assert blocks == {"tls-worker": (0, 1, 2, 3)}
+    assert tokens == reference_tokens(tiny_llama, ids, N_TOKENS)
