@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from cake.auth import check_proof, new_nonce, proof
 from cake.config import LlamaConfig
 from cake.errors import WorkerError
-from cake.placement import MASTER, Placement, StageCost, place
+from cake.placement import KEEP_TOLERANCE, MASTER, StageCost, keep_or_replace, place
 from cake.protocol import (
     Assign,
     Assigned,
@@ -92,7 +92,7 @@ class WorkerProbe:
 @dataclass
 class ClusterPlan:
     topology: Topology
-    placement: Placement
+    summary: str  # the plan and its prediction, for people
     probes: list[WorkerProbe]
     pushed: dict[str, PushStats] = field(default_factory=dict)  # worker name -> what went
 
@@ -137,8 +137,12 @@ async def _ask(link: Link, request: Message, kind: type, label: str, timeout: fl
     return reply
 
 
-async def probe_worker(address: str, config_text: str, options: ClusterOptions) -> WorkerProbe:
-    """Describe, round trip and block timing of one worker."""
+async def probe_worker(
+    address: str, config_text: str, options: ClusterOptions, one_at_a_time: asyncio.Lock
+) -> WorkerProbe:
+    """Describe, round trip and block timing of one worker. The timings take turns
+    (`one_at_a_time`): workers that share a host (several GPUs, or tests) must not slow each
+    other's measurement down."""
     host, port = parse_address(address, "--workers")
     label = f"worker at {address}"
     try:
@@ -159,7 +163,8 @@ async def probe_worker(address: str, config_text: str, options: ClusterOptions) 
         measure = Measure(
             id=2, config=config_text, dtype=options.dtype, positions=options.max_seq_len
         )
-        measured = await _ask(link, measure, Measured, label, MEASURE_TIMEOUT_S)
+        async with one_at_a_time:
+            measured = await _ask(link, measure, Measured, label, MEASURE_TIMEOUT_S)
         assert isinstance(measured, Measured)
     except BaseException:
         await link.wait_closed()
@@ -203,13 +208,16 @@ def master_stage(config: LlamaConfig, options: ClusterOptions) -> StageCost:
 
 
 async def plan_cluster(
-    folder_config: LlamaConfig, config_text: str, options: ClusterOptions
+    folder_config: LlamaConfig, config_text: str, options: ClusterOptions, model: str | None = None
 ) -> ClusterPlan:
-    """Measure every worker and the master, and place the blocks."""
+    """Measure every worker and the master, and place the blocks. `model`: the payload's
+    cache key; a plan the workers already hold for it is kept unless the new one is clearly
+    better (KEEP_TOLERANCE), since timings wobble and every change means a push."""
     if not options.workers:
         raise ValueError("no workers to plan for: give --workers HOST:PORT,... or --discover")
+    turns = asyncio.Lock()
     outcomes = await asyncio.gather(
-        *(probe_worker(address, config_text, options) for address in options.workers),
+        *(probe_worker(address, config_text, options, turns) for address in options.workers),
         return_exceptions=True,
     )
     probes = [o for o in outcomes if isinstance(o, WorkerProbe)]
@@ -236,27 +244,52 @@ async def plan_cluster(
     except ValueError:
         await close_probes(probes)
         raise
+    summary = placement.describe()
+    log.info("plan: %s", summary)
+    held = _held_ranges(probes, model)
+    ranges, kept = keep_or_replace(stages, folder_config.n_layers, placement, held)
+    if kept is not None:
+        log.info(
+            "keeping the blocks the workers already hold: %.2f ms against %.2f ms for the "
+            "new plan, within %d%% (nothing to push)",
+            kept,
+            placement.cost_ms,
+            KEEP_TOLERANCE * 100,
+        )
+        summary = f"kept {_describe_ranges(held)}: slowest stage + round trips {kept:.2f} ms"
     by_name = {probe.name: probe for probe in probes}
+    stage_of = {stage.name: stage for stage in stages}
     nodes = []
-    for stage, blocks in placement.ranges:
-        if stage.name == MASTER:
-            continue
-        probe = by_name[stage.name]
+    for name, blocks in sorted(ranges.items(), key=lambda item: item[1].start):
+        stage, probe = stage_of[name], by_name[name]
         description = (
             f"{probe.description.device}, {probe.measured.dtype}, {stage.block_ms:.2f} ms/block, "
             f"round trip {probe.rtt_ms:.2f} ms (measured)"
         )
         nodes.append(Node(probe.name, probe.host, probe.port, description, tuple(blocks)))
-    log.info("plan: %s", placement.describe())
     topology = Topology(nodes=tuple(nodes), source="<measured plan>")
-    return ClusterPlan(topology, placement, probes)
+    return ClusterPlan(topology, summary, probes)
+
+
+def _held_ranges(probes: list[WorkerProbe], model: str | None) -> dict[str, range]:
+    """What the workers serve now of this model, as ranges (a worker's blocks are one run)."""
+    held = {}
+    for probe in probes:
+        blocks = probe.description.blocks
+        ours = bool(model) and probe.description.model == model and bool(blocks)
+        if ours and list(blocks) == list(range(blocks[0], blocks[-1] + 1)):
+            held[probe.name] = range(blocks[0], blocks[-1] + 1)
+    return held
+
+
+def _describe_ranges(ranges: dict[str, range]) -> str:
+    return "; ".join(f"{name}: blocks {r.start}-{r.stop - 1}" for name, r in ranges.items())
 
 
 async def push_and_assign(
-    plan: ClusterPlan, folder: str, config: LlamaConfig, options: ClusterOptions
+    plan: ClusterPlan, manifest: ModelManifest, config: LlamaConfig, options: ClusterOptions
 ) -> None:
     """Send each planned worker its blocks' tensors (what it lacks) and assign them."""
-    manifest = await asyncio.to_thread(ModelManifest.for_folder, folder)
     model = payload_model(manifest)
     by_name = {probe.name: probe for probe in plan.probes}
     await asyncio.gather(
@@ -351,10 +384,11 @@ async def prepare_cluster(
     if options.max_seq_len is None:
         options.max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     config_text = (folder / "config.json").read_text(encoding="utf-8")
-    plan = await plan_cluster(config, config_text, options)
+    manifest = await asyncio.to_thread(ModelManifest.for_folder, folder)
+    plan = await plan_cluster(config, config_text, options, payload_model(manifest))
     try:
         if not plan_only and plan.topology.nodes:
-            await push_and_assign(plan, str(folder), config, options)
+            await push_and_assign(plan, manifest, config, options)
     finally:
         await close_probes(plan.probes)
     return plan

@@ -168,3 +168,49 @@ def _balance(
         i = min(room, key=lambda j: ((counts[j] + 1) * stages[j].block_ms, stages[j].rtt_ms))
         counts[i] += 1
     return tuple(counts)
+
+
+# A new plan must beat the one the workers already hold by this much to be worth pushing for:
+# block timings move from run to run (a few percent on a quiet machine, far more beside other
+# work), and a flapping plan would push tensors again each time.
+KEEP_TOLERANCE = 0.20
+
+
+def cost_of_ranges(
+    stages: Sequence[StageCost], n_layers: int, ranges: dict[str, range]
+) -> float | None:
+    """The objective of given worker ranges (the master runs every other block), or None if
+    they overlap, leave the model, or exceed a capacity."""
+    by_name = {stage.name: stage for stage in stages}
+    master = by_name.get(MASTER)
+    taken: set[int] = set()
+    counts: dict[str, int] = {}
+    for name, blocks in ranges.items():
+        stage = by_name.get(name)
+        if stage is None or name == MASTER or not blocks or blocks.stop > n_layers:
+            return None
+        if taken & set(blocks) or len(blocks) > stage.capacity:
+            return None
+        taken |= set(blocks)
+        counts[name] = len(blocks)
+    rest = n_layers - len(taken)
+    if rest:
+        if master is None or rest > master.capacity:
+            return None
+        counts[MASTER] = rest
+    used = [by_name[name] for name in counts]
+    return objective(used, [counts[s.name] for s in used])
+
+
+def keep_or_replace(
+    stages: Sequence[StageCost], n_layers: int, best: Placement, held: dict[str, range]
+) -> tuple[dict[str, range], float | None]:
+    """The worker ranges to use: `held` (what the workers serve now) while its cost stays within
+    KEEP_TOLERANCE of the best plan's, else the best plan's. Second: the kept cost, or None."""
+    planned = {stage.name: blocks for stage, blocks in best.ranges if stage.name != MASTER}
+    if not held or held == planned:
+        return planned, None
+    cost = cost_of_ranges(stages, n_layers, held)
+    if cost is not None and cost <= best.cost_ms * (1 + KEEP_TOLERANCE):
+        return dict(held), cost
+    return planned, None

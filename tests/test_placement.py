@@ -90,3 +90,41 @@ def test_larger_random_cases_are_fast_and_valid() -> None:
     stages = [StageCost(s.name, s.block_ms, s.rtt_ms, 126) for s in stages]
     plan = place(stages, 126)
     assert sum(plan.counts) == 126
+
+
+def test_current_ranges_are_costed_and_checked() -> None:
+    from cake.placement import cost_of_ranges
+
+    stages = [
+        StageCost(MASTER, block_ms=1.0, rtt_ms=0.0, capacity=2),
+        StageCost("a", block_ms=1.0, rtt_ms=0.5, capacity=4),
+        StageCost("b", block_ms=2.0, rtt_ms=0.5, capacity=4),
+    ]
+    # a: 0-3 (4 ms), b: 4-5 (4 ms), master: 6-7 (2 ms) -> 4 + 0.5 + 0.5
+    assert cost_of_ranges(stages, 8, {"a": range(0, 4), "b": range(4, 6)}) == 5.0
+    assert cost_of_ranges(stages, 8, {"a": range(0, 4), "b": range(3, 6)}) is None  # overlap
+    assert cost_of_ranges(stages, 8, {"a": range(0, 5)}) is None  # over a's capacity
+    assert cost_of_ranges(stages, 8, {"b": range(0, 2)}) is None  # master cannot take 6
+    assert cost_of_ranges(stages, 8, {"gone": range(0, 4)}) is None  # worker not measured
+
+
+def test_what_the_workers_hold_is_kept_unless_clearly_worse() -> None:
+    from cake.placement import keep_or_replace
+
+    def stages(b_ms: float) -> list[StageCost]:
+        return [
+            StageCost(MASTER, block_ms=1.0, rtt_ms=0.0, capacity=0),
+            StageCost("a", block_ms=1.0, rtt_ms=0.5, capacity=8),
+            StageCost("b", block_ms=b_ms, rtt_ms=0.5, capacity=8),
+        ]
+
+    held = {"a": range(0, 4), "b": range(4, 8)}
+    # b measured 30% slower this time: the best plan moves a block, but 4/4 is within 20%.
+    best = place(stages(1.3), 8)
+    assert best.counts != (0, 4, 4)
+    ranges, kept = keep_or_replace(stages(1.3), 8, best, held)
+    assert ranges == held and kept == pytest.approx(4 * 1.3 + 1.0)
+    # b is now twice as slow: worth a push.
+    best = place(stages(2.0), 8)
+    ranges, kept = keep_or_replace(stages(2.0), 8, best, held)
+    assert kept is None and len(ranges["b"]) < 4
