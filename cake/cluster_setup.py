@@ -352,12 +352,14 @@ async def _push_one(
         except (PushRefused, ProtocolError) as exc:
             raise WorkerError(f"{probe.label}: {exc}") from None
     log.info(
-        "%s: pushed %s of %s for blocks %s (%d items sent, %d already there)",
+        "%s: pushed %s of %s for blocks %s (%d items sent, %s of them there before a "
+        "break, %d complete already)",
         probe.label,
         format_bytes(stats.bytes_sent),
         format_bytes(total),
         format_blocks(node.blocks),
         stats.items_sent,
+        format_bytes(stats.resumed_from),
         stats.items_cached,
     )
     assert options.max_seq_len is not None

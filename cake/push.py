@@ -463,18 +463,6 @@ def _file_sha256(path: Path, start: int) -> str:
     return _sha256_range(path, start, size - start) if size >= start else ""
 
 
-def cached_bytes(folder: Path) -> int:
-    """Data bytes held for a model in a worker cache, complete and partial (tests, logs)."""
-    total = 0
-    for path in folder.iterdir():
-        if path.name.startswith("t-"):
-            with open(path, "rb") as file:
-                prefix = file.read(8)
-            if len(prefix) == 8:
-                total += max(path.stat().st_size - 8 - struct.unpack("<Q", prefix)[0], 0)
-    return total
-
-
 __all__ = [
     "ModelCache",
     "ModelManifest",
