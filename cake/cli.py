@@ -64,7 +64,10 @@ def _fail(message: str) -> None:
     show_default=True,
     help="master: embed, sample and print text; worker: serve this node's blocks over TCP.",
 )
-@click.option("--name", help="Worker mode: this worker's node name in the topology.")
+@click.option(
+    "--name",
+    help="Worker mode: this worker's node name in the topology (empty worker: its --address).",
+)
 @click.option(
     "--topology", type=click.Path(dir_okay=False), help="topology.yml (blocks per worker)."
 )

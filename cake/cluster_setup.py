@@ -352,8 +352,7 @@ async def _push_one(
         except (PushRefused, ProtocolError) as exc:
             raise WorkerError(f"{probe.label}: {exc}") from None
     log.info(
-        "%s: pushed %s of %s for blocks %s (%d items sent, %s of them there before a "
-        "break, %d complete already)",
+        "%s: pushed %s of %s for blocks %s (%d items sent, %s resumed, %d there already)",
         probe.label,
         format_bytes(stats.bytes_sent),
         format_bytes(total),
