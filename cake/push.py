@@ -147,6 +147,13 @@ class ModelManifest:
             except (OSError, ValueError, KeyError, TypeError):
                 hashes = {}  # unreadable: hash again
         tensors: dict[str, PushItem] = {}
+        if not hashes:
+            size = sum((folder / name).stat().st_size for name in sources)
+            log.info(
+                "hashing %s (%.1f GiB) once, so workers can cache what they receive",
+                folder,
+                size / 2**30,
+            )
         for file in checkpoint.files:
             for name, tensor in read_header(folder / file).items():
                 key = f"tensor:{name}"

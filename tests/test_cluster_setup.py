@@ -24,7 +24,7 @@ from cake.measure import block_bytes
 from cake.protocol import ErrorMessage, PushOffer
 from cake.push import ModelCache, ModelManifest, payload_model, worker_payload
 from cake.topology import parse_topology
-from cake.transport import open_link
+from cake.transport import LinkError, open_link
 
 KEY = "test-cluster-key"
 SEQ_LEN = 256
@@ -32,7 +32,12 @@ N_TOKENS = 10
 
 
 def empty_worker(
-    name: str, cache: Path, port: int = 0, key: str = KEY, max_memory: int | None = None
+    name: str,
+    cache: Path,
+    port: int = 0,
+    key: str = KEY,
+    max_memory: int | None = None,
+    wait: bool = True,
 ) -> WorkerProcess:
     args = [
         sys.executable,
@@ -54,7 +59,8 @@ def empty_worker(
     if max_memory is not None:
         args += ["--max-memory", str(max_memory)]
     worker = WorkerProcess(name, args, {**os.environ, "PYTHONUNBUFFERED": "1"})
-    worker.wait_ready()
+    if wait:
+        worker.wait_ready()
     return worker
 
 
@@ -171,46 +177,53 @@ def _span(blocks: tuple[int, ...]) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: Path) -> None:
+    """The worker is killed mid-push and restarted; the same master run reconnects, and only
+    what had not reached the worker's disk travels again."""
     cache, port = tmp_path / "cache", free_port()
-    worker = empty_worker("w", cache, port)
+    workers = [empty_worker("w", cache, port)]
     manifest = ModelManifest.for_folder(tiny_llama)
     config = LlamaConfig.from_folder(tiny_llama)
     items = worker_payload(manifest, config, range(4))
     total = sum(item.nbytes for item in items)
-    sent = 0
+    before = {"sent": 0, "held": -1}
 
-    def kill_midway(worker_name: str, count: int) -> None:
-        nonlocal sent
-        sent += count
-        if sent >= total // 2 and worker.proc.poll() is None:
+    def crash_midway(worker_name: str, count: int) -> None:
+        if before["held"] >= 0:
+            return  # after the crash: the resumed push
+        before["sent"] += count
+        if before["sent"] >= total // 2:
             time.sleep(0.5)  # let the worker write what reached it
-            worker.kill()
+            workers[-1].kill()
+            # What survived, as the restarted worker will count it.
+            model = payload_model(manifest)
+            before["held"] = sum(
+                ModelCache(cache).offer(999, item.offer(i, model)) for i, item in enumerate(items)
+            )
+            workers.append(empty_worker("w", cache, port, wait=False))
+            raise LinkError("test: the connection to the worker broke")  # as send() would
 
     try:
-        with pytest.raises(WorkerError, match="push did not complete"):
-            asyncio.run(prepare_cluster(str(tiny_llama), options([port], on_sent=kill_midway)))
-        # What survived the kill, as the restarted worker will count it.
-        model = payload_model(manifest)
-        held = sum(
-            ModelCache(cache).offer(999, item.offer(i, model)) for i, item in enumerate(items)
+        plan = asyncio.run(
+            prepare_cluster(
+                str(tiny_llama), options([port], on_sent=crash_midway, retry_timeout=120)
+            )
         )
-        assert 0 < held < total
-        worker = empty_worker("w", cache, port)
-        plan = asyncio.run(prepare_cluster(str(tiny_llama), options([port])))
+        assert 0 < before["held"] < total
         (stats,) = plan.pushed.values()
-        assert stats.bytes_sent == total - held
+        assert stats.bytes_sent == before["sent"] + (total - before["held"])
         assert cached_tensors(cache) == block_names(range(4))
         tokens, prompt_ids = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
         assert tokens == reference_tokens(tiny_llama, prompt_ids, N_TOKENS)
         # A worker that crashes and is restarted loads its last assignment from its cache, so
         # the same topology works again with no push and no new plan.
-        worker.kill()
-        worker = empty_worker("w", cache, port)
-        assert "serving blocks 0-3" in worker.log
+        workers[-1].kill()
+        workers.append(empty_worker("w", cache, port))
+        assert "serving blocks 0-3" in workers[-1].log
         again, _ = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
         assert again == tokens
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
 
 def test_worker_with_another_key_receives_nothing(tiny_llama: Path, tmp_path: Path) -> None:
