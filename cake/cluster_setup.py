@@ -153,7 +153,13 @@ async def probe_worker(
         raise WorkerError(f"{exc}; is an empty worker running there?") from None
     try:
         timeout = options.connect_timeout
-        described = await _ask(link, Describe(id=1), Description, label, timeout)
+        try:
+            described = await _ask(link, Describe(id=1), Description, label, timeout)
+        except WorkerError as exc:
+            raise WorkerError(
+                f"{exc} (--workers needs empty workers: start them with --mode worker, "
+                "--cluster-key and --address, without --model and --topology)"
+            ) from None
         assert isinstance(described, Description)
         trips = []
         for i in range(RTT_PINGS):
