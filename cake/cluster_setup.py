@@ -403,9 +403,7 @@ async def prepare_cluster(
 
 def plan_yaml(plan: ClusterPlan) -> str:
     """The plan as a topology.yml a user can edit and pin, with the prediction on top."""
-    header = (
-        f"# measured plan: {plan.placement.describe()}\n# blocks no node lists run on the master\n"
-    )
+    header = f"# measured plan: {plan.summary}\n# blocks no node lists run on the master\n"
     if not plan.topology.nodes:
         return header + "# every block runs on the master: no worker was worth its round trip\n{}\n"
     return header + plan.topology.to_yaml()
