@@ -51,7 +51,12 @@ def _fail(message: str) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file.")
+@click.option(
+    "--model",
+    default=None,
+    help="Hugging Face model folder, or a .gguf file. Left out in worker mode: an empty worker "
+    "that a master measures, pushes tensors to and assigns blocks.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["master", "worker"]),
@@ -59,7 +64,10 @@ def _fail(message: str) -> None:
     show_default=True,
     help="master: embed, sample and print text; worker: serve this node's blocks over TCP.",
 )
-@click.option("--name", help="Worker mode: this worker's node name in the topology.")
+@click.option(
+    "--name",
+    help="Worker mode: this worker's node name in the topology (empty worker: its --address).",
+)
 @click.option(
     "--topology", type=click.Path(dir_okay=False), help="topology.yml (blocks per worker)."
 )
@@ -259,6 +267,62 @@ def _fail(message: str) -> None:
     default=None,
     help="CPU threads for tensor work (default: torch's choice, one per core).",
 )
+@click.option(
+    "--workers",
+    default=None,
+    metavar="HOST:PORT[,...]",
+    help="Master: empty workers to measure, plan blocks onto, push tensors to (no --topology).",
+)
+@click.option(
+    "--discover",
+    is_flag=True,
+    help="Master: find empty workers with the same --cluster-key on the LAN (UDP broadcast).",
+)
+@click.option(
+    "--discovery-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Master: seconds --discover listens for workers.",
+)
+@click.option(
+    "--min-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Master: --discover stops as soon as this many workers answered.",
+)
+@click.option(
+    "--discovery-port",
+    default=10129,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="UDP port of --discover; an empty worker answers on it (0: it does not).",
+)
+@click.option(
+    "--plan",
+    "plan_only",
+    is_flag=True,
+    help="Master: print the measured plan as topology.yml on stdout and exit.",
+)
+@click.option(
+    "--master-blocks",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Master with --workers: most blocks the master runs itself (default: what fits).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Empty worker: where pushed tensors are kept (default: $CAKE_CACHE_DIR/pushed).",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    callback=lambda ctx, param, value: _parse_size(value),
+    help="Empty worker: most memory it offers for blocks, e.g. 6G or 512M (default: 90% free).",
+)
 @click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(**opts: object) -> None:
@@ -267,8 +331,21 @@ def main(**opts: object) -> None:
     _setup_threads(opts["threads"])
     try:
         if opts["mode"] == "worker":
-            asyncio.run(_run_worker(opts))
-        elif opts["api_address"]:
+            if opts["model"] is None and opts["topology"] is None:
+                asyncio.run(_run_empty_worker(opts))
+            else:
+                asyncio.run(_run_worker(opts))
+            return
+        if opts["model"] is None:
+            raise ValueError("--model is required (only an empty worker starts without one)")
+        if opts["workers"] or opts["discover"]:
+            plan = asyncio.run(_plan_cluster(opts))
+            if opts["plan_only"]:
+                sys.stdout.write(plan)
+                return
+        elif opts["plan_only"]:
+            raise ValueError("--plan needs --workers or --discover (the workers to plan for)")
+        if opts["api_address"]:
             asyncio.run(_run_api(opts))
         elif opts["perplexity_file"]:
             asyncio.run(_run_perplexity(opts))
@@ -374,6 +451,83 @@ async def _run_worker(opts: dict) -> None:
         kv_memory=opts["kv_memory"],
         ready_file=opts["ready_file"],
     )
+
+
+async def _run_empty_worker(opts: dict) -> None:
+    from cake.empty_worker import start_empty_worker
+
+    await start_empty_worker(
+        opts["address"],
+        opts["cluster_key"],
+        opts["cache_dir"],
+        name=opts["name"],
+        device=opts["device"],
+        max_sessions=opts["max_sessions"],
+        idle_timeout=opts["idle_timeout"],
+        tls_cert=opts["tls_cert"],
+        tls_key=opts["tls_key"],
+        discovery_port=opts["discovery_port"],
+        max_memory=opts["max_memory"],
+    )
+
+
+async def _plan_cluster(opts: dict) -> str:
+    """--workers / --discover: measure, plan, push, assign; opts["topology"] becomes the plan.
+    Returns the plan as topology.yml text (what --plan prints)."""
+    from cake.auth import client_tls
+    from cake.auth import cluster_key as parse_key
+    from cake.cluster_setup import ClusterOptions, plan_yaml, prepare_cluster
+
+    if opts["topology"]:
+        raise ValueError("give --topology (blocks by hand) or --workers/--discover, not both")
+    key = parse_key(opts["cluster_key"])
+    if key is None:
+        raise ValueError("--workers and --discover need --cluster-key (or CAKE_CLUSTER_KEY)")
+    workers = [w.strip() for w in (opts["workers"] or "").split(",") if w.strip()]
+    if opts["discover"]:
+        from cake.discovery import discover
+
+        found = await discover(
+            key, opts["discovery_timeout"], opts["min_workers"], port=opts["discovery_port"]
+        )
+        log.info("discovery found %d worker(s): %s", len(found), ", ".join(f.name for f in found))
+        workers += [f.address for f in found if f.address not in workers]
+        if opts["min_workers"] and len(found) < opts["min_workers"]:
+            raise ValueError(
+                f"--discover found {len(found)} worker(s) within {opts['discovery_timeout']:g}s, "
+                f"--min-workers is {opts['min_workers']}; start more empty workers with the same "
+                "--cluster-key, or raise --discovery-timeout"
+            )
+    options = ClusterOptions(
+        workers=workers,
+        cluster_key=key,
+        tls=client_tls(opts["tls_ca"]),
+        device=opts["device"],
+        dtype=opts["dtype"],
+        max_seq_len=opts["max_seq_len"],
+        master_blocks=opts["master_blocks"],
+        connect_timeout=opts["connect_timeout"],
+        retry_timeout=opts["retry_timeout"],
+    )
+    plan = await prepare_cluster(opts["model"], options, plan_only=opts["plan_only"])
+    opts["topology"] = plan.topology if plan.topology.nodes else None
+    return plan_yaml(plan)
+
+
+def _parse_size(value: str | None) -> int | None:
+    """'6G', '512M', '1.5GiB', '1000000' -> bytes (binary units)."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in "KMGT" else text
+    try:
+        size = float(number) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a size like 6G, 512M or 1000000") from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r}: the size must be positive")
+    return int(size)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -66,7 +66,7 @@ async def greet_worker(
     """
     try:
         if cluster_key is not None:
-            await _prove_key(link, label, cluster_key, timeout)
+            await prove_key(link, label, cluster_key, timeout)
         await link.send(Hello(fingerprint=fingerprint, master=master_name))
         reply = await link.recv(timeout=timeout)
     except TimeoutError:
@@ -93,7 +93,8 @@ def _refusal(label: str, reply: ErrorMessage) -> WorkerError:
     return error(f"{label} refused the connection: {reply.message}")
 
 
-async def _prove_key(link: Link, label: str, key: bytes, timeout: float) -> None:
+async def prove_key(link: Link, label: str, key: bytes, timeout: float) -> None:
+    """The master's half of the cluster-key handshake (see cake/auth.py)."""
     master_nonce = new_nonce()
     await link.send(AuthChallenge(nonce=master_nonce))
     reply = await link.recv(timeout=timeout)
@@ -130,7 +131,7 @@ async def greet_master(
                 f"worker {name} requires the cluster key: give the master the same "
                 "--cluster-key (or CAKE_CLUSTER_KEY)",
             )
-        await _check_key(link, name, cluster_key, first, timeout)
+        await check_key(link, name, cluster_key, first, timeout)
         hello = await link.recv(timeout=timeout)
     elif isinstance(first, AuthChallenge):
         raise Refused(
@@ -140,6 +141,12 @@ async def greet_master(
         )
     else:
         hello = first
+    return await answer_hello(link, hello, welcome)
+
+
+async def answer_hello(link: Link, hello: object, welcome: Welcome) -> Hello:
+    """Check the master's hello (after the key proof, if any) and answer with `welcome`."""
+    name = welcome.worker
     if not isinstance(hello, Hello):
         raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
     if hello.version != PROTOCOL_VERSION:
@@ -158,9 +165,10 @@ async def greet_master(
     return hello
 
 
-async def _check_key(
+async def check_key(
     link: Link, name: str, key: bytes, challenge: AuthChallenge, timeout: float
 ) -> None:
+    """The worker's half of the cluster-key handshake, once the master's challenge is read."""
     worker_nonce = new_nonce()
     await link.send(
         AuthResponse(nonce=worker_nonce, proof=proof(key, "worker", challenge.nonce, worker_nonce))

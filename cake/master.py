@@ -39,7 +39,7 @@ from cake.remote import (
 from cake.sampling import Sampler, SamplingParams
 from cake.sessions import SessionStore, check_worker_limits, kv_budget
 from cake.stages import LocalStage, Stage, StageTimes
-from cake.topology import Run, format_blocks, load_topology
+from cake.topology import Run, Topology, format_blocks, load_topology
 from cake.weights import Quantization, activation_dtype, describe_part, load_llama
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Master:
     async def open(
         cls,
         model: str | Path,
-        topology: str | Path | None = None,
+        topology: str | Path | Topology | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_seq_len: int | None = None,
@@ -399,10 +399,12 @@ class Master:
             await stage.close()
 
 
-def _runs(topology: str | Path | None, n_layers: int) -> list[Run]:
+def _runs(topology: str | Path | Topology | None, n_layers: int) -> list[Run]:
     """The model's contiguous runs in block order; all on the master without a topology."""
     if topology is None:
         return [Run(node=None, start=0, stop=n_layers)]
+    if isinstance(topology, Topology):  # a measured plan (cake/cluster_setup.py)
+        return topology.runs(n_layers)
     return load_topology(topology).runs(n_layers)
 
 

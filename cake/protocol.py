@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import struct
 import sys
 import typing
@@ -517,6 +518,239 @@ class Pong(_Message):
     id: int  # the id of the Ping it answers
 
 
+# --------------------------------------------------------------------------------------------
+# Empty workers (cake/empty_worker.py): after the cluster-key handshake a master may ask a worker
+# started without a model what it is (Describe), time one block of its model there (Measure),
+# push the tensors of its blocks (PushOffer / PushWant / PushChunk / PushStored, resumable) and
+# assign it those blocks (Assign). Then it connects for forwards with Hello, as to any worker.
+#
+# Push of one file or tensor, all on one connection:
+#   master -> worker  PushOffer(id, model, kind, name, dtype, shape, nbytes, sha256)
+#   worker -> master  PushWant(id, offset)      bytes it already holds (nbytes: nothing to send)
+#   master -> worker  PushChunk(id, offset, data) ...   from `offset` on, in order
+#   worker -> master  PushStored(id)            sha256 verified, moved into place
+# Names from the wire are checked here and never used as paths on the worker (see push.py).
+
+MAX_NAME_CHARS = 200
+MAX_CONFIG_CHARS = 256 * 1024  # a config.json is a few KiB
+MAX_PUSH_CHUNK_BYTES = 16 * 1024 * 1024
+MAX_PUSH_FILE_BYTES = 64 * 1024 * 1024  # tokenizer.json of Llama 3 is 9 MiB
+# Files a master may push besides tensors: the model folder's own files, by their fixed names.
+PUSH_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+# safetensors dtype spelling -> bytes per element, for the tensors a master may push.
+PUSH_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "I64": 8}
+COMPUTE_DTYPES = ("auto", "f32", "f16", "bf16")
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MODEL_ID = re.compile(r"[0-9a-f]{16,64}")
+
+
+def _check_model_id(value: str, field: str = "model") -> None:
+    if not _MODEL_ID.fullmatch(value):
+        raise ValueError(f"field {field!r} must be 16 to 64 lowercase hex digits, got {value!r}")
+
+
+def _check_non_negative(value: int, field: str) -> None:
+    if value < 0:
+        raise ValueError(f"field {field!r} must be >= 0, got {value}")
+
+
+def _check_text(value: str, field: str, limit: int = MAX_NAME_CHARS) -> None:
+    if not 1 <= len(value) <= limit:
+        raise ValueError(f"field {field!r} must be 1 to {limit} characters, got {len(value)}")
+
+
+@_message
+class Describe(_Message):
+    """master -> worker: what are you (device, memory, speed, what you serve)?"""
+
+    TYPE: ClassVar[str] = "describe"
+    id: int
+
+
+@_message
+class Description(_Message):
+    """worker -> master: the answer to Describe."""
+
+    TYPE: ClassVar[str] = "description"
+    id: int
+    worker: str  # its name (the address it listens on, unless --name gave one)
+    device: str  # "cpu", "cuda:0", "mps"
+    free_memory: int  # bytes it offers for blocks: its --max-memory, or 90% of what is free
+    total_memory: int  # bytes of that device's memory
+    matmul_mflops: int  # measured at start: a large float32 matmul, in MFLOP/s
+    model: str  # content fingerprint of the model it serves, "" while empty
+    blocks: tuple[int, ...]  # blocks it serves now (empty while empty)
+    version: int = PROTOCOL_VERSION
+
+    def _check(self) -> None:
+        _check_text(self.worker, "worker")
+        _check_text(self.device, "device", 64)
+        _check_non_negative(self.free_memory, "free_memory")
+        _check_non_negative(self.total_memory, "total_memory")
+        _check_non_negative(self.matmul_mflops, "matmul_mflops")
+        if self.model:
+            _check_model_id(self.model)
+        _check_blocks(self.blocks)
+
+
+@_message
+class Measure(_Message):
+    """master -> worker: time one block of this model (random weights) at this dtype."""
+
+    TYPE: ClassVar[str] = "measure"
+    id: int
+    config: str  # the model's config.json text (the block's shapes)
+    dtype: str  # one of COMPUTE_DTYPES; "auto" is resolved by the worker for its device
+    positions: int  # KV positions the timed decode steps attend over
+
+    def _check(self) -> None:
+        _check_text(self.config, "config", MAX_CONFIG_CHARS)
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"field 'dtype' must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if not 1 <= self.positions <= 1 << 20:
+            raise ValueError(f"field 'positions' must be 1 to {1 << 20}, got {self.positions}")
+
+
+@_message
+class Measured(_Message):
+    """worker -> master: microseconds one block takes per decoded token there."""
+
+    TYPE: ClassVar[str] = "measured"
+    id: int
+    block_us: int
+    dtype: str  # the dtype it resolved and timed ("f32", "f16", "bf16")
+    block_bytes: int  # memory one block takes there: weights + one session's KV cache
+    free_memory: int  # bytes it offers for blocks, as in Description
+
+    def _check(self) -> None:
+        if self.dtype not in COMPUTE_DTYPES[1:]:
+            raise ValueError(f"field 'dtype' must be f32, f16 or bf16, got {self.dtype!r}")
+        for name in ("block_us", "block_bytes", "free_memory"):
+            _check_non_negative(getattr(self, name), name)
+
+
+@_message
+class PushOffer(_Message):
+    """master -> worker: a tensor (or model file) of `model` is coming; how much do you hold?"""
+
+    TYPE: ClassVar[str] = "push_offer"
+    id: int
+    model: str  # content fingerprint of the model (push.content_fingerprint)
+    kind: str  # "tensor" or "file"
+    name: str  # tensor name, or one of PUSH_FILES
+    dtype: str  # safetensors spelling (PUSH_DTYPES) for a tensor, "" for a file
+    shape: tuple[int, ...]  # () for a file
+    nbytes: int
+    sha256: str  # of the bytes that follow, lowercase hex
+
+    def _check(self) -> None:
+        _check_model_id(self.model)
+        if not _SHA256_HEX.fullmatch(self.sha256):
+            raise ValueError("field 'sha256' must be 64 lowercase hex digits")
+        _check_non_negative(self.nbytes, "nbytes")
+        if self.kind == "file":
+            if self.name not in PUSH_FILES:
+                raise ValueError(f"field 'name' of a pushed file must be one of {PUSH_FILES}")
+            if self.dtype or self.shape or self.nbytes > MAX_PUSH_FILE_BYTES:
+                raise ValueError(
+                    f"a pushed file has no dtype or shape and at most {MAX_PUSH_FILE_BYTES} bytes"
+                )
+        elif self.kind == "tensor":
+            _check_text(self.name, "name")
+            if not _TENSOR_NAME.fullmatch(self.name):
+                raise ValueError(f"field 'name' is not a tensor name: {self.name!r}")
+            itemsize = PUSH_DTYPES.get(self.dtype)
+            if itemsize is None:
+                raise ValueError(f"field 'dtype' must be one of {sorted(PUSH_DTYPES)}")
+            if len(self.shape) > MAX_TENSOR_DIMS or any(size < 0 for size in self.shape):
+                raise ValueError(f"field 'shape' must be at most {MAX_TENSOR_DIMS} sizes >= 0")
+            if math.prod(self.shape) * itemsize != self.nbytes:
+                raise ValueError(
+                    f"field 'nbytes' is {self.nbytes}, but shape {list(self.shape)} of "
+                    f"{self.dtype} takes {math.prod(self.shape) * itemsize}"
+                )
+        else:
+            raise ValueError(f"field 'kind' must be 'tensor' or 'file', got {self.kind!r}")
+
+
+@_message
+class PushWant(_Message):
+    """worker -> master: send offer `id` from byte `offset` on (offset == nbytes: nothing)."""
+
+    TYPE: ClassVar[str] = "push_want"
+    id: int
+    offset: int
+
+    def _check(self) -> None:
+        _check_non_negative(self.offset, "offset")
+
+
+@_message
+class PushChunk(_Message):
+    """master -> worker: bytes offset..offset+len(data)-1 of offer `id`."""
+
+    TYPE: ClassVar[str] = "push_chunk"
+    id: int
+    offset: int
+    data: bytes
+
+    def _check(self) -> None:
+        _check_non_negative(self.offset, "offset")
+        if not 1 <= len(self.data) <= MAX_PUSH_CHUNK_BYTES:
+            raise ValueError(f"field 'data' must be 1 to {MAX_PUSH_CHUNK_BYTES} bytes")
+
+
+@_message
+class PushStored(_Message):
+    """worker -> master: offer `id` is complete, verified and in place."""
+
+    TYPE: ClassVar[str] = "push_stored"
+    id: int
+
+
+@_message
+class Assign(_Message):
+    """master -> worker: load these blocks of `model` (pushed before) and serve them."""
+
+    TYPE: ClassVar[str] = "assign"
+    id: int
+    model: str
+    blocks: tuple[int, ...]
+    dtype: str  # one of COMPUTE_DTYPES
+    max_seq_len: int
+
+    def _check(self) -> None:
+        _check_model_id(self.model)
+        if not self.blocks:
+            raise ValueError("field 'blocks' must name at least one block")
+        _check_blocks(self.blocks)
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"field 'dtype' must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if not 1 <= self.max_seq_len <= 1 << 20:
+            raise ValueError(f"field 'max_seq_len' must be 1 to {1 << 20}")
+
+
+@_message
+class Assigned(_Message):
+    """worker -> master: the assignment is loaded; Hello now gets these blocks."""
+
+    TYPE: ClassVar[str] = "assigned"
+    id: int
+    blocks: tuple[int, ...]
+
+    def _check(self) -> None:
+        _check_blocks(self.blocks)
+
+
 Message = (
     AuthChallenge
     | AuthResponse
@@ -529,6 +763,16 @@ Message = (
     | ErrorMessage
     | Ping
     | Pong
+    | Describe
+    | Description
+    | Measure
+    | Measured
+    | PushOffer
+    | PushWant
+    | PushChunk
+    | PushStored
+    | Assign
+    | Assigned
 )
 # wire type name -> dataclass, the dispatch table of parse_message
 MESSAGE_TYPES: dict[str, type[_Message]] = {cls.TYPE: cls for cls in typing.get_args(Message)}

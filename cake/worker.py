@@ -29,7 +29,7 @@ from cake.config import LlamaConfig, architecture_of
 from cake.devices import DTYPE_NAMES, release_free_memory
 from cake.errors import KVMemoryError
 from cake.model import Llama
-from cake.protocol import Forward, ProtocolError, Welcome, fingerprint_config
+from cake.protocol import Forward, Hello, ProtocolError, Welcome, fingerprint_config
 from cake.sessions import Session, SessionStore, format_size, kv_budget
 from cake.topology import format_blocks
 from cake.transport import Link
@@ -109,9 +109,14 @@ class Worker:
         )
 
     async def handle_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        accepted: tuple[Link, Hello] | None = None,
     ) -> None:
-        await serve_connection(self, reader, writer)
+        """Serve one master. `accepted`: a link an empty worker (cake/empty_worker.py) already
+        authenticated, with the Hello it read, handed over once this worker holds its blocks."""
+        await serve_connection(self, reader, writer, accepted)
 
     def close_session(self, conn: int, session_id: str) -> None:
         if self.store.close((conn, session_id)):

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cake.handshake import BUSY, Refused, greet_master
+from cake.handshake import BUSY, Refused, answer_hello, greet_master
 from cake.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
     CloseSession,
     ErrorMessage,
     Forward,
+    Hello,
     Ping,
     Pong,
     ProtocolError,
@@ -48,22 +49,41 @@ MAX_UNAUTHENTICATED = 16  # connections still in their handshake, at once
 
 
 async def serve_connection(
-    worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    worker: Worker,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    accepted: tuple[Link, Hello] | None = None,
 ) -> None:
+    """Serve one master's connection. `accepted`: a link whose peer already proved the cluster
+    key to an empty worker (cake/empty_worker.py), and the hello it sent; only the hello is
+    left to answer."""
     conn = next(worker.connection_ids)
     address = writer.get_extra_info("peername")
     peer = f"{address[0]}:{address[1]}" if address else "peer"
-    link = Link(
-        reader,
-        writer,
-        peer,
-        max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES,
-        # A tensor larger than a full context of hidden states is never legitimate.
-        max_tensor_elements=worker.max_seq_len * worker.config.hidden_size,
-    )
+    # A tensor larger than a full context of hidden states is never legitimate.
+    max_elements = worker.max_seq_len * worker.config.hidden_size
+    if accepted is not None:
+        link = accepted[0]
+        link.max_tensor_elements = max_elements
+    else:
+        link = Link(
+            reader,
+            writer,
+            peer,
+            max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES,
+            max_tensor_elements=max_elements,
+        )
     worker.links.add(link)
     tasks: set[asyncio.Task] = set()
     try:
+        if accepted is not None:
+            hello = await answer_hello(link, accepted[1], worker.welcome())
+            link.set_frame_limit(
+                session_frame_limit(worker.config.hidden_size, worker.max_seq_len)
+            )
+            log.info("master %r connected from %s (assigned by it)", hello.master, peer)
+            await _serve_requests(worker, conn, link, tasks)
+            return
         if worker.unauthenticated >= MAX_UNAUTHENTICATED:
             log.warning(
                 "connection from %s refused: %d handshakes under way", peer, MAX_UNAUTHENTICATED

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cluster_protocol import CLUSTER_MESSAGES
 
 from cake.protocol import (
     AUTH_NONCE_BYTES,
@@ -67,6 +68,7 @@ ALL_MESSAGES = [
     ErrorMessage(message="bad frame", code="bad_frame"),
     Ping(id=5),
     Pong(id=5),
+    *CLUSTER_MESSAGES,
 ]
 
 

@@ -1,0 +1,121 @@
+"""What a device can do, measured: free memory, raw matmul speed, and one block's decode time.
+
+Both ends use it: an empty worker when it starts (and when a master asks, for that master's
+model), and the master for itself, since the master is a stage too. The block is built from the
+model's config with random weights, so no weights need to be on the device to time it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cake.config import LlamaConfig
+from cake.model import Llama
+
+# Positions a timed decode step attends over; typical of a chat turn, not a worst case.
+TIMED_POSITION = 128
+TIMED_STEPS = 8
+# Share of the free memory a plan may fill: the rest is for activations, allocator slack and
+# whatever else the machine runs.
+MEMORY_HEADROOM = 0.9
+
+
+def free_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes free now, bytes in total) of the memory tensors on `device` live in."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    if device.type == "mps":
+        total = int(torch.mps.recommended_max_memory())
+        return max(total - int(torch.mps.driver_allocated_memory()), 0), total
+    if sys.platform.startswith("linux"):
+        fields = {}
+        with open("/proc/meminfo", encoding="ascii") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                fields[key] = int(value.split()[0]) * 1024
+        return fields.get("MemAvailable", fields["MemFree"]), fields["MemTotal"]
+    pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    available = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else pages
+    return int(available * size), int(pages * size)
+
+
+def matmul_mflops(device: torch.device, size: int = 512, repeats: int = 4) -> int:
+    """A float32 (size x size) @ (size x size) product, best of `repeats`, in MFLOP/s."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        _sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return int(2 * size**3 / max(best, 1e-9) / 1e6)
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    block_ms: float  # one block, one decoded token, at TIMED_POSITION
+    block_bytes: int  # its weights plus one session's KV cache of max_seq_len positions
+
+
+def block_bytes(config: LlamaConfig, dtype: torch.dtype, max_seq_len: int) -> int:
+    """Weights of one block plus one session's KV cache for it, in `dtype`."""
+    c = config
+    weights = (
+        c.hidden_size * c.head_dim * (c.n_heads * 2 + c.n_kv_heads * 2)  # q, o, k, v
+        + 3 * c.hidden_size * c.intermediate_size  # gate, up, down
+        + 2 * c.hidden_size  # the two norms
+    )
+    cache = 2 * c.n_kv_heads * c.head_dim * max_seq_len
+    return (weights + cache) * dtype.itemsize
+
+
+def time_block(
+    config: LlamaConfig, dtype: torch.dtype, device: torch.device, max_seq_len: int
+) -> BlockTiming:
+    """Build one block with random weights on `device` and time decode steps through it."""
+    with torch.device("meta"):
+        part = Llama(config, [0])
+    part = part.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in part.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    part = part.to(dtype)
+    part.pack()
+    part.eval().requires_grad_(False)
+    positions = min(TIMED_POSITION, max_seq_len - 1)
+    part.setup_rope(positions + TIMED_STEPS + 4)
+    cache = part.new_cache(positions + TIMED_STEPS + 4)
+    hidden = torch.randn(1, 1, config.hidden_size, device=device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for step in range(TIMED_STEPS + 2):  # two warm-up steps
+            _sync(device)
+            started = time.perf_counter()
+            part.run_blocks(hidden, positions + step, cache, [0])
+            _sync(device)
+            times.append(time.perf_counter() - started)
+    # The fastest step: anything else running on the device only ever adds time, so the
+    # minimum is the steadiest estimate of what the device can do (medians moved 3x between
+    # identical workers on a shared 2-core machine).
+    return BlockTiming(
+        block_ms=min(times[2:]) * 1e3,
+        block_bytes=block_bytes(config, dtype, max_seq_len),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

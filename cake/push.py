@@ -1,0 +1,480 @@
+"""Tensor push: the master sends an empty worker exactly the tensors of its blocks.
+
+Master side:
+
+* :class:`ModelManifest` hashes every tensor of a model folder (sha256 of its stored bytes, read
+  straight from the safetensors files) and the model's small files, once: the result is cached
+  under ``$CAKE_CACHE_DIR/manifests`` keyed by the files' names, sizes and modification times.
+  Its :attr:`~ModelManifest.fingerprint` is the model's *content* fingerprint (every tensor's
+  bytes and the config), which keys the workers' caches.
+* :func:`worker_payload` is the one function that says what a worker receives for its blocks.
+* :func:`push` streams a payload over an authenticated link (see protocol.py for the exchange).
+
+Worker side, :class:`ModelCache`: ``CACHE_DIR/<fingerprint>/`` is an ordinary model folder
+(config.json, tokenizer files, ``model.safetensors.index.json`` and one small safetensors file per
+tensor), so the worker loads it with the same loader as any folder. Each arriving tensor is
+written to ``<file>.part`` (header first, then data as it comes); a new offer for it resumes at
+what that file holds; once complete its sha256 is checked and it is renamed into place. No name
+from the wire becomes a path: tensor files are named by the sha256 of the tensor name, and pushed
+files must be one of protocol.PUSH_FILES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cake.config import LlamaConfig, ModelFolderError
+from cake.convert import cache_root
+from cake.protocol import (
+    PUSH_FILES,
+    ErrorMessage,
+    ProtocolError,
+    PushChunk,
+    PushOffer,
+    PushStored,
+    PushWant,
+)
+from cake.transport import Link
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 4 << 20  # per PushChunk frame: large enough to stream, small enough to resume
+HASH_BLOCK = 8 << 20
+MANIFEST_VERSION = 1
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Master side: what a model holds, and what a worker receives
+
+
+@dataclass(frozen=True)
+class PushItem:
+    """One tensor or file as it travels: its identity, its hash, where its bytes are."""
+
+    kind: str  # "tensor" or "file"
+    name: str
+    dtype: str  # safetensors spelling for a tensor, "" for a file
+    shape: tuple[int, ...]
+    nbytes: int
+    sha256: str
+    path: str  # the file that holds the bytes on the master ...
+    offset: int  # ... from this byte on
+    data: bytes | None = None  # or the bytes themselves (tensors made at push time)
+
+    def read(self, start: int, size: int) -> bytes:
+        if self.data is not None:
+            return self.data[start : start + size]
+        with open(self.path, "rb") as file:
+            file.seek(self.offset + start)
+            chunk = file.read(size)
+        if len(chunk) != size:
+            raise ModelFolderError(f"{self.path}: ended inside {self.name!r}; is it truncated?")
+        return chunk
+
+    def offer(self, request_id: int, model: str) -> PushOffer:
+        return PushOffer(
+            id=request_id,
+            model=model,
+            kind=self.kind,
+            name=self.name,
+            dtype=self.dtype,
+            shape=self.shape,
+            nbytes=self.nbytes,
+            sha256=self.sha256,
+        )
+
+
+def _sha256_range(path: Path | str, offset: int, nbytes: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        file.seek(offset)
+        left = nbytes
+        while left:
+            chunk = file.read(min(left, HASH_BLOCK))
+            if not chunk:
+                raise ModelFolderError(f"{path}: ended early while hashing; is it truncated?")
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """Every tensor and pushable file of a model folder, hashed; built once per folder state."""
+
+    folder: Path
+    tensors: dict[str, PushItem]
+    files: dict[str, PushItem]
+
+    @property
+    def fingerprint(self) -> str:
+        """32 hex digits over every tensor's and file's name and sha256: the model's content."""
+        digest = hashlib.sha256(b"cake-model-content-v1\n")
+        for item in sorted([*self.tensors.values(), *self.files.values()], key=_item_key):
+            line = f"{item.kind} {item.name} {item.dtype} {list(item.shape)} {item.sha256}\n"
+            digest.update(line.encode())
+        return digest.hexdigest()[:32]
+
+    @classmethod
+    def for_folder(cls, folder: str | os.PathLike) -> ModelManifest:
+        """Read the cached manifest for this folder's current files, or hash and cache it."""
+        from cake.split import read_header
+        from cake.weights import Checkpoint
+
+        folder = Path(folder)
+        checkpoint = Checkpoint(folder)
+        sources = [*checkpoint.files, *(name for name in PUSH_FILES if (folder / name).is_file())]
+        stamp = hashlib.sha256(str(folder.resolve()).encode())
+        for name in sorted(sources):
+            stat = (folder / name).stat()
+            stamp.update(f"|{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        cached = cache_root() / "manifests" / f"{stamp.hexdigest()[:24]}.json"
+        hashes: dict[str, str] = {}
+        if cached.is_file():
+            try:
+                stored = json.loads(cached.read_text(encoding="utf-8"))
+                if stored.get("version") == MANIFEST_VERSION:
+                    hashes = dict(stored["sha256"])
+            except (OSError, ValueError, KeyError, TypeError):
+                hashes = {}  # unreadable: hash again
+        tensors: dict[str, PushItem] = {}
+        if not hashes:
+            size = sum((folder / name).stat().st_size for name in sources)
+            log.info(
+                "hashing %s (%.1f GiB) once, so workers can cache what they receive",
+                folder,
+                size / 2**30,
+            )
+        for file in checkpoint.files:
+            for name, tensor in read_header(folder / file).items():
+                key = f"tensor:{name}"
+                if key not in hashes:
+                    hashes[key] = _sha256_range(tensor.file, tensor.offset, tensor.nbytes)
+                tensors[name] = PushItem(
+                    "tensor",
+                    name,
+                    tensor.dtype,
+                    tensor.shape,
+                    tensor.nbytes,
+                    hashes[key],
+                    str(tensor.file),
+                    tensor.offset,
+                )
+        files: dict[str, PushItem] = {}
+        for name in PUSH_FILES:
+            path = folder / name
+            if path.is_file():
+                size = path.stat().st_size
+                key = f"file:{name}"
+                if key not in hashes:
+                    hashes[key] = _sha256_range(path, 0, size)
+                files[name] = PushItem("file", name, "", (), size, hashes[key], str(path), 0)
+        if "config.json" not in files:
+            raise ModelFolderError(f"{folder}: no config.json")
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cached.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps({"version": MANIFEST_VERSION, "sha256": hashes}))
+            os.replace(temporary, cached)
+        except OSError as exc:  # a read-only cache only costs hashing again next time
+            log.warning("cannot cache the manifest in %s (%s)", cached, exc)
+        return cls(folder, tensors, files)
+
+
+def _item_key(item: PushItem) -> tuple[str, str]:
+    return item.kind, item.name
+
+
+def block_tensor_names(config: LlamaConfig, blocks: Sequence[int]) -> list[str]:
+    """The checkpoint names of `blocks`' tensors, from the model built on `meta`."""
+    import torch
+
+    from cake.model import Llama
+
+    with torch.device("meta"):
+        part = Llama(config, blocks)
+    return list(part.state_dict())
+
+
+def worker_payload(
+    manifest: ModelManifest, config: LlamaConfig, blocks: Sequence[int]
+) -> list[PushItem]:
+    """Everything a worker that serves `blocks` receives: the tensors of those blocks, as the
+    worker will load them, then the config and tokenizer files. Nothing else.
+
+    This is the one place that decides what travels. Tensors go as stored in the checkpoint
+    (the worker casts to its --dtype while loading, as from any folder). Quantized pushes slot
+    in here: build the worker's quantized tensors (PushItem with `data` set and its own sha256)
+    instead of the stored ones, and give the payload its own cache key (see `payload_model`).
+    """
+    items = []
+    for name in block_tensor_names(config, blocks):
+        item = manifest.tensors.get(name)
+        if item is None:
+            raise ModelFolderError(
+                f"tensor {name!r} is not in the checkpoint {manifest.folder}; it is incomplete "
+                "or not this config's model"
+            )
+        items.append(item)
+    return items + list(manifest.files.values())
+
+
+def payload_model(manifest: ModelManifest) -> str:
+    """The cache key of what `worker_payload` sends: the content fingerprint (a quantized
+    payload must extend it with the quantization, e.g. hash(fingerprint + "int8"))."""
+    return manifest.fingerprint
+
+
+@dataclass
+class PushStats:
+    """What one push sent: bytes of tensor/file data, and how many items needed any."""
+
+    bytes_sent: int = 0
+    items_sent: int = 0
+    items_cached: int = 0  # the worker held them whole already
+    resumed_from: int = 0  # bytes the worker already held of partly sent items
+
+
+async def push(
+    link: Link,
+    model: str,
+    items: Sequence[PushItem],
+    stats: PushStats,
+    timeout: float = 60.0,
+    on_sent: Callable[[int], object] = lambda count: None,
+) -> None:
+    """Offer every item, then stream what the worker lacks; return when all are stored.
+
+    All offers go first (the worker answers each with what it holds), then the chunks, then
+    the confirmations are read: one round trip for the whole manifest, not one per tensor.
+    `on_sent` is called after each chunk with its size (progress, tests).
+    """
+    for request_id, item in enumerate(items):
+        await link.send(item.offer(request_id, model))
+    wants: dict[int, int] = {}
+    for _ in items:
+        reply = await _reply(link, timeout, PushWant)
+        if not 0 <= reply.id < len(items) or reply.offset > items[reply.id].nbytes:
+            raise ProtocolError(f"worker sent a bad push_want {reply}")
+        wants[reply.id] = reply.offset
+    pending = []
+    for request_id, item in enumerate(items):
+        start = wants[request_id]
+        if start >= item.nbytes:
+            stats.items_cached += 1
+            continue
+        stats.items_sent += 1
+        stats.resumed_from += start
+        pending.append(request_id)
+        for offset in range(start, item.nbytes, CHUNK_BYTES):
+            data = await asyncio.to_thread(
+                item.read, offset, min(CHUNK_BYTES, item.nbytes - offset)
+            )
+            await link.send(PushChunk(id=request_id, offset=offset, data=data))
+            stats.bytes_sent += len(data)
+            on_sent(len(data))
+    for _ in pending:
+        reply = await _reply(link, timeout, PushStored)
+        if reply.id not in pending:
+            raise ProtocolError(f"worker confirmed an item it was not sent: {reply}")
+
+
+async def _reply(link: Link, timeout: float, kind: type) -> PushWant | PushStored:
+    reply = await link.recv(timeout=timeout)
+    if isinstance(reply, ErrorMessage):
+        raise PushRefused(f"{link.peer} refused the push: {reply.message}")
+    if not isinstance(reply, kind):
+        raise ProtocolError(f"expected {kind.TYPE!r} from {link.peer}, got {type(reply).__name__}")
+    return reply
+
+
+class PushRefused(RuntimeError):
+    """The worker refused an item (checksum mismatch, disk full, ...); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: the cache the pushes land in
+
+
+class CacheError(ProtocolError):
+    """A push the cache cannot take; `code` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Incoming:
+    offer: PushOffer
+    path: Path  # the final file
+    part: Path  # the file being written
+    data_start: int  # where the data begins in `part` (after a safetensors header)
+    received: int  # data bytes in `part`
+
+
+@dataclass
+class ModelCache:
+    """CACHE_DIR/<model>/: model folders filled by pushes, one per content fingerprint."""
+
+    root: Path
+    incoming: dict[tuple[int, int], _Incoming] = field(default_factory=dict)  # (conn, id)
+    _owners: dict[Path, int] = field(default_factory=dict)  # part file -> connection writing it
+
+    def folder(self, model: str) -> Path:
+        return self.root / model  # `model` is hex, checked by the protocol
+
+    def tensor_names(self, model: str) -> dict[str, str]:
+        """tensor name -> sha256 of what is complete in the cache for `model`."""
+        index = self.folder(model) / INDEX_FILE
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            return dict(data["cake_sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def offer(self, conn: int, offer: PushOffer) -> int:
+        """Bytes of this item already here (nbytes when complete); prepare to receive the rest."""
+        folder = self.folder(offer.model)
+        folder.mkdir(parents=True, exist_ok=True)
+        if offer.kind == "file":
+            path = folder / PUSH_FILES[PUSH_FILES.index(offer.name)]  # our constant, not theirs
+            header = b""
+            complete = path.is_file() and _file_sha256(path, 0) == offer.sha256
+        else:
+            digest = hashlib.sha256(offer.name.encode()).hexdigest()[:32]
+            path = folder / f"t-{digest}.safetensors"
+            header = _safetensors_header(offer)
+            complete = self.tensor_names(offer.model).get(offer.name) == offer.sha256
+            complete = complete and path.is_file()
+        if complete:
+            return offer.nbytes
+        part = path.with_name(path.name + ".part")
+        owner = self._owners.get(part)
+        if owner is not None and owner != conn:
+            raise CacheError("busy", f"{offer.name} is being pushed by another master right now")
+        self._drop_incoming(part)
+        self._owners[part] = conn
+        received = 0
+        if part.is_file():
+            with open(part, "rb") as file:
+                held_header = file.read(len(header))
+            size = part.stat().st_size
+            if held_header == header and size <= len(header) + offer.nbytes:
+                received = size - len(header)
+            else:
+                part.unlink()
+        if not part.is_file():
+            with open(part, "wb") as file:
+                file.write(header)
+        self.incoming[(conn, offer.id)] = _Incoming(offer, path, part, len(header), received)
+        if received == offer.nbytes:  # everything arrived before; only the check was left
+            try:
+                self._finish(conn, offer.id)
+                return offer.nbytes
+            except CacheError:  # it did not check out (and is gone): from the start
+                with open(part, "wb") as file:
+                    file.write(header)
+                self._owners[part] = conn
+                self.incoming[(conn, offer.id)] = _Incoming(offer, path, part, len(header), 0)
+                return 0
+        return received
+
+    def _drop_incoming(self, part: Path) -> None:
+        for key, incoming in list(self.incoming.items()):
+            if incoming.part == part:
+                del self.incoming[key]
+
+    def write(self, conn: int, chunk: PushChunk) -> bool:
+        """Append a chunk; True when the item is complete, verified and in place."""
+        incoming = self.incoming.get((conn, chunk.id))
+        if incoming is None:
+            raise CacheError("bad_push", f"push_chunk for id {chunk.id}, which was not offered")
+        if chunk.offset != incoming.received:
+            raise CacheError(
+                "bad_push",
+                f"push_chunk for {incoming.offer.name} at byte {chunk.offset}, expected "
+                f"{incoming.received}",
+            )
+        if incoming.received + len(chunk.data) > incoming.offer.nbytes:
+            raise CacheError("bad_push", f"push_chunk runs past the end of {incoming.offer.name}")
+        # Unbuffered: what was written is on disk (in the page cache) even if we are killed next.
+        with open(incoming.part, "ab", buffering=0) as file:
+            file.write(chunk.data)
+        incoming.received += len(chunk.data)
+        if incoming.received < incoming.offer.nbytes:
+            return False
+        self._finish(conn, chunk.id)
+        return True
+
+    def _finish(self, conn: int, request_id: int) -> None:
+        incoming = self.incoming.pop((conn, request_id))
+        self._owners.pop(incoming.part, None)
+        offer = incoming.offer
+        if _file_sha256(incoming.part, incoming.data_start) != offer.sha256:
+            incoming.part.unlink(missing_ok=True)
+            raise CacheError(
+                "bad_checksum", f"{offer.name}: sha256 mismatch after the push; it will be resent"
+            )
+        with open(incoming.part, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(incoming.part, incoming.path)
+        if offer.kind == "tensor":
+            self._record(offer, incoming.path.name)
+
+    def _record(self, offer: PushOffer, file_name: str) -> None:
+        """Add a completed tensor to the folder's index (written whole, then renamed)."""
+        index = self.folder(offer.model) / INDEX_FILE
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {"metadata": {}, "weight_map": {}, "cake_sha256": {}}
+        data["weight_map"][offer.name] = file_name
+        data["cake_sha256"][offer.name] = offer.sha256
+        temporary = index.with_name(index.name + ".tmp")
+        temporary.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, index)
+
+    def forget(self, conn: int) -> None:
+        """A connection ended: its partly written items stay on disk for a resumed push."""
+        for key in [key for key in self.incoming if key[0] == conn]:
+            self._owners.pop(self.incoming.pop(key).part, None)
+
+
+def _safetensors_header(offer: PushOffer) -> bytes:
+    """The header of a one-tensor safetensors file, built from checked fields only."""
+    header = {
+        "__metadata__": {"format": "pt"},
+        offer.name: {
+            "dtype": offer.dtype,
+            "shape": list(offer.shape),
+            "data_offsets": [0, offer.nbytes],
+        },
+    }
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _file_sha256(path: Path, start: int) -> str:
+    size = path.stat().st_size
+    return _sha256_range(path, start, size - start) if size >= start else ""
+
+
+__all__ = [
+    "ModelCache",
+    "ModelManifest",
+    "PushItem",
+    "PushStats",
+    "push",
+    "worker_payload",
+]
