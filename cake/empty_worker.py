@@ -37,6 +37,7 @@ from cake.handshake import check_key
 from cake.measure import MEMORY_HEADROOM, block_bytes, free_memory, matmul_mflops, time_block
 from cake.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
+    MAX_PUSH_CHUNK_BYTES,
     Assign,
     Assigned,
     AuthChallenge,
