@@ -19,6 +19,7 @@ import torch
 
 from cake.auth import client_tls
 from cake.auth import cluster_key as parse_cluster_key
+from cake.batching import DEFAULT_PREFILL_CHUNK, StepScheduler
 from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
 from cake.convert import resolve_model_path
@@ -105,6 +106,24 @@ class Master:
         self.stop_ids = stop_token_ids(folder, config, tokenizer)
         self.device = next(model.parameters()).device
         self.offload = offload  # run the master's own tensor work in a thread (HTTP API)
+        # With several sessions at once (the HTTP API), their steps are batched; a single CLI
+        # generation runs its steps directly.
+        self.scheduler: StepScheduler | None = None
+
+    def enable_batching(
+        self, groups: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    ) -> StepScheduler:
+        """Batch the steps of concurrent generations (see cake/batching.py)."""
+        self.scheduler = StepScheduler(
+            self.model.embed,
+            self.stages,
+            self.model.head,
+            self._local,
+            self.device,
+            groups=groups,
+            prefill_chunk=prefill_chunk,
+        )
+        return self.scheduler
 
     @classmethod
     async def open(
@@ -253,13 +272,17 @@ class Master:
                 f"(the model allows up to {self.config.max_position_embeddings})"
             )
         session_id = uuid.uuid4().hex
+        scheduler = self.scheduler
+        next_logits = scheduler.logits if scheduler is not None else self._logits
+        if scheduler is not None:
+            scheduler.join(session_id)
         sampler = Sampler(params)
         history = list(prompt_ids)
         stats.prompt_tokens = len(prompt_ids)
         stats.finish_reason = "length"
         try:
             started = time.perf_counter()
-            logits = await self._logits(session_id, prompt_ids, 0, stats)
+            logits = await next_logits(session_id, prompt_ids, 0, stats)
             stats.prefill_s = time.perf_counter() - started
             started = time.perf_counter()
             while stats.new_tokens < max_new_tokens:
@@ -275,14 +298,18 @@ class Master:
                 if len(history) >= self.max_seq_len:
                     log.warning("context full (%d tokens): stopping", self.max_seq_len)
                     break
-                logits = await self._logits(session_id, [token], len(history) - 1, stats)
+                logits = await next_logits(session_id, [token], len(history) - 1, stats)
                 stats.decode_steps += 1
                 stats.decode_s = time.perf_counter() - started
         finally:
+            if scheduler is not None:
+                await scheduler.leave(session_id)
             for stage in self.stages:
                 await stage.close_session(session_id)
 
     async def close(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.close()
         for stage in self.stages:
             await stage.close()
 

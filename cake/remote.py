@@ -17,6 +17,7 @@ import itertools
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +28,11 @@ from cake.protocol import (
     AuthChallenge,
     AuthProof,
     AuthResponse,
+    BatchResult,
     CloseSession,
     ErrorMessage,
     Forward,
+    ForwardBatch,
     Hello,
     Message,
     Pong,
@@ -37,7 +40,7 @@ from cake.protocol import (
     Result,
     Welcome,
 )
-from cake.stages import StageTimes
+from cake.stages import BatchOutcome, BatchRow, StageTimes
 from cake.topology import Node, format_blocks
 from cake.transport import Link, LinkError, TLSFailure, open_link
 
@@ -154,7 +157,10 @@ class WorkerClient:
             while True:
                 message = await link.recv()
                 request_id = getattr(message, "id", None)
-                if isinstance(message, Result | Pong | ErrorMessage) and request_id is not None:
+                if (
+                    isinstance(message, Result | BatchResult | Pong | ErrorMessage)
+                    and request_id is not None
+                ):
                     future = self._pending.pop(request_id, None)
                     if future is not None and not future.done():
                         future.set_result(message)
@@ -198,12 +204,7 @@ class WorkerClient:
     async def forward(
         self, session: str, start_pos: int, blocks: range, hidden: torch.Tensor
     ) -> Result:
-        link = self.link
-        if link is None:
-            raise WorkerLost(f"{self.label}: not connected")
         request_id = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
         request = Forward(
             id=request_id,
             session=session,
@@ -211,6 +212,39 @@ class WorkerClient:
             blocks=tuple(blocks),
             hidden=hidden,
         )
+        reply = await self._request(request_id, request)
+        assert isinstance(reply, Result)
+        return reply
+
+    async def forward_batch(
+        self,
+        sessions: Sequence[str],
+        start_positions: Sequence[int],
+        lengths: Sequence[int],
+        blocks: range,
+        hidden: torch.Tensor,
+    ) -> BatchResult:
+        """One frame for several sessions' rows through `blocks` (see ForwardBatch)."""
+        request_id = next(self._ids)
+        request = ForwardBatch(
+            id=request_id,
+            sessions=tuple(sessions),
+            start_positions=tuple(start_positions),
+            lengths=tuple(lengths),
+            blocks=tuple(blocks),
+            hidden=hidden,
+        )
+        reply = await self._request(request_id, request)
+        assert isinstance(reply, BatchResult)
+        return reply
+
+    async def _request(self, request_id: int, request: Message) -> Message:
+        """Send a request and wait for the reply with its id; an error reply raises."""
+        link = self.link
+        if link is None:
+            raise WorkerLost(f"{self.label}: not connected")
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
         try:
             await link.send(request)
         except LinkError as exc:
@@ -221,7 +255,6 @@ class WorkerClient:
         reply = await future
         if isinstance(reply, ErrorMessage):
             raise WorkerError(f"{self.label} failed a request: {reply.message}")
-        assert isinstance(reply, Result)
         return reply
 
     async def close_session(self, session: str) -> None:
@@ -295,6 +328,59 @@ class RemoteStage:
         times.wire_s += max(elapsed - compute, 0.0)
         inputs.add(start_pos, hidden)
         return result.hidden.to(device=hidden.device, dtype=hidden.dtype)
+
+    async def forward_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> BatchOutcome:
+        """One round trip for every row's session; rows the worker refuses fail alone."""
+        client = self.client
+        for row in rows:
+            self.inputs.setdefault(row.session_id, SessionInputs(epoch=client.epoch))
+        deadline: float | None = None
+        while True:
+            try:
+                if client.link is None or any(
+                    self.inputs[row.session_id].epoch != client.epoch for row in rows
+                ):
+                    deadline = deadline or time.monotonic() + client.retry_timeout
+                    await client.ensure_connected(deadline)
+                    for row in rows:
+                        inputs = self.inputs[row.session_id]
+                        if inputs.epoch != client.epoch:
+                            await self._replay(row.session_id, inputs, row.times)
+                started = time.perf_counter()
+                result = await client.forward_batch(
+                    [row.session_id for row in rows],
+                    [row.start_pos for row in rows],
+                    [row.length for row in rows],
+                    self.blocks,
+                    hidden,
+                )
+                break
+            except WorkerLost as exc:
+                if deadline is None:
+                    log.warning("%s; reconnecting (up to %gs)", exc, client.retry_timeout)
+                    deadline = time.monotonic() + client.retry_timeout
+                elif time.monotonic() > deadline:
+                    raise client.gave_up(exc) from None
+        elapsed = time.perf_counter() - started
+        compute = result.compute_us / 1e6
+        errors = {
+            index: WorkerError(
+                f"{client.label} refused session {rows[index].session_id[:8]}: {message}"
+            )
+            for index, message in zip(result.failed, result.errors, strict=True)
+        }
+        offset = 0
+        for index, row in enumerate(rows):
+            row.times.round_trips += 1
+            row.times.compute_s += compute
+            row.times.wire_s += max(elapsed - compute, 0.0)
+            if index not in errors:
+                self.inputs[row.session_id].add(
+                    row.start_pos, hidden[:, offset : offset + row.length]
+                )
+            offset += row.length
+        out = result.hidden.to(device=hidden.device, dtype=hidden.dtype)
+        return BatchOutcome(out, errors)
 
     async def _replay(self, session_id: str, inputs: SessionInputs, times: StageTimes) -> None:
         """Rebuild this session's caches on a reconnected worker from the inputs it had seen."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from cake.model import Llama, SessionCache
+from cake.model import Llama, Segment, SessionCache
 
 
 @dataclass
@@ -25,6 +26,25 @@ class StageTimes:
     round_trips: int = 0
 
 
+@dataclass
+class BatchRow:
+    """One session's rows in a batched step through a stage."""
+
+    session_id: str
+    start_pos: int
+    length: int
+    times: StageTimes  # that session's account of the stage's time
+
+
+@dataclass
+class BatchOutcome:
+    """What a stage gives back for a batched step: the rows of every session that did not fail
+    (in order), and the sessions (by row index) that failed, with why."""
+
+    hidden: torch.Tensor  # (1, rows of the sessions that went through, C)
+    failed: dict[int, Exception] = field(default_factory=dict)
+
+
 class Stage(Protocol):
     label: str  # "master" or the worker's name
     blocks: range
@@ -32,6 +52,10 @@ class Stage(Protocol):
     async def forward(
         self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
     ) -> torch.Tensor: ...
+
+    async def forward_batch(
+        self, rows: Sequence[BatchRow], hidden: torch.Tensor
+    ) -> BatchOutcome: ...
 
     async def close_session(self, session_id: str) -> None: ...
 
@@ -70,6 +94,30 @@ class LocalStage:
             out = self._run(session_id, hidden, start_pos)
         times.compute_s += time.perf_counter() - started
         return out
+
+    def _run_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> torch.Tensor:
+        segments, offset = [], 0
+        for row in rows:
+            cache = self.caches.get(row.session_id)
+            if cache is None:
+                cache = self.caches[row.session_id] = self.model.new_cache(
+                    self.max_seq_len, self.blocks
+                )
+            segments.append(Segment(cache, row.start_pos, offset, row.length))
+            offset += row.length
+        with torch.inference_mode():
+            return self.model.run_segments(hidden, segments, self.blocks)
+
+    async def forward_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> BatchOutcome:
+        started = time.perf_counter()
+        if self.offload:
+            out = await asyncio.to_thread(self._run_batch, rows, hidden)
+        else:
+            out = self._run_batch(rows, hidden)
+        elapsed = time.perf_counter() - started
+        for row in rows:
+            row.times.compute_s += elapsed
+        return BatchOutcome(out)
 
     async def close_session(self, session_id: str) -> None:
         self.caches.pop(session_id, None)

@@ -24,15 +24,17 @@ import torch
 from cake.auth import check_proof, new_nonce, proof
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import DTYPE_NAMES, release_free_memory
-from cake.model import Llama, SessionCache
+from cake.model import Llama, Segment, SessionCache
 from cake.protocol import (
     PROTOCOL_VERSION,
     AuthChallenge,
     AuthProof,
     AuthResponse,
+    BatchResult,
     CloseSession,
     ErrorMessage,
     Forward,
+    ForwardBatch,
     Hello,
     Ping,
     Pong,
@@ -130,6 +132,19 @@ class Worker:
                             continue
                         break  # the master's view of this worker is wrong: close
                     task = asyncio.create_task(self._forward(link, session, message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                elif isinstance(message, ForwardBatch):
+                    try:
+                        self.check_blocks_and_width(message.blocks, message.hidden)
+                    except RequestError as exc:
+                        log.warning("request %d from %s: %s", message.id, peer, exc)
+                        await link.send(
+                            ErrorMessage(message=str(exc), code=exc.code, id=message.id)
+                        )
+                        break  # the master's view of this worker is wrong: close
+                    rows, refused = self.check_batch(conn, message)
+                    task = asyncio.create_task(self._forward_batch(link, message, rows, refused))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 elif isinstance(message, CloseSession):
@@ -240,40 +255,70 @@ class Worker:
 
     def check_request(self, conn: int, request: Forward) -> Session:
         """The session a forward runs in, or RequestError (on the event loop thread)."""
-        missing = [b for b in request.blocks if b not in self.served]
+        self.check_blocks_and_width(request.blocks, request.hidden)
+        if request.hidden.dim() != 3 or request.hidden.shape[0] != 1:
+            raise RequestError(
+                "bad_shape",
+                f"hidden states must be (1, T, {self.config.hidden_size}), "
+                f"got {list(request.hidden.shape)}",
+            )
+        return self.check_row(conn, request.session, request.start_pos, request.hidden.shape[1])
+
+    def check_blocks_and_width(self, blocks: tuple[int, ...], hidden: torch.Tensor) -> None:
+        """What every session of a request shares: blocks served here, the model's width."""
+        missing = [b for b in blocks if b not in self.served]
         if missing:
             raise RequestError(
                 "unknown_block",
                 f"worker {self.name} does not serve block(s) {missing}; it serves {self.blocks}",
             )
-        hidden = request.hidden
         hidden_size = self.config.hidden_size
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size:
+        if hidden.dim() != 3 or hidden.shape[2] != hidden_size:
             raise RequestError(
                 "bad_shape",
                 f"hidden states must be (1, T, {hidden_size}), got {list(hidden.shape)}",
             )
-        end = request.start_pos + hidden.shape[1]
-        if hidden.shape[1] == 0:
+
+    def check_batch(
+        self, conn: int, request: ForwardBatch
+    ) -> tuple[list[tuple[int, Session]], list[tuple[int, RequestError]]]:
+        """Each session of a batched forward on its own: (index, session) to compute, and
+        (index, refusal) for the others, which do not stop the rest."""
+        rows: list[tuple[int, Session]] = []
+        refused: list[tuple[int, RequestError]] = []
+        for index, (session_id, start_pos, length) in enumerate(
+            zip(request.sessions, request.start_positions, request.lengths, strict=True)
+        ):
+            try:
+                rows.append((index, self.check_row(conn, session_id, start_pos, length)))
+            except RequestError as exc:
+                log.warning("request %d, session %s: %s", request.id, session_id[:8], exc)
+                refused.append((index, exc))
+        return rows, refused
+
+    def check_row(self, conn: int, session_id: str, start_pos: int, length: int) -> Session:
+        """One session's positions start_pos..start_pos+length-1: its Session, or RequestError."""
+        end = start_pos + length
+        if length == 0:
             raise RequestError("bad_shape", "hidden states hold no positions (T = 0)")
         if end > self.max_seq_len:
             raise RequestError(
                 "context_full",
-                f"positions {request.start_pos}..{end - 1} do not fit this worker's context of "
+                f"positions {start_pos}..{end - 1} do not fit this worker's context of "
                 f"{self.max_seq_len} (worker --max-seq-len)",
             )
-        key = (conn, request.session)
+        key = (conn, session_id)
         session = self.sessions.get(key)
-        if session is None and request.start_pos > 0:
+        if session is None and start_pos > 0:
             raise RequestError(
                 "unknown_session",
-                f"session {request.session} is unknown here (a new session starts at position "
+                f"session {session_id} is unknown here (a new session starts at position "
                 "0); the worker may have restarted",
             )
-        if session is not None and request.start_pos > session.length:
+        if session is not None and start_pos > session.length:
             raise RequestError(
                 "bad_position",
-                f"start_pos {request.start_pos} skips positions: session {request.session} "
+                f"start_pos {start_pos} skips positions: session {session_id} "
                 f"holds {session.length}",
             )
         if session is None:
@@ -284,11 +329,74 @@ class Worker:
                     "(worker --max-sessions)",
                 )
             session = self.sessions[key] = Session(self.model.new_cache(self.max_seq_len))
-            log.info("connection %d: session %s opened", conn, request.session)
+            log.info("connection %d: session %s opened", conn, session_id)
         # Reserve the positions now, so the next step's check (which may come before this
         # one's compute ends) sees them.
         session.length = max(session.length, end)
         return session
+
+    async def _forward_batch(
+        self,
+        link: Link,
+        request: ForwardBatch,
+        rows: list[tuple[int, Session]],
+        refused: list[tuple[int, RequestError]],
+    ) -> None:
+        try:
+            async with contextlib.AsyncExitStack() as locks:
+                for _, session in rows:  # distinct sessions (ForwardBatch checks it)
+                    await locks.enter_async_context(session.lock)
+                loop = asyncio.get_running_loop()
+                hidden, compute_us = await loop.run_in_executor(
+                    self.compute, self.run_batch, request, rows
+                )
+            await link.send(
+                BatchResult(
+                    id=request.id,
+                    hidden=hidden,
+                    failed=tuple(index for index, _ in refused),
+                    codes=tuple(exc.code for _, exc in refused),
+                    errors=tuple(str(exc) for _, exc in refused),
+                    compute_us=compute_us,
+                )
+            )
+        except LinkError:
+            pass
+        except Exception as exc:  # a failure of ours (out of memory, ...): say so, keep serving
+            log.exception("request %d from %s failed", request.id, link.peer)
+            reply = ErrorMessage(
+                message=f"worker {self.name} failed: {exc}", code="internal", id=request.id
+            )
+            await _try_send(link, reply)
+
+    def run_batch(
+        self, request: ForwardBatch, rows: list[tuple[int, Session]]
+    ) -> tuple[torch.Tensor, int]:
+        """Run the checked sessions of a batched forward (on the compute thread)."""
+        started = time.perf_counter()
+        wire_dtype = request.hidden.dtype
+        offsets = [0]
+        for length in request.lengths:
+            offsets.append(offsets[-1] + length)
+        if not rows:
+            empty = request.hidden.new_zeros((1, 0, request.hidden.shape[2]))
+            return empty, 0
+        with torch.inference_mode():
+            pieces, segments, offset = [], [], 0
+            for index, session in rows:
+                start, stop = offsets[index], offsets[index + 1]
+                pieces.append(request.hidden[:, start:stop])
+                segments.append(
+                    Segment(session.cache, request.start_positions[index], offset, stop - start)
+                )
+                offset += stop - start
+            hidden = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            hidden = hidden.to(device=self.device, dtype=self.dtype)
+            hidden = self.model.run_segments(hidden, segments, request.blocks)
+            out = hidden.to(device="cpu", dtype=wire_dtype)
+        if offset >= LONG_REQUEST:
+            release_free_memory()
+        return out, int((time.perf_counter() - started) * 1e6)
 
     def run_request(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:
         """Run a checked forward (on the compute thread): hidden states out, microseconds."""
