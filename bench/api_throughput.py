@@ -58,9 +58,12 @@ def worker_layers(folder: Path, n_workers: int) -> dict[str, list[str]]:
     }
 
 
-def start_api(folder: Path, topology: Path | None) -> tuple[subprocess.Popen, str]:
+def start_api(
+    folder: Path, topology: Path | None, extra: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, "-m", "cake.cli", "--model", str(folder), "--device", "cpu"]
     args += ["--topology", str(topology)] if topology else []
+    args += extra or []
     process = subprocess.Popen(
         [*args, "--api", "127.0.0.1:0", "--max-concurrent", "64"],
         stdin=subprocess.DEVNULL,

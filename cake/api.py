@@ -733,6 +733,8 @@ async def serve_api(opts: dict) -> None:
     except BaseException:
         sock.close()
         raise
+    if opts.get("batching", True):  # concurrent requests share steps (cake/batching.py)
+        master.enable_batching(groups=opts.get("batch_groups") or 1)
     app = create_app(
         master,
         model_name=model_id(opts["model"]),

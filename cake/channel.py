@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from cake.handshake import WorkerLost
 from cake.liveness import LinkClock, LivenessSettings, Lost, SendPing
-from cake.protocol import ErrorMessage, Message, Ping, Pong, ProtocolError, Result
+from cake.protocol import BatchResult, ErrorMessage, Message, Ping, Pong, ProtocolError, Result
 from cake.transport import Link, LinkError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,10 @@ class Channel:
                 if isinstance(message, Pong):
                     continue
                 request_id = getattr(message, "id", None)
-                if isinstance(message, Result | ErrorMessage) and request_id is not None:
+                if (
+                    isinstance(message, Result | BatchResult | ErrorMessage)
+                    and request_id is not None
+                ):
                     self.clock.reply_received(request_id, now)
                     future = self._pending.pop(request_id, None)
                     if future is not None and not future.done():

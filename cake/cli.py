@@ -262,6 +262,20 @@ def _fail(message: str) -> None:
     help="HTTP API: most requests generating at once (more get HTTP 429).",
 )
 @click.option(
+    "--batching/--no-batching",
+    default=True,
+    show_default=True,
+    help="HTTP API: run the next step of every active request as one batch per stage.",
+)
+@click.option(
+    "--batch-groups",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="HTTP API: disjoint groups of requests in flight at once, so that several remote "
+    "stages compute at the same time (pipelining).",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,

@@ -22,6 +22,8 @@ import torch
 
 from cake.auth import client_tls
 from cake.auth import cluster_key as parse_cluster_key
+from cake.batching import DEFAULT_PREFILL_CHUNK as BATCH_PREFILL_CHUNK
+from cake.batching import StepScheduler
 from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import resolve_device
@@ -118,6 +120,24 @@ class Master:
         self.prefill_chunk = prefill_chunk
         self.pipeline_prefill = True  # chunks overlap across stages (off: one chunk at a time)
         self.store = store  # the KV caches of the blocks the master runs itself
+        # With several sessions at once (the HTTP API), their steps are batched; a single CLI
+        # generation runs its steps directly.
+        self.scheduler: StepScheduler | None = None
+
+    def enable_batching(self, groups: int = 1, prefill_chunk: int | None = None) -> StepScheduler:
+        """Batch the steps of concurrent generations (see cake/batching.py). A prompt goes in
+        chunks of at most `prefill_chunk` positions per step, so it never stalls the others'
+        decode for long."""
+        self.scheduler = StepScheduler(
+            self.model.embed,
+            self.stages,
+            self.model.head,
+            self._local,
+            self.device,
+            groups=groups,
+            prefill_chunk=prefill_chunk or min(self.prefill_chunk, BATCH_PREFILL_CHUNK),
+        )
+        return self.scheduler
 
     @classmethod
     async def open(
@@ -366,13 +386,17 @@ class Master:
                 f"(the model allows up to {self.config.max_position_embeddings})"
             )
         session_id = uuid.uuid4().hex
+        scheduler = self.scheduler
+        next_logits = scheduler.logits if scheduler is not None else self._logits
+        if scheduler is not None:
+            scheduler.join(session_id)
         sampler = Sampler(params)
         history = list(prompt_ids)
         stats.prompt_tokens = len(prompt_ids)
         stats.finish_reason = "length"
         try:
             started = time.perf_counter()
-            logits = await self._logits(session_id, prompt_ids, 0, stats)
+            logits = await next_logits(session_id, prompt_ids, 0, stats)
             stats.prefill_s = time.perf_counter() - started
             started = time.perf_counter()
             while stats.new_tokens < max_new_tokens:
@@ -388,13 +412,17 @@ class Master:
                 if len(history) >= self.max_seq_len:
                     log.warning("context full (%d tokens): stopping", self.max_seq_len)
                     break
-                logits = await self._logits(session_id, [token], len(history) - 1, stats)
+                logits = await next_logits(session_id, [token], len(history) - 1, stats)
                 stats.decode_steps += 1
                 stats.decode_s = time.perf_counter() - started
         finally:
+            if scheduler is not None:
+                await scheduler.leave(session_id)
             await self.close_session(session_id)
 
     async def close(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.close()
         for stage in self.stages:
             await stage.close()
 

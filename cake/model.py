@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,17 @@ class KVCache:
 SessionCache = dict[int, KVCache]  # block index -> its KV cache
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One session's rows in a batched step: rows offset..offset+length-1 of the batch, at
+    positions start_pos..start_pos+length-1 of that session, attending to its own caches."""
+
+    cache: SessionCache
+    start_pos: int
+    offset: int
+    length: int
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, qkv: nn.Module, out: nn.Module) -> None:
         super().__init__()
@@ -230,6 +242,49 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(batch, length, q_size)
+        return self.out(y)
+
+    def forward_segments(
+        self,
+        x: torch.Tensor,
+        segments: Sequence[Segment],
+        block: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rows of several sessions at once: x (1, total, C), one segment of rows per session.
+
+        The projections run once on all rows (every weight is read once per step, whatever the
+        number of sessions); rope uses each row's own position (cos/sin are (total, hd)); each
+        segment attends only to its own session's cache.
+        """
+        assert self.qkv is not None and self.out is not None, "call Llama.pack() first"
+        _, total, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(1, total, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(1, total, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(1, total, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)  # (1, nh, total, hd)
+        k = apply_rope(k, cos, sin)  # (1, n_kv, total, hd)
+        outputs = []
+        for segment in segments:
+            rows = slice(segment.offset, segment.offset + segment.length)
+            keys, values = segment.cache[block].update(
+                segment.start_pos, k[:, :, rows], v[:, :, rows]
+            )
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, rows],
+                    keys,
+                    values,
+                    attn_mask=_causal_mask(segment.start_pos, segment.length, x.device),
+                    is_causal=segment.start_pos == 0 and segment.length > 1,
+                    enable_gqa=self.n_kv_heads != self.n_heads,
+                )
+            )  # (1, nh, length, hd)
+        y = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        y = y.transpose(1, 2).reshape(1, total, q_size)
         return self.out(y)
 
 
@@ -327,6 +382,20 @@ class Block(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), start_pos, cache, cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_segments(
+        self,
+        x: torch.Tensor,
+        segments: Sequence[Segment],
+        block: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        attended = self.self_attn.forward_segments(
+            self.input_layernorm(x), segments, block, cos, sin
+        )
+        h = x + attended
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class LlamaModel(nn.Module):
     """The checkpoint's `model.` prefix: embedding, the blocks this process holds, final norm."""
@@ -408,6 +477,26 @@ class Llama(nn.Module):
         cos, sin = self.rope.at(start_pos, hidden.shape[1])
         for i in blocks:
             hidden = self.model.layers[str(i)](hidden, start_pos, cache[i], cos, sin)
+        return hidden
+
+    def run_segments(
+        self, hidden: torch.Tensor, segments: Sequence[Segment], blocks: Sequence[int]
+    ) -> torch.Tensor:
+        """Run `blocks` on the rows of several sessions at once: hidden (1, total, C).
+
+        A single segment takes the one-session path (`run_blocks`), so a batch of one costs
+        exactly what it did before batching existed.
+        """
+        assert self.rope is not None, "call setup_rope() after loading weights"
+        if len(segments) == 1:
+            only = segments[0]
+            return self.run_blocks(hidden, only.start_pos, only.cache, blocks)
+        positions = torch.cat(
+            [torch.arange(s.start_pos, s.start_pos + s.length) for s in segments]
+        ).to(self.rope.cos.device)  # (total,)
+        cos, sin = self.rope.cos[positions], self.rope.sin[positions]  # (total, hd)
+        for i in blocks:
+            hidden = self.model.layers[str(i)].forward_segments(hidden, segments, i, cos, sin)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -313,6 +313,10 @@ class _Message:
                 ok = isinstance(value, list | tuple) and all(_is_int(item) for item in value)
                 if ok:
                     object.__setattr__(self, name, tuple(value))  # frozen: store a tuple
+            elif hint == tuple[str, ...]:
+                ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+                if ok:
+                    object.__setattr__(self, name, tuple(value))
             elif hint is torch.Tensor:
                 ok = isinstance(value, torch.Tensor)
             else:  # pragma: no cover - a new field kind needs a branch here
@@ -367,6 +371,8 @@ def _describe(hint: Any) -> str:
         return "an int or nil"
     if hint == tuple[int, ...]:
         return "a list of ints"
+    if hint == tuple[str, ...]:
+        return "a list of strs"
     if hint is torch.Tensor:
         return "a tensor"
     return {int: "an int", str: "a str", bytes: "bytes"}[hint]
@@ -380,6 +386,15 @@ _message = dataclass(frozen=True, kw_only=True, eq=False)
 def _check_blocks(blocks: tuple[int, ...], field: str = "blocks") -> None:
     if any(block < 0 for block in blocks):
         raise ValueError(f"field {field!r} must hold non-negative block indices, got {blocks}")
+
+
+def _check_consecutive(blocks: tuple[int, ...]) -> None:
+    if not blocks:
+        raise ValueError("field 'blocks' must name at least one block")
+    _check_blocks(blocks)
+    first = blocks[0]
+    if blocks != tuple(range(first, first + len(blocks))):
+        raise ValueError(f"field 'blocks' must be consecutive and ascending, got {blocks}")
 
 
 # Cluster-key authentication (only when master and worker have a key): before anything else,
@@ -470,12 +485,7 @@ class Forward(_Message):
             )
         if self.start_pos < 0:
             raise ValueError(f"field 'start_pos' must be >= 0, got {self.start_pos}")
-        if not self.blocks:
-            raise ValueError("field 'blocks' must name at least one block")
-        _check_blocks(self.blocks)
-        first = self.blocks[0]
-        if self.blocks != tuple(range(first, first + len(self.blocks))):
-            raise ValueError(f"field 'blocks' must be consecutive and ascending, got {self.blocks}")
+        _check_consecutive(self.blocks)
 
 
 @_message
@@ -486,6 +496,81 @@ class Result(_Message):
     id: int
     hidden: torch.Tensor  # (batch, seq_len, hidden_size)
     compute_us: int = 0  # the worker's time in tensor work, so the master can split wire time
+
+
+# Most sessions one batched forward may carry: a bound on the per-row work a frame can ask for.
+MAX_BATCH_ROWS = 256
+
+
+def _check_session_id(session: str, field: str = "session") -> None:
+    if not 1 <= len(session) <= MAX_SESSION_ID_CHARS:
+        raise ValueError(
+            f"field {field!r} must hold ids of 1 to {MAX_SESSION_ID_CHARS} characters,"
+            f" got {len(session)}"
+        )
+
+
+@_message
+class ForwardBatch(_Message):
+    """master -> worker: one step of several sessions through the same ``blocks``.
+
+    ``hidden`` stacks every session's rows along the sequence axis: session ``sessions[i]``
+    owns ``lengths[i]`` consecutive rows, at positions ``start_positions[i]`` onwards of that
+    session. The worker checks each session on its own: a refused one is left out of the reply
+    and named in ``failed``/``errors``; the others are computed.
+    """
+
+    TYPE: ClassVar[str] = "forward_batch"
+    id: int
+    sessions: tuple[str, ...]
+    start_positions: tuple[int, ...]
+    lengths: tuple[int, ...]
+    blocks: tuple[int, ...]
+    hidden: torch.Tensor  # (1, sum(lengths), hidden_size)
+
+    def _check(self) -> None:
+        count = len(self.sessions)
+        if not 1 <= count <= MAX_BATCH_ROWS:
+            raise ValueError(f"field 'sessions' must name 1 to {MAX_BATCH_ROWS}, got {count}")
+        if len(self.start_positions) != count or len(self.lengths) != count:
+            raise ValueError(
+                "fields 'sessions', 'start_positions' and 'lengths' must have the same length"
+            )
+        if len(set(self.sessions)) != count:
+            raise ValueError("field 'sessions' names a session twice")
+        for session in self.sessions:
+            _check_session_id(session, "sessions")
+        if any(p < 0 for p in self.start_positions):
+            raise ValueError("field 'start_positions' must hold positions >= 0")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError("field 'lengths' must hold lengths >= 1")
+        if self.hidden.dim() != 3 or self.hidden.shape[0] != 1:
+            raise ValueError(f"field 'hidden' must be (1, T, C), got {list(self.hidden.shape)}")
+        if self.hidden.shape[1] != sum(self.lengths):
+            raise ValueError(
+                f"field 'hidden' holds {self.hidden.shape[1]} rows, 'lengths' add up to "
+                f"{sum(self.lengths)}"
+            )
+        _check_consecutive(self.blocks)
+
+
+@_message
+class BatchResult(_Message):
+    """worker -> master: the rows of ForwardBatch ``id`` after its last block, for every
+    session not in ``failed`` (in request order); ``errors[i]`` says why ``failed[i]`` was
+    refused, ``codes[i]`` its machine code."""
+
+    TYPE: ClassVar[str] = "batch_result"
+    id: int
+    hidden: torch.Tensor  # (1, rows of the computed sessions, hidden_size); may hold 0 rows
+    failed: tuple[int, ...] = ()  # indices into the request's sessions
+    codes: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    compute_us: int = 0
+
+    def _check(self) -> None:
+        if not len(self.failed) == len(self.codes) == len(self.errors):
+            raise ValueError("fields 'failed', 'codes' and 'errors' must have the same length")
 
 
 @_message
@@ -759,6 +844,8 @@ Message = (
     | Welcome
     | Forward
     | Result
+    | ForwardBatch
+    | BatchResult
     | CloseSession
     | ErrorMessage
     | Ping

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,13 +31,15 @@ from cake.liveness import LinkPhase, LivenessSettings
 from cake.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     HANDSHAKE_MAX_FRAME_BYTES,
+    BatchResult,
     CloseSession,
     ErrorMessage,
     Forward,
+    ForwardBatch,
     Result,
     Welcome,
 )
-from cake.stages import StageTimes
+from cake.stages import BatchOutcome, BatchRow, StageTimes
 from cake.topology import Node, format_blocks
 from cake.transport import Link, LinkError, TLSFailure, open_link
 
@@ -192,6 +195,31 @@ class WorkerClient:
         assert isinstance(reply, Result)
         return reply
 
+    async def forward_batch(
+        self, rows: Sequence[BatchRow], blocks: range, hidden: torch.Tensor
+    ) -> BatchResult:
+        """One frame for several sessions' rows through `blocks` (see ForwardBatch): the
+        worker refuses a session alone, in the reply's `failed`."""
+        channel = self.channel
+        if channel is None:
+            raise WorkerLost(f"{self.label}: not connected")
+
+        def request(request_id: int) -> ForwardBatch:
+            return ForwardBatch(
+                id=request_id,
+                sessions=tuple(row.session_id for row in rows),
+                start_positions=tuple(row.start_pos for row in rows),
+                lengths=tuple(row.length for row in rows),
+                blocks=tuple(blocks),
+                hidden=hidden,
+            )
+
+        reply = await channel.request(request, positions=hidden.shape[1])
+        if isinstance(reply, ErrorMessage):
+            raise WorkerError(f"{self.label} failed a request: {reply.message}")
+        assert isinstance(reply, BatchResult)
+        return reply
+
     async def close_session(self, session: str) -> None:
         if self.channel is not None:
             with contextlib.suppress(LinkError):
@@ -270,6 +298,56 @@ class RemoteStage:
         times.wire_s += max(elapsed - compute, 0.0)
         inputs.add(start_pos, hidden)
         return result.hidden.to(device=hidden.device, dtype=hidden.dtype)
+
+    async def forward_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> BatchOutcome:
+        """One round trip for every row's session (the worker runs them as one batch); a
+        session the worker refuses fails alone. Worker loss: reconnect, replay each session of
+        the batch, send the batch again."""
+        client = self.client
+        needed_since = time.monotonic()
+        deadline: float | None = None
+        while True:
+            try:
+                if client.channel is None:
+                    deadline = deadline or client.retry_deadline(needed_since)
+                    await client.ensure_connected(deadline)
+                for row in rows:
+                    key = self._key(row.session_id)
+                    if client.phase.needs_replay(key):
+                        inputs = self.inputs.setdefault(row.session_id, SessionInputs())
+                        await self._replay(row.session_id, inputs, row.times)
+                    client.phase.session_current(key)
+                started = time.perf_counter()
+                result = await client.forward_batch(rows, self.blocks, hidden)
+                break
+            except WorkerLost as exc:
+                if deadline is None:
+                    deadline = client.retry_deadline(needed_since)
+                    log.warning(
+                        "%s; reconnecting (until %gs after it was last heard)",
+                        exc,
+                        client.retry_timeout,
+                    )
+                elif time.monotonic() > deadline:
+                    raise client.gave_up(exc) from None
+        elapsed = time.perf_counter() - started
+        compute = result.compute_us / 1e6
+        failed: dict[int, Exception] = {
+            index: WorkerError(
+                f"{client.label} refused session {rows[index].session_id[:8]}: {why}"
+            )
+            for index, why in zip(result.failed, result.errors, strict=True)
+        }
+        offset = 0
+        for index, row in enumerate(rows):
+            row.times.round_trips += 1
+            row.times.compute_s += compute
+            row.times.wire_s += max(elapsed - compute, 0.0)
+            if index not in failed:
+                inputs = self.inputs.setdefault(row.session_id, SessionInputs())
+                inputs.add(row.start_pos, hidden[:, offset : offset + row.length])
+            offset += row.length
+        return BatchOutcome(result.hidden.to(device=hidden.device, dtype=hidden.dtype), failed)
 
     async def _replay(self, session_id: str, inputs: SessionInputs, times: StageTimes) -> None:
         """Rebuild this session's caches on a reconnected worker from the inputs it had seen."""

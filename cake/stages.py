@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from cake.model import Llama
+from cake.errors import KVMemoryError
+from cake.model import Llama, Segment
 from cake.sessions import Session, SessionStore
 
 
@@ -28,6 +30,25 @@ class StageTimes:
     round_trips: int = 0
 
 
+@dataclass
+class BatchRow:
+    """One session's rows in a batched step through a stage."""
+
+    session_id: str
+    start_pos: int
+    length: int
+    times: StageTimes  # that session's account of the stage's time
+
+
+@dataclass
+class BatchOutcome:
+    """What a stage gives back for a batched step: the rows of every session that did not fail
+    (in order), and the sessions (by row index) that failed, with why."""
+
+    hidden: torch.Tensor  # (1, rows of the sessions that went through, C)
+    failed: dict[int, Exception] = field(default_factory=dict)
+
+
 class Stage(Protocol):
     label: str  # "master" or the worker's name
     blocks: range
@@ -35,6 +56,10 @@ class Stage(Protocol):
     async def forward(
         self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
     ) -> torch.Tensor: ...
+
+    async def forward_batch(
+        self, rows: Sequence[BatchRow], hidden: torch.Tensor
+    ) -> BatchOutcome: ...
 
     async def close_session(self, session_id: str) -> None: ...
 
@@ -88,6 +113,54 @@ class LocalStage:
         session = self.store.get(self._key(session_id))
         if session is not None:
             self.store.rollback(session, length)
+
+    def _run_batch(
+        self, sessions: Sequence[Session], rows: Sequence[BatchRow], hidden: torch.Tensor
+    ) -> torch.Tensor:
+        segments, offset = [], 0
+        for session, row in zip(sessions, rows, strict=True):
+            segments.append(Segment(session.caches, row.start_pos, offset, row.length))
+            offset += row.length
+        with torch.inference_mode():
+            return self.model.run_segments(hidden, segments, self.blocks)
+
+    async def forward_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> BatchOutcome:
+        """Every row's session in one pass; a session the store refuses (budget, context)
+        fails alone and the others go through."""
+        started = time.perf_counter()
+        sessions: list[Session] = []
+        kept: list[BatchRow] = []
+        pieces: list[torch.Tensor] = []
+        failed: dict[int, Exception] = {}
+        offset = 0
+        for index, row in enumerate(rows):
+            key = self._key(row.session_id)
+            try:
+                session = self.store.get(key) or self.store.open(key, self.blocks)
+                self.store.claim(session, row.start_pos, row.length)
+            except KVMemoryError as exc:
+                failed[index] = exc
+            else:
+                sessions.append(session)
+                kept.append(row)
+                pieces.append(hidden[:, offset : offset + row.length])
+            offset += row.length
+        if not kept:
+            return BatchOutcome(hidden[:, :0], failed)
+        if failed:
+            hidden = torch.cat(pieces, dim=1)
+        try:
+            if self.offload:
+                out = await asyncio.to_thread(self._run_batch, sessions, kept, hidden)
+            else:
+                out = self._run_batch(sessions, kept, hidden)
+        finally:
+            for session in sessions:
+                self.store.release(session)
+        elapsed = time.perf_counter() - started
+        for row in kept:
+            row.times.compute_s += elapsed
+        return BatchOutcome(out, failed)
 
     async def close_session(self, session_id: str) -> None:
         self.store.close(self._key(session_id))

@@ -28,8 +28,8 @@ import torch
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import DTYPE_NAMES, release_free_memory
 from cake.errors import KVMemoryError
-from cake.model import Llama
-from cake.protocol import Forward, Hello, ProtocolError, Welcome, fingerprint_config
+from cake.model import Llama, Segment
+from cake.protocol import Forward, ForwardBatch, Hello, ProtocolError, Welcome, fingerprint_config
 from cake.sessions import Session, SessionStore, format_size, kv_budget
 from cake.topology import format_blocks
 from cake.transport import Link
@@ -130,27 +130,59 @@ class Worker:
 
     def check_request(self, conn: int, request: Forward) -> Session:
         """The session a forward runs in, or RequestError (on the event loop thread)."""
-        missing = [b for b in request.blocks if b not in self.served]
+        self.check_blocks_and_width(request.blocks, request.hidden)
+        if request.hidden.shape[0] != 1:
+            raise RequestError(
+                "bad_shape",
+                f"hidden states must be (1, T, {self.config.hidden_size}), "
+                f"got {list(request.hidden.shape)}",
+            )
+        return self.check_row(conn, request.session, request.start_pos, request.hidden.shape[1])
+
+    def check_blocks_and_width(self, blocks: tuple[int, ...], hidden: torch.Tensor) -> None:
+        """What every session of a request shares: blocks served here, the model's width."""
+        missing = [b for b in blocks if b not in self.served]
         if missing:
             raise RequestError(
                 "unknown_block",
                 f"worker {self.name} does not serve block(s) {missing}; it serves {self.blocks}",
             )
-        hidden = request.hidden
         hidden_size = self.config.hidden_size
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size:
+        if hidden.dim() != 3 or hidden.shape[2] != hidden_size:
             raise RequestError(
                 "bad_shape",
                 f"hidden states must be (1, T, {hidden_size}), got {list(hidden.shape)}",
             )
-        if hidden.shape[1] == 0:
+
+    def check_batch(
+        self, conn: int, request: ForwardBatch
+    ) -> tuple[list[tuple[int, Session]], list[tuple[int, RequestError]]]:
+        """Each session of a batched forward on its own: (index, session) to compute, and
+        (index, refusal) for the others, which do not stop the rest."""
+        self.check_blocks_and_width(request.blocks, request.hidden)
+        rows: list[tuple[int, Session]] = []
+        refused: list[tuple[int, RequestError]] = []
+        for index, (session_id, start_pos, length) in enumerate(
+            zip(request.sessions, request.start_positions, request.lengths, strict=True)
+        ):
+            try:
+                rows.append((index, self.check_row(conn, session_id, start_pos, length)))
+            except RequestError as exc:
+                log.warning("request %d, session %s: %s", request.id, session_id[:8], exc)
+                refused.append((index, exc))
+        return rows, refused
+
+    def check_row(self, conn: int, session_id: str, start_pos: int, length: int) -> Session:
+        """One session's positions start_pos..start_pos+length-1: its Session (claimed, to be
+        released after the compute), or RequestError."""
+        if length == 0:
             raise RequestError("bad_shape", "hidden states hold no positions (T = 0)")
-        key = (conn, request.session)
+        key = (conn, session_id)
         session = self.store.get(key)
-        if session is None and request.start_pos > 0:
+        if session is None and start_pos > 0:
             raise RequestError(
                 "unknown_session",
-                f"session {request.session} is unknown to worker {self.name} (a new session "
+                f"session {session_id} is unknown to worker {self.name} (a new session "
                 "starts at position 0); it was closed, evicted after idling "
                 f"{self.store.idle_timeout_s:g}s, or the worker restarted",
             )
@@ -160,13 +192,13 @@ class Worker:
                 session = self.store.open(key)
             # Reserves the positions now, so the next step's check (which may come before
             # this one's compute ends) sees them; a start before the end rolls back first.
-            self.store.claim(session, request.start_pos, hidden.shape[1])
+            self.store.claim(session, start_pos, length)
         except KVMemoryError as exc:
             if opened and session is not None:
                 self.store.close(key)
-            raise RequestError(exc.code, f"session {request.session}: {exc}") from None
+            raise RequestError(exc.code, f"session {session_id}: {exc}") from None
         if opened:
-            log.info("connection %d: session %s opened", conn, request.session)
+            log.info("connection %d: session %s opened", conn, session_id)
         return session
 
     def run_request(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:
@@ -181,6 +213,35 @@ class Worker:
             out = hidden.to(device="cpu", dtype=wire_dtype)
         if request.hidden.shape[1] >= LONG_REQUEST:
             release_free_memory()  # a prefill's large activations: back to the system
+        return out, int((time.perf_counter() - started) * 1e6)
+
+    def run_batch(
+        self, request: ForwardBatch, rows: list[tuple[int, Session]]
+    ) -> tuple[torch.Tensor, int]:
+        """Run the checked sessions of a batched forward (on the compute thread): the rows of
+        those sessions after the last block, in request order, and microseconds."""
+        started = time.perf_counter()
+        wire_dtype = request.hidden.dtype
+        if not rows:
+            return request.hidden[:, :0].clone(), 0
+        offsets = [0]
+        for length in request.lengths:
+            offsets.append(offsets[-1] + length)
+        with torch.inference_mode():
+            pieces, segments, offset = [], [], 0
+            for index, session in rows:
+                start, stop = offsets[index], offsets[index + 1]
+                pieces.append(request.hidden[:, start:stop])
+                segments.append(
+                    Segment(session.caches, request.start_positions[index], offset, stop - start)
+                )
+                offset += stop - start
+            hidden = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            hidden = hidden.to(device=self.device, dtype=self.dtype)
+            hidden = self.model.run_segments(hidden, segments, request.blocks)
+            out = hidden.to(device="cpu", dtype=wire_dtype)
+        if offset >= LONG_REQUEST:
+            release_free_memory()
         return out, int((time.perf_counter() - started) * 1e6)
 
     async def serve(self, host: str, port: int, ready_file: str | None = None) -> asyncio.Server:

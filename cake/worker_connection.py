@@ -26,9 +26,11 @@ import torch
 from cake.handshake import BUSY, Refused, answer_hello, greet_master
 from cake.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
+    BatchResult,
     CloseSession,
     ErrorMessage,
     Forward,
+    ForwardBatch,
     Hello,
     Ping,
     Pong,
@@ -40,7 +42,7 @@ from cake.topology import format_blocks
 from cake.transport import Link, LinkError
 
 if TYPE_CHECKING:
-    from cake.worker import Session, Worker
+    from cake.worker import RequestError, Session, Worker
 
 log = logging.getLogger("cake.worker")
 
@@ -78,9 +80,7 @@ async def serve_connection(
     try:
         if accepted is not None:
             hello = await answer_hello(link, accepted[1], worker.welcome())
-            link.set_frame_limit(
-                session_frame_limit(worker.config.hidden_size, worker.max_seq_len)
-            )
+            link.set_frame_limit(session_frame_limit(worker.config.hidden_size, worker.max_seq_len))
             log.info("master %r connected from %s (assigned by it)", hello.master, peer)
             await _serve_requests(worker, conn, link, tasks)
             return
@@ -147,6 +147,16 @@ async def _serve_requests(worker: Worker, conn: int, link: Link, tasks: set[asyn
             task = asyncio.create_task(_compute(worker, link, session, message))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        elif isinstance(message, ForwardBatch):
+            try:
+                rows, refused = worker.check_batch(conn, message)
+            except RequestError as exc:  # the blocks or the width: every session alike
+                log.warning("request %d from %s: %s", message.id, link.peer, exc)
+                await link.send(ErrorMessage(message=str(exc), code=exc.code, id=message.id))
+                continue
+            task = asyncio.create_task(_compute_batch(worker, link, message, rows, refused))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         elif isinstance(message, CloseSession):
             worker.close_session(conn, message.session)
         elif isinstance(message, Ping):
@@ -173,8 +183,43 @@ async def _compute(worker: Worker, link: Link, session: Session, request: Forwar
         await link.send(reply)
 
 
+async def _compute_batch(
+    worker: Worker,
+    link: Link,
+    request: ForwardBatch,
+    rows: list[tuple[int, Session]],
+    refused: list[tuple[int, RequestError]],
+) -> None:
+    """Run the checked sessions of a batched forward as one pass and answer with their rows;
+    the refused ones are named in the reply, the others computed."""
+    try:
+        try:
+            async with contextlib.AsyncExitStack() as locks:
+                for _, session in rows:  # distinct sessions: ForwardBatch checks it
+                    await locks.enter_async_context(session.lock)
+                loop = asyncio.get_running_loop()
+                hidden, compute_us = await loop.run_in_executor(
+                    worker.compute, worker.run_batch, request, rows
+                )
+        finally:
+            for _, session in rows:
+                worker.store.release(session)
+        reply: BatchResult | ErrorMessage = BatchResult(
+            id=request.id,
+            hidden=hidden,
+            failed=tuple(index for index, _ in refused),
+            codes=tuple(exc.code for _, exc in refused),
+            errors=tuple(str(exc) for _, exc in refused),
+            compute_us=compute_us,
+        )
+    except Exception as exc:  # a failure of ours: say so for this request, keep serving
+        reply = request_failure(worker, request, exc, "computing")
+    with contextlib.suppress(LinkError):
+        await link.send(reply)
+
+
 def request_failure(
-    worker: Worker, request: Forward, exc: BaseException, doing: str
+    worker: Worker, request: Forward | ForwardBatch, exc: BaseException, doing: str
 ) -> ErrorMessage:
     """The error reply for a request whose handling failed here: for that request only.
 
@@ -182,10 +227,11 @@ def request_failure(
     traceback (it is a bug or a broken device) and reported by its message.
     """
     positions = request.hidden.shape[1]
-    what = (
-        f"{positions} position(s) of session {request.session[:8]} at "
-        f"{request.start_pos}.. through blocks {format_blocks(request.blocks)}"
-    )
+    if isinstance(request, ForwardBatch):
+        whose = f"{len(request.sessions)} sessions"
+    else:
+        whose = f"session {request.session[:8]} at {request.start_pos}.."
+    what = f"{positions} position(s) of {whose} through blocks {format_blocks(request.blocks)}"
     if is_out_of_memory(exc):
         log.error("request %d: out of memory %s %s: %s", request.id, doing, what, exc)
         return ErrorMessage(

@@ -166,3 +166,38 @@ def test_cli_keeps_the_text_so_far_when_a_worker_is_lost(tiny_llama: Path, tmp_p
     assert master.returncode == 1
     assert first and len(first + rest) > 1
     assert f"worker w1 at 127.0.0.1:{port} did not come back within 1s" in stderr.decode()
+
+
+def test_worker_killed_during_batched_steps(two_workers: Cluster) -> None:
+    """Three sessions batched through two worker processes; w2 is killed mid-generation and
+    restarted: every session in the batch is replayed and gets its solo text."""
+    prompts = ["hi", "tell me more", "why"]
+    expected = [asyncio.run(local_tokens(two_workers.model, p, N)) for p in prompts]
+    restarted = threading.Thread()
+
+    async def run() -> list[list[int]]:
+        nonlocal restarted
+        master = await Master.open(
+            two_workers.model, two_workers.topology, device="cpu", dtype="f32", offload=True
+        )
+        master.enable_batching()
+
+        async def one(prompt: str, kill: bool) -> list[int]:
+            nonlocal restarted
+            tokens: list[int] = []
+            async for token in master.generate(master.encode(prompt), GREEDY, N, True):
+                tokens.append(token)
+                if kill and len(tokens) == 10:
+                    two_workers.kill("w2")
+                    restarted = threading.Thread(target=two_workers.restart, args=("w2",))
+                    restarted.start()
+            return tokens
+
+        try:
+            return await asyncio.gather(*(one(p, i == 0) for i, p in enumerate(prompts)))
+        finally:
+            await master.close()
+
+    results = asyncio.run(run())
+    restarted.join()
+    assert results == expected

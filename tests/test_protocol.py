@@ -20,9 +20,11 @@ from cake.protocol import (
     AuthChallenge,
     AuthProof,
     AuthResponse,
+    BatchResult,
     CloseSession,
     ErrorMessage,
     Forward,
+    ForwardBatch,
     FrameDecoder,
     Hello,
     Ping,
@@ -63,6 +65,16 @@ ALL_MESSAGES = [
     Forward(id=1, session="sess-1", start_pos=12, blocks=[6, 7, 8], hidden=_hidden()),
     Forward(id=2, session="x" * 128, start_pos=0, blocks=[0], hidden=_hidden(torch.bfloat16)),
     Result(id=1, hidden=_hidden(torch.float16, (2, 1, 4))),
+    ForwardBatch(
+        id=3,
+        sessions=["a", "b"],
+        start_positions=[4, 0],
+        lengths=[1, 2],
+        blocks=[2, 3],
+        hidden=_hidden(),
+    ),
+    BatchResult(id=3, hidden=_hidden(shape=(1, 1, 8)), failed=[0], codes=["x"], errors=["y"]),
+    BatchResult(id=4, hidden=_hidden(shape=(1, 0, 8))),
     CloseSession(session="sess-1"),
     ErrorMessage(message="block 9 is not served here", code="unknown_block", id=3),
     ErrorMessage(message="bad frame", code="bad_frame"),
@@ -407,3 +419,30 @@ def test_arbitrary_bytes_raise_only_protocol_error(data: bytes, cuts: list[int])
                 parse_message(wire)
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"sessions": ["a", "a"], "start_positions": [0, 0], "lengths": [1, 2]}, "twice"),
+        ({"lengths": [1]}, "same length"),
+        ({"lengths": [2, 2]}, "rows"),
+        ({"lengths": [0, 3]}, "lengths"),
+        ({"start_positions": [-1, 0]}, "start_positions"),
+        ({"sessions": [], "start_positions": [], "lengths": []}, "sessions"),
+        ({"sessions": ["a", 3]}, "list of strs"),
+        ({"blocks": [3, 2]}, "consecutive"),
+    ],
+)
+def test_bad_forward_batch_is_refused(overrides: dict, match: str) -> None:
+    wire = ForwardBatch(
+        id=1,
+        sessions=["a", "b"],
+        start_positions=[0, 5],
+        lengths=[2, 1],
+        blocks=[0],
+        hidden=_hidden(),
+    ).to_wire()
+    wire.update(overrides)
+    with pytest.raises(ProtocolError, match=match):
+        parse_message(wire)
