@@ -205,7 +205,7 @@ def test_a_refused_session_fails_alone(tiny_llama: Path, tmp_path: Path) -> None
             )
             try:
                 short = await _solo(master, "hi", 6)
-                workers["w1"].max_seq_len = 40  # the long prompt no longer fits there
+                workers["w1"].store.max_seq_len = 40  # the long prompt no longer fits there
                 master.enable_batching()
                 results = await asyncio.gather(
                     _solo(master, "hi", 6), _solo(master, "x " * 50, 4), return_exceptions=True
