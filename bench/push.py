@@ -67,8 +67,7 @@ def main() -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s"
     )
-    from cake.convert import resolve_model_path
-
+    from cake.gguf import resolve_model_path
     from cake.local_cluster import WorkerProcess
     from cake.weights import Checkpoint
 

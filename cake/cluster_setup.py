@@ -368,7 +368,7 @@ async def prepare_cluster(
     model: str, options: ClusterOptions, plan_only: bool = False
 ) -> ClusterPlan:
     """Plan (and unless `plan_only`, push and assign); the control connections are closed."""
-    from cake.convert import resolve_model_path
+    from cake.gguf import resolve_model_path
     from cake.master import DEFAULT_MAX_SEQ_LEN
 
     folder = resolve_model_path(model)

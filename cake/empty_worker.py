@@ -377,8 +377,8 @@ async def start_empty_worker(
     from cake.auth import cluster_key as parse_key
     from cake.auth import server_tls
     from cake.cluster_setup import format_bytes
-    from cake.convert import cache_root
     from cake.discovery import DEFAULT_DISCOVERY_PORT, respond
+    from cake.gguf import cache_root
     from cake.topology import parse_address
 
     if not address:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cake.config import LlamaConfig
-from cake.model import Llama
+from cake.weights import random_part
 
 # Positions a timed decode step attends over; typical of a chat turn, not a worst case.
 TIMED_POSITION = 128
@@ -81,24 +81,15 @@ def time_block(
     config: LlamaConfig, dtype: torch.dtype, device: torch.device, max_seq_len: int
 ) -> BlockTiming:
     """Build one block with random weights on `device` and time decode steps through it."""
-    with torch.device("meta"):
-        part = Llama(config, [0])
-    part = part.to_empty(device=device)
-    with torch.no_grad():
-        for name, param in part.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
-    part = part.to(dtype)
-    part.pack()
-    part.eval().requires_grad_(False)
     positions = min(TIMED_POSITION, max_seq_len - 1)
-    part.setup_rope(positions + TIMED_STEPS + 4)
+    part = random_part(config, [0], dtype, device, max_seq_len=positions + TIMED_STEPS + 4)
     cache = part.new_cache(positions + TIMED_STEPS + 4)
     hidden = torch.randn(1, 1, config.hidden_size, device=device, dtype=dtype)
     times = []
     with torch.inference_mode():
+        # The context a decode step reads: written first (a growing cache holds nothing yet).
+        context = torch.randn(1, positions, config.hidden_size, device=device, dtype=dtype)
+        part.run_blocks(context, 0, cache, [0])
         for step in range(TIMED_STEPS + 2):  # two warm-up steps
             _sync(device)
             started = time.perf_counter()

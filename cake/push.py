@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cake.config import LlamaConfig, ModelFolderError
-from cake.convert import cache_root
+from cake.gguf import cache_root
 from cake.protocol import (
     PUSH_FILES,
     ErrorMessage,
@@ -195,14 +195,10 @@ def _item_key(item: PushItem) -> tuple[str, str]:
 
 
 def block_tensor_names(config: LlamaConfig, blocks: Sequence[int]) -> list[str]:
-    """The checkpoint names of `blocks`' tensors, from the model built on `meta`."""
-    import torch
+    """The checkpoint names of `blocks`' tensors."""
+    from cake.model import checkpoint_shapes
 
-    from cake.model import Llama
-
-    with torch.device("meta"):
-        part = Llama(config, blocks)
-    return list(part.state_dict())
+    return list(checkpoint_shapes(config, blocks, with_embedding=False, with_head=False))
 
 
 def worker_payload(

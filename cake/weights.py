@@ -292,6 +292,45 @@ def load_llama(
     return model
 
 
+def random_part(
+    config: LlamaConfig,
+    blocks: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: Quantization | None = None,
+    max_seq_len: int = 256,
+    seed: int = 0,
+) -> Llama:
+    """`blocks` with random weights (std 0.02, unit norms) in the form `load_llama` would give
+    them: for timing a block of a model without its checkpoint (cake/measure.py)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = checkpoint_shapes(config, blocks, with_embedding=False, with_head=False)
+    scheme = quantization.scheme if quantization else None
+    group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
+    layers: dict[int, Block] = {}
+    for i in blocks:
+        prefix = f"model.layers.{i}."
+        projections = {
+            module: build_projection(
+                [
+                    torch.randn(shapes[f"{prefix}{part}.weight"], generator=generator) * 0.02
+                    for part in parts
+                ],
+                scheme,
+                device,
+                dtype,
+                group,
+            )
+            for module, parts in PROJECTIONS.items()
+        }
+        norms = {name: torch.ones(config.hidden_size, dtype=dtype, device=device) for name in NORMS}
+        layers[i] = Block(config, projections, norms)
+    model = Llama(config, layers, dtype=dtype, device=device)
+    model.eval().requires_grad_(False)
+    model.setup_rope(max_seq_len)
+    return model
+
+
 def head_weight(weight: Weight, scheme: str | None, serves_rows: bool) -> Weight:
     """What the LM head is made of: int8 when quantizing (see Quantization); a stored int4 head
     stays int4 unless it must also hand out embedding rows (tied), which only int8 does."""

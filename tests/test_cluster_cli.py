@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
-from helpers import free_port
 from test_cli import assert_fails, run_cli
 
 
@@ -39,7 +39,9 @@ def test_bad_max_memory() -> None:
 
 
 def test_unreachable_worker_is_named(tiny_llama: Path) -> None:
-    address = f"127.0.0.1:{free_port()}"
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
     result = run_cli(
         "--model", str(tiny_llama), "--workers", address, "--cluster-key", "k",
         "--connect-timeout", "2",

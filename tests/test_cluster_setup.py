@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from cluster import GREEDY
-from helpers import free_port
 from test_distributed import reference_tokens
 
 from cake.cluster_setup import ClusterOptions, prepare_cluster
@@ -179,8 +178,9 @@ def _span(blocks: tuple[int, ...]) -> tuple[int, int]:
 def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: Path) -> None:
     """The worker is killed mid-push and restarted; the same master run reconnects, and only
     what had not reached the worker's disk travels again."""
-    cache, port = tmp_path / "cache", free_port()
-    workers = [empty_worker("w", cache, port)]
+    cache = tmp_path / "cache"
+    workers = [empty_worker("w", cache)]
+    port = workers[0].port  # the restarted worker comes back on the same one
     manifest = ModelManifest.for_folder(tiny_llama)
     config = LlamaConfig.from_folder(tiny_llama)
     items = worker_payload(manifest, config, range(4))
