@@ -197,7 +197,7 @@ def softmax_at(logits: torch.Tensor, temperature: float) -> list[float]:
 
 
 def total_variation(p: list[float], q: list[float]) -> float:
-    return sum(abs(a - b) for a, b in zip(p, q)) / 2
+    return sum(abs(a - b) for a, b in zip(p, q, strict=True)) / 2
 
 
 # 20,000 draws put the observed distribution within ~0.005 (TV) of the true one; a temperature
