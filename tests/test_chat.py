@@ -256,3 +256,66 @@ def test_stream_of_arbitrary_ids_concatenates_to_the_full_decode(
     assert "".join(stream(llama3_tokenizer, ids)) == llama3_tokenizer.decode(
         ids, skip_special_tokens=True
     )
+
+
+class CountingTokenizer:
+    """A tokenizer whose `decode` counts the token ids it is given (the decoder's cost)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.decoded_ids = 0
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(text, **kwargs)
+
+
+def long_output(tokenizer: Any, n: int, seed: int) -> list[int]:
+    """n ids: the stream texts (multi-byte characters split over tokens, specials, spaces
+    before punctuation) with random ids from the whole vocabulary (bytes that are no valid
+    UTF-8 on their own, special tokens) mixed in."""
+    import random
+
+    rng = random.Random(seed)
+    texts = [tokenizer.encode(text, add_special_tokens=False) for text in STREAM_TEXTS]
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += rng.choice(texts)
+        ids += [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(4))]
+    return ids[:n]
+
+
+@pytest.mark.parametrize("which", ["llama3", "smollm2"])
+def test_stream_of_thousands_of_tokens_is_exact_and_linear(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    tokenizer = request.getfixturevalue(f"{which}_tokenizer")
+    ids = long_output(tokenizer, 4000, seed=len(which))
+    counting = CountingTokenizer(tokenizer)
+    decoder = StreamDecoder(counting)
+    pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    # Linear: each push decodes a window of at most 2 * WINDOW tokens, and a slide a window's
+    # worth more; re-decoding everything would be ~n^2 / 2 = 8,000,000 ids here.
+    assert counting.decoded_ids < 8 * StreamDecoder.WINDOW * len(ids)
+
+
+def test_stream_with_stop_strings_cuts_before_the_first(llama3_tokenizer: Any) -> None:
+    middle = llama3_tokenizer.encode(STREAM_TEXTS[2], add_special_tokens=False)
+    before, after = long_output(llama3_tokenizer, 300, 3), long_output(llama3_tokenizer, 300, 4)
+    ids = before + middle + after
+    full = llama3_tokenizer.decode(ids, skip_special_tokens=True)
+    stop = "déjà vu"  # multi-byte, split over tokens, somewhere after the start
+    assert full.index(stop) > 0
+    decoder = StreamDecoder(llama3_tokenizer, stops=["never there", stop])
+    pieces = []
+    for i in ids:
+        pieces.append(decoder.push(i))
+        if decoder.stopped:
+            break
+    pieces.append(decoder.finish())
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert decoder.stopped
