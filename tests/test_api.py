@@ -30,8 +30,8 @@ import yaml
 from cluster import cluster
 from helpers import free_port
 
-from cake.api import StopFilter, create_app, listen, model_id, server_for
-from cake.chat import load_tokenizer
+from cake.api import create_app, listen, model_id, server_for
+from cake.chat import StopFilter, load_tokenizer
 from cake.local_cluster import start_workers
 from cake.master import Master
 from cake.sampling import SamplingParams
@@ -446,7 +446,13 @@ def test_models_and_health(served: Server) -> None:
     assert client.models.retrieve(served.model).id == served.model
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
+    # Without the key: up or not, and nothing about the model or the workers.
     with urllib.request.urlopen(f"{served.url}/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    keyed = urllib.request.Request(
+        f"{served.url}/health", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    with urllib.request.urlopen(keyed, timeout=10) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok"
     assert health["model"] == served.model
