@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,12 +216,23 @@ class StreamDecoder:
                 return
 
 
+_CLEANS_UP_SPACES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def _cleans_up_spaces(tokenizer: Any) -> bool:
     """Whether `decode` removes spaces before punctuation (transformers' clean-up), which
-    changes text across token boundaries: seen by decoding a probe that has such a space."""
+    changes text across token boundaries: seen by decoding a probe that has such a space
+    (once per tokenizer)."""
+    try:
+        return _CLEANS_UP_SPACES[tokenizer]
+    except (KeyError, TypeError):
+        pass
     probe = "a . b"
     try:
         ids = tokenizer.encode(probe, add_special_tokens=False)
-        return tokenizer.decode(ids, skip_special_tokens=True) != probe
+        cleans = tokenizer.decode(ids, skip_special_tokens=True) != probe
     except Exception:  # a tokenizer that cannot say: hold back as if it did
         return True
+    with contextlib.suppress(TypeError):  # not weakly referenceable: probe each time
+        _CLEANS_UP_SPACES[tokenizer] = cleans
+    return cleans

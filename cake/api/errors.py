@@ -59,6 +59,8 @@ def validation_error(errors: Sequence[Any]) -> ApiError:
         detail = next(e for e in errors if e.get("type") == "json_invalid")
         context = (detail.get("ctx") or {}).get("error", "")
         return ApiError(400, f"the request body is not valid JSON ({context})".replace(" ()", ""))
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return ApiError(400, "the request body must be a JSON object (it is empty or not one)")
     fields = []
     for e in errors:
         loc = [str(part) for part in e.get("loc", ()) if part != "body"]

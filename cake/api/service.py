@@ -218,11 +218,12 @@ class Service:
         """Start a generation (which releases `admission` when it ends) and wait for its first
         event, so that a worker that is gone is answered with an HTTP status, not inside a
         started stream."""
+        # (its first construction probes the tokenizer: tokenizer work, so on its thread)
+        decoder = await self._on_tokenizer_thread(StreamDecoder, self.master.tokenizer, stops)
         stats = GenerationStats()
         tokens = self.master.generate(
             prompt_ids, params, max_tokens, self.defaults.ignore_eos, stats
         )
-        decoder = StreamDecoder(self.master.tokenizer, stops)
         generation = Generation(tokens, stats, decoder, len(prompt_ids))
         self.generations.add(generation)
 
