@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,13 +36,14 @@ from api_server import (
     post,
     wait_for,
 )
-from helpers import free_port
+from helpers import build_random_llama, free_port, llama3_tokenizer_path
 
 from cake.api import model_id
 from cake.chat import StopFilter, load_tokenizer
 from cake.local_cluster import start_workers
 from cake.master import Master
 from cake.sampling import SamplingParams
+from cake.worker import Worker
 
 TWO_WORKERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
 PROMPTS = ["hi", "tell me a story", "what is two plus two?", "name a colour"]
@@ -378,59 +380,91 @@ def test_errors_have_their_status_and_openai_shape(served: Server) -> None:
 # ---------------------------------------------------------------- sessions and workers
 
 
-def test_concurrent_streams_through_two_workers(
-    tiny_llama: Path, tmp_path: Path, reference: Callable[[list[int], int], list[int]]
+@pytest.fixture(scope="module")
+def pipelined_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Blocks wide enough that a step's compute (~1 ms) outlasts the hops between stages, so
+    overlapping compute on two workers is visible; the Llama 3.2 tokenizer only to decode (the
+    vocabulary is its first 256 ids: prompts go in as token ids)."""
+    folder = build_random_llama(
+        tmp_path_factory.mktemp("pipelined_llama"),
+        hidden=512, intermediate=2048, heads=8, kv_heads=2, vocab=256,
+    )  # fmt: skip
+    for path in llama3_tokenizer_path().iterdir():
+        if path.is_file():
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+class ComputeLog:
+    """When each worker computed which session: (worker, session, start, end), in seconds of
+    one clock, recorded on the workers' compute threads."""
+
+    def __init__(self, workers: dict[str, Worker]) -> None:
+        self.intervals: list[tuple[str, str, float, float]] = []
+        for worker in workers.values():
+            worker.run_request = self._timed(worker.name, worker.run_request)
+
+    def _timed(self, name: str, run: Callable) -> Callable:
+        def timed(session: Any, request: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return run(session, request)
+            finally:
+                self.intervals.append((name, request.session, started, time.perf_counter()))
+
+        return timed
+
+
+def overlaps(intervals: list[tuple[str, str, float, float]], a: str, b: str) -> int:
+    """Pairs of forwards of different sessions that workers `a` and `b` computed at once."""
+    on_a = [i for i in intervals if i[0] == a]
+    on_b = [i for i in intervals if i[0] == b]
+    return sum(
+        1
+        for _, session_a, start_a, end_a in on_a
+        for _, session_b, start_b, end_b in on_b
+        if session_a != session_b and start_a < end_b and start_b < end_a
+    )
+
+
+def test_concurrent_streams_pipeline_real_compute_through_two_workers(
+    pipelined_llama: Path, tmp_path: Path
 ) -> None:
-    """Four streams at once: each gets its solo output, and they overlap rather than queue.
-
-    The tiny model's blocks take microseconds, so a 15 ms wait before the first worker stands
-    for the compute and network time of a real model's stage: what concurrent sessions can
-    overlap (this machine's CPU time they can only share). bench/api_throughput.py measures
-    real models without it."""
+    """Four streams at once: each gets its solo output, and the two workers compute different
+    sessions' steps at the same time (w1 runs one session's step while w2 runs another's), which
+    one request at a time never does. No sleeping stand-in: the overlap is the blocks' compute,
+    recorded on the workers' compute threads."""
     n = 24
-    throttles: list[ThrottledStage] = []
+    prompts = [[1, 2, 3], [40, 41], [7, 8, 9, 10, 11], [100]]
+    with api_in_thread(pipelined_llama, tmp_path, TWO_WORKERS) as server:
 
-    def stage_time(master: Master) -> None:
-        throttles.append(ThrottledStage(master.stages[0], delay=0.015))
-        master.stages[0] = throttles[0]
-
-    with api_in_thread(tiny_llama, tmp_path, TWO_WORKERS, stage_time) as server:
-
-        async def stream(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, float]:
-            started = time.perf_counter()
-            chunks = await client.chat.completions.create(
-                model=server.model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0,
-                max_tokens=n,
-                stream=True,
+        async def stream(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
+            chunks = await client.completions.create(
+                model=server.model, prompt=prompt, temperature=0, max_tokens=n, stream=True
             )
-            text = "".join([c.choices[0].delta.content or "" async for c in chunks])
-            return text, time.perf_counter() - started
+            return "".join([c.choices[0].text async for c in chunks])
 
-        async def run() -> tuple[list, list, float]:
+        async def run() -> tuple[list[str], list[str], ComputeLog, int]:
             client = server.async_client()
-            await stream(client, "warm up")
-            solo = [await stream(client, prompt) for prompt in PROMPTS]
-            assert throttles[0].most_in_flight == 1
-            started = time.perf_counter()
-            together = await asyncio.gather(*(stream(client, prompt) for prompt in PROMPTS))
-            return solo, together, time.perf_counter() - started
+            await stream(client, [5])  # warm up
+            log = ComputeLog(server.workers)
+            solo = [await stream(client, prompt) for prompt in prompts]
+            solo_forwards = len(log.intervals)
+            together = await asyncio.gather(*(stream(client, p) for p in prompts))
+            return solo, together, log, solo_forwards
 
-        solo, together, wall = asyncio.run(run())
+        solo, together, log, solo_forwards = asyncio.run(run())
         assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()))
-        tokenizer = server.master.tokenizer
-        expected = [
-            tokenizer.decode(reference(server.master.encode(p), n), skip_special_tokens=True)
-            for p in PROMPTS
-        ]
-    assert [text for text, _ in solo] == expected
-    assert [text for text, _ in together] == expected
-    assert len(set(expected)) == len(PROMPTS)
-    assert throttles[0].most_in_flight > 1  # several sessions' steps were in flight at once
-    solo_wall = sum(seconds for _, seconds in solo)
-    print(f"4 streams of {n} tokens: {solo_wall:.2f}s in a row, {wall:.2f}s at once")
-    assert wall < solo_wall
+    assert together == solo
+    assert len(set(solo)) == len(prompts)
+    steps = 2 * len(prompts) * n  # every step of every stream, on both workers
+    assert solo_forwards == steps
+    assert len(log.intervals) == 2 * steps
+    # One session at a time: the workers never compute at once. Together: they do.
+    assert overlaps(log.intervals[:solo_forwards], "w1", "w2") == 0
+    overlapping = overlaps(log.intervals[solo_forwards:], "w1", "w2")
+    print(f"{overlapping} pairs of forwards of different sessions computed at the same time")
+    assert overlapping > 0
 
 
 def test_a_client_that_goes_away_frees_its_session(tiny_llama: Path, tmp_path: Path) -> None:
