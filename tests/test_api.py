@@ -46,7 +46,6 @@ from cake.sampling import SamplingParams
 from cake.worker import Worker
 
 TWO_WORKERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
-PROMPTS = ["hi", "tell me a story", "what is two plus two?", "name a colour"]
 
 
 def cli(*args: str) -> list[str]:
