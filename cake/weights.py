@@ -10,9 +10,10 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from cake.config import LlamaConfig, ModelFolderError
 from cake.devices import release_free_memory
@@ -22,6 +23,17 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EMBEDDING = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
+
+
+def open_safetensors(path: Path, device: str = "cpu") -> Any:
+    """`safe_open`, with a truncated or corrupt file as a ModelFolderError that says so."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ModelFolderError(
+            f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
+            "copy or download it again"
+        ) from None
 
 
 class Checkpoint:
@@ -51,7 +63,7 @@ class Checkpoint:
             )
         layout: dict[str, str] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 layout.update(dict.fromkeys(f.keys(), path.name))
         return layout
 
@@ -86,7 +98,7 @@ class Checkpoint:
         # safetensors can place tensors on CUDA directly; anything else goes through the CPU.
         open_device = str(device) if device.type == "cuda" else "cpu"
         for file, stored_names in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt", device=open_device) as f:
+            with open_safetensors(self.folder / file, open_device) as f:
                 for stored in stored_names:
                     tensor = f.get_tensor(stored)
                     # copy=True: a tensor that still points into the memory-mapped file keeps
