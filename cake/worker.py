@@ -357,6 +357,7 @@ async def start_worker(
     from cake.auth import server_tls
     from cake.convert import resolve_model_path
     from cake.devices import resolve_device, resolve_dtype
+    from cake.listening import check_can_listen
     from cake.master import DEFAULT_MAX_SEQ_LEN
     from cake.topology import load_topology, parse_address
     from cake.weights import load_llama
@@ -373,6 +374,7 @@ async def start_worker(
             name,
             host,
         )
+    check_can_listen(host, port, "--address" if address else f"worker {name}'s host")
     folder = resolve_model_path(model)
     config = LlamaConfig.from_folder(folder)
     load_topology(topology).check_fits(config.n_layers)

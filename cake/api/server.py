@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from cake.api.routes import create_app
 from cake.api.schemas import ApiDefaults
+from cake.listening import listen_socket
 from cake.master import Master
 from cake.topology import parse_address
 
@@ -34,27 +35,10 @@ def api_address(text: str) -> tuple[str, int]:
     return parse_address(text, "--api")
 
 
-def listen(host: str, port: int, option: str = "--api") -> socket.socket:
-    """A listening socket (port 0: any free port), so the real address is known before serving
-    and no connection is refused between the log line and uvicorn's start."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise ValueError(f"{option} {host}:{port}: cannot resolve the host ({exc})") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise ValueError(
-            f"{option} {host}:{port}: cannot listen there ({exc.strerror or exc}); "
-            "pick another port or stop what uses it"
-        ) from None
-    return sock
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket (port 0: any free port), opened before the master loads, so
+    the real address is known before serving and a taken port fails in a moment."""
+    return listen_socket(host, port, "--api")
 
 
 def server_for(app: FastAPI) -> uvicorn.Server:
