@@ -116,7 +116,14 @@ def test_malformed_bodies_are_400(served: Server, raw: bytes, needle: str) -> No
 
 @pytest.mark.parametrize(
     ("prompt", "param"),
-    [([-1], "prompt"), ([10**9], "prompt"), ([[1, 2]], "prompt"), ({}, "prompt"), (None, "prompt")],
+    [
+        ([-1], "prompt"),
+        ([10**9], "prompt"),
+        ([5] * (MAX_SEQ_LEN + 1), "prompt"),  # beyond the context
+        ([[1, 2]], "prompt"),
+        ({}, "prompt"),
+        (None, "prompt"),
+    ],
 )
 def test_bad_completion_prompts_are_400(served: Server, prompt: Any, param: str) -> None:
     raw = json.dumps({"model": served.model, "prompt": prompt, "max_tokens": 2})
