@@ -203,6 +203,9 @@ class StreamDecoder:
         Byte-level BPE (Llama 3, SmolLM2) fails the check only inside a multi-byte character,
         so the first boundary tried almost always holds; SentencePiece drops a leading space at
         the start of a decode, so there a boundary before a word-continuing token is found.
+        Exact for any valid UTF-8 output. With byte-fallback tokenizers (Llama 2, Mistral), a
+        run of byte tokens that is no valid UTF-8 becomes U+FFFD as a whole, bytes already sent
+        included: no stream can be exact there, and `finish` warns.
         """
         for boundary in range(len(self.ids) - self.WINDOW, len(self.ids) - 2 * self.WINDOW, -1):
             head = self._decode(self._start, boundary)
@@ -210,7 +213,10 @@ class StreamDecoder:
                 continue
             if self._cleans_spaces and " " in head[-3:]:
                 continue  # a clean-up pattern could still join the two sides
-            if head + self._decode(boundary) == text:
+            tail = self._decode(boundary)
+            if head.endswith("\ufffd") or tail.startswith("\ufffd"):
+                continue  # maybe a character split between the two (shown as U+FFFD either way)
+            if head + tail == text:
                 self._start = boundary
                 self._sent_text = self._sent_text[len(head) :]
                 return
