@@ -35,8 +35,9 @@ class Server:
     model: str
     master: Master
     workers: dict[str, Worker]
-    service: Any  # cake.api.Service
+    service: Any  # cake.api.service.Service
     loop: asyncio.AbstractEventLoop
+    loop_thread_name: str  # the thread that runs the event loop
 
     def client(self, api_key: str = API_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
@@ -97,6 +98,7 @@ def api_in_thread(
                     workers,
                     app.state.service,
                     asyncio.get_running_loop(),
+                    threading.current_thread().name,
                 )
                 started.set()
                 await uvicorn_server.serve(sockets=[sock])

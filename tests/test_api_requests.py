@@ -230,10 +230,21 @@ class RecordingTokenizer:
 
 
 def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
-    tiny_llama: Path,
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the one place taken, a request is 429 without its prompt being encoded (a prompt
-    beyond the context is 429, not 400); prompts are encoded on the tokenizer thread."""
+    beyond the context is 429, not 400); prompts are encoded on the tokenizer thread, tokens
+    are sampled in worker threads: neither on the event loop's thread."""
+    import cake.master
+
+    sampled_on: list[str] = []
+
+    class RecordingSampler(cake.master.Sampler):
+        def __call__(self, logits: Any, history: Any) -> int:
+            sampled_on.append(threading.current_thread().name)
+            return super().__call__(logits, history)
+
+    monkeypatch.setattr(cake.master, "Sampler", RecordingSampler)
     gate: list[Any] = []
     recorder: list[RecordingTokenizer] = []
     throttles: list[ThrottledStage] = []
@@ -265,8 +276,10 @@ def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
         assert wait_until(lambda: not server.service.running)
         status, body = send(server, chat_body(server, messages=too_long))
         assert status == 400  # with room: encoded, then refused for its length
+        loop_thread = server.loop_thread_name
     threads = recorder[0].encode_threads
     assert threads and all(name.startswith("cake-tokenize") for name in threads), threads
+    assert sampled_on and loop_thread not in sampled_on, (loop_thread, set(sampled_on))
 
 
 def test_a_non_streaming_client_that_hangs_up_stops_its_generation(
