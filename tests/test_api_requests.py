@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ from typing import Any
 import pytest
 from api_server import API_KEY, MAX_SEQ_LEN, Server, ThrottledStage, api_in_thread, chat, post
 from api_server import wait_for as wait_until
-from cluster import cluster  # noqa: F401  (api_in_thread's in-process workers)
 
 from cake.master import Master
 
@@ -310,5 +310,5 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(
         assert wait_until(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
         assert wait_until(lambda: not server.service.running, 2)
         steps = throttles[0].forwards
-        assert wait_until(lambda: False, 0.2) is False  # let a running generation show itself
+        time.sleep(0.2)  # a generation that went on would make more forwards meanwhile
         assert throttles[0].forwards == steps < 100, "the generation went on"
