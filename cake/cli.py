@@ -6,6 +6,7 @@ Generated text goes to stdout and nothing else does; logs and statistics go to s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ import click
 
 from cake.config import ModelFolderError
 from cake.errors import ContextError, KVMemoryError, WorkerError
+from cake.output import READER_GONE_EXIT, ReaderGone, TextOutput, silence_stdout
 from cake.topology import TopologyError
 
 log = logging.getLogger("cake")
@@ -378,6 +380,11 @@ def main(**opts: object) -> None:
         KVMemoryError,
     ) as exc:
         _fail(str(exc))
+    except ReaderGone:  # `cake-cli … | head`: the reader has what it wanted
+        silence_stdout()
+        sys.exit(READER_GONE_EXIT)
+    except OSError as exc:  # a full disk, a port taken after all, ...: one line, no traceback
+        _fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -406,19 +413,16 @@ async def _run_master(opts: dict) -> None:
             )
         stats = GenerationStats()
         decoder = StreamDecoder(master.tokenizer)
-        out = sys.stdout
+        out = TextOutput()
+        tokens = master.generate(prompt_ids, params, opts["sample_len"], opts["ignore_eos"], stats)
         try:
-            async for token in master.generate(
-                prompt_ids, params, opts["sample_len"], opts["ignore_eos"], stats
-            ):
-                piece = decoder.push(token)
-                if piece:
-                    out.write(piece)
-                    out.flush()
+            # aclosing: a failed write (reader gone, disk full) closes the sessions right away
+            async with contextlib.aclosing(tokens):
+                async for token in tokens:
+                    out.write(decoder.push(token))
         finally:  # on a failure too: what was generated stays on stdout, then the error
-            if decoder.ids:
+            if decoder.ids and not out.gone:
                 out.write(decoder.finish() + "\n")
-                out.flush()
         if opts["show_stats"]:
             for line in stats.stage_lines():
                 log.info(line)
@@ -595,8 +599,11 @@ def split_main(
             force=force,
             quantize=quantize,
         )
-    except (ModelFolderError, TopologyError, ValueError, OSError) as exc:
+    except (ModelFolderError, TopologyError, ValueError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # a full disk, no permission: the output folder is as it was
+        where = exc.filename or output
+        _fail(f"{where}: {exc.strerror or exc}; nothing was written to {output}")
 
 
 if __name__ == "__main__":

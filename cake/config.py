@@ -38,6 +38,8 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+        if not isinstance(d, dict):
+            raise ModelFolderError(f"{source}: not a JSON object, so not a model's config")
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
         if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
@@ -53,20 +55,20 @@ class LlamaConfig:
         if act != "silu":
             raise ModelFolderError(f"{source}: hidden_act={act!r} is not supported (need 'silu')")
         try:
-            hidden = int(d["hidden_size"])
-            n_heads = int(d["num_attention_heads"])
+            hidden = _size(d, "hidden_size")
+            n_heads = _size(d, "num_attention_heads")
             rope_theta, rope_scaling = _rope_from_config(d, source)
-            return cls(
+            config = cls(
                 hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                n_layers=int(d["num_hidden_layers"]),
+                intermediate_size=_size(d, "intermediate_size"),
+                n_layers=_size(d, "num_hidden_layers"),
                 n_heads=n_heads,
-                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-                head_dim=int(d.get("head_dim") or hidden // n_heads),
-                vocab_size=int(d["vocab_size"]),
+                n_kv_heads=_size(d, "num_key_value_heads", n_heads),
+                head_dim=_size(d, "head_dim", hidden // n_heads),
+                vocab_size=_size(d, "vocab_size"),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                max_position_embeddings=_size(d, "max_position_embeddings", 2048),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 rope_scaling=rope_scaling,
                 eos_token_ids=_as_ids(d.get("eos_token_id")),
@@ -75,6 +77,18 @@ class LlamaConfig:
             )
         except KeyError as exc:
             raise ModelFolderError(f"{source}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ModelFolderError):
+                raise
+            raise ModelFolderError(f"{source}: invalid config ({exc})") from None
+        if n_heads % config.n_kv_heads:
+            raise ModelFolderError(
+                f"{source}: num_attention_heads {n_heads} is not a multiple of "
+                f"num_key_value_heads {config.n_kv_heads}"
+            )
+        if not (config.rms_norm_eps > 0 and config.rope_theta > 0):
+            raise ModelFolderError(f"{source}: rms_norm_eps and rope_theta must be positive")
+        return config
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> LlamaConfig:
@@ -84,12 +98,26 @@ class LlamaConfig:
                 f"{folder}: no config.json; --model must be a Hugging Face model folder "
                 "(config.json, tokenizer files, *.safetensors) or a .gguf file"
             )
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise ModelFolderError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         return cls.from_dict(data, source=path)
+
+
+def _size(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive whole number from the config (a missing or null optional one: `default`)."""
+    value = d.get(key) if default is not None else d[key]
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{key} must be positive, got {value!r}")
+    return int(value)
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

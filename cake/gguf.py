@@ -112,7 +112,10 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
             "or a .gguf file"
         )
     if path.suffix.lower() != ".gguf":
-        raise ModelFolderError(f"{path}: not a folder and not a .gguf file")
+        raise ModelFolderError(
+            f"{path}: not a folder and not a .gguf file; --model takes a Hugging Face model "
+            "folder or a .gguf file"
+        )
     target = metadata_folder(path)
     if (target / POINTER_FILE).is_file():
         return target

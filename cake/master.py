@@ -400,7 +400,10 @@ class Master:
             stats.prefill_s = time.perf_counter() - started
             started = time.perf_counter()
             while stats.new_tokens < max_new_tokens:
-                token = sampler(logits, history)
+                if self.offload:  # the HTTP API: other requests' events go on meanwhile
+                    token = await asyncio.to_thread(sampler, logits, history)
+                else:
+                    token = sampler(logits, history)
                 if token in self.stop_ids and not ignore_eos:
                     stats.finish_reason = "stop"
                     break

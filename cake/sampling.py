@@ -80,7 +80,12 @@ class Sampler:
             logits = apply_repeat_penalty(logits, history[-p.repeat_last_n :], p.repeat_penalty)
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # Shifted so the largest logit is 0 before dividing: every value is then <= 0, so a
+        # tiny temperature (1e-30, or one below float32's range) sends the others to -inf
+        # instead of overflowing to inf (inf - inf is NaN in the softmax): greedy-like, as asked.
+        # A temperature that float32 rounds to 0 is held at its smallest normal value (0 / 0).
+        temperature = max(p.temperature, torch.finfo(torch.float32).tiny)
+        logits = (logits - logits.max()) / temperature
         if p.top_k is not None:
             logits = top_k_filter(logits, p.top_k)
         if p.top_p is not None:

@@ -150,7 +150,6 @@ class SessionStore:
         page: int = DEFAULT_PAGE,
         owner: str = "this process",
     ) -> None:
-        param = next(model.parameters())
         self.model = model
         self.blocks = tuple(blocks)
         self.max_seq_len = max_seq_len
@@ -160,7 +159,7 @@ class SessionStore:
         self.page = page
         self.owner = owner  # for messages: "worker w1", "the master"
         self.block_position_bytes = kv_bytes_per_position(
-            1, model.config.n_kv_heads, model.config.head_dim, param.dtype
+            1, model.config.n_kv_heads, model.config.head_dim, model.dtype  # compute dtype
         )
         self.reserved_bytes = 0
         self._sessions: dict[Hashable, Session] = {}

@@ -11,9 +11,10 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cake.config import LlamaConfig, ModelFolderError
@@ -48,6 +49,17 @@ SINGLE_FILE = "model.safetensors"
 QUANTIZED_SUFFIXES = (".q", ".scales", ".zeros")
 
 
+def open_safetensors(path: Path, device: str = "cpu") -> Any:
+    """`safe_open`, with a truncated or corrupt file as a ModelFolderError that says so."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ModelFolderError(
+            f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
+            "copy or download it again"
+        ) from None
+
+
 class Checkpoint:
     """Which file holds which tensor, for one model folder."""
 
@@ -75,7 +87,7 @@ class Checkpoint:
             )
         layout: dict[str, str] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 layout.update(dict.fromkeys(f.keys(), path.name))
         return layout
 
@@ -123,7 +135,7 @@ class Checkpoint:
         # safetensors can place tensors on CUDA directly; anything else goes through the CPU.
         open_device = str(device) if device.type == "cuda" else "cpu"
         for file, entries in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt", device=open_device) as f:
+            with open_safetensors(self.folder / file, open_device) as f:
                 for entry in entries:
                     tensor = f.get_tensor(entry)
                     if entry not in wanted.values():  # part of a quantized weight: as stored

@@ -303,6 +303,7 @@ async def start_worker(
     from cake.auth import server_tls
     from cake.devices import resolve_device
     from cake.gguf import resolve_model_path
+    from cake.listening import check_can_listen
     from cake.master import DEFAULT_MAX_SEQ_LEN
     from cake.topology import load_topology, parse_address
     from cake.weights import Quantization, activation_dtype, describe_part, load_llama
@@ -321,6 +322,7 @@ async def start_worker(
             name,
             host,
         )
+    check_can_listen(host, port, "--address" if address else f"worker {name}'s host")
     folder = resolve_model_path(model)
     config = LlamaConfig.from_folder(folder)
     load_topology(topology).check_fits(config.n_layers)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,35 @@ async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int
         return (await generate(master, prompt, n))[0]
     finally:
         await master.close()
+
+
+@contextlib.contextmanager
+def workers_in_thread(
+    folder: Path, tmp_path: Path, layers: dict[str, list[str]]
+) -> Iterator[tuple[Path, dict[str, Worker]]]:
+    """`cluster` served from a background thread's event loop, for a master in another
+    process (or another loop): yields the topology.yml and the workers."""
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        try:
+            async with cluster(folder, tmp_path, layers) as (topology, workers):
+                box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+                box["cluster"] = topology, workers
+                ready.set()
+                await box["stop"].wait()
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    ready.wait(120)
+    if "cluster" not in box:
+        thread.join(10)
+        raise RuntimeError("the workers' thread did not start (see its traceback above)")
+    try:
+        yield box["cluster"]
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(30)

@@ -8,10 +8,10 @@ and slow a stage down). Expected texts come from the CLI or from `Master.generat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,151 +20,31 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from cluster import cluster
+from api_server import (
+    API_KEY,
+    MAX_SEQ_LEN,
+    Server,
+    ThrottledStage,
+    api_in_thread,
+    chat,
+    post,
+    wait_for,
+)
+from helpers import build_random_llama, llama3_tokenizer_path
 
-from cake.api import StopFilter, create_app, listen, model_id, server_for
-from cake.chat import load_tokenizer
+from cake.api import model_id
+from cake.chat import StopFilter, load_tokenizer
 from cake.local_cluster import start_local_cluster
 from cake.master import Master
 from cake.sampling import SamplingParams
 from cake.worker import Worker
 
-API_KEY = "sekret-key"
-MAX_SEQ_LEN = 256  # the in-process workers of `cluster` hold 256 positions
 TWO_WORKERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
-PROMPTS = ["hi", "tell me a story", "what is two plus two?", "name a colour"]
-
-
-# ---------------------------------------------------------------- servers
-
-
-@dataclass
-class Server:
-    url: str
-    model: str
-    master: Master
-    workers: dict[str, Worker]
-    service: Any  # cake.api.Service
-    loop: asyncio.AbstractEventLoop
-
-    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60
-        )
-
-    def call_soon(self, fn: Callable[[], Any]) -> None:
-        """Run fn on the server's event loop (where its links and events live)."""
-        self.loop.call_soon_threadsafe(fn)
-
-
-@contextlib.contextmanager
-def api_in_thread(
-    folder: Path,
-    tmp_path: Path | None = None,
-    layers: dict[str, list[str]] | None = None,
-    prepare: Callable[[Master], None] | None = None,
-    topology: Path | None = None,
-    master_options: dict[str, Any] | None = None,
-    **app_options: Any,
-) -> Iterator[Server]:
-    """create_app + uvicorn on 127.0.0.1:<any> in a thread; in-process workers if `layers`,
-    or the workers that `topology` names."""
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                workers: dict[str, Worker] = {}
-                where = topology
-                if layers:
-                    # Last on the way out: let the workers' connection handlers see the close,
-                    # rather than be cancelled mid-read when the loop ends.
-                    stack.push_async_callback(asyncio.sleep, 0.1)
-                    where, workers = await stack.enter_async_context(
-                        cluster(folder, tmp_path, layers)
-                    )
-                master = await Master.open(
-                    folder, where, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN,
-                    offload=True, **(master_options or {}),
-                )  # fmt: skip
-                stack.push_async_callback(master.close)
-                if prepare is not None:
-                    prepare(master)
-                app = create_app(master, model_name=model_id(folder), **app_options)
-                stack.push_async_callback(app.state.service.close)
-                sock = listen("127.0.0.1", 0)
-                port = sock.getsockname()[1]
-                box["uvicorn"] = uvicorn_server = server_for(app)
-                box["server"] = Server(
-                    f"http://127.0.0.1:{port}",
-                    model_id(folder),
-                    master,
-                    workers,
-                    app.state.service,
-                    asyncio.get_running_loop(),
-                )
-                started.set()
-                await uvicorn_server.serve(sockets=[sock])
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    started.wait(120)
-    if "server" not in box:
-        thread.join(10)
-        raise RuntimeError("the API server thread did not start (see its traceback above)")
-    try:
-        yield box["server"]
-    finally:
-        box["uvicorn"].should_exit = True
-        thread.join(30)
-
-
-class ThrottledStage:
-    """Wraps a stage: waits for `gate` (if any) and `delay` seconds before each forward."""
-
-    def __init__(self, stage: Any, delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
-        self.stage, self.delay, self.gate = stage, delay, gate
-        self.label, self.blocks = stage.label, stage.blocks
-        self.forwards = self.in_flight = self.most_in_flight = 0
-
-    async def forward(self, session_id: str, hidden: Any, start_pos: int, times: Any) -> Any:
-        self.forwards += 1
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            await asyncio.sleep(self.delay)
-            return await self.stage.forward(session_id, hidden, start_pos, times)
-        finally:
-            self.in_flight -= 1
-
-    async def close_session(self, session_id: str) -> None:
-        await self.stage.close_session(session_id)
-
-    async def close(self) -> None:
-        await self.stage.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def cli(*args: str) -> list[str]:
@@ -197,13 +77,6 @@ def reference(tiny_llama: Path) -> Iterator[Callable[[list[int], int], list[int]
 
     yield greedy
     asyncio.run(master.close())
-
-
-def chat(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, **kw: Any) -> Any:
-    messages = [{"role": "user", "content": prompt}]
-    return client.chat.completions.create(
-        model=model, messages=messages, temperature=0, max_tokens=max_tokens, **kw
-    )
 
 
 def streamed_chat(
@@ -444,20 +317,17 @@ def test_models_and_health(served: Server) -> None:
     assert client.models.retrieve(served.model).id == served.model
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
+    # Without the key: up or not, and nothing about the model or the workers.
     with urllib.request.urlopen(f"{served.url}/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    keyed = urllib.request.Request(
+        f"{served.url}/health", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    with urllib.request.urlopen(keyed, timeout=10) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok"
     assert health["model"] == served.model
     assert health["stages"] == [{"stage": "master", "blocks": "0-3", "connected": True}]
-
-
-def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_errors_have_their_status_and_openai_shape(served: Server) -> None:
@@ -508,59 +378,91 @@ def test_errors_have_their_status_and_openai_shape(served: Server) -> None:
 # ---------------------------------------------------------------- sessions and workers
 
 
-def test_concurrent_streams_through_two_workers(
-    tiny_llama: Path, tmp_path: Path, reference: Callable[[list[int], int], list[int]]
+@pytest.fixture(scope="module")
+def pipelined_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Blocks wide enough that a step's compute (~1 ms) outlasts the hops between stages, so
+    overlapping compute on two workers is visible; the Llama 3.2 tokenizer only to decode (the
+    vocabulary is its first 256 ids: prompts go in as token ids)."""
+    folder = build_random_llama(
+        tmp_path_factory.mktemp("pipelined_llama"),
+        hidden=512, intermediate=2048, heads=8, kv_heads=2, vocab=256,
+    )  # fmt: skip
+    for path in llama3_tokenizer_path().iterdir():
+        if path.is_file():
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+class ComputeLog:
+    """When each worker computed which session: (worker, session, start, end), in seconds of
+    one clock, recorded on the workers' compute threads."""
+
+    def __init__(self, workers: dict[str, Worker]) -> None:
+        self.intervals: list[tuple[str, str, float, float]] = []
+        for worker in workers.values():
+            worker.run_request = self._timed(worker.name, worker.run_request)
+
+    def _timed(self, name: str, run: Callable) -> Callable:
+        def timed(session: Any, request: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return run(session, request)
+            finally:
+                self.intervals.append((name, request.session, started, time.perf_counter()))
+
+        return timed
+
+
+def overlaps(intervals: list[tuple[str, str, float, float]], a: str, b: str) -> int:
+    """Pairs of forwards of different sessions that workers `a` and `b` computed at once."""
+    on_a = [i for i in intervals if i[0] == a]
+    on_b = [i for i in intervals if i[0] == b]
+    return sum(
+        1
+        for _, session_a, start_a, end_a in on_a
+        for _, session_b, start_b, end_b in on_b
+        if session_a != session_b and start_a < end_b and start_b < end_a
+    )
+
+
+def test_concurrent_streams_pipeline_real_compute_through_two_workers(
+    pipelined_llama: Path, tmp_path: Path
 ) -> None:
-    """Four streams at once: each gets its solo output, and they overlap rather than queue.
-
-    The tiny model's blocks take microseconds, so a 15 ms wait before the first worker stands
-    for the compute and network time of a real model's stage: what concurrent sessions can
-    overlap (this machine's CPU time they can only share). bench/api_throughput.py measures
-    real models without it."""
+    """Four streams at once: each gets its solo output, and the two workers compute different
+    sessions' steps at the same time (w1 runs one session's step while w2 runs another's), which
+    one request at a time never does. No sleeping stand-in: the overlap is the blocks' compute,
+    recorded on the workers' compute threads."""
     n = 24
-    throttles: list[ThrottledStage] = []
+    prompts = [[1, 2, 3], [40, 41], [7, 8, 9, 10, 11], [100]]
+    with api_in_thread(pipelined_llama, tmp_path, TWO_WORKERS) as server:
 
-    def stage_time(master: Master) -> None:
-        throttles.append(ThrottledStage(master.stages[0], delay=0.015))
-        master.stages[0] = throttles[0]
-
-    with api_in_thread(tiny_llama, tmp_path, TWO_WORKERS, stage_time) as server:
-
-        async def stream(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, float]:
-            started = time.perf_counter()
-            chunks = await client.chat.completions.create(
-                model=server.model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0,
-                max_tokens=n,
-                stream=True,
+        async def stream(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
+            chunks = await client.completions.create(
+                model=server.model, prompt=prompt, temperature=0, max_tokens=n, stream=True
             )
-            text = "".join([c.choices[0].delta.content or "" async for c in chunks])
-            return text, time.perf_counter() - started
+            return "".join([c.choices[0].text async for c in chunks])
 
-        async def run() -> tuple[list, list, float]:
+        async def run() -> tuple[list[str], list[str], ComputeLog, int]:
             client = server.async_client()
-            await stream(client, "warm up")
-            solo = [await stream(client, prompt) for prompt in PROMPTS]
-            assert throttles[0].most_in_flight == 1
-            started = time.perf_counter()
-            together = await asyncio.gather(*(stream(client, prompt) for prompt in PROMPTS))
-            return solo, together, time.perf_counter() - started
+            await stream(client, [5])  # warm up
+            log = ComputeLog(server.workers)
+            solo = [await stream(client, prompt) for prompt in prompts]
+            solo_forwards = len(log.intervals)
+            together = await asyncio.gather(*(stream(client, p) for p in prompts))
+            return solo, together, log, solo_forwards
 
-        solo, together, wall = asyncio.run(run())
+        solo, together, log, solo_forwards = asyncio.run(run())
         assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()))
-        tokenizer = server.master.tokenizer
-        expected = [
-            tokenizer.decode(reference(server.master.encode(p), n), skip_special_tokens=True)
-            for p in PROMPTS
-        ]
-    assert [text for text, _ in solo] == expected
-    assert [text for text, _ in together] == expected
-    assert len(set(expected)) == len(PROMPTS)
-    assert throttles[0].most_in_flight > 1  # several sessions' steps were in flight at once
-    solo_wall = sum(seconds for _, seconds in solo)
-    print(f"4 streams of {n} tokens: {solo_wall:.2f}s in a row, {wall:.2f}s at once")
-    assert wall < solo_wall
+    assert together == solo
+    assert len(set(solo)) == len(prompts)
+    steps = 2 * len(prompts) * n  # every step of every stream, on both workers
+    assert solo_forwards == steps
+    assert len(log.intervals) == 2 * steps
+    # One session at a time: the workers never compute at once. Together: they do.
+    assert overlaps(log.intervals[:solo_forwards], "w1", "w2") == 0
+    overlapping = overlaps(log.intervals[solo_forwards:], "w1", "w2")
+    print(f"{overlapping} pairs of forwards of different sessions computed at the same time")
+    assert overlapping > 0
 
 
 def test_a_client_that_goes_away_frees_its_session(tiny_llama: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,107 @@ def test_stream_of_arbitrary_ids_concatenates_to_the_full_decode(
     assert "".join(stream(llama3_tokenizer, ids)) == llama3_tokenizer.decode(
         ids, skip_special_tokens=True
     )
+
+
+class CountingTokenizer:
+    """A tokenizer whose `decode` counts the token ids it is given (the decoder's cost)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.decoded_ids = 0
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(text, **kwargs)
+
+
+def long_output(tokenizer: Any, n: int, seed: int) -> list[int]:
+    """n ids: the stream texts (multi-byte characters split over tokens, specials, spaces
+    before punctuation) with random ids from the whole vocabulary (bytes that are no valid
+    UTF-8 on their own, special tokens) mixed in."""
+    import random
+
+    rng = random.Random(seed)
+    texts = [tokenizer.encode(text, add_special_tokens=False) for text in STREAM_TEXTS]
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += rng.choice(texts)
+        ids += [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(4))]
+    return ids[:n]
+
+
+@pytest.mark.parametrize("which", ["llama3", "smollm2"])
+def test_stream_of_thousands_of_tokens_is_exact_and_linear(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    tokenizer = request.getfixturevalue(f"{which}_tokenizer")
+    ids = long_output(tokenizer, 4000, seed=len(which))
+    counting = CountingTokenizer(tokenizer)
+    decoder = StreamDecoder(counting)
+    pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    # Linear: each push decodes a window of at most 2 * WINDOW tokens, and a slide a window's
+    # worth more; re-decoding everything would be ~n^2 / 2 = 8,000,000 ids here.
+    assert counting.decoded_ids < 8 * StreamDecoder.WINDOW * len(ids)
+
+
+def test_stream_with_stop_strings_cuts_before_the_first(llama3_tokenizer: Any) -> None:
+    middle = llama3_tokenizer.encode(STREAM_TEXTS[2], add_special_tokens=False)
+    before, after = long_output(llama3_tokenizer, 300, 3), long_output(llama3_tokenizer, 300, 4)
+    ids = before + middle + after
+    full = llama3_tokenizer.decode(ids, skip_special_tokens=True)
+    stop = "déjà vu"  # multi-byte, split over tokens, somewhere after the start
+    assert full.index(stop) > 0
+    decoder = StreamDecoder(llama3_tokenizer, stops=["never there", stop])
+    pieces = []
+    for i in ids:
+        pieces.append(decoder.push(i))
+        if decoder.stopped:
+            break
+    pieces.append(decoder.finish())
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert decoder.stopped
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style_tokenizer() -> Any:
+    """A Llama 2 / Mistral style tokenizer (Metaspace spaces, byte fallback for characters not
+    in the vocabulary), trained here on a line of text: a decode that drops the leading space
+    of its first token, which a window that slides carelessly would lose."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=["<s>", "</s>", "<unk>"])
+    tokenizer.train_from_iterator([STREAM_TEXTS[2] + " The quick brown fox. do n't"] * 20, trainer)
+    # The 256 byte tokens as ordinary vocabulary, as in Llama 2's (special ones would be skipped).
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_stream_is_exact_on_a_sentencepiece_style_tokenizer(
+    sentencepiece_style_tokenizer: Any,
+) -> None:
+    """Valid text only: with byte fallback, a run of bytes that is no valid UTF-8 turns into
+    U+FFFD as a whole, so a byte already shown can change (no stream can be exact there)."""
+    import random
+
+    tokenizer = sentencepiece_style_tokenizer
+    texts = [tokenizer.encode(text, add_special_tokens=False) for text in STREAM_TEXTS]
+    rng = random.Random(0)
+    for _ in range(20):
+        ids: list[int] = []
+        while len(ids) < 200:
+            ids += rng.choice(texts) + ([tokenizer.eos_token_id] if rng.random() < 0.2 else [])
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)

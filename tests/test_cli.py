@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from cluster import workers_in_thread
 
 from cake.cli import main
 
@@ -191,13 +192,34 @@ def test_system_prompt_is_in_the_prompt(tiny_llama: Path) -> None:
     assert stats_of(result)[0] == CHAT_WITH_SYSTEM_PROMPT_TOKENS
 
 
-def test_stats_flag_adds_stage_lines_on_stderr_only(tiny_llama: Path) -> None:
-    args = ["--model", str(tiny_llama), "--prompt", QUESTION, "--temperature", "0", "-n", "3"]
-    args.append("--ignore-eos")
-    plain, with_stats = run_cli(*args), run_cli(*args, "--stats")
-    assert with_stats.exit_code == 0, with_stats.stderr
-    assert with_stats.stdout == plain.stdout
-    assert stats_of(with_stats)[1] == 3
+STAGE_LINE = re.compile(
+    r"stage (\S+): compute (\d+\.\d\d) ms/token, wire (\d+\.\d\d) ms/token, (\d+) round trips$"
+)
+
+
+def test_stats_lines_give_every_stage_its_round_trips(tiny_llama: Path, tmp_path: Path) -> None:
+    """--stats, in a real process with two workers and a block left on the master: one line
+    per stage in block order, each worker with one round trip per step (the prefill and each
+    decode step), the master's own stage with none; stdout unchanged, the summary last."""
+    layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.3"]}  # block 2: the master's
+    with workers_in_thread(tiny_llama, tmp_path, layers) as (topology, _):
+        command = [sys.executable, "-m", "cake.cli", "--model", str(tiny_llama)]
+        command += ["--topology", str(topology), "--device", "cpu", "--temperature", "0"]
+        command += ["--prompt", QUESTION, "-n", "5", "--ignore-eos"]
+        plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        stats = subprocess.run([*command, "--stats"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert stats.returncode == 0, stats.stderr
+    assert stats.stdout == plain.stdout
+    assert "stage" not in plain.stderr
+    lines = stats.stderr.rstrip("\n").splitlines()
+    stage_lines = [match for line in lines if (match := STAGE_LINE.search(line))]
+    assert [m[1] for m in stage_lines] == ["w1", "master", "w2"]
+    round_trips = {m[1]: int(m[4]) for m in stage_lines}
+    assert round_trips == {"w1": 5, "master": 0, "w2": 5}  # prefill + 4 decode steps
+    assert sum(float(m[2]) + float(m[3]) for m in stage_lines) > 0
+    assert STATS_LINE.match(lines[-1])  # the summary stays last
+    assert lines.index(next(line for line in lines if "stage w1:" in line)) < len(lines) - 1
 
 
 @pytest.mark.slow

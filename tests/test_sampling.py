@@ -192,10 +192,40 @@ def test_samples_follow_the_softmax() -> None:
     assert abs(tokens.count(0) / len(tokens) - 0.7) < 0.03
 
 
-def test_temperature_sharpens_and_flattens() -> None:
-    logits = torch.tensor([math.log(0.7), math.log(0.3)])
-    # T = 0.25 gives 0.7^4 : 0.3^4 = 0.967; T = 4 gives 0.7^.25 : 0.3^.25 = 0.553.
-    cold = draws(SamplingParams(temperature=0.25, seed=7), logits, 4000)
-    hot = draws(SamplingParams(temperature=4.0, seed=7), logits, 4000)
-    assert abs(cold.count(0) / len(cold) - 0.967) < 0.02
-    assert abs(hot.count(0) / len(hot) - 0.553) < 0.03
+def softmax_at(logits: torch.Tensor, temperature: float) -> list[float]:
+    return torch.softmax(logits.double() / temperature, dim=-1).tolist()
+
+
+def total_variation(p: list[float], q: list[float]) -> float:
+    return sum(abs(a - b) for a, b in zip(p, q, strict=True)) / 2
+
+
+# 20,000 draws put the observed distribution within ~0.005 (TV) of the true one; a temperature
+# 25% off moves the true one by 0.024 to 0.074 (4 tokens, logits 0..3), so the bound between
+# them is one that a sampler with a wrong temperature fails, and this test shows that it does.
+TEMPERATURE_DRAWS = 20_000
+TV_BOUND = 0.012
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_samples_follow_the_softmax_at_the_asked_temperature(temperature: float) -> None:
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    tokens = draws(SamplingParams(temperature=temperature, seed=7), logits, TEMPERATURE_DRAWS)
+    observed = [tokens.count(i) / len(tokens) for i in range(len(logits))]
+    assert total_variation(observed, softmax_at(logits, temperature)) < TV_BOUND
+    for wrong in (temperature * 0.8, temperature * 1.25):
+        assert total_variation(observed, softmax_at(logits, wrong)) > TV_BOUND, wrong
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-30, 1e-45, 5e-324])
+def test_a_tiny_temperature_is_greedy_like_not_an_overflow(temperature: float) -> None:
+    generator = torch.Generator().manual_seed(3)
+    for kwargs in ({}, {"top_p": 0.9}, {"top_k": 5}, {"repeat_penalty": 1.3}):
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=0, **kwargs))
+        for _ in range(5):
+            logits = torch.randn(1000, generator=generator) * 30
+            logits[7] = logits.max() + 1e-3  # the best by a hair: still the one drawn
+            assert sampler(logits, [1, 2]) == 7
+    # Tied best logits stay a fair draw between them.
+    tied = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    assert set(draws(SamplingParams(temperature=1e-40, seed=0), tied, 100)) == {1, 2}

@@ -1,0 +1,92 @@
+"""Errors in OpenAI's shape: `{"error": {message, type, param, code}}`, whatever went wrong.
+
+A request the server cannot serve (malformed, out of range, too large, not allowed) is a 4xx that
+names the field and the fix; a failure of ours is a 5xx in the same shape, never a bare text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cake.errors import ContextError, KVMemoryError, WorkerError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered as HTTP `status` with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"message": message, "type": type, "param": param, "code": code}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse({"error": error.body}, status_code=error.status, headers=headers)
+
+
+def generation_error(exc: BaseException, param: str) -> ApiError:
+    """What a failed generation answers, before the response starts or as a stream's last event."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ContextError):
+        return ApiError(400, str(exc), param=param, code="context_length_exceeded")
+    if isinstance(exc, KVMemoryError):  # the master's own KV budget: try again later
+        return ApiError(503, str(exc), type="server_error", code=exc.code)
+    if isinstance(exc, WorkerError):
+        return ApiError(502, str(exc), type="server_error", code="worker_unavailable")
+    log.error("generation failed", exc_info=exc)
+    return ApiError(500, f"internal error: {exc!r}", type="server_error", code="internal_error")
+
+
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """Pydantic's errors as one 400: bad JSON says so; a bad field names the field."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        context = (detail.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON ({context})".replace(" ()", ""))
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return ApiError(400, "the request body must be a JSON object (it is empty or not one)")
+    fields = []
+    for e in errors:
+        loc = [str(part) for part in e.get("loc", ()) if part != "body"]
+        fields.append((".".join(loc), e.get("msg", "invalid")))
+    message = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in fields)
+    return ApiError(400, message or "invalid request", param=fields[0][0] if fields else None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app can raise, answered in OpenAI's shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(generation_error(exc, param=""))

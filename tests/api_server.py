@@ -1,0 +1,170 @@
+"""The API server for tests: create_app + uvicorn in a background thread, and small clients.
+
+The server runs in a thread with its own event loop (so that tests can look at the workers'
+sessions and change the master's stages); `call_soon` runs code on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+from cluster import cluster
+
+from cake.api import create_app, listen, model_id, server_for
+from cake.master import Master
+from cake.worker import Worker
+
+API_KEY = "sekret-key"
+MAX_SEQ_LEN = 256  # the in-process workers of `cluster` hold 256 positions
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    master: Master
+    workers: dict[str, Worker]
+    service: Any  # cake.api.service.Service
+    loop: asyncio.AbstractEventLoop
+    loop_thread_name: str  # the thread that runs the event loop
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60
+        )
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the server's event loop (where its links and events live)."""
+        self.loop.call_soon_threadsafe(fn)
+
+
+@contextlib.contextmanager
+def api_in_thread(
+    folder: Path,
+    tmp_path: Path | None = None,
+    layers: dict[str, list[str]] | None = None,
+    prepare: Callable[[Master], None] | None = None,
+    topology: Path | None = None,
+    master_options: dict[str, Any] | None = None,
+    **app_options: Any,
+) -> Iterator[Server]:
+    """create_app + uvicorn on 127.0.0.1:<any> in a thread; in-process workers if `layers`,
+    or the workers that `topology` names."""
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                workers: dict[str, Worker] = {}
+                where = topology
+                if layers:
+                    # Last on the way out: let the workers' connection handlers see the close,
+                    # rather than be cancelled mid-read when the loop ends.
+                    stack.push_async_callback(asyncio.sleep, 0.1)
+                    where, workers = await stack.enter_async_context(
+                        cluster(folder, tmp_path, layers)
+                    )
+                master = await Master.open(
+                    folder, where, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN,
+                    offload=True, **(master_options or {}),
+                )  # fmt: skip
+                stack.push_async_callback(master.close)
+                if prepare is not None:
+                    prepare(master)
+                app = create_app(master, model_name=model_id(folder), **app_options)
+                stack.push_async_callback(app.state.service.close)
+                sock = listen("127.0.0.1", 0)
+                port = sock.getsockname()[1]
+                box["uvicorn"] = uvicorn_server = server_for(app)
+                box["server"] = Server(
+                    f"http://127.0.0.1:{port}",
+                    model_id(folder),
+                    master,
+                    workers,
+                    app.state.service,
+                    asyncio.get_running_loop(),
+                    threading.current_thread().name,
+                )
+                started.set()
+                await uvicorn_server.serve(sockets=[sock])
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    started.wait(120)
+    if "server" not in box:
+        thread.join(10)
+        raise RuntimeError("the API server thread did not start (see its traceback above)")
+    try:
+        yield box["server"]
+    finally:
+        box["uvicorn"].should_exit = True
+        thread.join(30)
+
+
+class ThrottledStage:
+    """Wraps a stage: waits for `gate` (if any) and `delay` seconds before each forward."""
+
+    def __init__(self, stage: Any, delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
+        self.stage, self.delay, self.gate = stage, delay, gate
+        self.label, self.blocks = stage.label, stage.blocks
+        self.forwards = self.in_flight = self.most_in_flight = 0
+
+    async def forward(self, session_id: str, hidden: Any, start_pos: int, times: Any) -> Any:
+        self.forwards += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(self.delay)
+            return await self.stage.forward(session_id, hidden, start_pos, times)
+        finally:
+            self.in_flight -= 1
+
+    async def close_session(self, session_id: str) -> None:
+        await self.stage.close_session(session_id)
+
+    async def close(self) -> None:
+        await self.stage.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def chat(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, **kw: Any) -> Any:
+    messages = [{"role": "user", "content": prompt}]
+    return client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=max_tokens, **kw
+    )
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
