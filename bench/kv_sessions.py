@@ -28,6 +28,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("bench")
 
@@ -123,6 +127,76 @@ def decode(rounds: int, baseline: str, steps: int) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------- micro
+
+
+class PreallocatedCache:
+    """The cache cake had before the session store: zeros for max_seq_len, written at positions."""
+
+    def __init__(
+        self, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        import torch
+
+        self.k = torch.zeros(1, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
+        self.v = torch.zeros(1, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
+
+    def update(
+        self, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def micro(rounds: int, steps: int = 200) -> list[dict]:
+    """One SmolLM2-shaped block (random weights, f32): decode steps at positions 512.., with a
+    preallocated and a paged cache, alternating step by step, so both see the same machine."""
+    import time
+
+    import torch
+
+    from cake.config import LlamaConfig
+    from cake.model import Block, KVCache, RotaryTables
+
+    config = LlamaConfig.from_dict(
+        {
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 1,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 4096,
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        }
+    )  # fmt: skip
+    torch.manual_seed(0)
+    block = Block(config).eval()
+    block.self_attn.pack()
+    block.mlp.pack()
+    rope = RotaryTables(config, 4096, torch.device("cpu"), torch.float32)
+    start = 512
+    prompt = torch.randn(1, start, config.hidden_size)
+    rows = []
+    for _ in range(rounds):
+        caches = {
+            "preallocated": PreallocatedCache(3, 4096, 64, torch.float32),
+            "paged": KVCache(3, 64, torch.device("cpu"), torch.float32, 64, 4096),
+        }
+        times: dict[str, list[float]] = {name: [] for name in caches}
+        with torch.inference_mode():
+            for cache in caches.values():
+                block(prompt, 0, cache, *rope.at(0, start))
+            for step in range(steps):
+                x = torch.randn(1, 1, config.hidden_size)
+                for name, cache in caches.items():
+                    began = time.perf_counter()
+                    block(x, start + step, cache, *rope.at(start + step, 1))
+                    times[name].append(time.perf_counter() - began)
+        pre, paged = (statistics.median(times[n]) for n in ("preallocated", "paged"))
+        rows.append({"preallocated_us": pre * 1e6, "paged_us": paged * 1e6, "ratio": pre / paged})
+        log.info("block step: preallocated %.0f us, paged %.0f us", pre * 1e6, paged * 1e6)
+    return rows
+
+
 # ----------------------------------------------------------------------- prefill
 
 
@@ -189,6 +263,18 @@ def report(results: dict) -> str:
             for r in results["decode"]
         ]
         lines.append("")
+    if "micro" in results:
+        lines += [
+            "### One SmolLM2-shaped block, decode steps at positions 512-711 (f32)",
+            "",
+            "| round | preallocated µs/step | paged µs/step | speed ratio paged/preallocated |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {i} | {r['preallocated_us']:.0f} | {r['paged_us']:.0f} | {r['ratio']:.3f} |"
+            for i, r in enumerate(results["micro"], 1)
+        ]
+        lines.append("")
     if "prefill" in results:
         lines += [
             f"### Prefill of {results['prompt_tokens']} tokens, SmolLM2 over 2 loopback workers",
@@ -205,7 +291,7 @@ def report(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["decode", "prefill"], default=None)
+    parser.add_argument("--only", choices=["micro", "decode", "prefill"], default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="prefill prompt")
@@ -218,6 +304,8 @@ def main() -> None:
         return
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     results: dict = {"prompt_tokens": args.prompt_tokens, "baseline": args.baseline}
+    if args.only in (None, "micro"):
+        results["micro"] = micro(args.rounds)
     if args.only in (None, "decode"):
         results["decode"] = decode(args.rounds, args.baseline, args.steps)
     if args.only in (None, "prefill"):

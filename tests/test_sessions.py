@@ -195,10 +195,13 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
     long_b = [(i * 104729) % 120000 + 1000 for i in range(300)]
     short = [128000, 9906, 1917]
 
-    async def solo(ids: list[int]) -> list[int]:
+    async def solo(*prompts: list[int]) -> list[list[int]]:
         master = await Master.open(tiny_llama, device="cpu", dtype="f32")
         try:
-            return [t async for t in master.generate(ids, GREEDY, 8, ignore_eos=True)]
+            results = []
+            for ids in prompts:
+                results.append([t async for t in master.generate(ids, GREEDY, 8, True)])
+            return results
         finally:
             await master.close()
 
@@ -224,8 +227,7 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
             return tokens, other
 
     tokens, other = asyncio.run(main())
-    assert tokens == asyncio.run(solo(long_a))
-    assert other == asyncio.run(solo(short))
+    assert [tokens, other] == asyncio.run(solo(long_a, short))
 
 
 def rss_bytes(pid: int) -> int:
