@@ -4,6 +4,10 @@ Each connection starts with a handshake (`hello` -> `welcome`), then carries `fo
 for any number of sessions. A session is one generation of one master: it has its own KV caches
 here, and lives until the master closes it or the connection ends. Tensor work runs on one
 compute thread, off the event loop, so a long prefill never stalls pings or other connections.
+
+Here: the sessions (the table, checking a request against it, running it) and serving. What
+happens on one connection (admission, limits before and after auth, the request loop, which
+errors close it) is cake/worker_connection.py; the handshake itself is cake/handshake.py.
 """
 
 from __future__ import annotations
