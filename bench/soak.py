@@ -419,7 +419,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--gap-s", type=float, default=6.0, help="mean seconds between faults")
-    parser.add_argument("--retry-timeout", type=float, default=8.0)
+    parser.add_argument("--retry-timeout", type=float, default=20.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=180.0)
     parser.add_argument("--settle-s", type=float, default=5.0)
