@@ -7,7 +7,8 @@ for greedy chat completions through `--workers` worker processes. Each worker si
 TCP proxy in this process, so a connection can be cut without touching the worker. Every few
 seconds the injector does one of:
 
-* kill:   SIGKILL a worker, then start it again (on a new port; its proxy follows);
+* kill:   SIGKILL a worker, then start it again (on a new port; its proxy follows); never the
+          first worker, whose open files and memory are compared at the end;
 * freeze: SIGSTOP a worker for a random time, some shorter and some longer than --retry-timeout,
           then SIGCONT;
 * drop:   close every connection through one worker's proxy (a network cut).
@@ -276,7 +277,9 @@ def injector_loop(cluster: Cluster, soak: Soak, stop: threading.Event, args) -> 
     rng = random.Random(args.seed)
     names = sorted(cluster.workers)
     while not stop.wait(rng.uniform(args.gap_s * 0.5, args.gap_s * 1.5)):
-        kind, name = rng.choice(["kill", "freeze", "drop"]), rng.choice(names)
+        name = rng.choice(names)
+        # The first worker is never killed, so that its files and memory can be compared.
+        kind = rng.choice(["freeze", "drop"] if name == names[0] else ["kill", "freeze", "drop"])
         fault = Fault(kind, name, time.monotonic())
         try:
             if kind == "kill":
