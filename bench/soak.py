@@ -331,6 +331,16 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(args.clients)
         ]
         injector = threading.Thread(target=injector_loop, args=(cluster, soak, stop, args))
+        timeline: list[dict] = []  # RSS of the compared processes over the run: a leak climbs
+
+        def sample() -> None:
+            while not stop.wait(args.sample_s):
+                found = resources(cluster.processes())
+                timeline.append(
+                    {label: round(v["rss_mb"], 1) for label, v in found.items() if label in before}
+                )
+
+        threads.append(threading.Thread(target=sample))
         started = time.monotonic()
         for thread in [*threads, injector]:
             thread.start()
@@ -382,6 +392,7 @@ def run(args: argparse.Namespace) -> dict:
         "healthy_after": all(after_ok),
         "processes": leaks,
         "fd_leak": fd_leak,
+        "rss_mb_every_sample": timeline,
         "lost_examples": [asdict(o) for o in soak.outcomes if o.verdict == "lost"][:10],
         "clean_failure_examples": sorted(
             {o.detail for o in soak.outcomes if o.verdict == "failed cleanly"}
@@ -409,6 +420,11 @@ def markdown(summary: dict) -> str:
     for label, values in summary["processes"].items():
         fds, rss = values["fds"], values["rss_mb"]
         lines.append(f"| {label} | {fds[0]} → {fds[1]} | {rss[0]} → {rss[1]} |")
+    timeline = summary.get("rss_mb_every_sample") or []
+    for label in summary["processes"]:
+        series = [sample[label] for sample in timeline if label in sample]
+        if series:
+            lines.append(f"\nRSS MB of {label} every sample: {' '.join(f'{v:g}' for v in series)}")
     lines.append("")
     lines.append(f"Cluster healthy after the soak: {'yes' if summary['healthy_after'] else 'NO'}")
     return "\n".join(lines) + "\n"
@@ -426,6 +442,7 @@ def main() -> None:
     parser.add_argument("--heartbeat-timeout", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=180.0)
     parser.add_argument("--settle-s", type=float, default=5.0)
+    parser.add_argument("--sample-s", type=float, default=30.0, help="RSS sampling period")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/cake-soak"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
