@@ -7,7 +7,8 @@ for greedy chat completions through `--workers` worker processes. Each worker si
 TCP proxy in this process, so a connection can be cut without touching the worker. Every few
 seconds the injector does one of:
 
-* kill:   SIGKILL a worker, then start it again (on a new port; its proxy follows);
+* kill:   SIGKILL a worker, then start it again (on a new port; its proxy follows); never the
+          first worker, whose open files and memory are compared at the end;
 * freeze: SIGSTOP a worker for a random time, some shorter and some longer than --retry-timeout,
           then SIGCONT;
 * drop:   close every connection through one worker's proxy (a network cut).
@@ -276,7 +277,9 @@ def injector_loop(cluster: Cluster, soak: Soak, stop: threading.Event, args) -> 
     rng = random.Random(args.seed)
     names = sorted(cluster.workers)
     while not stop.wait(rng.uniform(args.gap_s * 0.5, args.gap_s * 1.5)):
-        kind, name = rng.choice(["kill", "freeze", "drop"]), rng.choice(names)
+        name = rng.choice(names)
+        # The first worker is never killed, so that its files and memory can be compared.
+        kind = rng.choice(["freeze", "drop"] if name == names[0] else ["kill", "freeze", "drop"])
         fault = Fault(kind, name, time.monotonic())
         try:
             if kind == "kill":
@@ -328,6 +331,16 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(args.clients)
         ]
         injector = threading.Thread(target=injector_loop, args=(cluster, soak, stop, args))
+        timeline: list[dict] = []  # RSS of the compared processes over the run: a leak climbs
+
+        def sample() -> None:
+            while not stop.wait(args.sample_s):
+                found = resources(cluster.processes())
+                timeline.append(
+                    {label: round(v["rss_mb"], 1) for label, v in found.items() if label in before}
+                )
+
+        threads.append(threading.Thread(target=sample))
         started = time.monotonic()
         for thread in [*threads, injector]:
             thread.start()
@@ -379,6 +392,7 @@ def run(args: argparse.Namespace) -> dict:
         "healthy_after": all(after_ok),
         "processes": leaks,
         "fd_leak": fd_leak,
+        "rss_mb_every_sample": timeline,
         "lost_examples": [asdict(o) for o in soak.outcomes if o.verdict == "lost"][:10],
         "clean_failure_examples": sorted(
             {o.detail for o in soak.outcomes if o.verdict == "failed cleanly"}
@@ -406,6 +420,11 @@ def markdown(summary: dict) -> str:
     for label, values in summary["processes"].items():
         fds, rss = values["fds"], values["rss_mb"]
         lines.append(f"| {label} | {fds[0]} → {fds[1]} | {rss[0]} → {rss[1]} |")
+    timeline = summary.get("rss_mb_every_sample") or []
+    for label in summary["processes"]:
+        series = [sample[label] for sample in timeline if label in sample]
+        if series:
+            lines.append(f"\nRSS MB of {label} every sample: {' '.join(f'{v:g}' for v in series)}")
     lines.append("")
     lines.append(f"Cluster healthy after the soak: {'yes' if summary['healthy_after'] else 'NO'}")
     return "\n".join(lines) + "\n"
@@ -419,10 +438,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--gap-s", type=float, default=6.0, help="mean seconds between faults")
-    parser.add_argument("--retry-timeout", type=float, default=8.0)
+    parser.add_argument("--retry-timeout", type=float, default=20.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=180.0)
     parser.add_argument("--settle-s", type=float, default=5.0)
+    parser.add_argument("--sample-s", type=float, default=30.0, help="RSS sampling period")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/cake-soak"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))

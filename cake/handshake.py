@@ -70,7 +70,7 @@ async def greet_worker(
         await link.send(Hello(fingerprint=fingerprint, master=master_name))
         reply = await link.recv(timeout=timeout)
     except TimeoutError:
-        raise WorkerLost(f"{label}: handshake timed out after {timeout:g}s") from None
+        raise WorkerLost(f"{label}: handshake timed out after {timeout:.1f}s") from None
     except LinkError as exc:
         raise WorkerLost(f"{label}: handshake failed: {exc}{hint}") from None
     except ProtocolError as exc:

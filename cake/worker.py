@@ -7,6 +7,10 @@ closes it, the connection ends, or it is evicted after idling. A session the sto
 (budget, context, session count) gets an error reply; the connection and other sessions go on.
 Tensor work runs on one compute thread, off the event loop, so a long prefill never stalls pings
 or other connections.
+
+Here: the sessions (checking a request against the store, running it) and serving. What
+happens on one connection (admission, limits before and after auth, the request loop, which
+errors close it) is cake/worker_connection.py; the handshake itself is cake/handshake.py.
 """
 
 from __future__ import annotations

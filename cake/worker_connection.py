@@ -115,6 +115,16 @@ async def serve_connection(
     except ProtocolError as exc:
         log.warning("connection %d from %s: %s; closing it", conn, peer, exc)
         await _try_send(link, ErrorMessage(message=str(exc), code="bad_message"))
+    except MemoryError:  # buffering a frame: its framing is lost with it, so the link goes
+        log.error("connection %d from %s: out of memory reading a frame; closing it", conn, peer)
+        await _try_send(
+            link,
+            ErrorMessage(
+                message=f"worker {worker.name} ran out of memory receiving a frame of up to "
+                f"{link.max_frame_bytes} bytes; free memory there or lower --max-seq-len",
+                code="out_of_memory",
+            ),
+        )
     except (TimeoutError, asyncio.TimeoutError):
         log.info("connection %d from %s: silent too long, closing it", conn, peer)
     except LinkError as exc:
