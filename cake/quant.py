@@ -70,7 +70,29 @@ class QuantizedTensor:
         return torch.stack([low, high], dim=-1).reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight it stands for, (out, in), computed in f32."""
+        """The weight it stands for, (out, in) in `dtype`, computed in f32 CHUNK_ROWS rows at a
+        time (a whole f32 copy of a 128k-row embedding would be 2 GB of temporaries)."""
+        out, cols = self.shape
+        if out <= CHUNK_ROWS:
+            return self._dequantize_rows(dtype)
+        result = torch.empty(out, cols, dtype=dtype)
+        for start in range(0, out, CHUNK_ROWS):
+            chunk = self.rows(slice(start, start + CHUNK_ROWS))
+            result[start : start + CHUNK_ROWS] = chunk._dequantize_rows(dtype)
+        return result
+
+    def to_int8(self) -> QuantizedTensor:
+        """The same weight requantized to int8 per channel, chunk by chunk."""
+        if self.scheme == "int8":
+            return self
+        out, cols = self.shape
+        result = QuantizedTensor.empty("int8", out, cols)
+        for start in range(0, out, CHUNK_ROWS):
+            rows = self.rows(slice(start, start + CHUNK_ROWS))
+            result.fill(start, quantize(rows._dequantize_rows(torch.float32), "int8"))
+        return result
+
+    def _dequantize_rows(self, dtype: torch.dtype) -> torch.Tensor:
         if self.scheme == "int8":
             return (self.q.float() * self.scales.float()[:, None]).to(dtype)
         out, cols = self.shape

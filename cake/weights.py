@@ -348,7 +348,7 @@ def head_weight(weight: Weight, scheme: str | None, serves_rows: bool) -> Weight
     stays int4 unless it must also hand out embedding rows (tied), which only int8 does."""
     if isinstance(weight, QuantizedTensor):
         if weight.scheme == "int4" and serves_rows:
-            return quantize(weight.dequantize(), "int8")
+            return weight.to_int8()
         return weight
     return quantize(weight, "int8") if scheme else weight
 
