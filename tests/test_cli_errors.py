@@ -102,7 +102,8 @@ def test_model_path_neither_folder_nor_gguf(tmp_path: Path) -> None:
 def test_full_disk_on_stdout(tiny_llama: Path) -> None:
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            [*CLI, "--model", str(tiny_llama), "-n", "4", "--ignore-eos", "--device", "cpu"],
+            [*CLI, "--model", str(tiny_llama), "--prompt", "hi", "-n", "4", "--ignore-eos",
+             "--device", "cpu"],
             stdout=full, stderr=subprocess.PIPE, text=True, timeout=300, env=ENV,
         )  # fmt: skip
     result.stdout = ""
