@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 
 import click
@@ -30,19 +29,55 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _setup_threads(threads: int | None) -> None:
-    """Before torch is imported: idle OpenMP threads sleep instead of spinning.
+def _setup_threads(opts: dict) -> None:
+    """Before torch is imported: how idle OpenMP threads wait, then the thread count.
 
-    By default they spin for a while after each parallel region. With the stages of a pipeline
-    on one machine (or anything else running beside cake), a process that has finished its step
-    then burns the core the next stage needs: decode ran 3x slower in our measurements. Set
-    OMP_WAIT_POLICY=ACTIVE yourself to get spinning back on a dedicated machine.
+    spin when this process has its cores to itself, sleep when other stages share them (see
+    cake.threads); --thread-wait spin|sleep overrides.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if threads is not None:
+    from cake.threads import apply_wait_policy, choose_wait_policy
+
+    worker = opts["mode"] == "worker"
+    policy = choose_wait_policy(
+        opts["thread_wait"],
+        mode=str(opts["mode"]),
+        api=bool(opts["api_address"]) and not worker,
+        colocated=bool(opts["colocated"]),
+        topology_hosts=_topology_hosts(opts["topology"]),
+        own_host=_own_host(opts) if worker else None,
+    )
+    if apply_wait_policy(policy):
+        log.info("idle CPU threads %s: %s", policy.wait, policy.reason)
+    if opts["threads"] is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(opts["threads"])
+
+
+def _topology_hosts(path: str | None) -> list[str]:
+    """The workers' hosts; none for a topology that does not load (its error comes later)."""
+    if path is None:
+        return []
+    from cake.topology import load_topology
+
+    try:
+        return [node.host for node in load_topology(path).nodes]
+    except (TopologyError, OSError):
+        return []
+
+
+def _own_host(opts: dict) -> str | None:
+    """The host a worker listens on: --address, else its topology entry's."""
+    from cake.topology import load_topology, parse_address
+
+    try:
+        if opts["address"]:
+            return parse_address(opts["address"], "--address")[0]
+        if opts["topology"] and opts["name"]:
+            return load_topology(opts["topology"]).node(opts["name"]).host
+    except (TopologyError, OSError):
+        pass  # reported with its own message when the worker starts
+    return None
 
 
 def _fail(message: str) -> None:
@@ -208,13 +243,28 @@ def _fail(message: str) -> None:
     default=None,
     help="CPU threads for tensor work (default: torch's choice, one per core).",
 )
+@click.option(
+    "--thread-wait",
+    type=click.Choice(["auto", "spin", "sleep"]),
+    default="auto",
+    show_default=True,
+    help="Idle CPU threads spin (fast, one process per machine) or sleep (stages share the "
+    "cores). auto: sleep when workers run on this host, the HTTP API serves, or --colocated.",
+)
+@click.option(
+    "--colocated",
+    is_flag=True,
+    envvar="CAKE_COLOCATED",
+    help="Worker mode: other stages (master, workers) share this machine's cores; idle "
+    "threads sleep (or set CAKE_COLOCATED=1).",
+)
 @click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(**opts: object) -> None:
     """Run a Llama-3-family model, whole or split across worker machines."""
     _setup_logging(bool(opts["verbose"]))
-    _setup_threads(opts["threads"])
     try:
+        _setup_threads(opts)
         if opts["mode"] == "worker":
             asyncio.run(_run_worker(opts))
         elif opts["api_address"]:
