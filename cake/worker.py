@@ -2,8 +2,15 @@
 
 Each connection starts with a handshake (`hello` -> `welcome`), then carries `forward` requests
 for any number of sessions. A session is one generation of one master: it has its own KV caches
-here, and lives until the master closes it or the connection ends. Tensor work runs on one
-compute thread, off the event loop, so a long prefill never stalls pings or other connections.
+here, and lives until the master closes it or the connection ends.
+
+Where tensor work runs (`ComputeDispatch`): a decode step runs inline on the event loop when
+nothing else is computing, which saves two thread hand-offs per step (loop -> compute thread ->
+loop, each a futex wake); long requests (prefill) and requests that arrive while one computes
+run on one compute thread, so a long prefill never stalls pings or other connections. When idle
+OpenMP threads spin (cake.threads), every forward runs on the event loop thread, the one that
+loaded the weights: each thread that calls torch has its own OpenMP team, and a second team
+would spin forever beside the first.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import os
 import signal
 import ssl
 import time
@@ -50,6 +58,8 @@ HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_SESSIONS = 32
 LONG_REQUEST = 64  # positions; after a forward this long, freed memory goes back (see devices)
+INLINE_MAX_POSITIONS = 16  # longer forwards go to the compute thread (auto dispatch)
+COMPUTE_CHOICES = ("auto", "inline", "thread")
 
 
 class RequestError(ProtocolError):
@@ -77,7 +87,10 @@ class Worker:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
         cluster_key: bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        compute: str = "auto",
     ) -> None:
+        if compute not in COMPUTE_CHOICES:
+            raise ValueError(f"compute {compute!r}: use {', '.join(COMPUTE_CHOICES)}")
         self.name = name
         self.cluster_key = cluster_key
         self.tls = tls
@@ -93,6 +106,10 @@ class Worker:
         self.idle_timeout = idle_timeout
         self.sessions: dict[tuple[int, str], Session] = {}  # (connection, session id)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-compute")
+        if compute == "auto" and os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
+            compute = "inline"  # spinning OpenMP threads: one team, on this thread (see above)
+        self.compute_mode = compute
+        self._offloaded = 0  # forwards queued on or running in the compute thread
         self._connection_ids = itertools.count(1)
         self.links: set[Link] = set()
 
@@ -224,10 +241,17 @@ class Worker:
     async def _forward(self, link: Link, session: Session, request: Forward) -> None:
         try:
             async with session.lock:
-                loop = asyncio.get_running_loop()
-                hidden, compute_us = await loop.run_in_executor(
-                    self.compute, self.run_request, session, request
-                )
+                if self.runs_inline(request):
+                    hidden, compute_us = self.run_request(session, request)
+                else:
+                    self._offloaded += 1
+                    try:
+                        loop = asyncio.get_running_loop()
+                        hidden, compute_us = await loop.run_in_executor(
+                            self.compute, self.run_request, session, request
+                        )
+                    finally:
+                        self._offloaded -= 1
             await link.send(Result(id=request.id, hidden=hidden, compute_us=compute_us))
         except LinkError:
             pass
@@ -237,6 +261,14 @@ class Worker:
                 message=f"worker {self.name} failed: {exc}", code="internal", id=request.id
             )
             await _try_send(link, reply)
+
+    def runs_inline(self, request: Forward) -> bool:
+        """Whether this forward computes on the event loop (no thread hand-off) or offloaded."""
+        if self.compute_mode != "auto":
+            return self.compute_mode == "inline"
+        # Nothing offloaded: the compute thread is idle, so running here keeps one computation
+        # at a time; a short request blocks the loop for about a decode step only.
+        return self._offloaded == 0 and request.hidden.shape[1] <= INLINE_MAX_POSITIONS
 
     def check_request(self, conn: int, request: Forward) -> Session:
         """The session a forward runs in, or RequestError (on the event loop thread)."""
