@@ -8,10 +8,15 @@ never stops spinning (libgomp's OMP_WAIT_POLICY=ACTIVE), so where several stages
 (workers on this host, the master beside them, the HTTP API's concurrent generations, each with
 its own team) the idle ones burn the cores the busy one needs: decode ran 3x slower.
 
-So `--thread-wait auto` sleeps when this process shares its cores with other stages, and spins
-when it has them to itself; `spin` and `sleep` force the choice, and an OMP_WAIT_POLICY already
-in the environment is kept under `auto`. libgomp reads the variable once, when torch loads it,
-hence this module is torch-free and runs first.
+Spinning also loses badly where other programs keep the cores busy: a team waits at every
+barrier for its slowest thread, and a descheduled thread makes the others spin out their time
+slices (SmolLM2 decode 1.0 tok/s spinning vs 3.3 sleeping at a load average of 11 on 2 cores).
+
+So `--thread-wait auto` sleeps when this process shares its cores with other stages or the
+machine is already busy when it starts (1-minute load average at least half the cores it may
+use), and spins when it has them to itself; `spin` and `sleep` force the choice, and an
+OMP_WAIT_POLICY already in the environment is kept under `auto`. libgomp reads the variable
+once, when torch loads it, hence this module is torch-free and runs first.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ WAIT_CHOICES = ("auto", "spin", "sleep")
 # Set on a worker (any non-empty value but 0/false/no) to say that other stages share its cores.
 COLOCATED_ENV = "CAKE_COLOCATED"
 _OMP_VALUE = {"spin": "ACTIVE", "sleep": "PASSIVE"}
+BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average this high per usable core: the machine is busy
 
 
 @dataclass(frozen=True)
@@ -53,13 +59,15 @@ def choose_wait_policy(
     topology_hosts: Iterable[str] = (),
     own_host: str | None = None,
     env: Mapping[str, str] | None = None,
+    load: tuple[float, int] | None = None,
 ) -> WaitPolicy:
     """spin or sleep for this process.
 
     option: --thread-wait (auto, spin or sleep); mode: "master" or "worker"; api: the HTTP API
     (concurrent generations in threads); colocated: the worker was told other stages share its
     cores (--colocated or CAKE_COLOCATED); topology_hosts: the workers' hosts in the topology,
-    this worker's own included; own_host: the host a worker listens on.
+    this worker's own included; own_host: the host a worker listens on; load: (1-minute load
+    average, usable cores), measured here when not given.
     """
     env = os.environ if env is None else env
     if option not in WAIT_CHOICES:
@@ -83,7 +91,24 @@ def choose_wait_policy(
             return WaitPolicy("sleep", "the topology has other workers on this host")
     elif any(is_this_host(h) for h in hosts):
         return WaitPolicy("sleep", "the topology has workers on this host")
-    return WaitPolicy("spin", "no other stage on this host")
+    load_average, cores = machine_load() if load is None else load
+    if load_average >= BUSY_LOAD_PER_CORE * cores:
+        return WaitPolicy(
+            "sleep", f"the machine is busy (load average {load_average:.1f} on {cores} cores)"
+        )
+    return WaitPolicy("spin", "no other stage on this host, and the machine is idle")
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, cores this process may run on); (0, 1) where unknown."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0], cores
+    except (AttributeError, OSError):
+        return 0.0, cores
 
 
 def apply_wait_policy(policy: WaitPolicy) -> bool:

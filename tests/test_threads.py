@@ -12,6 +12,7 @@ from cake.threads import choose_wait_policy, is_this_host
 
 ELSEWHERE = "192.0.2.7"  # TEST-NET-1: documentation only, never an address of this machine
 CLEAN: dict[str, str] = {}  # an environment without OMP_WAIT_POLICY or CAKE_COLOCATED
+IDLE = (0.1, 2)  # (1-minute load average, cores): nothing else running
 
 
 def test_explicit_option_wins_over_everything() -> None:
@@ -29,11 +30,19 @@ def test_auto_keeps_a_preset_environment_variable() -> None:
 
 
 def test_local_master_spins() -> None:
-    assert choose_wait_policy("auto", mode="master", env=CLEAN).wait == "spin"
+    assert choose_wait_policy("auto", mode="master", env=CLEAN, load=IDLE).wait == "spin"
+
+
+def test_a_busy_machine_sleeps() -> None:
+    policy = choose_wait_policy("auto", mode="master", env=CLEAN, load=(3.0, 2))
+    assert policy.wait == "sleep"
+    assert "load average 3.0 on 2 cores" in policy.reason
 
 
 def test_master_with_remote_workers_spins() -> None:
-    policy = choose_wait_policy("auto", mode="master", topology_hosts=[ELSEWHERE], env=CLEAN)
+    policy = choose_wait_policy(
+        "auto", mode="master", topology_hosts=[ELSEWHERE], env=CLEAN, load=IDLE
+    )
     assert policy.wait == "spin"
 
 
@@ -51,7 +60,7 @@ def test_api_server_sleeps() -> None:
 
 def test_worker_alone_on_its_machine_spins() -> None:
     policy = choose_wait_policy(
-        "auto", mode="worker", topology_hosts=[ELSEWHERE], own_host="0.0.0.0", env=CLEAN
+        "auto", mode="worker", topology_hosts=[ELSEWHERE], own_host="0.0.0.0", env=CLEAN, load=IDLE
     )
     assert policy.wait == "spin"
 
@@ -70,7 +79,12 @@ def test_worker_sharing_its_host_with_another_worker_sleeps() -> None:
     )
     assert shared.wait == "sleep"
     alone = choose_wait_policy(
-        "auto", mode="worker", topology_hosts=[here, ELSEWHERE], own_host="0.0.0.0", env=CLEAN
+        "auto",
+        mode="worker",
+        topology_hosts=[here, ELSEWHERE],
+        own_host="0.0.0.0",
+        env=CLEAN,
+        load=IDLE,
     )
     assert alone.wait == "spin"
 
@@ -80,7 +94,8 @@ def test_colocated_worker_sleeps(value: str) -> None:
     by_env = choose_wait_policy("auto", mode="worker", env={"CAKE_COLOCATED": value})
     assert by_env.wait == "sleep"
     assert choose_wait_policy("auto", mode="worker", colocated=True, env=CLEAN).wait == "sleep"
-    assert choose_wait_policy("auto", mode="worker", env={"CAKE_COLOCATED": "0"}).wait == "spin"
+    alone = choose_wait_policy("auto", mode="worker", env={"CAKE_COLOCATED": "0"}, load=IDLE)
+    assert alone.wait == "spin"
 
 
 def test_this_host() -> None:
@@ -98,7 +113,7 @@ def test_bad_option() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ([], "ACTIVE"),
+        (["--thread-wait", "spin"], "ACTIVE"),
         (["--thread-wait", "sleep"], "PASSIVE"),
         (["--topology", "{topology}"], "PASSIVE"),
     ],
