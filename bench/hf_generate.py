@@ -5,9 +5,9 @@
 The benchmark starts this in its own process with the environment it was given (torch's and
 libgomp's defaults: no OMP_WAIT_POLICY, torch's own thread count) and times the streamed text
 from outside, exactly as it times `cake-cli`. The prompt goes through the tokenizer's chat
-template, greedy decoding, and exactly `--tokens` new tokens: EOS does not stop the generation
-(as `cake-cli --ignore-eos`), so both produce the same tokens. The prompt's token count goes to
-stderr, for the benchmark's same-prompt check.
+template (Llama 3's format where the tokenizer has none, as in cake), greedy decoding, and
+exactly `--tokens` new tokens: EOS does not stop the generation (as `cake-cli --ignore-eos`), so
+both produce the same tokens. The prompt's token count goes to stderr, for the same-prompt check.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import sys
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, TextStreamer
+
+from cake.chat import llama3_prompt
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -32,12 +34,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(options.model)
     model = LlamaForCausalLM.from_pretrained(options.model, dtype=DTYPES[options.dtype])
     model = model.to(options.device).eval()
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": options.prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"].to(options.device)
+    messages = [{"role": "user", "content": options.prompt}]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # the Llama 3.2 tokenizer files ship without one: Llama 3's format, as cake uses
+        text = llama3_prompt(messages)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(options.device)
     print(f"prompt tokens: {ids.shape[1]}", file=sys.stderr, flush=True)
     config = model.generation_config
     config.eos_token_id = None  # exactly --tokens new tokens, like cake-cli --ignore-eos

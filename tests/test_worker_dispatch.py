@@ -33,6 +33,7 @@ def test_every_dispatch_gives_the_local_tokens(
     tiny_llama: Path, tmp_path: Path, compute: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # auto: decode inline, prefill offloaded
+
     async def main() -> tuple[list[int], list[int], list[tuple[int, str]]]:
         expected = await local_tokens(tiny_llama, PROMPT)
         layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
