@@ -63,7 +63,7 @@ def machine_info(threads: int) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "threads": threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp's default)"),
         "load_average_start": load_average(),
     }
 
