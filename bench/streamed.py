@@ -169,6 +169,14 @@ def _transformers(folder: Path, prompt: str, tokens: int, device: str, dtype: st
     ]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (torch uses one thread per physical core of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _llama_cpp_hook() -> Callable[..., list[str] | None] | None:
     try:
         from bench import quant  # type: ignore[attr-defined]
@@ -187,7 +195,8 @@ def configurations(
     policies: bool = True,
 ) -> list[Config]:
     """transformers (and llama.cpp if the hook offers it), cake local, cake + N workers; with
-    `policies`, also each thread-waiting choice forced, to measure what `auto` chose against."""
+    `policies`, also each thread-waiting choice forced and half the threads, to measure what
+    `auto` and the default thread count chose against."""
     cake = _cake(folder, prompt, tokens, device, dtype)
     configs = [Config(TRANSFORMERS, _transformers(folder, prompt, tokens, device, dtype), None)]
     hook = _llama_cpp_hook()
@@ -198,6 +207,9 @@ def configurations(
     if policies and device == "cpu":
         for wait in ("spin", "sleep"):
             configs.append(Config(f"{LOCAL}, {wait}", [*cake, "--thread-wait", wait], TRANSFORMERS))
+        fewer = max(1, usable_cpus() // 2)  # is one thread per core still the right count?
+        label = f"{LOCAL}, {fewer} thread{'s' if fewer > 1 else ''}"
+        configs.append(Config(label, [*cake, "--threads", str(fewer)], TRANSFORMERS))
     for n in worker_counts:
         configs.append(Config(f"cake + {n} workers", cake, LOCAL, workers=n))
         if policies and device == "cpu":
