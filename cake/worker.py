@@ -4,7 +4,7 @@ Each connection starts with a handshake (`hello` -> `welcome`), then carries `fo
 for any number of sessions. A session is one generation of one master: it has its own KV caches
 here, and lives until the master closes it or the connection ends.
 
-Where tensor work runs (`ComputeDispatch`): a decode step runs inline on the event loop when
+Where tensor work runs (`Worker.runs_inline`): a decode step runs inline on the event loop when
 nothing else is computing, which saves two thread hand-offs per step (loop -> compute thread ->
 loop, each a futex wake); long requests (prefill) and requests that arrive while one computes
 run on one compute thread, so a long prefill never stalls pings or other connections. When idle
