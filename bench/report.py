@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from bench.goals import MB, bandwidth_fraction
 from bench.machine import cpu_label
 
+log = logging.getLogger("bench")
 GB = 1e9
 CHART = "decode_tok_s.png"
 
@@ -443,12 +445,18 @@ def write(results: dict, out: Path, docs: Path | None) -> str:
     text = markdown(results)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "latest.md").write_text(text, encoding="utf-8")
+    charted = False
     if results["models"] or results.get("streamed"):
-        chart(results, out / CHART)
+        try:
+            chart(results, out / CHART)
+            charted = True
+        except ImportError:  # matplotlib is in the [bench] extra
+            log.warning("no chart: matplotlib is missing (pip install -e '.[bench]')")
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "latest.md", docs / "latest.md")
-        shutil.copy2(out / CHART, docs / CHART)
+        if charted:
+            shutil.copy2(out / CHART, docs / CHART)
     return text
 
 
