@@ -377,7 +377,7 @@ def netns_section(results: dict) -> list[str]:
     ]
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, charted: bool = True) -> str:
     sections = [
         ["# cake benchmark", "", *machine_section(results)],
         goals_section(results),
@@ -388,7 +388,7 @@ def markdown(results: dict) -> str:
         layout_section(results),
         memory_section(results),
         netns_section(results),
-        [f"![decode tokens/s per configuration]({CHART})"],
+        [f"![decode tokens/s per configuration]({CHART})"] if charted else [],
     ]
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 
@@ -442,9 +442,7 @@ def chart(results: dict, path: Path) -> None:
 def write(results: dict, out: Path, docs: Path | None) -> str:
     """latest.json, latest.md and the chart in `out`; the table and chart copied to `docs`."""
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "latest.md").write_text(text, encoding="utf-8")
     charted = False
     if results["models"] or results.get("streamed"):
         try:
@@ -452,6 +450,8 @@ def write(results: dict, out: Path, docs: Path | None) -> str:
             charted = True
         except ImportError:  # matplotlib is in the [bench] extra
             log.warning("no chart: matplotlib is missing (pip install -e '.[bench]')")
+    text = markdown(results, charted)
+    (out / "latest.md").write_text(text, encoding="utf-8")
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "latest.md", docs / "latest.md")

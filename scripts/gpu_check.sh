@@ -59,7 +59,7 @@ say "using $python: $("$python" -c 'import torch; print("torch", torch.__version
 # module -> pip name, for what the checks import besides torch
 declare -A packages=(
     [transformers]=transformers [safetensors]=safetensors [tokenizers]=tokenizers
-    [yaml]=pyyaml [click]=click [msgpack]=msgpack [pytest]=pytest
+    [yaml]=pyyaml [click]=click [msgpack]=msgpack [pytest]=pytest [tqdm]=tqdm
 )
 missing=()
 for module in "${!packages[@]}"; do
