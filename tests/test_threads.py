@@ -116,6 +116,9 @@ def test_bad_option() -> None:
         (["--thread-wait", "spin"], "ACTIVE"),
         (["--thread-wait", "sleep"], "PASSIVE"),
         (["--topology", "{topology}"], "PASSIVE"),
+        (["--mode", "worker", "--address", "127.0.0.1:5000"], "PASSIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000", "--colocated", "1"], "PASSIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000", "--thread-wait", "spin"], "ACTIVE"),
     ],
 )
 def test_cli_sets_the_policy_before_torch_loads(tmp_path, args: list[str], expected: str) -> None:
