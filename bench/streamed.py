@@ -1,9 +1,10 @@
 """Every configuration as its users run it: its own process, timed from outside on its stdout.
 
 transformers runs `generate` with a `TextStreamer` (bench/hf_generate.py), cake runs as it ships
-(`python -m cake.cli`, the same entry point as `cake-cli`), each in a fresh process with the
-environment this benchmark was given, minus any OMP_WAIT_POLICY (so each picks its own: libgomp's
-default for transformers, `--thread-wait auto` for cake, unless a configuration says otherwise).
+(the `cake-cli` script, or `python -m cake.cli` where there is none), each in a fresh process
+with the environment this benchmark was given, minus any OMP_WAIT_POLICY (so each picks its
+own: libgomp's default for transformers, `--thread-wait auto` for cake, unless a configuration
+says otherwise).
 Same chat prompt, greedy, exactly N new tokens (EOS does not stop either), same dtype and device.
 
 decode tok/s = (N - 1) / (time of the last stdout chunk - time of the first): what a user sees
@@ -130,11 +131,16 @@ def stream(argv: Sequence[str], env: dict[str, str], timeout: float = RUN_TIMEOU
     )
 
 
+def cake_cli() -> list[str]:
+    """The `cake-cli` script beside this Python (it imports this tree: PYTHONPATH comes first),
+    else the same entry point as a module."""
+    script = Path(sys.executable).with_name("cake-cli")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cake.cli"]
+
+
 def _cake(folder: Path, prompt: str, tokens: int, device: str, dtype: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "cake.cli",
+        *cake_cli(),
         "--model",
         str(folder),
         "--prompt",
