@@ -35,7 +35,7 @@ def _setup_threads(opts: dict) -> None:
     spin when this process has its cores to itself, sleep when other stages share them (see
     cake.threads); --thread-wait spin|sleep overrides.
     """
-    from cake.threads import apply_wait_policy, choose_wait_policy
+    from cake.threads import apply_wait_policy, choose_wait_policy, listening_host, topology_hosts
 
     worker = opts["mode"] == "worker"
     policy = choose_wait_policy(
@@ -43,8 +43,10 @@ def _setup_threads(opts: dict) -> None:
         mode=str(opts["mode"]),
         api=bool(opts["api_address"]) and not worker,
         colocated=bool(opts["colocated"]),
-        topology_hosts=_topology_hosts(opts["topology"]),
-        own_host=_own_host(opts) if worker else None,
+        topology_hosts=topology_hosts(opts["topology"]),
+        own_host=listening_host(opts["address"], opts["topology"], opts["name"])
+        if worker
+        else None,
     )
     if apply_wait_policy(policy):
         log.info("idle CPU threads %s: %s", policy.wait, policy.reason)
@@ -52,32 +54,6 @@ def _setup_threads(opts: dict) -> None:
         import torch
 
         torch.set_num_threads(opts["threads"])
-
-
-def _topology_hosts(path: str | None) -> list[str]:
-    """The workers' hosts; none for a topology that does not load (its error comes later)."""
-    if path is None:
-        return []
-    from cake.topology import load_topology
-
-    try:
-        return [node.host for node in load_topology(path).nodes]
-    except (TopologyError, OSError):
-        return []
-
-
-def _own_host(opts: dict) -> str | None:
-    """The host a worker listens on: --address, else its topology entry's."""
-    from cake.topology import load_topology, parse_address
-
-    try:
-        if opts["address"]:
-            return parse_address(opts["address"], "--address")[0]
-        if opts["topology"] and opts["name"]:
-            return load_topology(opts["topology"]).node(opts["name"]).host
-    except (TopologyError, OSError):
-        pass  # reported with its own message when the worker starts
-    return None
 
 
 def _fail(message: str) -> None:

@@ -111,6 +111,32 @@ def machine_load() -> tuple[float, int]:
         return 0.0, cores
 
 
+def topology_hosts(path: str | None) -> list[str]:
+    """The workers' hosts; none for a topology that does not load (its error comes later)."""
+    if path is None:
+        return []
+    from cake.topology import TopologyError, load_topology
+
+    try:
+        return [node.host for node in load_topology(path).nodes]
+    except (TopologyError, OSError):
+        return []
+
+
+def listening_host(address: str | None, topology: str | None, name: str | None) -> str | None:
+    """The host a worker listens on: --address, else its topology entry's; None if unknown."""
+    from cake.topology import TopologyError, load_topology, parse_address
+
+    try:
+        if address:
+            return parse_address(address, "--address")[0]
+        if topology and name:
+            return load_topology(topology).node(name).host
+    except (TopologyError, OSError):
+        pass  # reported with its own message when the worker starts
+    return None
+
+
 def apply_wait_policy(policy: WaitPolicy) -> bool:
     """Export the choice for libgomp (and for the processes this one starts); False if too late.
 
