@@ -1,7 +1,7 @@
 """cake's benchmark: decode vs transformers as users run both, loopback workers, thread policy,
 per-hop cost, weight layout, in-process prefill and worker memory.
 
-    .venv/bin/python -m bench.bench            # full run (20-30 minutes on 2 cores)
+    .venv/bin/python -m bench.bench            # full run (30-45 minutes on 2 cores)
     .venv/bin/python -m bench.bench --quick    # smoke run: SmolLM2 only, fewer rounds/tokens
     sudo .venv/bin/python -m bench.bench --netns   # also: workers behind veth + netem links
 
