@@ -48,8 +48,9 @@ TRANSFORMERS = "transformers"
 LOCAL = "cake local"
 STATS = re.compile(r"prompt tokens: (\d+), new tokens: (\d+), .*decode: ([\d.]+) tok/s")
 HF_PROMPT = re.compile(r"prompt tokens: (\d+)")
-POLICY = re.compile(r"idle CPU threads (spin|sleep): (.*)")
+POLICY = re.compile(r"idle CPU threads: (spin|sleep|brief) \((.*)\)$", re.MULTILINE)
 RUN_TIMEOUT_S = 600.0
+BRIEF_SPINCOUNT = "20000"  # libgomp spins: tens of microseconds, then sleeps
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Config:
     baseline: str | None  # the label this configuration's ratio is taken against
     workers: int = 0  # worker processes on 127.0.0.1, blocks split evenly, none on the master
     worker_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # added to the environment of master and workers
 
 
 @dataclass
@@ -223,6 +225,9 @@ def configurations(
             configs.append(
                 Config(f"cake + {n} workers, spin", [*cake, *spin], LOCAL, n, worker_args=spin)
             )
+            # libgomp's bounded spin: quick wake-ups inside a step, sleep between steps
+            brief = (("GOMP_SPINCOUNT", BRIEF_SPINCOUNT),)
+            configs.append(Config(f"cake + {n} workers, brief spin", cake, LOCAL, n, env=brief))
     return configs
 
 
@@ -253,7 +258,7 @@ def _n_layers(folder: Path) -> int:
 
 
 def run_once(config: Config, folder: Path, tokens: int, device: str, dtype: str, row: Row) -> None:
-    env = user_env()
+    env = user_env(dict(config.env))
     with _workers(config, folder, device, dtype, env) as argv:
         result = stream(argv, env)
     row.outside_tok_s.append(result.decode_tok_s(tokens))
@@ -264,7 +269,7 @@ def run_once(config: Config, folder: Path, tokens: int, device: str, dtype: str,
     elif hf := HF_PROMPT.search(result.stderr):
         row.prompt_tokens = int(hf[1])
     if policy := POLICY.search(result.stderr):
-        row.policy = f"{policy[1]} ({policy[2].strip()})"
+        row.policy = f"{policy[1]} ({policy[2]})"
 
 
 def measure_streamed(

@@ -49,7 +49,7 @@ def _setup_threads(opts: dict) -> None:
         else None,
     )
     if apply_wait_policy(policy):
-        log.info("idle CPU threads %s: %s", policy.wait, policy.reason)
+        log.info("idle CPU threads: %s (%s)", policy.wait, policy.reason)
     if opts["threads"] is not None:
         import torch
 

@@ -15,8 +15,9 @@ slices (SmolLM2 decode 1.0 tok/s spinning vs 3.3 sleeping at a load average of 1
 So `--thread-wait auto` sleeps when this process shares its cores with other stages or the
 machine is already busy when it starts (1-minute load average at least half the cores it may
 use), and spins when it has them to itself; `spin` and `sleep` force the choice, and an
-OMP_WAIT_POLICY already in the environment is kept under `auto`. libgomp reads the variable
-once, when torch loads it, hence this module is torch-free and runs first.
+OMP_WAIT_POLICY already in the environment is kept under `auto`, and so is GOMP_SPINCOUNT
+(libgomp's own bounded spin: that many spins, then sleep). libgomp reads these once, when torch
+loads it, hence this module is torch-free and runs first.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ from functools import lru_cache
 WAIT_CHOICES = ("auto", "spin", "sleep")
 # Set on a worker (any non-empty value but 0/false/no) to say that other stages share its cores.
 COLOCATED_ENV = "CAKE_COLOCATED"
-_OMP_VALUE = {"spin": "ACTIVE", "sleep": "PASSIVE"}
+_OMP_VALUE = {"spin": "ACTIVE", "sleep": "PASSIVE", "brief": None}  # brief: libgomp decides
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average this high per usable core: the machine is busy
 
 
 @dataclass(frozen=True)
 class WaitPolicy:
-    wait: str  # "spin" or "sleep"
+    wait: str  # "spin", "sleep", or "brief" (GOMP_SPINCOUNT set: libgomp's bounded spin)
     reason: str  # for the log: why this choice
 
     @property
-    def omp_wait_policy(self) -> str:
+    def omp_wait_policy(self) -> str | None:
         return _OMP_VALUE[self.wait]
 
 
@@ -78,6 +79,12 @@ def choose_wait_policy(
     if preset in ("ACTIVE", "PASSIVE"):
         wait = "spin" if preset == "ACTIVE" else "sleep"
         return WaitPolicy(wait, f"OMP_WAIT_POLICY={preset} in the environment")
+    if env.get("GOMP_SPINCOUNT", "").strip():
+        return WaitPolicy(
+            "brief",
+            f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT'].strip()} in the environment: libgomp spins "
+            "that long, then sleeps",
+        )
     if colocated or _truthy(env.get(COLOCATED_ENV)):
         return WaitPolicy("sleep", "other stages share this host's cores (--colocated)")
     if api:
@@ -146,7 +153,10 @@ def apply_wait_policy(policy: WaitPolicy) -> bool:
     """
     if "torch" in sys.modules:
         return False
-    os.environ["OMP_WAIT_POLICY"] = policy.omp_wait_policy
+    if policy.omp_wait_policy is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = policy.omp_wait_policy
     return True
 
 

@@ -29,6 +29,14 @@ def test_auto_keeps_a_preset_environment_variable() -> None:
     assert "OMP_WAIT_POLICY" in policy.reason
 
 
+def test_auto_keeps_a_bounded_libgomp_spin() -> None:
+    policy = choose_wait_policy(
+        "auto", mode="worker", own_host="127.0.0.1", env={"GOMP_SPINCOUNT": "20000"}
+    )
+    assert (policy.wait, policy.omp_wait_policy) == ("brief", None)
+    assert "GOMP_SPINCOUNT=20000" in policy.reason
+
+
 def test_local_master_spins() -> None:
     assert choose_wait_policy("auto", mode="master", env=CLEAN, load=IDLE).wait == "spin"
 
