@@ -126,7 +126,9 @@ def streamed_section(results: dict) -> list[str]:
             "decode tok/s = (tokens − 1) / (last stdout chunk − first), timed from outside. "
             "Baseline: transformers for cake local (and its forced spin/sleep variants), cake "
             "local for the workers (on 127.0.0.1, started for each run). `, spin`/`, sleep`: "
-            "`--thread-wait` forced (on master and workers), to compare with what auto chose.",
+            "`--thread-wait` forced (on master and workers), to compare with what auto chose; "
+            "`, N thread(s)`: `--threads N`; `, brief spin`: GOMP_SPINCOUNT=20000 in master and "
+            "workers (libgomp spins briefly, then sleeps).",
             "",
             *_table(header, rows),
         ]
