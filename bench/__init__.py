@@ -1,10 +1,6 @@
 """cake's benchmarks (not part of the test suite); see bench/README.md.
 
-Like `cake-cli`, every process here lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE,
-unless the environment sets it): set before any bench module imports torch, so the master,
-transformers and the workers all run under the same OpenMP settings that cake's users get.
+Nothing here sets OMP_WAIT_POLICY: every process a benchmark starts runs with the environment it
+was given, as its users would run it (`cake-cli` chooses its own thread policy; transformers
+gets libgomp's default). Where a benchmark compares policies, it says so and sets them itself.
 """
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

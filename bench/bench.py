@@ -1,6 +1,7 @@
-"""cake's benchmark: decode/prefill vs transformers, loopback workers, per-hop cost, memory.
+"""cake's benchmark: decode vs transformers as users run both, loopback workers, thread policy,
+per-hop cost, weight layout, in-process prefill and worker memory.
 
-    .venv/bin/python -m bench.bench            # full run (10-20 minutes on 2 cores)
+    .venv/bin/python -m bench.bench            # full run (30-45 minutes on 2 cores)
     .venv/bin/python -m bench.bench --quick    # smoke run: SmolLM2 only, fewer rounds/tokens
     sudo .venv/bin/python -m bench.bench --netns   # also: workers behind veth + netem links
 
@@ -23,12 +24,15 @@ import torch
 
 from bench.goals import evaluate
 from bench.hop import measure_hop
-from bench.machine import load_average, machine_info, read_bandwidth
+from bench.layout import measure_layout
+from bench.machine import cpu_features, cpu_model, load_average, machine_info, read_bandwidth
 from bench.memory import idle_torch_rss
 from bench.models import MODEL_KEYS, SMOLLM2, default_cache_dir, resolve_model
 from bench.netns import measure_netns
 from bench.report import write
+from bench.streamed import measure_streamed
 from bench.throughput import RunSettings, measure_model
+from bench.worker_hop import measure_worker_hop
 
 log = logging.getLogger("bench")
 
@@ -51,6 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick: 2)")
     parser.add_argument("--tokens", type=int, default=None, help="decode steps; 64 (--quick: 16)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument(
+        "--streamed-tokens",
+        type=int,
+        default=None,
+        help="new tokens per separate-process run; 128 (--quick: 32)",
+    )
+    parser.add_argument("--streamed-rounds", type=int, default=None, help="default 3 (--quick: 1)")
+    parser.add_argument(
+        "--no-policies",
+        action="store_true",
+        help="separate processes: skip the forced --thread-wait spin/sleep configurations",
+    )
+    parser.add_argument(
+        "--no-in-process",
+        action="store_true",
+        help="skip the in-process tables (prefill, round trips, worker memory)",
+    )
     parser.add_argument("--hop-trips", type=int, default=None, help="default 2000 (--quick: 500)")
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere"
@@ -82,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.rounds = options.rounds or (2 if quick else 5)
     options.tokens = options.tokens or (16 if quick else 64)
     options.hop_trips = options.hop_trips or (500 if quick else 2000)
+    options.streamed_tokens = options.streamed_tokens or (32 if quick else 128)
+    options.streamed_rounds = options.streamed_rounds or (1 if quick else 3)
     options.docs = Path(options.docs) if options.docs and not quick else None
     return options
 
@@ -116,9 +139,24 @@ def run(options: argparse.Namespace) -> dict:
     results["bandwidth"] = read_bandwidth()
     log.info("idle `import torch` RSS")
     results["idle_torch_rss"] = idle_torch_rss()
-    results["hop"] = measure_hop(options.hop_trips)
-    results["models"] = {}
+    results["streamed"] = {}
     for key in options.models:
+        spec = resolve_model(key, options.cache_dir)
+        log.info("== %s, separate processes: %s", spec.title, spec.folder)
+        results["streamed"][key] = measure_streamed(
+            spec.folder,
+            spec.title,
+            spec.dtype,
+            tokens=options.streamed_tokens,
+            rounds=options.streamed_rounds,
+            policies=not options.no_policies,
+        )
+    results["hop"] = measure_hop(options.hop_trips)
+    results["worker_hop"] = measure_worker_hop(options.hop_trips // 2)
+    log.info("weight layouts")
+    results["layout"] = measure_layout(20 if options.quick else 50)
+    results["models"] = {}
+    for key in [] if options.no_in_process else options.models:
         spec = resolve_model(key, options.cache_dir)
         log.info("== %s: %s", spec.title, spec.folder)
         results["models"][key] = asyncio.run(
@@ -152,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit("interrupted: workers stopped, namespaces removed")
     text = write(results, options.out, options.docs)
+    if options.docs is not None:  # one page per CPU the benchmark has met
+        slug = "-".join([cpu_model(), *cpu_features(), f"{results['machine']['cores']}c"])
+        slug = "".join(c if c.isalnum() else "-" for c in slug.lower()).strip("-")
+        (options.docs / f"cpu-{slug}.md").write_text(text, encoding="utf-8")
     log.info("wrote %s%s", options.out, f" and {options.docs}" if options.docs else "")
     sys.stdout.write(text)
 

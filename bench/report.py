@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 from bench.goals import MB, bandwidth_fraction
+from bench.machine import cpu_label
 
+log = logging.getLogger("bench")
 GB = 1e9
 CHART = "decode_tok_s.png"
 
@@ -40,15 +43,27 @@ def _verdict(passed: bool | None) -> str:
     return {True: "**pass**", False: "**FAIL**", None: "—"}[passed]
 
 
+def cpu_line(results: dict) -> str:
+    """The line every table carries: which CPU, how many cores, what bandwidth."""
+    m, bw = results["machine"], results["bandwidth"]
+    return (
+        f"**CPU: {cpu_label(m)}; memory read bandwidth {bw['bytes_per_s'] / GB:.1f} GB/s; "
+        f"torch {m['torch']}; {m['date'][:10]}.**"
+    )
+
+
 def machine_section(results: dict) -> list[str]:
     m, s, bw = results["machine"], results["settings"], results["bandwidth"]
     load_start = "/".join(f"{v:g}" for v in m["load_average_start"])
     load_end = "/".join(f"{v:g}" for v in m.get("load_average_end", []))
     return [
+        cpu_line(results),
+        "",
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
-        f"transformers {m['transformers']}, Python {m['python']}, {m['threads']} threads "
-        f"and OMP_WAIT_POLICY={m['omp_wait_policy']} everywhere (this process, which runs "
-        "transformers and the master, and the workers; as cake-cli sets it).",
+        f"transformers {m['transformers']}, Python {m['python']}. The separate-process table "
+        "runs everything with its own defaults; the in-process tables run transformers and the "
+        f"master in the benchmark's process with {m['threads']} threads and OMP_WAIT_POLICY="
+        f"{m['omp_wait_policy']}, the workers as cake-cli.",
         f"Load average (1/5/15 min) at start {load_start}, at end {load_end}: the machine is "
         "shared, so every comparison is a ratio within one round of the same run.",
         f"Memory read bandwidth: {bw['bytes_per_s'] / GB:.1f} GB/s "
@@ -71,8 +86,119 @@ def goals_section(results: dict) -> list[str]:
     return ["## Goals", "", *_table(["goal", "target", "measured", "result"], rows)]
 
 
+def streamed_section(results: dict) -> list[str]:
+    lines = ["## Decode as users run it (separate processes, timed from outside)"]
+    for model in (results.get("streamed") or {}).values():
+        rows = []
+        for label, c in model["configs"].items():
+            inside = c.get("inside_decode_tok_s")
+            rows.append(
+                [
+                    label,
+                    _spread(c["decode_tok_s"], 2),
+                    _ratio(c.get("decode_vs_baseline")),
+                    _best(c.get("decode_vs_baseline")),
+                    _ratio(c.get("decode_vs_transformers")),
+                    _spread(inside, 2) if inside else "—",
+                    c.get("thread_wait") or "—",
+                    "yes" if c["same_text_as_transformers"] else "no",
+                ]
+            )
+        header = [
+            "configuration",
+            "decode tok/s (outside)",
+            "vs baseline",
+            "best vs best",
+            "vs transformers",
+            "cake's own decode tok/s",
+            "idle threads (cake's choice)",
+            "same text",
+        ]
+        lines += [
+            "",
+            f"### {model['title']} on {model['device']}",
+            "",
+            cpu_line(results),
+            "",
+            f"Each configuration is its own process (transformers: `generate` + `TextStreamer`; "
+            f"cake: `cake-cli` as shipped), the same chat prompt ({model['prompt']!r}), greedy, "
+            f"{model['tokens']} new tokens (EOS ignored), {model['rounds']} rounds alternating. "
+            "decode tok/s = (tokens − 1) / (last stdout chunk − first), timed from outside. "
+            "Baseline: transformers for cake local (and its forced spin/sleep variants), cake "
+            "local for the workers (on 127.0.0.1, started for each run). `, spin`/`, sleep`: "
+            "`--thread-wait` forced (on master and workers), to compare with what auto chose; "
+            "`, N thread(s)`: `--threads N`; `, brief spin`: GOMP_SPINCOUNT=20000 in master and "
+            "workers (libgomp spins briefly, then sleeps).",
+            "",
+            *_table(header, rows),
+        ]
+    return lines if len(lines) > 1 else []
+
+
+def worker_hop_section(results: dict) -> list[str]:
+    rows = [
+        [
+            r["dispatch"],
+            f"{r['round_trip_us']:.0f}",
+            f"{r['compute_us']:.0f}",
+            f"{r['overhead_us']:.0f}",
+            f"{r['after_idle_round_trip_us']:.0f}",
+            f"{r['after_idle_overhead_us']:.0f}",
+        ]
+        for r in results.get("worker_hop") or []
+    ]
+    if not rows:
+        return []
+    header = [
+        "worker computes",
+        "round trip µs",
+        "worker compute µs",
+        "overhead µs",
+        "after 20 ms idle: round trip µs",
+        "overhead µs",
+    ]
+    return [
+        "## One decode step through a real worker (`bench/worker_hop.py`)",
+        "",
+        cpu_line(results),
+        "",
+        "`RemoteStage.forward` against cake's `Worker` holding one random SmolLM2-shaped block, "
+        "one position per step; overhead = round trip − the worker's reported compute (best "
+        "batch's median). `thread`: every forward on the compute thread (before); `inline`: on "
+        "the event loop (auto's choice for a decode step); `inline, spin`: OMP_WAIT_POLICY="
+        "ACTIVE in the worker, which on loopback shares the cores with this process.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def layout_section(results: dict) -> list[str]:
+    rows = [
+        [
+            f"{r['matrix']} ({r['in']} → {r['out']})",
+            r["dtype"],
+            f"{r['out_in_gb_s']:.1f}",
+            f"{r['in_out_gb_s']:.1f}",
+            f"{r['in_out_gb_s'] / r['out_in_gb_s']:.2f}×",
+        ]
+        for r in results.get("layout") or []
+    ]
+    if not rows:
+        return []
+    header = ["matrix (in → out)", "dtype", "(out, in) GB/s", "(in, out) GB/s", "ratio"]
+    return [
+        "## Weight layout for decode (`bench/layout.py`)",
+        "",
+        cpu_line(results),
+        "",
+        *_table(header, rows),
+    ]
+
+
 def throughput_section(results: dict) -> list[str]:
-    lines = ["## Decode and prefill"]
+    if not results.get("models"):
+        return []
+    lines = ["## Decode and prefill, in process"]
     for key, model in results["models"].items():
         rows = []
         for label, c in model["configs"].items():
@@ -149,7 +275,9 @@ def hop_section(results: dict) -> list[str]:
         "floor: asyncio streams µs",
         "floor: blocking sockets µs",
     ]
-    trips = results["hop"][0]["trips"] if results["hop"] else 0
+    if not rows:
+        return []
+    trips = results["hop"][0]["trips"]
     return [
         "## Per-hop overhead (loopback)",
         "",
@@ -169,7 +297,7 @@ def hop_section(results: dict) -> list[str]:
 def memory_section(results: dict) -> list[str]:
     rows = []
     for model in results["models"].values():
-        for r in model["memory"]:
+        for r in model.get("memory", []):
             rss = r["rss_bytes"]
             rows.append(
                 [
@@ -197,6 +325,8 @@ def memory_section(results: dict) -> list[str]:
         "overhead MB",
         "≤ 150 MB",
     ]
+    if not rows:
+        return []
     idle = results["idle_torch_rss"] / MB
     return [
         "## Worker memory",
@@ -249,15 +379,18 @@ def netns_section(results: dict) -> list[str]:
     ]
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, charted: bool = True) -> str:
     sections = [
         ["# cake benchmark", "", *machine_section(results)],
         goals_section(results),
+        streamed_section(results),
         throughput_section(results),
         hop_section(results),
+        worker_hop_section(results),
+        layout_section(results),
         memory_section(results),
         netns_section(results),
-        [f"![decode tokens/s per configuration]({CHART})"],
+        [f"![decode tokens/s per configuration]({CHART})"] if charted else [],
     ]
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 
@@ -274,7 +407,11 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(m["title"], m["configs"]) for m in results["models"].values()]
+    panels = [
+        (f"{m['title']}, separate processes", m["configs"])
+        for m in (results.get("streamed") or {}).values()
+    ]
+    panels += [(f"{m['title']}, in process", m["configs"]) for m in results["models"].values()]
     netns = results.get("netns") or {}
     if netns.get("rows"):
         configs = {}
@@ -307,14 +444,21 @@ def chart(results: dict, path: Path) -> None:
 def write(results: dict, out: Path, docs: Path | None) -> str:
     """latest.json, latest.md and the chart in `out`; the table and chart copied to `docs`."""
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    charted = False
+    if results["models"] or results.get("streamed"):
+        try:
+            chart(results, out / CHART)
+            charted = True
+        except ImportError:  # matplotlib is in the [bench] extra
+            log.warning("no chart: matplotlib is missing (pip install -e '.[bench]')")
+    text = markdown(results, charted)
     (out / "latest.md").write_text(text, encoding="utf-8")
-    chart(results, out / CHART)
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "latest.md", docs / "latest.md")
-        shutil.copy2(out / CHART, docs / CHART)
+        if charted:
+            shutil.copy2(out / CHART, docs / CHART)
     return text
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 
 import click
@@ -32,19 +31,38 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _setup_threads(threads: int | None) -> None:
-    """Before torch is imported: idle OpenMP threads sleep instead of spinning.
+def _setup_threads(opts: dict) -> None:
+    """Before torch is imported: how idle OpenMP threads wait, then the thread count.
 
-    By default they spin for a while after each parallel region. With the stages of a pipeline
-    on one machine (or anything else running beside cake), a process that has finished its step
-    then burns the core the next stage needs: decode ran 3x slower in our measurements. Set
-    OMP_WAIT_POLICY=ACTIVE yourself to get spinning back on a dedicated machine.
+    spin when this process has its cores to itself, sleep when other stages share them (see
+    cake.threads); --thread-wait spin|sleep overrides.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if threads is not None:
+    from cake.threads import apply_wait_policy, choose_wait_policy, listening_host, topology_hosts
+
+    worker = opts["mode"] == "worker"
+    policy = choose_wait_policy(
+        opts["thread_wait"],
+        mode=str(opts["mode"]),
+        api=bool(opts["api_address"]) and not worker,
+        colocated=bool(opts["colocated"]),
+        topology_hosts=topology_hosts(opts["topology"]) + _worker_hosts(opts.get("workers")),
+        own_host=listening_host(opts["address"], opts["topology"], opts["name"])
+        if worker
+        else None,
+    )
+    if apply_wait_policy(policy):
+        log.info("idle CPU threads: %s (%s)", policy.wait, policy.reason)
+    if opts["threads"] is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(opts["threads"])
+
+
+def _worker_hosts(workers: object) -> list[str]:
+    """The hosts of --workers HOST:PORT,... (for the thread policy: workers on this host)."""
+    if not isinstance(workers, str):
+        return []
+    return [item.rsplit(":", 1)[0].strip("[]") for item in workers.split(",") if item.strip()]
 
 
 def _fail(message: str) -> None:
@@ -339,13 +357,28 @@ def _fail(message: str) -> None:
     callback=lambda ctx, param, value: _parse_size(value),
     help="Empty worker: most memory it offers for blocks, e.g. 6G or 512M (default: 90% free).",
 )
+@click.option(
+    "--thread-wait",
+    type=click.Choice(["auto", "spin", "sleep"]),
+    default="auto",
+    show_default=True,
+    help="Idle CPU threads spin (fast, one process per machine) or sleep (stages share the "
+    "cores). auto: sleep when workers run on this host, the HTTP API serves, or --colocated.",
+)
+@click.option(
+    "--colocated",
+    is_flag=True,
+    envvar="CAKE_COLOCATED",
+    help="Worker mode: other stages (master, workers) share this machine's cores; idle "
+    "threads sleep (or set CAKE_COLOCATED=1).",
+)
 @click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(**opts: object) -> None:
     """Run a Llama-3-family model, whole or split across worker machines."""
     _setup_logging(bool(opts["verbose"]))
-    _setup_threads(opts["threads"])
     try:
+        _setup_threads(opts)
         if opts["mode"] == "worker":
             if opts["model"] is None and opts["topology"] is None:
                 asyncio.run(_run_empty_worker(opts))

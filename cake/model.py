@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cake.config import LlamaConfig
+from cake.devices import weight_layout_in_out
 
 
 class RMSNorm(nn.Module):
@@ -91,20 +92,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Projection(nn.Module):
     """y = x @ W.T for one weight, or for several fused along the output (q|k|v, gate|up).
 
-    Stored in the layout the device multiplies fastest. On the CPU, a decode step is one row
-    times a matrix streamed from memory, and in float32 an (in, out) matrix streams about 1.6x
-    faster than the checkpoint's (out, in) when out >= in (bench/layout.py); bf16/f16 kernels
-    and GPUs are fastest with (out, in), so they keep it.
+    Stored in the layout the device multiplies fastest, as `cake.devices.weight_layout_in_out`
+    decides: (in, out) for float32 on the CPU when out >= in, the checkpoint's (out, in)
+    otherwise.
     """
 
     def __init__(self, weights: Sequence[torch.Tensor]) -> None:
         super().__init__()
         weight = torch.cat(list(weights), dim=0) if len(weights) > 1 else weights[0]  # (out, in)
-        self.transposed = (
-            weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and weight.shape[0] >= weight.shape[1]
-        )
+        self.transposed = weight_layout_in_out(weight.device, weight.dtype, *weight.shape)
         stored = weight.t().contiguous() if self.transposed else weight.contiguous()
         self.weight = nn.Parameter(stored, requires_grad=False)
 

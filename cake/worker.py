@@ -5,8 +5,14 @@ for any number of sessions. A session is one generation of one master: its KV ca
 worker's `SessionStore` (cake/sessions.py), keyed by (connection, session id), until the master
 closes it, the connection ends, or it is evicted after idling. A session the store cannot serve
 (budget, context, session count) gets an error reply; the connection and other sessions go on.
-Tensor work runs on one compute thread, off the event loop, so a long prefill never stalls pings
-or other connections.
+
+Where tensor work runs (`Worker.run_forward`): a decode step runs inline on the event loop when
+nothing else is computing, which saves two thread hand-offs per step (loop -> compute thread ->
+loop, each a futex wake); long requests (prefill) and requests that arrive while one computes
+run on one compute thread, so a long prefill never stalls pings or other connections. When idle
+OpenMP threads spin (cake.threads), every forward runs on the event loop thread, the one that
+loaded the weights: each thread that calls torch has its own OpenMP team, and a second team
+would spin forever beside the first.
 
 Here: the sessions (checking a request against the store, running it) and serving. What
 happens on one connection (admission, limits before and after auth, the request loop, which
@@ -24,8 +30,10 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -40,9 +48,12 @@ from cake.transport import Link
 from cake.worker_connection import serve_connection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_SESSIONS = 32
+INLINE_MAX_POSITIONS = 16  # longer forwards go to the compute thread (auto dispatch)
+COMPUTE_CHOICES = ("auto", "inline", "thread")
 LONG_REQUEST = 64  # positions; after a forward this long, freed memory goes back (see devices)
 
 
@@ -65,9 +76,12 @@ class Worker:
         cluster_key: bytes | None = None,
         tls: ssl.SSLContext | None = None,
         kv_memory: int | None = None,
+        compute: str = "auto",
     ) -> None:
         """kv_memory: the KV caches' byte budget (default: a share of free memory, see
-        cake.sessions.kv_budget)."""
+        cake.sessions.kv_budget). compute: where forwards run (see run_forward)."""
+        if compute not in COMPUTE_CHOICES:
+            raise ValueError(f"compute {compute!r}: use {', '.join(COMPUTE_CHOICES)}")
         self.name = name
         self.cluster_key = cluster_key
         self.tls = tls
@@ -92,6 +106,10 @@ class Worker:
         )  # keys: (connection, session id)
         self.store.check_fits_one_session()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cake-compute")
+        if compute == "auto" and os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
+            compute = "inline"  # spinning OpenMP threads: one team, on this thread (see above)
+        self.compute_mode = compute
+        self._offloaded = 0  # forwards queued on or running in the compute thread
         self.connection_ids = itertools.count(1)
         self.links: set[Link] = set()
         self.unauthenticated = 0  # connections still in their handshake
@@ -131,6 +149,25 @@ class Worker:
         dropped = self.store.close_where(lambda key: key[0] == conn)
         if dropped:
             log.info("connection %d: dropped %d session(s)", conn, dropped)
+
+    async def run_forward(self, run: Callable[[], T], positions: int) -> T:
+        """Run one checked forward's tensor work: inline on the event loop, or on the compute
+        thread (see the module's docstring)."""
+        if self.runs_inline(positions):
+            return run()
+        self._offloaded += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.compute, run)
+        finally:
+            self._offloaded -= 1
+
+    def runs_inline(self, positions: int) -> bool:
+        """Whether a forward of `positions` rows computes on the event loop or offloaded."""
+        if self.compute_mode != "auto":
+            return self.compute_mode == "inline"
+        # Nothing offloaded: the compute thread is idle, so running here keeps one computation
+        # at a time; a short request blocks the loop for about a decode step only.
+        return self._offloaded == 0 and positions <= INLINE_MAX_POSITIONS
 
     def check_request(self, conn: int, request: Forward) -> Session:
         """The session a forward runs in, or RequestError (on the event loop thread)."""

@@ -180,9 +180,8 @@ async def _compute(worker: Worker, link: Link, session: Session, request: Forwar
     try:
         try:
             async with session.lock:
-                loop = asyncio.get_running_loop()
-                hidden, compute_us = await loop.run_in_executor(
-                    worker.compute, worker.run_request, session, request
+                hidden, compute_us = await worker.run_forward(
+                    lambda: worker.run_request(session, request), request.hidden.shape[1]
                 )
         finally:
             worker.store.release(session)  # the store may evict or close it again
@@ -207,9 +206,8 @@ async def _compute_batch(
             async with contextlib.AsyncExitStack() as locks:
                 for _, session in rows:  # distinct sessions: ForwardBatch checks it
                     await locks.enter_async_context(session.lock)
-                loop = asyncio.get_running_loop()
-                hidden, compute_us = await loop.run_in_executor(
-                    worker.compute, worker.run_batch, request, rows
+                hidden, compute_us = await worker.run_forward(
+                    lambda: worker.run_batch(request, rows), request.hidden.shape[1]
                 )
         finally:
             for _, session in rows:

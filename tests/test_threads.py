@@ -1,0 +1,152 @@
+"""The thread-waiting policy: spin alone, sleep beside other stages, the option overrides."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cake.threads import choose_wait_policy, is_this_host
+
+ELSEWHERE = "192.0.2.7"  # TEST-NET-1: documentation only, never an address of this machine
+CLEAN: dict[str, str] = {}  # an environment without OMP_WAIT_POLICY or CAKE_COLOCATED
+IDLE = (0.1, 2)  # (1-minute load average, cores): nothing else running
+
+
+def test_explicit_option_wins_over_everything() -> None:
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "CAKE_COLOCATED": "1"}
+    spin = choose_wait_policy("spin", mode="worker", colocated=True, own_host="127.0.0.1", env=env)
+    assert (spin.wait, spin.omp_wait_policy) == ("spin", "ACTIVE")
+    sleep = choose_wait_policy("sleep", mode="master", env=CLEAN)
+    assert (sleep.wait, sleep.omp_wait_policy) == ("sleep", "PASSIVE")
+
+
+def test_auto_keeps_a_preset_environment_variable() -> None:
+    policy = choose_wait_policy("auto", mode="master", env={"OMP_WAIT_POLICY": "active"})
+    assert policy.wait == "spin"
+    assert "OMP_WAIT_POLICY" in policy.reason
+
+
+def test_auto_keeps_a_bounded_libgomp_spin() -> None:
+    policy = choose_wait_policy(
+        "auto", mode="worker", own_host="127.0.0.1", env={"GOMP_SPINCOUNT": "20000"}
+    )
+    assert (policy.wait, policy.omp_wait_policy) == ("brief", None)
+    assert "GOMP_SPINCOUNT=20000" in policy.reason
+
+
+def test_local_master_spins() -> None:
+    assert choose_wait_policy("auto", mode="master", env=CLEAN, load=IDLE).wait == "spin"
+
+
+def test_a_busy_machine_sleeps() -> None:
+    policy = choose_wait_policy("auto", mode="master", env=CLEAN, load=(3.0, 2))
+    assert policy.wait == "sleep"
+    assert "load average 3.0 on 2 cores" in policy.reason
+
+
+def test_master_with_remote_workers_spins() -> None:
+    policy = choose_wait_policy(
+        "auto", mode="master", topology_hosts=[ELSEWHERE], env=CLEAN, load=IDLE
+    )
+    assert policy.wait == "spin"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_master_with_a_worker_on_this_host_sleeps(host: str) -> None:
+    hosts = [ELSEWHERE, host]
+    assert choose_wait_policy("auto", mode="master", topology_hosts=hosts, env=CLEAN).wait == (
+        "sleep"
+    )
+
+
+def test_api_server_sleeps() -> None:
+    assert choose_wait_policy("auto", mode="master", api=True, env=CLEAN).wait == "sleep"
+
+
+def test_worker_alone_on_its_machine_spins() -> None:
+    policy = choose_wait_policy(
+        "auto", mode="worker", topology_hosts=[ELSEWHERE], own_host="0.0.0.0", env=CLEAN, load=IDLE
+    )
+    assert policy.wait == "spin"
+
+
+def test_worker_on_loopback_sleeps() -> None:
+    policy = choose_wait_policy(
+        "auto", mode="worker", topology_hosts=["127.0.0.1"], own_host="127.0.0.1", env=CLEAN
+    )
+    assert policy.wait == "sleep"
+
+
+def test_worker_sharing_its_host_with_another_worker_sleeps() -> None:
+    here = socket.gethostname()
+    shared = choose_wait_policy(
+        "auto", mode="worker", topology_hosts=[here, here], own_host="0.0.0.0", env=CLEAN
+    )
+    assert shared.wait == "sleep"
+    alone = choose_wait_policy(
+        "auto",
+        mode="worker",
+        topology_hosts=[here, ELSEWHERE],
+        own_host="0.0.0.0",
+        env=CLEAN,
+        load=IDLE,
+    )
+    assert alone.wait == "spin"
+
+
+@pytest.mark.parametrize("value", ["1", "yes", "true"])
+def test_colocated_worker_sleeps(value: str) -> None:
+    by_env = choose_wait_policy("auto", mode="worker", env={"CAKE_COLOCATED": value})
+    assert by_env.wait == "sleep"
+    assert choose_wait_policy("auto", mode="worker", colocated=True, env=CLEAN).wait == "sleep"
+    alone = choose_wait_policy("auto", mode="worker", env={"CAKE_COLOCATED": "0"}, load=IDLE)
+    assert alone.wait == "spin"
+
+
+def test_this_host() -> None:
+    assert is_this_host("127.0.0.1")
+    assert is_this_host(socket.gethostname())
+    assert not is_this_host(ELSEWHERE)
+    assert not is_this_host("no-such-host.invalid")
+
+
+def test_bad_option() -> None:
+    with pytest.raises(ValueError, match="--thread-wait"):
+        choose_wait_policy("busy", mode="master", env=CLEAN)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--thread-wait", "spin"], "ACTIVE"),
+        (["--thread-wait", "sleep"], "PASSIVE"),
+        (["--topology", "{topology}"], "PASSIVE"),
+        (["--mode", "worker", "--address", "127.0.0.1:5000"], "PASSIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000", "--colocated", "1"], "PASSIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000", "--thread-wait", "spin"], "ACTIVE"),
+    ],
+)
+def test_cli_sets_the_policy_before_torch_loads(tmp_path, args: list[str], expected: str) -> None:
+    """The CLI process exports its choice before anything imports torch (libgomp reads it then)."""
+    topology = tmp_path / "topology.yml"
+    topology.write_text("w1:\n  host: '127.0.0.1:1'\n  layers: ['model.layers.0']\n")
+    args = [a.format(topology=topology) for a in args]
+    code = (
+        "import os, sys\n"
+        "from cake import cli\n"
+        "opts = dict(mode='master', thread_wait='auto', api_address=None, colocated=False,\n"
+        "            topology=None, name=None, address=None, threads=None)\n"
+        f"argv = {args!r}\n"
+        "for flag, value in zip(argv[::2], argv[1::2]):\n"
+        "    opts[flag.removeprefix('--').replace('-', '_')] = value\n"
+        "cli._setup_threads(opts)\n"
+        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.split() == [expected, "False"]
