@@ -39,6 +39,7 @@ from cake.errors import ContextError, WorkerError
 from cake.master import GenerationStats, Master
 from cake.remote import RemoteStage
 from cake.sampling import SamplingParams
+from cake.speculative import DraftSettings, request_draft
 from cake.topology import parse_address
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,10 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    # cake's extension: speculative decoding for this request (default: the server's --draft):
+    # "lookup", "model" (the server's --draft PATH), or "none"; and tokens per round, N or "auto".
+    cake_draft: Literal["lookup", "model", "none"] | None = None
+    cake_draft_tokens: int | Literal["auto"] | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -299,11 +304,12 @@ class Generation:
         max_tokens: int,
         stops: Sequence[str],
         ignore_eos: bool,
+        draft: DraftSettings | None = None,
     ) -> None:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._stopped = False
         stats = GenerationStats()
-        tokens = master.generate(prompt_ids, params, max_tokens, ignore_eos, stats)
+        tokens = master.generate(prompt_ids, params, max_tokens, ignore_eos, stats, draft)
         self.task = asyncio.create_task(
             self._run(tokens, stats, master.tokenizer, stops, len(prompt_ids))
         )
@@ -389,6 +395,15 @@ class Service:
                 type="rate_limit_error",
                 code="too_many_requests",
             )
+        try:
+            draft = request_draft(
+                self.master.draft,
+                request.cake_draft,
+                request.cake_draft_tokens,
+                self.master.draft_model is not None,
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="cake_draft") from None
         generation = Generation(
             self.master,
             prompt_ids,
@@ -396,6 +411,7 @@ class Service:
             max_tokens or self.defaults.max_tokens,
             request.stop_strings(),
             self.defaults.ignore_eos,
+            draft,
         )
         self.running.add(generation)
         generation.task.add_done_callback(lambda _: self.running.discard(generation))

@@ -23,6 +23,7 @@ from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
 from cake.convert import resolve_model_path
 from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from cake.draft import Drafter, DraftModel, LookupDrafter, load_draft_model
 from cake.errors import ContextError
 from cake.model import Llama
 from cake.protocol import fingerprint_config
@@ -33,6 +34,7 @@ from cake.remote import (
     WorkerClient,
 )
 from cake.sampling import Sampler, SamplingParams
+from cake.speculative import DraftController, DraftSettings, Speculation, parse_draft_tokens
 from cake.stages import LocalStage, Stage, StageTimes
 from cake.topology import Run, format_blocks, load_topology
 from cake.weights import load_llama
@@ -48,7 +50,10 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # decode forwards (one round trip per remote stage each)
+    decode_tokens: int = 0  # tokens those forwards chose (more than one each with drafting)
+    drafted: int = 0  # speculative decoding: tokens proposed by the drafter ...
+    accepted: int = 0  # ... and accepted by the model
     finish_reason: str = ""  # "stop" (an EOS token) or "length" (sample length or context)
     stages: dict[str, StageTimes] = field(default_factory=dict)
 
@@ -58,7 +63,7 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
     @property
     def round_trips(self) -> int:
@@ -69,13 +74,19 @@ class GenerationStats:
             f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
             f"prefill: {self.prefill_tok_s:.1f} tok/s, decode: {self.decode_tok_s:.1f} tok/s"
         )
-        steps = self.decode_steps + 1 if self.prompt_tokens else 0
-        if self.round_trips and steps:
-            line += f", round trips/token: {self.round_trips / steps:.2f}"
+        tokens = self.decode_tokens + 1 if self.prompt_tokens else 0
+        if self.round_trips and tokens:
+            line += f", round trips/token: {self.round_trips / tokens:.2f}"
+        if self.drafted:
+            line += (
+                f", drafted: {self.drafted}, accepted: {self.accepted} "
+                f"({self.accepted / self.drafted:.0%}), tokens/round trip: "
+                f"{self.decode_tokens / max(self.decode_steps, 1):.2f}"
+            )
         return line
 
     def stage_lines(self) -> list[str]:
-        steps = max(self.decode_steps + 1, 1)
+        steps = max(self.decode_tokens + 1, 1)
         return [
             f"stage {label}: compute {t.compute_s / steps * 1e3:.2f} ms/token, "
             f"wire {t.wire_s / steps * 1e3:.2f} ms/token, {t.round_trips} round trips"
@@ -95,6 +106,8 @@ class Master:
         stages: list[Stage],
         max_seq_len: int,
         offload: bool = False,
+        draft: DraftSettings | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.folder = folder
         self.config = config
@@ -105,6 +118,8 @@ class Master:
         self.stop_ids = stop_token_ids(folder, config, tokenizer)
         self.device = next(model.parameters()).device
         self.offload = offload  # run the master's own tensor work in a thread (HTTP API)
+        self.draft = draft or DraftSettings()  # what generate drafts with unless told otherwise
+        self.draft_model = draft_model
 
     @classmethod
     async def open(
@@ -120,6 +135,8 @@ class Master:
         cluster_key: str | None = None,
         tls_ca: str | None = None,
         round_trip_per_block: bool = False,
+        draft: str | None = None,
+        draft_tokens: str | int | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
         folder = resolve_model_path(model)
@@ -135,6 +152,10 @@ class Master:
                 seq_len,
                 config.max_position_embeddings,
             )
+        draft_settings = DraftSettings(
+            mode="none" if draft is None else "lookup" if draft == "lookup" else "model",
+            tokens=parse_draft_tokens(draft_tokens),
+        )
         runs = _runs(topology, config.n_layers)
         if round_trip_per_block:  # debug/benchmark mode: shows what one trip per run saves
             runs = [single for run in runs for single in _one_per_block(run)]
@@ -184,6 +205,13 @@ class Master:
                 max_seq_len=seq_len,
                 config=config,
             )
+            draft_model = (
+                load_draft_model(
+                    draft, tokenizer, config.vocab_size, torch_device, torch_dtype, seq_len
+                )
+                if draft_settings.mode == "model"
+                else None
+            )
         except BaseException:
             await asyncio.gather(*(client.close() for client in clients.values()))
             raise
@@ -193,7 +221,9 @@ class Master:
             else RemoteStage(clients[run.node.name], run.blocks)
             for run in runs
         ]
-        return cls(folder, config, tokenizer, part, stages, seq_len, offload)
+        return cls(
+            folder, config, tokenizer, part, stages, seq_len, offload, draft_settings, draft_model
+        )
 
     @classmethod
     async def from_options(cls, opts: dict[str, Any], offload: bool = False) -> Master:
@@ -210,22 +240,43 @@ class Master:
             cluster_key=opts["cluster_key"],
             tls_ca=opts["tls_ca"],
             round_trip_per_block=opts.get("debug_round_trip_per_block", False),
+            draft=opts.get("draft"),
+            draft_tokens=opts.get("draft_tokens"),
         )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, system_prompt, raw)
 
     async def _logits(
-        self, session_id: str, token_ids: Sequence[int], start_pos: int, stats: GenerationStats
+        self,
+        session_id: str,
+        token_ids: Sequence[int],
+        start_pos: int,
+        stats: GenerationStats,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """Run tokens at start_pos.. through every stage; logits (vocab,) of the last one."""
+        """Run tokens at start_pos.. through every stage; logits (vocab,) of the last one, or
+        (T, vocab) of each with `every_position` (to verify drafted tokens)."""
         tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         hidden = await self._local(self.model.embed, tokens)  # (1, T, C)
         for stage in self.stages:
             times = stats.stages.setdefault(stage.label, StageTimes())
             hidden = await stage.forward(session_id, hidden, start_pos, times)
+        if every_position:
+            return (await self._local(self.model.head, hidden))[0]  # (T, vocab)
         logits = await self._local(self.model.head, hidden[:, -1:])  # only the last is sampled
         return logits[0, -1]
+
+    def _speculation(self, settings: DraftSettings) -> Speculation | None:
+        if settings.mode == "none":
+            return None
+        if settings.mode == "lookup":
+            drafter: Drafter = LookupDrafter()
+        elif self.draft_model is not None:
+            drafter = self.draft_model.drafter()
+        else:
+            raise ValueError("no draft model is loaded: start with --draft PATH, or use lookup")
+        return Speculation(drafter, DraftController(settings.tokens))
 
     async def _local(self, fn: Any, *args: Any) -> torch.Tensor:
         def run() -> torch.Tensor:
@@ -241,9 +292,15 @@ class Master:
         max_new_tokens: int,
         ignore_eos: bool = False,
         stats: GenerationStats | None = None,
+        draft: DraftSettings | None = None,
     ) -> AsyncIterator[int]:
-        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit."""
+        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit.
+
+        `draft` (default: the master's) turns on speculative decoding: same greedy text, same
+        sampling distribution, fewer round trips (see cake/speculative.py).
+        """
         stats = stats if stats is not None else GenerationStats()
+        speculation = self._speculation(draft or self.draft)
         if not prompt_ids:
             raise ContextError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
@@ -261,9 +318,12 @@ class Master:
             started = time.perf_counter()
             logits = await self._logits(session_id, prompt_ids, 0, stats)
             stats.prefill_s = time.perf_counter() - started
+            if speculation is not None:
+                speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
             started = time.perf_counter()
-            while stats.new_tokens < max_new_tokens:
-                token = sampler(logits, history)
+            chosen = [sampler(logits, history)]  # tokens chosen, in order, not yet yielded
+            while chosen and stats.new_tokens < max_new_tokens:
+                token = chosen.pop(0)
                 if token in self.stop_ids and not ignore_eos:
                     stats.finish_reason = "stop"
                     break
@@ -275,8 +335,19 @@ class Master:
                 if len(history) >= self.max_seq_len:
                     log.warning("context full (%d tokens): stopping", self.max_seq_len)
                     break
-                logits = await self._logits(session_id, [token], len(history) - 1, stats)
+                if chosen:  # accepted drafts: already in every stage's caches
+                    continue
+                if speculation is None:
+                    logits = await self._logits(session_id, [token], len(history) - 1, stats)
+                    chosen = [sampler(logits, history)]
+                else:
+                    budget = min(
+                        max_new_tokens - stats.new_tokens - 1, self.max_seq_len - len(history)
+                    )
+                    verifier = _SessionVerifier(self, session_id, stats)
+                    chosen = await speculation.round(verifier, history, sampler, budget, stats)
                 stats.decode_steps += 1
+                stats.decode_tokens += len(chosen)
                 stats.decode_s = time.perf_counter() - started
         finally:
             for stage in self.stages:
@@ -285,6 +356,22 @@ class Master:
     async def close(self) -> None:
         for stage in self.stages:
             await stage.close()
+
+
+class _SessionVerifier:
+    """What a speculation round needs from the master, for one session."""
+
+    def __init__(self, master: Master, session_id: str, stats: GenerationStats) -> None:
+        self.master, self.session_id, self.stats = master, session_id, stats
+
+    async def forward(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
+        return await self.master._logits(
+            self.session_id, tokens, start_pos, self.stats, every_position=True
+        )
+
+    async def rollback(self, length: int) -> None:
+        for stage in self.master.stages:
+            await stage.rollback(self.session_id, length)
 
 
 def _runs(topology: str | Path | None, n_layers: int) -> list[Run]:

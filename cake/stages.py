@@ -33,6 +33,11 @@ class Stage(Protocol):
         self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
     ) -> torch.Tensor: ...
 
+    async def rollback(self, session_id: str, length: int) -> None:
+        """Keep positions 0..length-1 of the session only (speculative decoding's rejected
+        drafts). The next forward starts at `length`; nothing beyond it is attended again."""
+        ...
+
     async def close_session(self, session_id: str) -> None: ...
 
     async def close(self) -> None: ...
@@ -70,6 +75,12 @@ class LocalStage:
             out = self._run(session_id, hidden, start_pos)
         times.compute_s += time.perf_counter() - started
         return out
+
+    async def rollback(self, session_id: str, length: int) -> None:
+        # The static caches are written at explicit positions and attention reads keys only up
+        # to the last position written, so the next forward (at `length`) overwrites the
+        # rejected positions and never reads past them: nothing to free here.
+        pass
 
     async def close_session(self, session_id: str) -> None:
         self.caches.pop(session_id, None)

@@ -286,8 +286,9 @@ class Worker:
             session = self.sessions[key] = Session(self.model.new_cache(self.max_seq_len))
             log.info("connection %d: session %s opened", conn, request.session)
         # Reserve the positions now, so the next step's check (which may come before this
-        # one's compute ends) sees them.
-        session.length = max(session.length, end)
+        # one's compute ends) sees them. A forward from an earlier position rolls the session
+        # back to it (see protocol.Forward): what lay beyond is gone, whatever it was.
+        session.length = end
         return session
 
     def run_request(self, session: Session, request: Forward) -> tuple[torch.Tensor, int]:

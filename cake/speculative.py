@@ -1,0 +1,267 @@
+"""Speculative decoding: verify several drafted tokens in one pass through the stages.
+
+One round, with `history` ending in a token chosen but not yet run (position p = len - 1):
+
+    forward [history[-1], d1 .. dk] at p        one round trip per stage, logits (1 + k, vocab)
+    accept d1 .. dj, then one token of the model's own at p + j + 1
+    roll every stage back to p + j + 1          the rejected d(j+1) .. dk are forgotten
+
+so a round yields j + 1 tokens for one round trip per stage instead of one.
+
+Acceptance is exact. Greedy: d(i+1) is accepted iff it is the token plain decoding would pick
+after history + d1..di (the same `Sampler` call, repeat penalty included), and the extra token is
+that pick, so the text is identical. Sampling: the standard rejection rule (Leviathan et al.
+2023, Chen et al. 2023): accept d with probability min(1, p(d) / q(d)), else draw from
+normalise(max(0, p - q)); p is the model's distribution after every sampling setting and q the
+draft's (a point mass for a deterministic drafter), so each token's distribution is exactly p.
+
+How many tokens to draft (`--draft-tokens auto`) is a bet: a round with k drafts costs
+a + b * (1 + k) + c * k (a: round trips and fixed overhead, b: compute per position, c: drafting
+per token, all measured as we go) and yields 1 + sum_i prod_{j<=i} alpha_j tokens (alpha_j: the
+measured chance that draft j is accepted once j - 1 were). `DraftController` picks the k with
+the most tokens per second, k = 0 (plain decoding) included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from cake.draft import Draft, Drafter
+from cake.sampling import Sampler
+
+AUTO_MAX_DRAFT = 12  # most tokens `auto` drafts per round
+MAX_DRAFT_TOKENS = 64  # most tokens --draft-tokens N may ask for
+DRAFT_MODES = ("lookup", "model", "none")
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """What one generation drafts with: `mode` lookup|model|none, `tokens` N or None (auto)."""
+
+    mode: str = "none"
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in DRAFT_MODES:
+            raise ValueError(
+                f"draft mode must be one of {', '.join(DRAFT_MODES)}, not {self.mode!r}"
+            )
+        if self.tokens is not None and not 1 <= self.tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(
+                f"draft tokens must be 1..{MAX_DRAFT_TOKENS} or 'auto', not {self.tokens}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+def request_draft(
+    default: DraftSettings, mode: str | None, tokens: str | int | None, has_model: bool
+) -> DraftSettings:
+    """A request's drafting (the HTTP API's `cake_draft`, `cake_draft_tokens`) over the
+    server's own (`--draft`, `--draft-tokens`)."""
+    mode = default.mode if mode is None else mode
+    if mode == "model" and not has_model:
+        raise ValueError(
+            "cake_draft 'model' needs a draft model: start the server with --draft PATH "
+            "(or ask for 'lookup')"
+        )
+    count = default.tokens if tokens is None else parse_draft_tokens(tokens)
+    return DraftSettings(mode, count)
+
+
+def parse_draft_tokens(text: str | int | None) -> int | None:
+    """`--draft-tokens`: 'auto' (None) or a count 1..MAX_DRAFT_TOKENS."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"draft tokens must be a whole number or 'auto', not {text!r}") from None
+    if not 1 <= value <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft tokens must be 1..{MAX_DRAFT_TOKENS} or 'auto', not {value}")
+    return value
+
+
+def accept_draft(
+    draft: Draft, logits: torch.Tensor, history: Sequence[int], sampler: Sampler
+) -> list[int]:
+    """The tokens a round yields: the accepted prefix of the draft, then one of the model's.
+
+    logits: (1 + k, vocab); row i predicts the token after history + draft[:i].
+    """
+    out: list[int] = []
+    for i, proposed in enumerate(draft.tokens):
+        context = [*history, *out]
+        p = sampler.distribution(logits[i], context)
+        if p is None:  # greedy: exactly the pick plain decoding makes here
+            choice = sampler(logits[i], context)
+            out.append(choice)
+            if choice != proposed:
+                return out
+            continue
+        q = draft.probs[i] if draft.probs is not None else None
+        q_token = float(q[proposed]) if q is not None else 1.0
+        u = float(torch.rand((), generator=sampler.generator))
+        if q_token > 0 and u * q_token < float(p[proposed]):  # u < p/q without dividing
+            out.append(proposed)
+            continue
+        if q is not None:
+            residual = torch.clamp(p - q.to(p.dtype), min=0)
+        else:
+            residual = p.clone()
+            residual[proposed] = 0
+        total = float(residual.sum())
+        # p == q (or p is all on the rejected token, which then cannot be rejected): draw from p.
+        weights = residual / total if total > 0 else p
+        out.append(int(torch.multinomial(weights, 1, generator=sampler.generator)))
+        return out
+    out.append(sampler(logits[len(draft.tokens)], [*history, *out]))
+    return out
+
+
+class DraftController:
+    """Chooses how many tokens to draft from measured acceptance and measured round costs."""
+
+    DECAY = 0.9  # weight of older observations, per new one
+    PRIOR_ACCEPT = 0.5  # before any evidence, a coin flip per draft position
+    PROBE_EVERY = 8  # rounds; while drafting does not pay, still try one token this often
+    MARGIN = 1.03  # drafting must promise 3% more tokens/s than plain decoding
+
+    def __init__(self, fixed: int | None = None, max_tokens: int = AUTO_MAX_DRAFT) -> None:
+        self.fixed = fixed
+        self.max_tokens = fixed or max_tokens
+        n = self.max_tokens
+        self.reached = [1.0] * n  # decayed counts, per draft position: drafted there ...
+        self.accepted = [self.PRIOR_ACCEPT] * n  # ... and accepted there
+        # Weighted least squares of round time against positions: sums of w, w*T, w*T^2, w*y, w*T*y.
+        self.fit = [0.0] * 5
+        self.per_position_prior: float | None = None
+        self.draft_cost = 0.0  # seconds per drafted token (EMA)
+        self.rounds_without = 0
+
+    def observe_prefill(self, positions: int, seconds: float) -> None:
+        """The prefill's cost per position: the slope until rounds of several sizes are seen."""
+        if positions > 0 and seconds > 0:
+            self.per_position_prior = seconds / positions
+
+    def record(
+        self, drafted: int, accepted: int, positions: int, seconds: float, draft_seconds: float
+    ) -> None:
+        for i in range(drafted):
+            self.reached[i] = self.reached[i] * self.DECAY + 1
+            self.accepted[i] = self.accepted[i] * self.DECAY + (1 if i < accepted else 0)
+        w, t, tt, y, ty = self.fit
+        d = self.DECAY
+        self.fit = [
+            w * d + 1,
+            t * d + positions,
+            tt * d + positions * positions,
+            y * d + seconds,
+            ty * d + positions * seconds,
+        ]
+        if drafted:
+            per_token = draft_seconds / drafted
+            self.draft_cost = (
+                per_token if not self.draft_cost else 0.8 * self.draft_cost + 0.2 * per_token
+            )
+
+    def round_cost(self) -> tuple[float, float]:
+        """(a, b): seconds per round, and per position in it."""
+        w, t, tt, y, ty = self.fit
+        if w == 0:
+            return 1.0, self.per_position_prior or 0.0
+        spread = w * tt - t * t
+        if spread > 1e-6 * w * w:
+            b = max((w * ty - t * y) / spread, 0.0)
+        else:
+            b = self.per_position_prior or 0.0
+        a = max((y - b * t) / w, 0.0)
+        return a, b
+
+    def expected_tokens(self, k: int) -> float:
+        total, chain = 1.0, 1.0
+        for i in range(k):
+            chain *= self.accepted[i] / self.reached[i]
+            total += chain
+        return total
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        a, b = self.round_cost()
+        plain = 1.0 / max(a + b, 1e-9)
+        best, best_rate = 0, plain * self.MARGIN
+        for k in range(1, self.max_tokens + 1):
+            rate = self.expected_tokens(k) / max(a + b * (1 + k) + self.draft_cost * k, 1e-9)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0:
+            self.rounds_without += 1
+            if self.rounds_without >= self.PROBE_EVERY:  # keep measuring: things change
+                self.rounds_without = 0
+                return 1
+        else:
+            self.rounds_without = 0
+        return best
+
+
+class Verifier(Protocol):
+    """The model's side of a round: run positions through every stage, forget rejected ones."""
+
+    async def forward(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
+        """Logits (len(tokens), vocab) for tokens at start_pos.."""
+        ...
+
+    async def rollback(self, length: int) -> None:
+        """Every stage keeps positions 0..length-1 only."""
+        ...
+
+
+class DraftCounts(Protocol):
+    """Where a round adds up what it drafted and what the model accepted (GenerationStats)."""
+
+    drafted: int
+    accepted: int
+
+
+class Speculation:
+    """One generation's drafting: a drafter, a controller and the counts for --stats."""
+
+    def __init__(self, drafter: Drafter, controller: DraftController) -> None:
+        self.drafter = drafter
+        self.controller = controller
+
+    async def round(
+        self,
+        verifier: Verifier,
+        history: Sequence[int],
+        sampler: Sampler,
+        budget: int,
+        stats: DraftCounts,
+    ) -> list[int]:
+        """Run history[-1] plus up to `budget` drafted tokens; the 1.. budget + 1 tokens chosen."""
+        k = min(self.controller.choose(), budget)
+        draft, draft_s = Draft(), 0.0
+        if k > 0:
+            started = time.perf_counter()
+            draft = self.drafter.propose(history, k, sampler)
+            draft_s = time.perf_counter() - started
+        start_pos = len(history) - 1
+        started = time.perf_counter()
+        logits = await verifier.forward([history[-1], *draft.tokens], start_pos)
+        elapsed = time.perf_counter() - started
+        tokens = accept_draft(draft, logits, history, sampler)
+        accepted = len(tokens) - 1
+        if accepted < len(draft.tokens):
+            await verifier.rollback(start_pos + 1 + accepted)
+        self.controller.record(len(draft.tokens), accepted, 1 + len(draft.tokens), elapsed, draft_s)
+        stats.drafted += len(draft.tokens)
+        stats.accepted += accepted
+        return tokens
