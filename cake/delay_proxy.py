@@ -69,6 +69,7 @@ class DelayProxy:
         self.delay_s = delay_s
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
+        self.connections: set[asyncio.Task] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self.server = await asyncio.start_server(self._serve, host, port)
@@ -76,6 +77,10 @@ class DelayProxy:
         return self.port
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
         try:
             target_r, target_w = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError as exc:
@@ -105,6 +110,10 @@ class DelayProxy:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        for task in list(self.connections):
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
+        if self.server is not None:
             await self.server.wait_closed()
 
 
