@@ -131,7 +131,10 @@ class DraftController:
 
     DECAY = 0.9  # weight of older observations, per new one
     PRIOR_ACCEPT = 0.5  # before any evidence, a coin flip per draft position
-    PROBE_EVERY = 8  # rounds; while drafting does not pay, still try one token this often
+    # While drafting does not pay, still try one token now and then (things change): after 8
+    # rounds, then after twice as many each time the try did not pay either, up to 64, so a
+    # costly drafter that never pays costs at most a few percent.
+    FIRST_PROBE, LAST_PROBE = 8, 64
     MARGIN = 1.03  # drafting must promise 3% more tokens/s than plain decoding
 
     def __init__(self, fixed: int | None = None, max_tokens: int = AUTO_MAX_DRAFT) -> None:
@@ -145,6 +148,11 @@ class DraftController:
         self.per_position_prior: float | None = None
         self.draft_cost = 0.0  # seconds per drafted token (EMA)
         self.rounds_without = 0
+        self.probe_every = self.FIRST_PROBE
+        # What rounds really gave, tokens per second (EMA), with drafts and without: the model
+        # above can be wrong (costs it does not see, a noisy machine); this is the check.
+        self.rate_drafting: float | None = None
+        self.rate_plain: float | None = None
 
     def observe_prefill(self, positions: int, seconds: float) -> None:
         """The prefill's cost per position: the slope until rounds of several sizes are seen."""
@@ -166,6 +174,11 @@ class DraftController:
             y * d + seconds,
             ty * d + positions * seconds,
         ]
+        rate = (1 + accepted) / max(seconds + draft_seconds, 1e-9)
+        if drafted:
+            self.rate_drafting = _ema(self.rate_drafting, rate)
+        else:
+            self.rate_plain = _ema(self.rate_plain, rate)
         if drafted:
             per_token = draft_seconds / drafted
             self.draft_cost = (
@@ -202,14 +215,25 @@ class DraftController:
             rate = self.expected_tokens(k) / max(a + b * (1 + k) + self.draft_cost * k, 1e-9)
             if rate > best_rate:
                 best, best_rate = k, rate
-        if best == 0:
-            self.rounds_without += 1
-            if self.rounds_without >= self.PROBE_EVERY:  # keep measuring: things change
-                self.rounds_without = 0
-                return 1
-        else:
+        measured_loss = (
+            self.rate_drafting is not None
+            and self.rate_plain is not None
+            and self.rate_drafting < self.rate_plain
+        )
+        if best > 0 and not measured_loss:
             self.rounds_without = 0
-        return best
+            self.probe_every = self.FIRST_PROBE
+            return best
+        self.rounds_without += 1
+        if self.rounds_without < self.probe_every:
+            return 0
+        self.rounds_without = 0
+        self.probe_every = min(self.probe_every * 2, self.LAST_PROBE)
+        return max(best, 1)
+
+
+def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
 
 
 class Verifier(Protocol):

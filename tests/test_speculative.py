@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 import yaml
 from cluster import GREEDY, cluster
 from helpers import free_port
+from test_api import api_in_thread  # the API server in a thread (tests/test_api.py)
 
 from cake.config import ModelFolderError
 from cake.delay_proxy import ThreadedDelayProxy
@@ -401,3 +406,49 @@ def test_delay_proxy_keeps_order_and_delays_each_direction() -> None:
         proxy.close()
         server.close()
         thread.join(5)
+
+
+# ---------------------------------------------------------------- CLI and HTTP API
+
+
+def test_cli_draft_lookup_prints_the_plain_text_and_drafting_stats(tiny_llama: Path) -> None:
+    base = [sys.executable, "-m", "cake.cli", "--model", str(tiny_llama), "--device", "cpu"]
+    base += ["--prompt", PROMPT, "--temperature", "0", "-n", "12", "--ignore-eos"]
+    runs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in (base, [*base, "--draft", "lookup", "--draft-tokens", "3", "--stats"])
+    ]
+    (plain, _), (drafted, log) = (run.communicate(timeout=300) for run in runs)
+    assert [run.returncode for run in runs] == [0, 0], log
+    assert drafted == plain and plain.strip()
+    assert re.search(r"drafted: [1-9]\d*, accepted: \d+ \(\d+%\), tokens/round trip", log), log
+
+
+def test_cli_refuses_bad_draft_tokens(tiny_llama: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "cake.cli", "--model", str(tiny_llama), "--draft", "lookup",
+         "--draft-tokens", "lots"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "error: draft tokens must be a whole number or 'auto', not 'lots'" in run.stderr
+
+
+def test_api_cake_draft_field(tiny_llama: Path) -> None:
+    """Per request: lookup gives the plain text; 'model' without --draft PATH is a clear 400."""
+    with api_in_thread(tiny_llama, api_key=None) as server:
+        client = server.client()
+
+        def complete(**extra: object) -> str:
+            reply = client.completions.create(
+                model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=extra
+            )
+            return reply.choices[0].text
+
+        plain = complete()
+        assert complete(cake_draft="lookup", cake_draft_tokens=4) == plain
+        assert complete(cake_draft="none") == plain
+        with pytest.raises(openai.BadRequestError, match="needs a draft model"):
+            complete(cake_draft="model")
+        with pytest.raises(openai.BadRequestError, match="draft tokens"):
+            complete(cake_draft="lookup", cake_draft_tokens=0)
