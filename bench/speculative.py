@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -66,6 +67,7 @@ CONFIGS = {
     "model": DraftSettings("model"),
 }
 GREEDY = SamplingParams(temperature=0)
+ROUND_SIZES = (1, 5, 13)  # positions per verification forward: plain, 4 drafts, 12 drafts
 PROXY_READY = re.compile(r"delay proxy \S+:(\d+) ->")
 
 
@@ -122,9 +124,24 @@ async def generate(
     }
 
 
+async def round_ms(master: Master, positions: int, trips: int = 8) -> float:
+    """Median ms of one verification-sized forward (embed, every stage, head on every position)."""
+    stats = GenerationStats()
+    session = f"bench-round-{positions}"
+    await master._logits(session, list(range(100, 164)), 0, stats)  # a 64-token context
+    times = []
+    for _ in range(trips):
+        started = time.perf_counter()
+        await master._logits(session, [1000] * positions, 64, stats, every_position=True)
+        times.append((time.perf_counter() - started) * 1e3)
+    for stage in master.stages:
+        await stage.close_session(session)
+    return statistics.median(times)
+
+
 async def bench_rtt(
     model: Path, topology: Path, rtt_ms: float, tokens: int, rounds: int
-) -> dict[str, dict[str, list[dict]]]:
+) -> dict[str, Any]:
     """Every text x configuration, `rounds` times (order reversed every other round)."""
     spec = yaml.safe_load(topology.read_text())
     proxies: list[ProxyProcess] = []
@@ -141,12 +158,12 @@ async def bench_rtt(
                 model, where, device="cpu", dtype="f32", max_seq_len=1024, draft=str(model)
             )
             try:
-                results: dict[str, dict[str, list[dict]]] = {
-                    t: {c: [] for c in CONFIGS} for t in TEXTS
-                }
+                results: dict[str, Any] = {t: {c: [] for c in CONFIGS} for t in TEXTS}
                 prompts = {text: master.encode(prompt) for text, prompt in TEXTS.items()}
                 for text in TEXTS:  # warm-up
                     await generate(master, prompts[text], CONFIGS["plain"], 8)
+                results["round_ms"] = {str(n): await round_ms(master, n) for n in ROUND_SIZES}
+                log.info("rtt %g ms: round ms by positions %s", rtt_ms, results["round_ms"])
                 for round_index in range(rounds):
                     order = list(CONFIGS) if round_index % 2 == 0 else list(CONFIGS)[::-1]
                     for text in TEXTS:
@@ -165,9 +182,9 @@ async def bench_rtt(
             proxy.stop()
 
 
-def summarise(results: dict[str, dict[str, list[dict]]]) -> dict:
+def summarise(results: dict[str, Any]) -> dict:
     """Per text and configuration: median tok/s, median ratio to plain (same round), identity."""
-    summary: dict = {}
+    summary: dict = {"round_ms": results.pop("round_ms")}
     for text, configs in results.items():
         plain = configs["plain"]
         summary[text] = {}
@@ -198,6 +215,18 @@ def report(by_rtt: dict[float, dict], tokens: int, rounds: int) -> str:
         f"{tokens} tokens, median of {rounds} rounds; ratio = tok/s / plain's in the same round.",
         "",
     ]
+    lines += [
+        "Time of one forward through both workers and the head, by positions in it (ms): what a "
+        "verification of 0, 4 and 12 drafted tokens costs.",
+        "",
+        "| RTT per hop | " + " | ".join(f"{n} position{'s' if n > 1 else ''}" for n in ROUND_SIZES)
+        + " |",
+        "|---|" + "---|" * len(ROUND_SIZES),
+    ]  # fmt: skip
+    for rtt, summary in by_rtt.items():
+        cells = " | ".join(f"{summary['round_ms'][str(n)]:.1f}" for n in ROUND_SIZES)
+        lines.append(f"| {rtt:g} ms | {cells} |")
+    lines.append("")
     for text in TEXTS:
         lines += [
             f"**{text}**" + (" (the model copies a paragraph of its prompt)" if text == "repeat"

@@ -276,7 +276,8 @@ class Master:
             drafter = self.draft_model.drafter()
         else:
             raise ValueError("no draft model is loaded: start with --draft PATH, or use lookup")
-        return Speculation(drafter, DraftController(settings.tokens))
+        offload = self.offload and settings.mode == "model"  # lookup is too cheap for a thread
+        return Speculation(drafter, DraftController(settings.tokens), offload)
 
     async def _local(self, fn: Any, *args: Any) -> torch.Tensor:
         def run() -> torch.Tensor:

@@ -24,6 +24,7 @@ the most tokens per second, k = 0 (plain decoding) included.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -258,9 +259,14 @@ class DraftCounts(Protocol):
 class Speculation:
     """One generation's drafting: a drafter, a controller and the counts for --stats."""
 
-    def __init__(self, drafter: Drafter, controller: DraftController) -> None:
+    def __init__(
+        self, drafter: Drafter, controller: DraftController, offload: bool = False
+    ) -> None:
         self.drafter = drafter
         self.controller = controller
+        # A draft model's forwards run in a thread when the event loop serves other sessions
+        # (the HTTP API), like the master's own tensor work.
+        self.offload = offload
 
     async def round(
         self,
@@ -275,7 +281,10 @@ class Speculation:
         draft, draft_s = Draft(), 0.0
         if k > 0:
             started = time.perf_counter()
-            draft = self.drafter.propose(history, k, sampler)
+            if self.offload:
+                draft = await asyncio.to_thread(self.drafter.propose, history, k, sampler)
+            else:
+                draft = self.drafter.propose(history, k, sampler)
             draft_s = time.perf_counter() - started
         start_pos = len(history) - 1
         started = time.perf_counter()
