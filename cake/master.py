@@ -54,6 +54,7 @@ class GenerationStats:
     decode_tokens: int = 0  # tokens those forwards chose (more than one each with drafting)
     drafted: int = 0  # speculative decoding: tokens proposed by the drafter ...
     accepted: int = 0  # ... and accepted by the model
+    drafted_ahead: int = 0  # rounds whose draft was made during the previous round's trips
     finish_reason: str = ""  # "stop" (an EOS token) or "length" (sample length or context)
     stages: dict[str, StageTimes] = field(default_factory=dict)
 
@@ -277,7 +278,11 @@ class Master:
         else:
             raise ValueError("no draft model is loaded: start with --draft PATH, or use lookup")
         offload = self.offload and settings.mode == "model"  # lookup is too cheap for a thread
-        return Speculation(drafter, DraftController(settings.tokens), offload)
+        # Drafting the next round during this one's round trips pays where there are round
+        # trips; with every block here it would only compete with the verification for cores.
+        remote = any(isinstance(stage, RemoteStage) for stage in self.stages)
+        draft_ahead = settings.mode == "model" and remote
+        return Speculation(drafter, DraftController(settings.tokens), offload, draft_ahead)
 
     async def _local(self, fn: Any, *args: Any) -> torch.Tensor:
         def run() -> torch.Tensor:

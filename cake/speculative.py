@@ -254,19 +254,38 @@ class DraftCounts(Protocol):
 
     drafted: int
     accepted: int
+    drafted_ahead: int  # rounds whose draft was made during the previous round's trips
 
 
 class Speculation:
-    """One generation's drafting: a drafter, a controller and the counts for --stats."""
+    """One generation's drafting: a drafter, a controller and the counts for --stats.
+
+    With `draft_ahead` (a draft model, greedy, remote stages), the next round's draft is made
+    while this round's verification is on the network: it assumes every draft is accepted and
+    the model's own next token is the drafter's guess for it. When that holds, the next round
+    starts at once, so drafting time hides behind the round trips (verification pipelined with
+    drafting); when it does not, that draft is dropped and the drafter catches up as usual.
+    """
 
     def __init__(
-        self, drafter: Drafter, controller: DraftController, offload: bool = False
+        self,
+        drafter: Drafter,
+        controller: DraftController,
+        offload: bool = False,
+        draft_ahead: bool = False,
     ) -> None:
         self.drafter = drafter
         self.controller = controller
         # A draft model's forwards run in a thread when the event loop serves other sessions
         # (the HTTP API), like the master's own tensor work.
         self.offload = offload
+        self.draft_ahead = draft_ahead
+        self.ahead: tuple[list[int], Draft] | None = None  # (the history it assumed, its draft)
+
+    async def _propose(self, history: Sequence[int], k: int, sampler: Sampler) -> Draft:
+        if self.offload:
+            return await asyncio.to_thread(self.drafter.propose, history, k, sampler)
+        return self.drafter.propose(history, k, sampler)
 
     async def round(
         self,
@@ -278,20 +297,39 @@ class Speculation:
     ) -> list[int]:
         """Run history[-1] plus up to `budget` drafted tokens; the 1.. budget + 1 tokens chosen."""
         k = min(self.controller.choose(), budget)
-        draft, draft_s = Draft(), 0.0
+        ahead_on = self.draft_ahead and sampler.params.temperature == 0
+        draft, guess, draft_s = Draft(), None, 0.0
+        ahead, self.ahead = self.ahead, None
         if k > 0:
             started = time.perf_counter()
-            if self.offload:
-                draft = await asyncio.to_thread(self.drafter.propose, history, k, sampler)
+            if ahead is not None and len(ahead[1].tokens) > k and ahead[0] == list(history):
+                full = ahead[1]
+                stats.drafted_ahead += 1
             else:
-                draft = self.drafter.propose(history, k, sampler)
+                full = await self._propose(history, k + 1 if ahead_on else k, sampler)
+            draft = Draft(full.tokens[:k], full.probs[:k] if full.probs is not None else None)
+            if ahead_on and len(full.tokens) > k:
+                guess = full.tokens[k]
             draft_s = time.perf_counter() - started
         start_pos = len(history) - 1
         started = time.perf_counter()
-        logits = await verifier.forward([history[-1], *draft.tokens], start_pos)
-        elapsed = time.perf_counter() - started
+        forward = asyncio.ensure_future(verifier.forward([history[-1], *draft.tokens], start_pos))
+        drafting: asyncio.Future[Draft] | None = None
+        if guess is not None:
+            assumed = [*history, *draft.tokens, guess]
+            drafting = asyncio.ensure_future(
+                asyncio.to_thread(self.drafter.propose, assumed, k + 1, sampler)
+            )
+        try:
+            logits = await forward
+        finally:
+            elapsed = time.perf_counter() - started
+            next_draft = await drafting if drafting is not None else None  # the drafter is free
+            draft_s += time.perf_counter() - started - elapsed  # waited for it beyond the trip
         tokens = accept_draft(draft, logits, history, sampler)
         accepted = len(tokens) - 1
+        if next_draft is not None and tokens == [*draft.tokens, guess]:
+            self.ahead = (assumed, next_draft)
         if accepted < len(draft.tokens):
             await verifier.rollback(start_pos + 1 + accepted)
         self.controller.record(len(draft.tokens), accepted, 1 + len(draft.tokens), elapsed, draft_s)

@@ -121,6 +121,8 @@ def test_greedy_with_drafting_equals_plain_over_workers(tiny_llama: Path, tmp_pa
                             assert stats.round_trips == 2 * (stats.decode_steps + 1)
                             if draft is MODEL_3:
                                 assert stats.decode_steps < stats.decode_tokens
+                                # Drafted during the previous round's trips (all accepted).
+                                assert stats.drafted_ahead > 0
                     finally:
                         await master.close()
             finally:
