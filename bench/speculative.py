@@ -6,8 +6,8 @@
 Two worker processes on 127.0.0.1 serve the model's blocks (split evenly, none on the master);
 for an RTT above 0 each one sits behind its own delaying TCP proxy process
 (`python -m cake.delay_proxy`, RTT/2 each way), which stands in for `tc netem`. The master runs
-in this process. For each RTT, every configuration generates greedily from the same prompt, EOS
-ignored, so each produces the same number of tokens:
+in this process. For each RTT, every configuration generates greedily from the same prompt
+up to EOS or --tokens (identical greedy text means the same tokens for each):
 
 - plain: no drafting (the baseline, measured in the same round);
 - lookup: `--draft lookup --draft-tokens auto`;
@@ -113,7 +113,9 @@ async def generate(
     master: Master, prompt_ids: list[int], draft: DraftSettings, tokens: int
 ) -> dict:
     stats = GenerationStats()
-    out = [t async for t in master.generate(prompt_ids, GREEDY, tokens, True, stats, draft)]
+    # EOS ends a generation: greedy text is identical with and without drafting, so every
+    # configuration still generates the same tokens (checked), and "repeat" measures the copy.
+    out = [t async for t in master.generate(prompt_ids, GREEDY, tokens, False, stats, draft)]
     return {
         "tokens": out,
         "decode_tok_s": stats.decode_tok_s,
