@@ -144,6 +144,7 @@ class DraftController:
         n = self.max_tokens
         self.reached = [1.0] * n  # decayed counts, per draft position: drafted there ...
         self.accepted = [self.PRIOR_ACCEPT] * n  # ... and accepted there
+        self.tried = 0  # positions drafted at least once
         # Weighted least squares of round time against positions: sums of w, w*T, w*T^2, w*y, w*T*y.
         self.fit = [0.0] * 5
         self.per_position_prior: float | None = None
@@ -164,6 +165,7 @@ class DraftController:
         self, drafted: int, accepted: int, positions: int, seconds: float, draft_seconds: float
     ) -> None:
         for i in range(drafted):
+            self.tried = max(self.tried, i + 1)
             self.reached[i] = self.reached[i] * self.DECAY + 1
             self.accepted[i] = self.accepted[i] * self.DECAY + (1 if i < accepted else 0)
         w, t, tt, y, ty = self.fit
@@ -202,7 +204,10 @@ class DraftController:
     def expected_tokens(self, k: int) -> float:
         total, chain = 1.0, 1.0
         for i in range(k):
-            chain *= self.accepted[i] / self.reached[i]
+            # A position never drafted yet is taken to behave like the deepest one tried (a
+            # copied passage goes on being copied), so k can grow as fast as the evidence.
+            j = min(i, self.tried - 1) if self.tried else i
+            chain *= self.accepted[j] / self.reached[j]
             total += chain
         return total
 

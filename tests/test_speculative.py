@@ -348,6 +348,13 @@ def test_controller_drafts_when_round_trips_dominate_and_stops_when_it_does_not_
     choices = [compute_bound.choose() for _ in range(16)]
     assert choices.count(0) >= 14  # and a probe of one token now and then
     assert DraftController(fixed=5).choose() == 5
+    # Two drafts per round, all accepted, round trips dominating: the positions never tried yet
+    # are expected to go on like the tried ones, so the next round drafts much further.
+    grows = DraftController()
+    grows.observe_prefill(100, 0.1)  # 1 ms per position
+    for _ in range(3):
+        grows.record(2, 2, 3, 0.020, 0.0)
+    assert grows.choose() > 6
 
 
 def test_draft_settings_and_request_overrides() -> None:
