@@ -140,6 +140,10 @@ class Master:
         draft_tokens: str | int | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
+        draft_settings = DraftSettings(
+            mode="none" if draft is None else "lookup" if draft == "lookup" else "model",
+            tokens=parse_draft_tokens(draft_tokens),
+        )
         folder = resolve_model_path(model)
         config = LlamaConfig.from_folder(folder)
         tokenizer = load_tokenizer(folder)
@@ -153,10 +157,6 @@ class Master:
                 seq_len,
                 config.max_position_embeddings,
             )
-        draft_settings = DraftSettings(
-            mode="none" if draft is None else "lookup" if draft == "lookup" else "model",
-            tokens=parse_draft_tokens(draft_tokens),
-        )
         runs = _runs(topology, config.n_layers)
         if round_trip_per_block:  # debug/benchmark mode: shows what one trip per run saves
             runs = [single for run in runs for single in _one_per_block(run)]
