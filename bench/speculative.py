@@ -11,8 +11,10 @@ up to EOS or --tokens (identical greedy text means the same tokens for each):
 
 - plain: no drafting (the baseline, measured in the same round);
 - lookup: `--draft lookup --draft-tokens auto`;
-- model: `--draft MODEL --draft-tokens auto` with the model itself as the draft: the ceiling
-  (every draft accepted; drafting costs a whole forward of the model per token on the master).
+- model: `--draft MODEL --draft-tokens auto` with the model itself as the draft (every draft
+  accepted, but drafting costs a whole forward of the model per token on the master, so auto
+  mostly declines it), and model4: the same with `--draft-tokens 4`, the ceiling of tokens per
+  round trip, with the next draft made during each round's trips.
 
 on two texts: "repeat" (the model copies a paragraph from its prompt: lookup's case) and "free"
 (a story: nothing to look up). Decode tok/s = tokens after the first / seconds after the first
@@ -65,6 +67,7 @@ CONFIGS = {
     "plain": DraftSettings("none"),
     "lookup": DraftSettings("lookup"),
     "model": DraftSettings("model"),
+    "model4": DraftSettings("model", 4),
 }
 GREEDY = SamplingParams(temperature=0)
 ROUND_SIZES = (1, 5, 13)  # positions per verification forward: plain, 4 drafts, 12 drafts
@@ -235,8 +238,9 @@ def report(by_rtt: dict[float, dict], tokens: int, rounds: int) -> str:
                              else " (a story: little to look up)"),
             "",
             "| RTT per hop | plain tok/s | lookup tok/s | lookup ratio | model tok/s | "
-            "model ratio | tokens/round (lookup, model) | same text |",
-            "|---|---|---|---|---|---|---|---|",
+            "model ratio | model4 tok/s | model4 ratio | tokens/round (lookup, model, model4) "
+            "| same text |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for rtt, summary in by_rtt.items():
             s = summary[text]
@@ -245,7 +249,9 @@ def report(by_rtt: dict[float, dict], tokens: int, rounds: int) -> str:
                 f"| {rtt:g} ms | {s['plain']['decode_tok_s']:.1f} | "
                 f"{s['lookup']['decode_tok_s']:.1f} | {s['lookup']['ratio']:.2f}x | "
                 f"{s['model']['decode_tok_s']:.1f} | {s['model']['ratio']:.2f}x | "
-                f"{s['lookup']['tokens_per_round']:.2f}, {s['model']['tokens_per_round']:.2f} | "
+                f"{s['model4']['decode_tok_s']:.1f} | {s['model4']['ratio']:.2f}x | "
+                f"{s['lookup']['tokens_per_round']:.2f}, {s['model']['tokens_per_round']:.2f}, "
+                f"{s['model4']['tokens_per_round']:.2f} | "
                 f"{'yes' if same else 'NO'} |"
             )
         lines.append("")
