@@ -372,7 +372,25 @@ def _fail(message: str) -> None:
     help="Worker mode: other stages (master, workers) share this machine's cores; idle "
     "threads sleep (or set CAKE_COLOCATED=1).",
 )
-@click.option("--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time.")
+@click.option(
+    "--draft",
+    default=None,
+    metavar="lookup|PATH",
+    help="Speculative decoding: 'lookup' drafts from the prompt and text so far; PATH is a small "
+    "draft model (folder or .gguf) with the same tokenizer, run on the master. Same output, "
+    "fewer round trips.",
+)
+@click.option(
+    "--draft-tokens",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="Tokens to draft per round; auto adapts to acceptance and round-trip time and drafts "
+    "nothing when it does not pay.",
+)
+@click.option(
+    "--stats", "show_stats", is_flag=True, help="Per-stage compute and wire time, drafting counts."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(**opts: object) -> None:
     """Run a Llama-3-family model, whole or split across worker machines."""

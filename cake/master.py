@@ -27,6 +27,7 @@ from cake.batching import StepScheduler
 from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import resolve_device
+from cake.draft import Drafter, DraftModel, LookupDrafter, load_draft_model
 from cake.errors import ContextError
 from cake.gguf import resolve_model_path
 from cake.liveness import LivenessSettings
@@ -40,6 +41,7 @@ from cake.remote import (
 )
 from cake.sampling import Sampler, SamplingParams
 from cake.sessions import SessionStore, check_worker_limits, kv_budget
+from cake.speculative import DraftController, DraftSettings, Speculation, parse_draft_tokens
 from cake.stages import LocalStage, Stage, StageTimes
 from cake.topology import Run, Topology, format_blocks, load_topology
 from cake.weights import Quantization, activation_dtype, describe_part, load_llama
@@ -56,7 +58,11 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # decode forwards (one round trip per remote stage each)
+    decode_tokens: int = 0  # tokens those forwards chose (more than one each with drafting)
+    drafted: int = 0  # speculative decoding: tokens proposed by the drafter ...
+    accepted: int = 0  # ... and accepted by the model
+    drafted_ahead: int = 0  # rounds whose draft was made during the previous round's trips
     finish_reason: str = ""  # "stop" (an EOS token) or "length" (sample length or context)
     stages: dict[str, StageTimes] = field(default_factory=dict)
 
@@ -66,7 +72,7 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
     @property
     def round_trips(self) -> int:
@@ -77,13 +83,19 @@ class GenerationStats:
             f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
             f"prefill: {self.prefill_tok_s:.1f} tok/s, decode: {self.decode_tok_s:.1f} tok/s"
         )
-        steps = self.decode_steps + 1 if self.prompt_tokens else 0
-        if self.round_trips and steps:
-            line += f", round trips/token: {self.round_trips / steps:.2f}"
+        tokens = self.decode_tokens + 1 if self.prompt_tokens else 0
+        if self.round_trips and tokens:
+            line += f", round trips/token: {self.round_trips / tokens:.2f}"
+        if self.drafted:
+            line += (
+                f", drafted: {self.drafted}, accepted: {self.accepted} "
+                f"({self.accepted / self.drafted:.0%}), tokens/round trip: "
+                f"{self.decode_tokens / max(self.decode_steps, 1):.2f}"
+            )
         return line
 
     def stage_lines(self) -> list[str]:
-        steps = max(self.decode_steps + 1, 1)
+        steps = max(self.decode_tokens + 1, 1)
         return [
             f"stage {label}: compute {t.compute_s / steps * 1e3:.2f} ms/token, "
             f"wire {t.wire_s / steps * 1e3:.2f} ms/token, {t.round_trips} round trips"
@@ -105,6 +117,8 @@ class Master:
         offload: bool = False,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         store: SessionStore | None = None,
+        draft: DraftSettings | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
@@ -120,6 +134,8 @@ class Master:
         self.prefill_chunk = prefill_chunk
         self.pipeline_prefill = True  # chunks overlap across stages (off: one chunk at a time)
         self.store = store  # the KV caches of the blocks the master runs itself
+        self.draft = draft or DraftSettings()  # what generate drafts with unless told otherwise
+        self.draft_model = draft_model
         # With several sessions at once (the HTTP API), their steps are batched; a single CLI
         # generation runs its steps directly.
         self.scheduler: StepScheduler | None = None
@@ -157,8 +173,14 @@ class Master:
         kv_memory: str | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         liveness: LivenessSettings | None = None,
+        draft: str | None = None,
+        draft_tokens: str | int | None = None,
     ) -> Master:
         """Load the master's part of the model, connect to the workers, build the stages."""
+        draft_settings = DraftSettings(
+            mode="none" if draft is None else "lookup" if draft == "lookup" else "model",
+            tokens=parse_draft_tokens(draft_tokens),
+        )
         folder = resolve_model_path(model)
         config = LlamaConfig.from_folder(folder)
         tokenizer = load_tokenizer(folder)
@@ -228,6 +250,13 @@ class Master:
                 quantization=quantization,
             )
             log.info("master runs %s", describe_part(part))
+            draft_model = (
+                load_draft_model(
+                    draft, tokenizer, config.vocab_size, torch_device, torch_dtype, seq_len
+                )
+                if draft_settings.mode == "model"
+                else None
+            )
         except BaseException:
             await asyncio.gather(*(client.close() for client in clients.values()))
             raise
@@ -246,7 +275,19 @@ class Master:
             else RemoteStage(clients[run.node.name], run.blocks)
             for run in runs
         ]
-        return cls(folder, config, tokenizer, part, stages, seq_len, offload, prefill_chunk, store)
+        return cls(
+            folder,
+            config,
+            tokenizer,
+            part,
+            stages,
+            seq_len,
+            offload,
+            prefill_chunk,
+            store,
+            draft_settings,
+            draft_model,
+        )
 
     @classmethod
     async def from_options(cls, opts: dict[str, Any], offload: bool = False) -> Master:
@@ -269,6 +310,8 @@ class Master:
             liveness=LivenessSettings.for_heartbeat_timeout(opts["heartbeat_timeout"])
             if opts.get("heartbeat_timeout")
             else None,
+            draft=opts.get("draft"),
+            draft_tokens=opts.get("draft_tokens"),
         )
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
@@ -341,14 +384,26 @@ class Master:
         return hidden
 
     async def _logits(
-        self, session_id: str, token_ids: Sequence[int], start_pos: int, stats: GenerationStats
+        self,
+        session_id: str,
+        token_ids: Sequence[int],
+        start_pos: int,
+        stats: GenerationStats,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """Run tokens at start_pos.. through every stage; logits (vocab,) of the last one."""
-        last: torch.Tensor | None = None
+        """Run tokens at start_pos.. through every stage (in chunks, see forward_chunks);
+        logits (vocab,) of the last one, or (T, vocab) of each with `every_position` (to verify
+        drafted tokens)."""
+        hiddens: list[torch.Tensor] = []
         async for _, hidden in self.forward_chunks(session_id, token_ids, start_pos, stats):
-            last = hidden
-        assert last is not None, "no tokens to run"
-        logits = await self._local(self.model.head, last[:, -1:])  # only the last is sampled
+            hiddens.append(hidden if every_position else hidden[:, -1:])
+            if not every_position:
+                hiddens = hiddens[-1:]
+        assert hiddens, "no tokens to run"
+        if every_position:
+            hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens, dim=1)
+            return (await self._local(self.model.head, hidden))[0]  # (T, vocab)
+        logits = await self._local(self.model.head, hiddens[-1])  # only the last is sampled
         return logits[0, -1]
 
     async def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -359,6 +414,27 @@ class Master:
         """Free a session's KV caches on every stage (here and on the workers)."""
         for stage in self.stages:
             await stage.close_session(session_id)
+
+    def _speculation(self, settings: DraftSettings) -> Speculation | None:
+        if settings.mode == "none":
+            return None
+        if settings.mode == "lookup":
+            drafter: Drafter = LookupDrafter()
+        elif self.draft_model is not None:
+            drafter = self.draft_model.drafter()
+        else:
+            raise ValueError("no draft model is loaded: start with --draft PATH, or use lookup")
+        offload = self.offload and settings.mode == "model"  # lookup is too cheap for a thread
+        # Drafting the next round during this one's round trips pays where there are round
+        # trips; with every block here it would only compete with the verification for cores.
+        remote = any(isinstance(stage, RemoteStage) for stage in self.stages)
+        draft_ahead = settings.mode == "model" and remote
+        return Speculation(drafter, DraftController(settings.tokens), offload, draft_ahead)
+
+    async def _sample(self, sampler: Sampler, logits: torch.Tensor, history: list[int]) -> int:
+        if self.offload:  # the HTTP API: other requests' events go on meanwhile
+            return await asyncio.to_thread(sampler, logits, history)
+        return sampler(logits, history)
 
     async def _local(self, fn: Any, *args: Any) -> torch.Tensor:
         def run() -> torch.Tensor:
@@ -374,9 +450,15 @@ class Master:
         max_new_tokens: int,
         ignore_eos: bool = False,
         stats: GenerationStats | None = None,
+        draft: DraftSettings | None = None,
     ) -> AsyncIterator[int]:
-        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit."""
+        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit.
+
+        `draft` (default: the master's) turns on speculative decoding: same greedy text, same
+        sampling distribution, fewer round trips (see cake/speculative.py).
+        """
         stats = stats if stats is not None else GenerationStats()
+        speculation = self._speculation(draft or self.draft)
         if not prompt_ids:
             raise ContextError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
@@ -386,7 +468,9 @@ class Master:
                 f"(the model allows up to {self.config.max_position_embeddings})"
             )
         session_id = uuid.uuid4().hex
-        scheduler = self.scheduler
+        # A drafting session verifies several positions per step, which batched steps do not
+        # carry: it runs its own steps beside the batch.
+        scheduler = self.scheduler if speculation is None else None
         next_logits = scheduler.logits if scheduler is not None else self._logits
         if scheduler is not None:
             scheduler.join(session_id)
@@ -398,12 +482,12 @@ class Master:
             started = time.perf_counter()
             logits = await next_logits(session_id, prompt_ids, 0, stats)
             stats.prefill_s = time.perf_counter() - started
+            if speculation is not None:
+                speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
             started = time.perf_counter()
-            while stats.new_tokens < max_new_tokens:
-                if self.offload:  # the HTTP API: other requests' events go on meanwhile
-                    token = await asyncio.to_thread(sampler, logits, history)
-                else:
-                    token = sampler(logits, history)
+            chosen = [await self._sample(sampler, logits, history)]  # not yet yielded
+            while chosen and stats.new_tokens < max_new_tokens:
+                token = chosen.pop(0)
                 if token in self.stop_ids and not ignore_eos:
                     stats.finish_reason = "stop"
                     break
@@ -415,8 +499,19 @@ class Master:
                 if len(history) >= self.max_seq_len:
                     log.warning("context full (%d tokens): stopping", self.max_seq_len)
                     break
-                logits = await next_logits(session_id, [token], len(history) - 1, stats)
+                if chosen:  # accepted drafts: already in every stage's caches
+                    continue
+                if speculation is None:
+                    logits = await next_logits(session_id, [token], len(history) - 1, stats)
+                    chosen = [await self._sample(sampler, logits, history)]
+                else:
+                    budget = min(
+                        max_new_tokens - stats.new_tokens - 1, self.max_seq_len - len(history)
+                    )
+                    verifier = _SessionVerifier(self, session_id, stats)
+                    chosen = await speculation.round(verifier, history, sampler, budget, stats)
                 stats.decode_steps += 1
+                stats.decode_tokens += len(chosen)
                 stats.decode_s = time.perf_counter() - started
         finally:
             if scheduler is not None:
@@ -428,6 +523,22 @@ class Master:
             await self.scheduler.close()
         for stage in self.stages:
             await stage.close()
+
+
+class _SessionVerifier:
+    """What a speculation round needs from the master, for one session."""
+
+    def __init__(self, master: Master, session_id: str, stats: GenerationStats) -> None:
+        self.master, self.session_id, self.stats = master, session_id, stats
+
+    async def forward(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
+        return await self.master._logits(
+            self.session_id, tokens, start_pos, self.stats, every_position=True
+        )
+
+    async def rollback(self, length: int) -> None:
+        for stage in self.master.stages:
+            await stage.rollback(self.session_id, length)
 
 
 def _runs(topology: str | Path | Topology | None, n_layers: int) -> list[Run]:

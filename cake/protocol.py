@@ -468,7 +468,12 @@ class Welcome(_Message):
 
 @_message
 class Forward(_Message):
-    """master -> worker: run ``blocks`` on ``hidden`` at positions ``start_pos`` onwards."""
+    """master -> worker: run ``blocks`` on ``hidden`` at positions ``start_pos`` onwards.
+
+    The session keeps positions 0..start_pos-1 and drops any it held beyond them first: a
+    forward at an earlier position is how the master rolls a session back (speculative
+    decoding's rejected drafts) without a round trip of its own.
+    """
 
     TYPE: ClassVar[str] = "forward"
     id: int  # request id, echoed in the Result or ErrorMessage

@@ -239,12 +239,17 @@ class SessionInputs:
     length: int = 0
 
     def add(self, start_pos: int, hidden: torch.Tensor) -> None:
-        if start_pos < self.length:  # the caller rewound: keep what stays valid
-            kept = torch.cat(self.chunks, dim=1)[:, :start_pos] if start_pos else None
-            self.chunks = [kept] if kept is not None else []
-            self.length = start_pos
+        self.truncate(start_pos)  # a forward at start_pos replaces everything from there on
         self.chunks.append(hidden.detach().to("cpu"))
         self.length += hidden.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Keep positions 0..length-1 (a rewind or a rollback), so a replay never rebuilds
+        positions the master has dropped."""
+        if length < self.length:
+            kept = torch.cat(self.chunks, dim=1)[:, :length] if length else None
+            self.chunks = [kept] if kept is not None else []
+            self.length = length
 
 
 class RemoteStage:
@@ -368,6 +373,13 @@ class RemoteStage:
                 )
                 times.round_trips += 1
         self.client.phase.session_current(self._key(session_id))
+
+    async def rollback(self, session_id: str, length: int) -> None:
+        # No message: the worker drops positions >= start_pos of every forward it runs (see
+        # protocol.Forward), so the next forward, at `length`, rolls it back in the same trip.
+        inputs = self.inputs.get(session_id)
+        if inputs is not None:
+            inputs.truncate(length)
 
     async def close_session(self, session_id: str) -> None:
         self.inputs.pop(session_id, None)

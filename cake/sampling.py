@@ -74,21 +74,36 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         """logits: (vocab,) for the next position; history: every token so far."""
+        probs = self.distribution(logits, history)
+        if probs is None:
+            return int(torch.argmax(self.adjusted(logits, history)))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def adjusted(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """The logits (vocab,) after the repeat penalty, as float32 on the CPU."""
         p = self.params
         logits = logits.float().cpu()
         if p.repeat_last_n:
             logits = apply_repeat_penalty(logits, history[-p.repeat_last_n :], p.repeat_penalty)
+        return logits
+
+    def distribution(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor | None:
+        """The probabilities (vocab,) a draw uses after every setting; None when greedy.
+
+        Speculative decoding's rejection rule needs the same distribution the plain draw uses.
+        """
+        p = self.params
         if p.temperature == 0:
-            return int(torch.argmax(logits))
+            return None
         # Shifted so the largest logit is 0 before dividing: every value is then <= 0, so a
         # tiny temperature (1e-30, or one below float32's range) sends the others to -inf
         # instead of overflowing to inf (inf - inf is NaN in the softmax): greedy-like, as asked.
         # A temperature that float32 rounds to 0 is held at its smallest normal value (0 / 0).
         temperature = max(p.temperature, torch.finfo(torch.float32).tiny)
+        logits = self.adjusted(logits, history)
         logits = (logits - logits.max()) / temperature
         if p.top_k is not None:
             logits = top_k_filter(logits, p.top_k)
         if p.top_p is not None:
             logits = top_p_filter(logits, p.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.softmax(logits, dim=-1)

@@ -61,6 +61,11 @@ class Stage(Protocol):
         self, rows: Sequence[BatchRow], hidden: torch.Tensor
     ) -> BatchOutcome: ...
 
+    async def rollback(self, session_id: str, length: int) -> None:
+        """Keep positions 0..length-1 of the session only (speculative decoding's rejected
+        drafts). The next forward starts at `length`; nothing beyond it is attended again."""
+        ...
+
     async def close_session(self, session_id: str) -> None: ...
 
     async def close(self) -> None: ...
@@ -108,7 +113,7 @@ class LocalStage:
         times.compute_s += time.perf_counter() - started
         return out
 
-    def rollback(self, session_id: str, length: int) -> None:
+    async def rollback(self, session_id: str, length: int) -> None:
         """Forget positions >= length of this session (see SessionStore.rollback)."""
         session = self.store.get(self._key(session_id))
         if session is not None:

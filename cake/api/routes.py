@@ -116,11 +116,14 @@ async def _start(
     body.check_supported()
     stops = body.stop_strings()
     params = service.defaults.sampling(body)
+    draft = service.draft_settings(body)
     admission = service.admit()
     try:
         prompt_ids = await encode()
         max_tokens = service.completion_budget(len(prompt_ids), body.requested_max_tokens(), param)
-        return await service.start(admission, prompt_ids, params, max_tokens, stops, param)
+        return await service.start(
+            admission, prompt_ids, params, max_tokens, stops, param, draft
+        )
     except BaseException:
         admission.release()  # a generation that started releases it when it ends
         raise

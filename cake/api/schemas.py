@@ -60,6 +60,10 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    # cake's extension: speculative decoding for this request (default: the server's --draft):
+    # "lookup", "model" (the server's --draft PATH), or "none"; and tokens per round, N or "auto".
+    cake_draft: Literal["lookup", "model", "none"] | None = None
+    cake_draft_tokens: int | Literal["auto"] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

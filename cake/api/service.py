@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cake.api.errors import ApiError, generation_error
-from cake.api.schemas import ApiDefaults
+from cake.api.schemas import ApiDefaults, GenerationRequest
 from cake.chat import StreamDecoder, encode_chat
 from cake.errors import WorkerError
 from cake.master import GenerationStats, Master
 from cake.remote import RemoteStage
 from cake.sampling import SamplingParams
+from cake.speculative import DraftSettings, request_draft
 
 T = TypeVar("T")
 
@@ -206,6 +207,18 @@ class Service:
             )
         return requested
 
+    def draft_settings(self, request: GenerationRequest) -> DraftSettings | None:
+        """The request's speculative decoding (cake_draft, cake_draft_tokens), or the server's."""
+        try:
+            return request_draft(
+                self.master.draft,
+                request.cake_draft,
+                request.cake_draft_tokens,
+                self.master.draft_model is not None,
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="cake_draft") from None
+
     async def start(
         self,
         admission: Admission,
@@ -214,6 +227,7 @@ class Service:
         max_tokens: int,
         stops: Sequence[str],
         param: str,
+        draft: DraftSettings | None = None,
     ) -> tuple[Generation, Event]:
         """Start a generation (which releases `admission` when it ends) and wait for its first
         event, so that a worker that is gone is answered with an HTTP status, not inside a
@@ -222,7 +236,7 @@ class Service:
         decoder = await self._on_tokenizer_thread(StreamDecoder, self.master.tokenizer, stops)
         stats = GenerationStats()
         tokens = self.master.generate(
-            prompt_ids, params, max_tokens, self.defaults.ignore_eos, stats
+            prompt_ids, params, max_tokens, self.defaults.ignore_eos, stats, draft
         )
         generation = Generation(tokens, stats, decoder, len(prompt_ids))
         self.generations.add(generation)
