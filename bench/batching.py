@@ -29,10 +29,10 @@ from pathlib import Path
 
 import openai
 
-from bench.api_throughput import PROMPTS, start_api, write_topology
+from bench.api_throughput import PROMPTS, start_api, worker_layers
 from bench.machine import cpu_model
 from bench.models import MODEL_KEYS, SMOLLM2, default_cache_dir, resolve_model
-from cake.local_cluster import start_workers
+from cake.local_cluster import start_local_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,7 +81,7 @@ def _cake(folder: Path, workers: int, batching: bool, levels: list[int], n: int)
     topology, processes = None, []
     if workers:
         topology = scratch / "topology.yml"
-        processes = start_workers(folder, topology, write_topology(folder, topology, workers))
+        processes = start_local_cluster(folder, worker_layers(folder, workers), topology)
     api = None
     try:
         flags = ["--ignore-eos", "--batching" if batching else "--no-batching"]

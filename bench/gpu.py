@@ -19,10 +19,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
-from cake.convert import cache_root
 
 from bench.models import build_llama_1b_shape, find_llama3_tokenizer
 from bench.streamed import measure_streamed
+from cake.gguf import cache_root
 
 log = logging.getLogger("bench")
 

@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.cluster import free_port
 from bench.gguf_writer import LLAMA_3_8B, write_random_q4_0_gguf
 from cake.gguf import cache_root, resolve_model_path
-from cake.local_cluster import start_workers
+from cake.local_cluster import start_local_cluster
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,15 +53,9 @@ def main() -> None:
     resolve_model_path(gguf)
     with tempfile.TemporaryDirectory() as tmp:
         topology = Path(tmp) / "topology.yml"
-        ports = {name: free_port() for name in ("w1", "w2")}
-        topology.write_text(
-            "".join(
-                f"{name}:\n  host: '127.0.0.1:{port}'\n  layers: ['model.layers.{blocks}']\n"
-                for (name, port), blocks in zip(ports.items(), ("0-15", "16-31"), strict=True)
-            )
-        )
+        layers = {"w1": ["model.layers.0-15"], "w2": ["model.layers.16-31"]}
         extra = ("--device", "cpu", "--threads", str(args.threads), "--max-seq-len", "256")
-        workers = start_workers(gguf, topology, list(ports), extra=extra, timeout=1800)
+        workers = start_local_cluster(gguf, layers, topology, extra=extra, timeout=1800)
         try:
             command = [
                 sys.executable, "-m", "cake.cli", "--model", str(gguf), "--topology",

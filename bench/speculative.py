@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cake.convert import resolve_model_path
 
-from bench.cluster import free_port, write_topology
-from cake.local_cluster import WorkerProcess, start_workers
+from bench.cluster import even_layers, topology_entries
+from cake.gguf import resolve_model_path
+from cake.local_cluster import WorkerProcess, start_local_cluster
 from cake.master import GenerationStats, Master
 from cake.sampling import SamplingParams
 from cake.speculative import DraftSettings
@@ -274,8 +274,8 @@ async def main_async(args: argparse.Namespace) -> None:
     workers: list[WorkerProcess] = []
     with tempfile.TemporaryDirectory() as tmp:
         topology = Path(tmp) / "topology.yml"
-        write_topology(topology, n_layers, [f"127.0.0.1:{free_port()}" for _ in range(2)])
-        workers = start_workers(model, topology, ["w1", "w2"])
+        layers = topology_entries(even_layers(n_layers, 2))
+        workers = start_local_cluster(model, layers, topology)
         try:
             by_rtt = {}
             for rtt in args.rtts:

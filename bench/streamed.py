@@ -36,9 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.cluster import free_port, write_topology
+from bench.cluster import even_layers, topology_entries
 from bench.stats import ratios, spread
-from cake.local_cluster import WorkerProcess, start_workers
+from cake.local_cluster import WorkerProcess, start_local_cluster
 
 log = logging.getLogger("bench")
 
@@ -240,10 +240,11 @@ def _workers(config: Config, folder: Path, device: str, dtype: str, env: dict[st
     with tempfile.TemporaryDirectory(prefix="cake-bench-") as tmp:
         topology = Path(tmp) / "topology.yml"
         n_layers = _n_layers(folder)
-        hosts = [f"127.0.0.1:{free_port()}" for _ in range(config.workers)]
-        split = write_topology(topology, n_layers, hosts)
+        layers = topology_entries(even_layers(n_layers, config.workers))
         extra = ("--device", device, "--dtype", dtype, *config.worker_args)
-        workers: list[WorkerProcess] = start_workers(folder, topology, list(split), extra, env=env)
+        workers: list[WorkerProcess] = start_local_cluster(
+            folder, layers, topology, extra=extra, env=env
+        )
         try:
             yield [*config.argv, "--topology", str(topology)]
         finally:

@@ -160,7 +160,7 @@ def load_draft_model(
     """Load a draft model (folder or GGUF) whole; refuse one whose vocabulary differs."""
     from cake.chat import load_tokenizer
     from cake.config import LlamaConfig, ModelFolderError
-    from cake.convert import resolve_model_path
+    from cake.gguf import resolve_model_path
     from cake.weights import load_llama
 
     folder = resolve_model_path(path)

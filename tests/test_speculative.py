@@ -21,13 +21,12 @@ import pytest
 import torch
 import yaml
 from cluster import GREEDY, cluster
-from helpers import free_port
 from test_api import api_in_thread  # the API server in a thread (tests/test_api.py)
 
 from cake.config import ModelFolderError
 from cake.delay_proxy import ThreadedDelayProxy
 from cake.draft import Draft, DraftModel, LookupDrafter
-from cake.local_cluster import WorkerProcess, start_workers, worker_command
+from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.master import GenerationStats, Master
 from cake.remote import SessionInputs
 from cake.sampling import Sampler, SamplingParams
@@ -134,12 +133,14 @@ def test_greedy_with_drafting_equals_plain_over_workers(tiny_llama: Path, tmp_pa
 
 
 class _Cluster:
-    def __init__(self, model: Path, topology: Path, names: list[str]) -> None:
+    def __init__(self, model: Path, topology: Path, layers: dict[str, list[str]]) -> None:
         self.model, self.topology = model, topology
-        self.workers = {w.name: w for w in start_workers(model, topology, names)}
+        self.workers = {w.name: w for w in start_local_cluster(model, layers, topology)}
 
     def restart(self, name: str) -> None:
-        command = worker_command(self.model, name, self.topology, extra=("--device", "cpu"))
+        """Start it again on the port it had (the one the topology names)."""
+        address = f"127.0.0.1:{self.workers[name].port}"
+        command = worker_command(self.model, name, self.topology, address, ("--device", "cpu"))
         process = WorkerProcess(name, command)
         self.workers[name] = process
         process.wait_ready()
@@ -151,16 +152,7 @@ class _Cluster:
 
 @pytest.fixture
 def worker_processes(tiny_llama: Path, tmp_path: Path) -> Iterator[_Cluster]:
-    topology = tmp_path / "topology.yml"
-    topology.write_text(
-        yaml.safe_dump(
-            {
-                name: {"host": f"127.0.0.1:{free_port()}", "layers": layers}
-                for name, layers in TWO_WORKERS.items()
-            }
-        )
-    )
-    processes = _Cluster(tiny_llama, topology, list(TWO_WORKERS))
+    processes = _Cluster(tiny_llama, tmp_path / "topology.yml", TWO_WORKERS)
     try:
         yield processes
     finally:
