@@ -20,8 +20,8 @@ import openai
 import pytest
 import torch
 import yaml
+from api_server import api_in_thread  # the API server in a thread
 from cluster import GREEDY, cluster
-from test_api import api_in_thread  # the API server in a thread (tests/test_api.py)
 
 from cake.config import ModelFolderError
 from cake.delay_proxy import ThreadedDelayProxy
@@ -280,7 +280,7 @@ def test_rejected_positions_are_never_attended(tiny_llama: Path) -> None:
 
 def test_remote_stage_forgets_rolled_back_inputs() -> None:
     """What a replay after worker loss would send: only the positions kept."""
-    inputs = SessionInputs(epoch=1)
+    inputs = SessionInputs()
     inputs.add(0, torch.ones(1, 5, 2))
     inputs.add(5, torch.full((1, 4, 2), 2.0))  # a verification of 3 drafts
     inputs.truncate(6)  # one accepted
@@ -303,7 +303,9 @@ def test_worker_rolls_a_session_back_on_an_earlier_forward(
                 stats = GenerationStats()
                 session = "rollback-test"
                 await master._logits(session, [1, 2, 3, 4, 5, 6], 0, stats)
-                (worker_session,) = ws["w1"].sessions.values()
+                (key,) = ws["w1"].store.keys()
+                worker_session = ws["w1"].store.get(key)
+                assert worker_session is not None
                 assert worker_session.length == 6
                 await master._logits(session, [7], 3, stats)
                 assert worker_session.length == 4
