@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -40,10 +39,12 @@ MIB = 1 << 20
 # --- the child: one configuration, one process -------------------------------------------------
 
 
-def _rss() -> int:
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes. (VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across exec, so a child would report its parent's peak.)"""
     with open("/proc/self/status", encoding="utf-8") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -56,7 +57,7 @@ def run_child(model: str, dtype: str, quantize: str | None, tokens: int, threads
     from cake.quant import QuantizedLinear
     from cake.sampling import SamplingParams
 
-    baseline = _rss()
+    baseline = _status("VmRSS")
     started = time.perf_counter()
     master = asyncio.run(
         Master.open(model, device="cpu", dtype=dtype, max_seq_len=512, quantize=quantize)
@@ -81,7 +82,7 @@ def run_child(model: str, dtype: str, quantize: str | None, tokens: int, threads
             pass
 
     asyncio.run(generate())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
     asyncio.run(master.close())
     return {
         "decode_tok_s": stats.decode_tok_s,

@@ -2,8 +2,9 @@
 
 Nothing is converted to a float copy. What is cached is small: the file's config and tokenizer
 (read from its metadata with transformers, once) as config.json, generation_config.json and
-tokenizer files in `$CAKE_CACHE_DIR/gguf/<name>-<key>/` (default `~/.cache/cake`), keyed by the
-file's absolute path, size and modification time, plus `gguf.json` naming the file. The weights
+tokenizer files in `$CAKE_CACHE_DIR/gguf-metadata/<name>-<key>/` (default `~/.cache/cake`),
+keyed by the file's absolute path, size and modification time, plus `gguf.json` naming the
+file. The weights
 are read from the GGUF file itself by `GGUFCheckpoint` whenever a model part is loaded.
 
 What each GGUF tensor type becomes (cake.quant's forms; exact means bit-exact up to the bf16
@@ -97,7 +98,8 @@ def metadata_folder(gguf_path: str | os.PathLike) -> Path:
     path = Path(gguf_path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{path.stem}-{key}"
+    # Not "gguf/": cake before 0.2 kept f32 conversions there under the same names.
+    return cache_root() / "gguf-metadata" / f"{path.stem}-{key}"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:

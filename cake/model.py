@@ -440,7 +440,7 @@ class Llama(nn.Module):
         return [int(i) for i in self.model.layers]
 
     def setup_rope(self, max_seq_len: int) -> None:
-        """Precompute cos/sin once weights are on their device (the model is built on meta)."""
+        """Precompute cos/sin for positions 0..max_seq_len-1 on the part's device and dtype."""
         self.rope = RotaryTables(self.config, max_seq_len, self.device, self.dtype)
 
     def new_cache(

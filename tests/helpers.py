@@ -141,30 +141,29 @@ def build_random_llama(
 
 
 def dequantized_folder(gguf_path: Path, target: Path) -> Path:
-    """A GGUF file dequantized to float32 safetensors by transformers (config, tokenizer and
-    weights): an independent reference for cake's native GGUF reading, and the f32 weights the
-    parity tests compare against."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = ["LlamaForCausalLM"]
-    config["dtype"] = "float32"
-    model.config.__dict__.pop("quantization_config", None)
-    target.mkdir(parents=True, exist_ok=True)
+    """A GGUF file's weights dequantized to float32 safetensors by transformers: an independent
+    reference for cake's native GGUF reading, and the f32 weights the parity tests compare
+    against. Config and tokenizer files are those cake caches from the file's metadata (building
+    a tokenizer from GGUF metadata is the slow part; it is done once)."""
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
+    from cake.gguf import POINTER_FILE, resolve_model_path
+
+    metadata = resolve_model_path(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tied = json.loads((metadata / "config.json").read_text())["tie_word_embeddings"]
+    target.mkdir(parents=True, exist_ok=True)
     tensors = {
         key: value.contiguous()
         for key, value in model.state_dict().items()
-        if not (key == "lm_head.weight" and config.get("tie_word_embeddings"))
+        if not (key == "lm_head.weight" and tied)
     }
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    (target / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    model.generation_config.to_json_file(str(target / "generation_config.json"))
-    tokenizer.save_pretrained(str(target))
+    for file in metadata.iterdir():
+        if file.is_file() and file.name != POINTER_FILE:
+            shutil.copy(file, target / file.name)
     return target
 

@@ -147,7 +147,7 @@ def mean_nll(part, tokenizer, text: str) -> float:
 def prose_and_tokenizer(smollm2_dir: Path):
     from cake.chat import load_tokenizer
 
-    text = PROSE.read_text(encoding="utf-8")[:1800]
+    text = PROSE.read_text(encoding="utf-8")[:1200]  # ~270 tokens
     return text, load_tokenizer(smollm2_dir)
 
 
