@@ -4,7 +4,8 @@
 #      and f16 (tests/test_device_parity.py with CAKE_TEST_DEVICE);
 #   2. decode as users run it, timed from outside: transformers `generate`, cake local, cake
 #      master + 2 workers (bench/gpu.py, a random model in the Llama 3.2 1B shape, bf16);
-#   3. one table of both, on stdout (also bench/results/gpu/gpu.md and gpu.json).
+#   3. one table of both, on stdout (also bench/results/gpu/gpu.md and gpu.json);
+#   4. quantized kernels (int8, int4) and batched steps on the GPU (bench/gpu_quant.py).
 #
 #   bash scripts/gpu_check.sh                    # cuda:0
 #   CAKE_GPU=cuda:1 GPU_CHECK_TOKENS=256 bash scripts/gpu_check.sh
@@ -97,7 +98,11 @@ if [ "$bench_status" -eq 124 ]; then
     say "the benchmark ran past 330 s and was stopped"
 fi
 
-say "done in $((SECONDS - started)) s (parity exit $parity_status, benchmark exit $bench_status)"
-if [ "$parity_status" -ne 0 ] || [ "$bench_status" -ne 0 ]; then
+say "quantized kernels and batched steps on $device"
+quant_status=0
+timeout 120 "$python" -m bench.gpu_quant --device "$device" | tee "$out/quant.md" || quant_status=$?
+
+say "done in $((SECONDS - started)) s (parity exit $parity_status, benchmark exit $bench_status, quantized exit $quant_status)"
+if [ "$parity_status" -ne 0 ] || [ "$bench_status" -ne 0 ] || [ "$quant_status" -ne 0 ]; then
     exit 1
 fi
