@@ -213,16 +213,19 @@ class TerminalChat:
         stats = GenerationStats()
         tokens = self.master.generate(ids, self.params, self.max_new_tokens, self.ignore_eos, stats)
         stopped = False
+        pieces: list[str] = []  # the answer's text, as streamed
         try:
             async for token in tokens:
-                self._write(decoder.push(token))
+                pieces.append(decoder.push(token))
+                self._write(pieces[-1])
                 if self.stop_requested.is_set():
                     stopped = True
                     break
         finally:
             await tokens.aclose()  # closes the session on the master and every worker
-            self._write(decoder.finish() + "\n")
-        return Answer(decoder.emitted, stats.new_tokens, stats.decode_tok_s, stopped)
+            pieces.append(decoder.finish())
+            self._write(pieces[-1] + "\n")
+        return Answer("".join(pieces), stats.new_tokens, stats.decode_tok_s, stopped)
 
     def _write(self, text: str) -> None:
         if text:
