@@ -290,10 +290,9 @@ def _fail(message: str) -> None:
 @click.option(
     "--batch-groups",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
+    default=None,
     help="HTTP API: disjoint groups of requests in flight at once, so that several remote "
-    "stages compute at the same time (pipelining).",
+    "stages compute at the same time (pipelining). Default: one per remote stage.",
 )
 @click.option(
     "--threads",

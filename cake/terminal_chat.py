@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from cake.chat import StreamDecoder, encode_chat
@@ -123,6 +124,7 @@ class TerminalChat:
         self.loop = loop
         self.max_new_tokens: int = opts["sample_len"]
         self.ignore_eos = bool(opts["ignore_eos"])
+        self.model_name = Path(str(opts["model"])).name  # as the user named it (a .gguf too)
         self.params = SamplingParams(
             temperature=opts["temperature"],
             top_k=opts["top_k"],
@@ -144,7 +146,7 @@ class TerminalChat:
         print(text, file=self.err, flush=True)
 
     def run(self) -> None:
-        self.say(f"cake chat with {self.master.folder.name} ({self.master.max_seq_len} tokens "
+        self.say(f"cake chat with {self.model_name} ({self.master.max_seq_len} tokens "
                  f"of context). {HELP}")  # fmt: skip
         while True:
             try:

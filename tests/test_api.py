@@ -442,6 +442,12 @@ def test_concurrent_streams_pipeline_real_compute_through_two_workers(
             )
             return "".join([c.choices[0].text async for c in chunks])
 
+        # In-process workers share this thread's event loop: computing inline there (what a
+        # worker process does for a lone decode step) would serialise them, as two worker
+        # processes never are. Their compute threads run side by side.
+        for worker in server.workers.values():
+            worker.compute_mode = "thread"
+
         async def run() -> tuple[list[str], list[str], ComputeLog, int]:
             client = server.async_client()
             await stream(client, [5])  # warm up

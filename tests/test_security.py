@@ -368,8 +368,8 @@ def test_a_big_frame_before_the_handshake_is_cut_off(
 def test_after_hello_the_frame_limit_is_the_sessions_largest(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    """A full context of f32 hidden states (256 x 64 here) plus an envelope; not 512 MiB."""
-    limit = session_frame_limit(hidden_size=64, max_positions=256)
+    """A full context of f32 hidden states (512 x 64 here) plus an envelope; not 512 MiB."""
+    limit = session_frame_limit(hidden_size=64, max_positions=512)  # tests/cluster.py's context
     fingerprint = fingerprint_config(architecture_of(LlamaConfig.from_folder(tiny_llama)))
 
     async def check(topology: Path) -> None:

@@ -44,9 +44,13 @@ def test_context_full_fails_only_its_session(tiny_llama: Path, tmp_path: Path) -
     expected = asyncio.run(local_tokens(tiny_llama, SHORT, N))
 
     async def run() -> None:
-        async with cluster(tiny_llama, tmp_path, LAYERS) as (topology, _):
-            # The master's context (512) is larger than the workers' (256).
+        async with cluster(tiny_llama, tmp_path, LAYERS) as (topology, workers):
             master = await Master.open(tiny_llama, topology, device="cpu", max_seq_len=512)
+            # The workers' context shrinks to 256 after the handshake (which refuses a worker
+            # whose context is shorter than the master's), as a worker restarted with a smaller
+            # --max-seq-len between two steps would have it.
+            for worker in workers.values():
+                worker.store.max_seq_len = 256
             try:
                 before = channels(master)
                 long_prompt = master.encode("word " * 235)
@@ -54,7 +58,7 @@ def test_context_full_fails_only_its_session(tiny_llama: Path, tmp_path: Path) -
                 assert 256 - N < len(long_prompt) < 256
                 outcome, tokens = await run_both(master, long_prompt, 60)
                 assert isinstance(outcome, WorkerError)
-                assert "do not fit this worker's context of 256" in str(outcome)
+                assert "do not fit the context of 256 positions of worker" in str(outcome)
                 assert tokens == expected
                 assert channels(master) == before and all(c.alive for c in before)
             finally:

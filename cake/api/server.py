@@ -14,6 +14,7 @@ from cake.api.routes import create_app
 from cake.api.schemas import ApiDefaults
 from cake.listening import listen_socket
 from cake.master import Master
+from cake.remote import RemoteStage
 from cake.topology import parse_address
 
 log = logging.getLogger("cake.api")
@@ -57,7 +58,8 @@ async def serve_api(opts: dict) -> None:
         sock.close()
         raise
     if opts.get("batching", True):  # concurrent requests share steps (cake/batching.py)
-        master.enable_batching(groups=opts.get("batch_groups") or 1)
+        remote = sum(isinstance(stage, RemoteStage) for stage in master.stages)
+        master.enable_batching(groups=opts.get("batch_groups") or max(remote, 1))
     app = create_app(
         master,
         model_name=model_id(opts["model"]),
