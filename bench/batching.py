@@ -75,7 +75,9 @@ async def _cake_levels(url: str, levels: list[int], n: int) -> dict[str, float]:
     return results
 
 
-def _cake(folder: Path, workers: int, batching: bool, levels: list[int], n: int) -> dict:
+def _cake(
+    folder: Path, workers: int, batching: bool, levels: list[int], n: int, groups: int | None
+) -> dict:
     scratch = Path("/tmp/cake-batching-bench")
     scratch.mkdir(parents=True, exist_ok=True)
     topology, processes = None, []
@@ -85,6 +87,7 @@ def _cake(folder: Path, workers: int, batching: bool, levels: list[int], n: int)
     api = None
     try:
         flags = ["--ignore-eos", "--batching" if batching else "--no-batching"]
+        flags += ["--batch-groups", str(groups)] if groups else []
         api, url = start_api(folder, topology, flags)
         return asyncio.run(_cake_levels(url, levels, n))
     finally:
@@ -137,30 +140,33 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--no-baselines", action="store_true", help="skip --no-batching runs")
+    parser.add_argument("--no-transformers", action="store_true", help="skip generate_batch")
+    parser.add_argument(
+        "--batch-groups", type=int, default=None, help="cake's --batch-groups (default: auto)"
+    )
     args = parser.parse_args()
     spec = resolve_model(args.model, default_cache_dir())
     levels = sorted(args.concurrency)
     rows: list[tuple[str, dict]] = []
     for workers in args.workers:
         place = "local" if not workers else f"{workers} workers"
+        groups = args.batch_groups
+        batched = _cake(spec.folder, workers, True, levels, args.max_tokens, groups)
         rows.append(
-            (f"cake {place}, batched", _cake(spec.folder, workers, True, levels, args.max_tokens))
+            (f"cake {place}, batched" + (f", {groups} group(s)" if groups else ""), batched)
         )
         if not args.no_baselines:
             rows.append(
                 (
                     f"cake {place}, not batched",
-                    _cake(spec.folder, workers, False, levels, args.max_tokens),
+                    _cake(spec.folder, workers, False, levels, args.max_tokens, None),
                 )
             )
         print(rows[-1], flush=True)
     torch_dtype = {"f32": "float32", "bf16": "bfloat16"}[spec.dtype]
-    rows.append(
-        (
-            "transformers generate_batch, local",
-            _transformers(spec.folder, levels, args.max_tokens, torch_dtype),
-        )
-    )
+    if not args.no_transformers:
+        baseline = _transformers(spec.folder, levels, args.max_tokens, torch_dtype)
+        rows.append(("transformers generate_batch, local", baseline))
     header = (
         "| configuration | "
         + " | ".join(f"{n} at once" for n in levels)

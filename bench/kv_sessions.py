@@ -158,7 +158,8 @@ def micro(rounds: int, steps: int = 200) -> list[dict]:
     import torch
 
     from cake.config import LlamaConfig
-    from cake.model import Block, KVCache, RotaryTables
+    from cake.model import KVCache, RotaryTables
+    from cake.weights import random_part
 
     config = LlamaConfig.from_dict(
         {
@@ -168,10 +169,7 @@ def micro(rounds: int, steps: int = 200) -> list[dict]:
             "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         }
     )  # fmt: skip
-    torch.manual_seed(0)
-    block = Block(config).eval()
-    block.self_attn.pack()
-    block.mlp.pack()
+    block = random_part(config, [0], torch.float32, torch.device("cpu")).model.layers["0"]
     rope = RotaryTables(config, 4096, torch.device("cpu"), torch.float32)
     start = 512
     prompt = torch.randn(1, start, config.hidden_size)

@@ -33,11 +33,11 @@ import time
 import torch
 
 from cake.config import LlamaConfig, architecture_of
-from cake.model import Llama
 from cake.protocol import fingerprint_config
 from cake.remote import RemoteStage, WorkerClient
 from cake.stages import StageTimes
 from cake.topology import Node
+from cake.weights import random_part
 from cake.worker import Worker
 
 log = logging.getLogger("bench")
@@ -77,13 +77,7 @@ def _config() -> LlamaConfig:
 
 async def serve(compute: str) -> None:
     """The worker peer: one random block, port 0; prints the port it got."""
-    torch.manual_seed(0)
-    model = Llama(_config(), blocks=[0])
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02)
-    model.pack()
-    model.setup_rope(MAX_SEQ_LEN)
+    model = random_part(_config(), [0], torch.float32, torch.device("cpu"), max_seq_len=MAX_SEQ_LEN)
     worker = Worker("hop", model, MAX_SEQ_LEN, compute=compute)
     server = await worker.serve("127.0.0.1", 0)
     print(server.sockets[0].getsockname()[1], flush=True)

@@ -159,7 +159,10 @@ class SessionStore:
         self.page = page
         self.owner = owner  # for messages: "worker w1", "the master"
         self.block_position_bytes = kv_bytes_per_position(
-            1, model.config.n_kv_heads, model.config.head_dim, model.dtype  # compute dtype
+            1,
+            model.config.n_kv_heads,
+            model.config.head_dim,
+            model.dtype,  # compute dtype
         )
         self.reserved_bytes = 0
         self._sessions: dict[Hashable, Session] = {}

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cake.cluster_setup import ClusterOptions, prepare_cluster
 from cake.config import LlamaConfig, architecture_of
 from cake.empty_worker import EmptyWorker
-from cake.model import Llama
+from cake.model import checkpoint_shapes
 from cake.protocol import fingerprint_config
 from cake.push import ModelCache
 from cake.remote import WorkerClient
@@ -55,16 +55,15 @@ def build(folder: Path) -> LlamaConfig:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(CONFIG))
     config = LlamaConfig.from_folder(folder)
-    with torch.device("meta"):
-        shapes = Llama(config, range(config.n_layers), True, True).state_dict()
+    shapes = checkpoint_shapes(config, range(config.n_layers), True, True)
     generator = torch.Generator().manual_seed(0)
     tensors = {
         name: (
-            torch.rand(p.shape, generator=generator) + 0.5
+            torch.rand(shape, generator=generator) + 0.5
             if name.endswith("norm.weight")
-            else torch.randn(p.shape, generator=generator) * 0.05
+            else torch.randn(shape, generator=generator) * 0.05
         ).to(torch.bfloat16)
-        for name, p in shapes.items()
+        for name, shape in shapes.items()
     }
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return config

@@ -166,4 +166,3 @@ def dequantized_folder(gguf_path: Path, target: Path) -> Path:
         if file.is_file() and file.name != POINTER_FILE:
             shutil.copy(file, target / file.name)
     return target
-

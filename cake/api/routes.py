@@ -121,9 +121,7 @@ async def _start(
     try:
         prompt_ids = await encode()
         max_tokens = service.completion_budget(len(prompt_ids), body.requested_max_tokens(), param)
-        return await service.start(
-            admission, prompt_ids, params, max_tokens, stops, param, draft
-        )
+        return await service.start(admission, prompt_ids, params, max_tokens, stops, param, draft)
     except BaseException:
         admission.release()  # a generation that started releases it when it ends
         raise
