@@ -133,6 +133,33 @@ def _transformers(folder: Path, levels: list[int], n: int, dtype: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write_chart(rows: dict[str, dict], levels: list[int], title: str, path: Path) -> bool:
+    """Aggregate tok/s against concurrent requests, one line per configuration (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no chart: matplotlib is missing (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for name, result in rows.items():
+        points = [(n, result[str(n)]) for n in levels if str(n) in result]
+        if points:
+            style = "--" if "not batched" in name or "transformers" in name else "-"
+            axes.plot(*zip(*points, strict=True), style, marker="o", label=name)
+    axes.set_xlabel("concurrent requests")
+    axes.set_ylabel("aggregate decode tok/s")
+    axes.set_xticks(levels)
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODEL_KEYS, default=SMOLLM2)
@@ -142,9 +169,18 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true", help="skip --no-batching runs")
     parser.add_argument("--no-transformers", action="store_true", help="skip generate_batch")
     parser.add_argument(
+        "--chart-from", type=Path, default=None, help="only redraw the chart from a results JSON"
+    )
+    parser.add_argument(
         "--batch-groups", type=int, default=None, help="cake's --batch-groups (default: auto)"
     )
     args = parser.parse_args()
+    if args.chart_from is not None:
+        saved = json.loads(args.chart_from.read_text())
+        levels = sorted({int(k) for r in saved.values() for k in r if k.isdigit()})
+        title = "SmolLM2-135M f32, 32 tokens per request (AMD EPYC, 2 cores)"
+        write_chart(saved, levels, title, args.chart_from.with_suffix(".png"))
+        return
     spec = resolve_model(args.model, default_cache_dir())
     levels = sorted(args.concurrency)
     rows: list[tuple[str, dict]] = []
@@ -196,6 +232,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"batching-{args.model}.json").write_text(json.dumps(dict(rows), indent=2))
     (RESULTS / f"batching-{args.model}.md").write_text(table + "\n")
+    write_chart(dict(rows), levels, lines[0], RESULTS / f"batching-{args.model}.png")
 
 
 if __name__ == "__main__":
