@@ -19,8 +19,9 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +45,7 @@ from cake.topology import Node, format_blocks
 from cake.transport import Link, LinkError, TLSFailure, open_link
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRY_TIMEOUT_S = 60.0
@@ -268,11 +270,13 @@ class RemoteStage:
         """This stage's caches of a session, as the worker's phase tracks them."""
         return (self.blocks.start, session_id)
 
-    async def forward(
-        self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
-    ) -> torch.Tensor:
-        client, key = self.client, self._key(session_id)
-        inputs = self.inputs.setdefault(session_id, SessionInputs())
+    async def _send(
+        self, sessions: Sequence[tuple[str, StageTimes]], request: Callable[[], Awaitable[R]]
+    ) -> tuple[R, float]:
+        """`request()` on a connected worker that holds every one of `sessions`' caches: when
+        the worker was lost, reconnect (until --retry-timeout after it was last heard) and
+        replay what each session had sent it, then send again. (reply, seconds it took)."""
+        client = self.client
         needed_since = time.monotonic()
         deadline: float | None = None
         while True:
@@ -280,12 +284,15 @@ class RemoteStage:
                 if client.channel is None:
                     deadline = deadline or client.retry_deadline(needed_since)
                     await client.ensure_connected(deadline)
-                if client.phase.needs_replay(key):
-                    await self._replay(session_id, inputs, times)
-                client.phase.session_current(key)
+                for session_id, times in sessions:
+                    key = self._key(session_id)
+                    if client.phase.needs_replay(key):
+                        inputs = self.inputs.setdefault(session_id, SessionInputs())
+                        await self._replay(session_id, inputs, times)
+                    client.phase.session_current(key)
                 started = time.perf_counter()
-                result = await client.forward(session_id, start_pos, self.blocks, hidden)
-                break
+                reply = await request()
+                return reply, time.perf_counter() - started
             except WorkerLost as exc:
                 if deadline is None:
                     deadline = client.retry_deadline(needed_since)
@@ -296,7 +303,15 @@ class RemoteStage:
                     )
                 elif time.monotonic() > deadline:
                     raise client.gave_up(exc) from None
-        elapsed = time.perf_counter() - started
+
+    async def forward(
+        self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
+    ) -> torch.Tensor:
+        inputs = self.inputs.setdefault(session_id, SessionInputs())
+        result, elapsed = await self._send(
+            [(session_id, times)],
+            lambda: self.client.forward(session_id, start_pos, self.blocks, hidden),
+        )
         compute = result.compute_us / 1e6
         times.round_trips += 1
         times.compute_s += compute
@@ -309,33 +324,10 @@ class RemoteStage:
         session the worker refuses fails alone. Worker loss: reconnect, replay each session of
         the batch, send the batch again."""
         client = self.client
-        needed_since = time.monotonic()
-        deadline: float | None = None
-        while True:
-            try:
-                if client.channel is None:
-                    deadline = deadline or client.retry_deadline(needed_since)
-                    await client.ensure_connected(deadline)
-                for row in rows:
-                    key = self._key(row.session_id)
-                    if client.phase.needs_replay(key):
-                        inputs = self.inputs.setdefault(row.session_id, SessionInputs())
-                        await self._replay(row.session_id, inputs, row.times)
-                    client.phase.session_current(key)
-                started = time.perf_counter()
-                result = await client.forward_batch(rows, self.blocks, hidden)
-                break
-            except WorkerLost as exc:
-                if deadline is None:
-                    deadline = client.retry_deadline(needed_since)
-                    log.warning(
-                        "%s; reconnecting (until %gs after it was last heard)",
-                        exc,
-                        client.retry_timeout,
-                    )
-                elif time.monotonic() > deadline:
-                    raise client.gave_up(exc) from None
-        elapsed = time.perf_counter() - started
+        result, elapsed = await self._send(
+            [(row.session_id, row.times) for row in rows],
+            lambda: client.forward_batch(rows, self.blocks, hidden),
+        )
         compute = result.compute_us / 1e6
         failed: dict[int, Exception] = {
             index: WorkerError(
