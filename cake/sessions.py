@@ -130,6 +130,9 @@ class Session:
     length: int = 0  # positions 0..length-1 are written, or being written by a claimed forward
     capacity: int = 0  # positions reserved under the budget (whole pages)
     busy: int = 0  # claimed forwards not yet released: never evicted while > 0
+    # block -> positions 0..end-1 of that block's cache claimed so far: a forward through some
+    # of the session's blocks (a worker serving two runs) must not skip positions of any.
+    block_ends: dict[int, int] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
     # Orders one session's forwards on a worker (created unbound; asyncio binds it on first use).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

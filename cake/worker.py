@@ -178,7 +178,9 @@ class Worker:
                 f"hidden states must be (1, T, {self.config.hidden_size}), "
                 f"got {list(request.hidden.shape)}",
             )
-        return self.check_row(conn, request.session, request.start_pos, request.hidden.shape[1])
+        return self.check_row(
+            conn, request.session, request.start_pos, request.hidden.shape[1], request.blocks
+        )
 
     def check_blocks_and_width(self, blocks: tuple[int, ...], hidden: torch.Tensor) -> None:
         """What every session of a request shares: blocks served here, the model's width."""
@@ -207,15 +209,18 @@ class Worker:
             zip(request.sessions, request.start_positions, request.lengths, strict=True)
         ):
             try:
-                rows.append((index, self.check_row(conn, session_id, start_pos, length)))
+                session = self.check_row(conn, session_id, start_pos, length, request.blocks)
+                rows.append((index, session))
             except RequestError as exc:
                 log.warning("request %d, session %s: %s", request.id, session_id[:8], exc)
                 refused.append((index, exc))
         return rows, refused
 
-    def check_row(self, conn: int, session_id: str, start_pos: int, length: int) -> Session:
-        """One session's positions start_pos..start_pos+length-1: its Session (claimed, to be
-        released after the compute), or RequestError."""
+    def check_row(
+        self, conn: int, session_id: str, start_pos: int, length: int, blocks: tuple[int, ...]
+    ) -> Session:
+        """One session's positions start_pos..start_pos+length-1 through `blocks`: its Session
+        (claimed, to be released after the compute), or RequestError."""
         if length == 0:
             raise RequestError("bad_shape", "hidden states hold no positions (T = 0)")
         key = (conn, session_id)
@@ -227,6 +232,14 @@ class Worker:
                 "starts at position 0); it was closed, evicted after idling "
                 f"{self.store.idle_timeout_s:g}s, or the worker restarted",
             )
+        if session is not None:
+            behind = [b for b in blocks if session.block_ends.get(b, 0) < start_pos]
+            if behind:  # those caches hold nothing at the positions this forward attends to
+                raise RequestError(
+                    "bad_position",
+                    f"start_pos {start_pos} skips positions of session {session_id} in block(s) "
+                    f"{behind}: they hold {[session.block_ends.get(b, 0) for b in behind]}",
+                )
         opened = session is None
         try:
             if session is None:
@@ -238,6 +251,8 @@ class Worker:
             if opened and session is not None:
                 self.store.close(key)
             raise RequestError(exc.code, f"session {session_id}: {exc}") from None
+        for block in blocks:
+            session.block_ends[block] = start_pos + length
         if opened:
             log.info("connection %d: session %s opened", conn, session_id)
         return session

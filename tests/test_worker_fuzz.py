@@ -109,11 +109,14 @@ def any_message() -> st.SearchStrategy[dict]:
 class WorkerModel:
     """What the worker should do, written apart from it: which forwards it serves (blocks it
     holds, hidden states (1, T>0, 64), positions that fit, a new session starting at 0 while
-    there is room, an old one not skipping positions) and how long each session gets."""
+    there is room, an old one not skipping positions, in the session or in any block it
+    names; a forward at an earlier position rolls the session back to its end) and how long
+    each session and each of its blocks gets."""
 
     def __init__(self, served: set[int], hidden_size: int, max_sessions: int) -> None:
         self.served, self.hidden_size, self.max_sessions = served, hidden_size, max_sessions
         self.lengths: dict[str, int] = {}
+        self.block_ends: dict[tuple[str, int], int] = {}
 
     def serves(self, forward: Forward) -> bool:
         shape = tuple(forward.hidden.shape)
@@ -127,11 +130,18 @@ class WorkerModel:
             return False
         if known is None and (forward.start_pos > 0 or len(self.lengths) >= self.max_sessions):
             return False
-        return known is None or forward.start_pos <= known
+        if known is None:
+            return True
+        return forward.start_pos <= known and all(
+            self.block_ends.get((forward.session, b), 0) >= forward.start_pos
+            for b in forward.blocks
+        )
 
     def served_one(self, forward: Forward) -> None:
         end = forward.start_pos + forward.hidden.shape[1]
-        self.lengths[forward.session] = max(self.lengths.get(forward.session, 0), end)
+        self.lengths[forward.session] = end
+        for block in forward.blocks:
+            self.block_ends[forward.session, block] = end
 
 
 def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) -> None:
