@@ -29,7 +29,7 @@ from pathlib import Path
 
 import openai
 
-from bench.api_throughput import PROMPTS, start_api, worker_layers
+from bench.api_throughput import PROMPTS, start_api, stream, worker_layers
 from bench.machine import cpu_model
 from bench.models import MODEL_KEYS, SMOLLM2, default_cache_dir, resolve_model
 from cake.local_cluster import start_local_cluster
@@ -37,37 +37,19 @@ from cake.local_cluster import start_local_cluster
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-async def _stream(client: openai.AsyncOpenAI, model: str, prompt: str, n: int) -> tuple[str, int]:
-    chunks = await client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        temperature=0,
-        max_tokens=n,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    text, tokens = [], 0
-    async for chunk in chunks:
-        if chunk.choices:
-            text.append(chunk.choices[0].delta.content or "")
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
-    return "".join(text), tokens
-
-
 async def _cake_levels(url: str, levels: list[int], n: int) -> dict[str, float]:
     """tok/s at each concurrency level, and N-in-a-row for the largest; texts checked."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=900)
     model = (await client.models.list()).data[0].id
-    await _stream(client, model, "warm up", 4)
+    await stream(client, model, "warm up", 4)
     prompts = (PROMPTS * 4)[: max(levels)]
     results: dict[str, float] = {}
     started = time.perf_counter()
-    solo = [await _stream(client, model, p, n) for p in prompts]
+    solo = [await stream(client, model, p, n) for p in prompts]
     results["in a row"] = sum(k for _, k in solo) / (time.perf_counter() - started)
     for level in levels:
         started = time.perf_counter()
-        together = await asyncio.gather(*(_stream(client, model, p, n) for p in prompts[:level]))
+        together = await asyncio.gather(*(stream(client, model, p, n) for p in prompts[:level]))
         results[str(level)] = sum(k for _, k in together) / (time.perf_counter() - started)
         if [t for t, _ in together] != [t for t, _ in solo[:level]]:
             raise SystemExit(f"{level} concurrent texts differ from their solo texts")

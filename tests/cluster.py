@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.master import GenerationStats, Master
 from cake.sampling import SamplingParams
 from cake.topology import parse_topology
@@ -105,3 +106,27 @@ def workers_in_thread(
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join(30)
+
+
+class ProcessCluster:
+    """Worker processes on 127.0.0.1 (each on a port of its own choosing), that a test can kill
+    and restart on the same port, as a crashed and restarted worker would come back."""
+
+    def __init__(self, model: Path, topology: Path, layers: dict[str, list[str]]) -> None:
+        self.model, self.topology = model, topology
+        self.workers = {w.name: w for w in start_local_cluster(model, layers, topology)}
+
+    def kill(self, name: str) -> None:
+        self.workers[name].kill()
+
+    def restart(self, name: str) -> None:
+        """Start it again on the port it had (the one the topology names)."""
+        address = f"127.0.0.1:{self.workers[name].port}"
+        command = worker_command(self.model, name, self.topology, address, ("--device", "cpu"))
+        process = WorkerProcess(name, command)
+        self.workers[name] = process
+        process.wait_ready()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()

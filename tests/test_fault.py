@@ -12,33 +12,13 @@ from pathlib import Path
 
 import pytest
 from cluster import GREEDY, local_tokens
+from cluster import ProcessCluster as Cluster
 
 from cake.errors import WorkerError
-from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
+from cake.local_cluster import start_local_cluster
 from cake.master import GenerationStats, Master
 
 N = 40
-
-
-class Cluster:
-    def __init__(self, model: Path, topology: Path, layers: dict[str, list[str]]) -> None:
-        self.model, self.topology = model, topology
-        self.workers = {w.name: w for w in start_local_cluster(model, layers, topology)}
-
-    def kill(self, name: str) -> None:
-        self.workers[name].kill()
-
-    def restart(self, name: str) -> None:
-        """Start it again on the port it had (the one the topology names)."""
-        address = f"127.0.0.1:{self.workers[name].port}"
-        command = worker_command(self.model, name, self.topology, address, ("--device", "cpu"))
-        process = WorkerProcess(name, command)
-        self.workers[name] = process
-        process.wait_ready()
-
-    def stop(self) -> None:
-        for worker in self.workers.values():
-            worker.stop()
 
 
 @pytest.fixture

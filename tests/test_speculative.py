@@ -21,12 +21,11 @@ import pytest
 import torch
 import yaml
 from api_server import api_in_thread  # the API server in a thread
-from cluster import GREEDY, cluster
+from cluster import GREEDY, ProcessCluster, cluster
 
 from cake.config import ModelFolderError
 from cake.delay_proxy import ThreadedDelayProxy
 from cake.draft import Draft, DraftModel, LookupDrafter
-from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.master import GenerationStats, Master
 from cake.remote import SessionInputs
 from cake.sampling import Sampler, SamplingParams
@@ -132,27 +131,9 @@ def test_greedy_with_drafting_equals_plain_over_workers(tiny_llama: Path, tmp_pa
     asyncio.run(run())
 
 
-class _Cluster:
-    def __init__(self, model: Path, topology: Path, layers: dict[str, list[str]]) -> None:
-        self.model, self.topology = model, topology
-        self.workers = {w.name: w for w in start_local_cluster(model, layers, topology)}
-
-    def restart(self, name: str) -> None:
-        """Start it again on the port it had (the one the topology names)."""
-        address = f"127.0.0.1:{self.workers[name].port}"
-        command = worker_command(self.model, name, self.topology, address, ("--device", "cpu"))
-        process = WorkerProcess(name, command)
-        self.workers[name] = process
-        process.wait_ready()
-
-    def stop(self) -> None:
-        for worker in self.workers.values():
-            worker.stop()
-
-
 @pytest.fixture
-def worker_processes(tiny_llama: Path, tmp_path: Path) -> Iterator[_Cluster]:
-    processes = _Cluster(tiny_llama, tmp_path / "topology.yml", TWO_WORKERS)
+def worker_processes(tiny_llama: Path, tmp_path: Path) -> Iterator[ProcessCluster]:
+    processes = ProcessCluster(tiny_llama, tmp_path / "topology.yml", TWO_WORKERS)
     try:
         yield processes
     finally:
@@ -160,7 +141,7 @@ def worker_processes(tiny_llama: Path, tmp_path: Path) -> Iterator[_Cluster]:
 
 
 def test_greedy_drafting_survives_a_worker_kill_and_restart(
-    worker_processes: _Cluster, tiny_llama_tied: Path
+    worker_processes: ProcessCluster, tiny_llama_tied: Path
 ) -> None:
     """The replay after a restart rebuilds only accepted positions (the other model's drafts are
     mostly rejected and rolled back); the text is plain decoding's, with no token twice."""
