@@ -572,6 +572,7 @@ async def _plan_cluster(opts: dict) -> str:
         tls=client_tls(opts["tls_ca"]),
         device=opts["device"],
         dtype=opts["dtype"],
+        quantize=opts["quantize"],
         max_seq_len=opts["max_seq_len"],
         master_blocks=opts["master_blocks"],
         connect_timeout=opts["connect_timeout"],

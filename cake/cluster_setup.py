@@ -5,11 +5,12 @@
 
 For each worker, over one authenticated control connection: ``describe`` (device, memory it
 offers), a few pings (round trip), ``measure`` (one block of this model at this dtype, timed
-there). The master times a block itself too. `placement.place` picks contiguous ranges; the
-plan is logged with its predicted speed (``--plan`` prints it as topology.yml and stops). Then
-each worker gets exactly its blocks' tensors (`push.worker_payload`), resumed after a broken
-connection, and an ``assign``; the result is an ordinary `Topology` the master runs as if it
-had been written by hand.
+there, with its linear weights quantized as they will be pushed). The master times a block
+itself too. `placement.place` picks contiguous ranges; the plan is logged with its predicted
+speed (``--plan`` prints it as topology.yml and stops). Then each worker gets exactly its
+blocks' tensors in the form it will run (`payload.Payload`), resumed after a broken connection,
+and an ``assign``; the result is an ordinary `Topology` the master runs as if it had been
+written by hand.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from dataclasses import dataclass, field
 from cake.config import LlamaConfig
 from cake.errors import WorkerError
 from cake.handshake import prove_key
+from cake.payload import ModelManifest, Payload, PushItem
 from cake.placement import KEEP_TOLERANCE, MASTER, StageCost, keep_or_replace, place
+from cake.progress import progress_bar
 from cake.protocol import (
     Assign,
     Assigned,
@@ -39,7 +42,7 @@ from cake.protocol import (
     Pong,
     ProtocolError,
 )
-from cake.push import ModelManifest, PushRefused, PushStats, payload_model, push, worker_payload
+from cake.push import PushRefused, PushStats, push
 from cake.topology import Node, Topology, format_blocks, parse_address
 from cake.transport import Link, LinkError, open_link
 
@@ -58,6 +61,7 @@ class ClusterOptions:
     tls: ssl.SSLContext | None = None
     device: str = "auto"  # the master's own device
     dtype: str = "auto"  # every stage's; "auto" is resolved per device
+    quantize: str | None = None  # --quantize: what float linear weights become, pushed so
     max_seq_len: int | None = None  # None: the model's, at most master.DEFAULT_MAX_SEQ_LEN
     master_blocks: int | None = None  # most blocks the master may run itself
     connect_timeout: float = 10.0
@@ -123,11 +127,15 @@ async def _ask(link: Link, request: Message, kind: type, label: str, timeout: fl
 
 
 async def probe_worker(
-    address: str, config_text: str, options: ClusterOptions, one_at_a_time: asyncio.Lock
+    address: str,
+    config_text: str,
+    options: ClusterOptions,
+    one_at_a_time: asyncio.Lock,
+    scheme: str = "",
 ) -> WorkerProbe:
     """Describe, round trip and block timing of one worker. The timings take turns
     (`one_at_a_time`): workers that share a host (several GPUs, or tests) must not slow each
-    other's measurement down."""
+    other's measurement down. `scheme`: the quantization the block's weights will arrive in."""
     host, port = parse_address(address, "--workers")
     label = f"worker at {address}"
     try:
@@ -152,7 +160,11 @@ async def probe_worker(
             await _ask(link, Ping(id=10 + i), Pong, label, timeout)
             trips.append((time.perf_counter() - started) * 1e3)
         measure = Measure(
-            id=2, config=config_text, dtype=options.dtype, positions=options.max_seq_len
+            id=2,
+            config=config_text,
+            dtype=options.dtype,
+            positions=options.max_seq_len,
+            quantize=scheme,
         )
         async with one_at_a_time:
             measured = await _ask(link, measure, Measured, label, MEASURE_TIMEOUT_S)
@@ -174,16 +186,17 @@ async def probe_worker(
     return probe
 
 
-def master_stage(config: LlamaConfig, options: ClusterOptions) -> StageCost:
-    """The master as a stage: its block time, and the blocks its memory holds beside the
-    embedding and the head."""
-    from cake.devices import resolve_device, resolve_dtype
+def master_stage(config: LlamaConfig, options: ClusterOptions, scheme: str = "") -> StageCost:
+    """The master as a stage: its block time (linear weights `scheme`-quantized, if given), and
+    the blocks its memory holds beside the embedding and the head."""
+    from cake.devices import resolve_device
+    from cake.empty_worker import compute_dtype
     from cake.measure import MEMORY_HEADROOM, free_memory, time_block
 
     device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
+    dtype = compute_dtype(options.dtype, device, bool(scheme))
     assert options.max_seq_len is not None
-    timing = time_block(config, dtype, device, options.max_seq_len)
+    timing = time_block(config, dtype, device, options.max_seq_len, scheme)
     tables = 1 if config.tie_word_embeddings else 2
     own = tables * config.vocab_size * config.hidden_size * dtype.itemsize
     budget = int(free_memory(device)[0] * MEMORY_HEADROOM) - own
@@ -199,16 +212,24 @@ def master_stage(config: LlamaConfig, options: ClusterOptions) -> StageCost:
 
 
 async def plan_cluster(
-    folder_config: LlamaConfig, config_text: str, options: ClusterOptions, model: str | None = None
+    folder_config: LlamaConfig,
+    config_text: str,
+    options: ClusterOptions,
+    model: str | None = None,
+    scheme: str = "",
 ) -> ClusterPlan:
     """Measure every worker and the master, and place the blocks. `model`: the payload's
     cache key; a plan the workers already hold for it is kept unless the new one is clearly
-    better (KEEP_TOLERANCE), since timings wobble and every change means a push."""
+    better (KEEP_TOLERANCE), since timings wobble and every change means a push. `scheme`:
+    the quantization the blocks' weights run in ("" for float)."""
     if not options.workers:
         raise ValueError("no workers to plan for: give --workers HOST:PORT,... or --discover")
     turns = asyncio.Lock()
     outcomes = await asyncio.gather(
-        *(probe_worker(address, config_text, options, turns) for address in options.workers),
+        *(
+            probe_worker(address, config_text, options, turns, scheme)
+            for address in options.workers
+        ),
         return_exceptions=True,
     )
     probes = [o for o in outcomes if isinstance(o, WorkerProbe)]
@@ -221,7 +242,7 @@ async def plan_cluster(
     if duplicate:
         await close_probes(probes)
         raise WorkerError(f"two workers are named {duplicate!r}; give them distinct --name")
-    stages = [master_stage(folder_config, options)] + [
+    stages = [master_stage(folder_config, options, scheme)] + [
         StageCost(
             probe.name,
             probe.measured.block_us / 1e3,
@@ -277,30 +298,46 @@ def _describe_ranges(ranges: dict[str, range]) -> str:
     return "; ".join(f"{name}: blocks {r.start}-{r.stop - 1}" for name, r in ranges.items())
 
 
-async def push_and_assign(
-    plan: ClusterPlan, manifest: ModelManifest, config: LlamaConfig, options: ClusterOptions
-) -> None:
+async def push_and_assign(plan: ClusterPlan, payload: Payload, options: ClusterOptions) -> None:
     """Send each planned worker its blocks' tensors (what it lacks) and assign them."""
-    model = payload_model(manifest)
     by_name = {probe.name: probe for probe in plan.probes}
-    await asyncio.gather(
-        *(
-            _push_one(by_name[node.name], node, manifest, model, config, plan, options)
-            for node in plan.topology.nodes
+    payloads = {
+        node.name: await asyncio.to_thread(payload.items, node.blocks)
+        for node in plan.topology.nodes
+    }
+    total = sum(item.nbytes for items in payloads.values() for item in items)
+    with progress_bar(total, "pushing to workers", unit="B") as bar:
+
+        def on_progress(worker: str, count: int, sent: bool) -> None:
+            bar.update(count)
+            if sent:
+                options.on_sent(worker, count)
+
+        await asyncio.gather(
+            *(
+                _push_one(
+                    by_name[node.name],
+                    node,
+                    payloads[node.name],
+                    payload.model,
+                    plan,
+                    options,
+                    on_progress,
+                )
+                for node in plan.topology.nodes
+            )
         )
-    )
 
 
 async def _push_one(
     probe: WorkerProbe,
     node: Node,
-    manifest: ModelManifest,
+    items: list[PushItem],
     model: str,
-    config: LlamaConfig,
     plan: ClusterPlan,
     options: ClusterOptions,
+    on_progress: Callable[[str, int, bool], object],
 ) -> None:
-    items = worker_payload(manifest, config, node.blocks)
     total = sum(item.nbytes for item in items)
     stats = plan.pushed.setdefault(probe.name, PushStats())
     deadline = time.monotonic() + options.retry_timeout
@@ -312,7 +349,8 @@ async def _push_one(
                 model,
                 items,
                 stats,
-                on_sent=lambda count: options.on_sent(probe.name, count),
+                on_sent=lambda count: on_progress(probe.name, count, True),
+                on_held=lambda count: on_progress(probe.name, count, False),
             )
             break
         except (LinkError, TimeoutError) as exc:
@@ -370,6 +408,7 @@ async def prepare_cluster(
     """Plan (and unless `plan_only`, push and assign); the control connections are closed."""
     from cake.gguf import resolve_model_path
     from cake.master import DEFAULT_MAX_SEQ_LEN
+    from cake.weights import Quantization
 
     folder = resolve_model_path(model)
     config = LlamaConfig.from_folder(folder)
@@ -377,10 +416,12 @@ async def prepare_cluster(
         options.max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     config_text = (folder / "config.json").read_text(encoding="utf-8")
     manifest = await asyncio.to_thread(ModelManifest.for_folder, folder)
-    plan = await plan_cluster(config, config_text, options, payload_model(manifest))
+    quantization = Quantization(options.quantize) if options.quantize else None
+    payload = Payload(manifest, config, quantization)
+    plan = await plan_cluster(config, config_text, options, payload.model, payload.scheme)
     try:
         if not plan_only and plan.topology.nodes:
-            await push_and_assign(plan, manifest, config, options)
+            await push_and_assign(plan, payload, options)
     finally:
         await close_probes(plan.probes)
     return plan

@@ -70,6 +70,14 @@ ASSIGNMENT_FILE = "assignment.json"
 CONTROL_MAX_FRAME_BYTES = MAX_PUSH_CHUNK_BYTES + (1 << 20)
 
 
+def compute_dtype(name: str, device: torch.device, quantized: bool) -> torch.dtype:
+    """The dtype blocks compute in: `auto` is bf16 for quantized weights (see
+    weights.activation_dtype), else what the device does best."""
+    if name == "auto" and quantized:
+        return torch.bfloat16
+    return resolve_dtype(name, device)
+
+
 class Refusal(ProtocolError):
     """A control request this worker will not do; answered with an error of this code."""
 
@@ -238,20 +246,23 @@ class EmptyWorker:
             config = LlamaConfig.from_dict(json.loads(request.config), source="measure.config")
         except (ValueError, TypeError) as exc:  # ModelFolderError and JSON errors included
             return ErrorMessage(message=f"bad config: {exc}", code="bad_config", id=request.id)
-        dtype = resolve_dtype(request.dtype, self.device)
+        dtype = compute_dtype(request.dtype, self.device, bool(request.quantize))
         free = self.offered_memory()
-        need = block_bytes(config, dtype, request.positions)
+        need = block_bytes(config, dtype, request.positions, request.quantize)
         if need > free:
             return ErrorMessage(
                 message=f"worker {self.name}: one block needs {need} bytes, {free} are free",
                 code="too_large",
                 id=request.id,
             )
-        timing = await asyncio.to_thread(time_block, config, dtype, self.device, request.positions)
+        timing = await asyncio.to_thread(
+            time_block, config, dtype, self.device, request.positions, request.quantize
+        )
         log.info(
-            "measured %.2f ms per block (%s, %d positions) for a master",
+            "measured %.2f ms per block (%s%s, %d positions) for a master",
             timing.block_ms,
             DTYPE_NAMES[dtype],
+            f", {request.quantize} weights" if request.quantize else "",
             request.positions,
         )
         return Measured(
@@ -287,11 +298,14 @@ class EmptyWorker:
 
     async def load(self, assignment: Assignment) -> None:
         """Load the assigned blocks from the cache (in a thread) and serve them from now on."""
-        from cake.weights import load_llama
+        from cake.weights import Checkpoint, load_llama
 
         folder = self.cache.folder(assignment.model)
         config = LlamaConfig.from_folder(folder)
-        dtype = resolve_dtype(assignment.dtype, self.device)
+        # A pushed folder holds quantized weights when the master pushed them so (--quantize,
+        # a GGUF model): `auto` then computes in bf16, as the quantized kernels do.
+        quantized = Checkpoint(folder).is_quantized
+        dtype = compute_dtype(assignment.dtype, self.device, quantized)
         previous, self.worker, self.assignment = self.worker, None, None
         if previous is not None:
             previous.compute.shutdown(wait=False, cancel_futures=True)

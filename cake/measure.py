@@ -65,24 +65,47 @@ class BlockTiming:
     block_bytes: int  # its weights plus one session's KV cache of max_seq_len positions
 
 
-def block_bytes(config: LlamaConfig, dtype: torch.dtype, max_seq_len: int) -> int:
-    """Weights of one block plus one session's KV cache for it, in `dtype`."""
+# Bytes a quantized linear weight takes per element: int8 per output channel (plus a bf16 scale
+# per row, negligible); int4 in groups of 32 with a bf16 scale and zero point per group.
+QUANTIZED_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
+def block_bytes(
+    config: LlamaConfig, dtype: torch.dtype, max_seq_len: int, quantization: str = ""
+) -> int:
+    """Weights of one block (linear ones `quantization`, if given) plus one session's KV cache
+    for it, in `dtype`."""
     c = config
-    weights = (
+    linear = (
         c.hidden_size * c.head_dim * (c.n_heads * 2 + c.n_kv_heads * 2)  # q, o, k, v
         + 3 * c.hidden_size * c.intermediate_size  # gate, up, down
-        + 2 * c.hidden_size  # the two norms
     )
+    per_weight = QUANTIZED_BYTES_PER_WEIGHT.get(quantization, dtype.itemsize)
+    norms = 2 * c.hidden_size
     cache = 2 * c.n_kv_heads * c.head_dim * max_seq_len
-    return (weights + cache) * dtype.itemsize
+    return int(linear * per_weight) + (norms + cache) * dtype.itemsize
 
 
 def time_block(
-    config: LlamaConfig, dtype: torch.dtype, device: torch.device, max_seq_len: int
+    config: LlamaConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seq_len: int,
+    quantization: str = "",
 ) -> BlockTiming:
-    """Build one block with random weights on `device` and time decode steps through it."""
+    """Build one block with random weights (quantized as `quantization` says, if given) on
+    `device` and time decode steps through it."""
+    from cake.weights import Quantization
+
     positions = min(TIMED_POSITION, max_seq_len - 1)
-    part = random_part(config, [0], dtype, device, max_seq_len=positions + TIMED_STEPS + 4)
+    part = random_part(
+        config,
+        [0],
+        dtype,
+        device,
+        Quantization(quantization) if quantization else None,
+        max_seq_len=positions + TIMED_STEPS + 4,
+    )
     cache = part.new_cache(positions + TIMED_STEPS + 4)
     hidden = torch.randn(1, 1, config.hidden_size, device=device, dtype=dtype)
     times = []
@@ -101,7 +124,7 @@ def time_block(
     # identical workers on a shared 2-core machine).
     return BlockTiming(
         block_ms=min(times[2:]) * 1e3,
-        block_bytes=block_bytes(config, dtype, max_seq_len),
+        block_bytes=block_bytes(config, dtype, max_seq_len, quantization),
     )
 
 

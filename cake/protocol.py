@@ -701,11 +701,14 @@ class Measure(_Message):
     config: str  # the model's config.json text (the block's shapes)
     dtype: str  # one of COMPUTE_DTYPES; "auto" is resolved by the worker for its device
     positions: int  # KV positions the timed decode steps attend over
+    quantize: str = ""  # "int8" / "int4": the block's linear weights as they will be pushed
 
     def _check(self) -> None:
         _check_text(self.config, "config", MAX_CONFIG_CHARS)
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"field 'dtype' must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.quantize not in ("", "int8", "int4"):
+            raise ValueError(f"field 'quantize' must be '', int8 or int4, got {self.quantize!r}")
         if not 1 <= self.positions <= 1 << 20:
             raise ValueError(f"field 'positions' must be 1 to {1 << 20}, got {self.positions}")
 

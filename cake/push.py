@@ -1,14 +1,7 @@
 """Tensor push: the master sends an empty worker exactly the tensors of its blocks.
 
-Master side:
-
-* :class:`ModelManifest` hashes every tensor of a model folder (sha256 of its stored bytes, read
-  straight from the safetensors files) and the model's small files, once: the result is cached
-  under ``$CAKE_CACHE_DIR/manifests`` keyed by the files' names, sizes and modification times.
-  Its :attr:`~ModelManifest.fingerprint` is the model's *content* fingerprint (every tensor's
-  bytes and the config), which keys the workers' caches.
-* :func:`worker_payload` is the one function that says what a worker receives for its blocks.
-* :func:`push` streams a payload over an authenticated link (see protocol.py for the exchange).
+Master side: :func:`push` streams a payload (cake/payload.py says what it holds) over an
+authenticated link (see protocol.py for the exchange).
 
 Worker side, :class:`ModelCache`: ``CACHE_DIR/<fingerprint>/`` is an ordinary model folder
 (config.json, tokenizer files, ``model.safetensors.index.json`` and one small safetensors file per
@@ -31,8 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cake.config import LlamaConfig, ModelFolderError
-from cake.gguf import cache_root
+from cake.payload import PushItem, sha256_range
 from cake.protocol import (
     PUSH_FILES,
     ErrorMessage,
@@ -47,187 +39,7 @@ from cake.transport import Link
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20  # per PushChunk frame: large enough to stream, small enough to resume
-HASH_BLOCK = 8 << 20
-MANIFEST_VERSION = 1
 INDEX_FILE = "model.safetensors.index.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Master side: what a model holds, and what a worker receives
-
-
-@dataclass(frozen=True)
-class PushItem:
-    """One tensor or file as it travels: its identity, its hash, where its bytes are."""
-
-    kind: str  # "tensor" or "file"
-    name: str
-    dtype: str  # safetensors spelling for a tensor, "" for a file
-    shape: tuple[int, ...]
-    nbytes: int
-    sha256: str
-    path: str  # the file that holds the bytes on the master ...
-    offset: int  # ... from this byte on
-    data: bytes | None = None  # or the bytes themselves (tensors made at push time)
-
-    def read(self, start: int, size: int) -> bytes:
-        if self.data is not None:
-            return self.data[start : start + size]
-        with open(self.path, "rb") as file:
-            file.seek(self.offset + start)
-            chunk = file.read(size)
-        if len(chunk) != size:
-            raise ModelFolderError(f"{self.path}: ended inside {self.name!r}; is it truncated?")
-        return chunk
-
-    def offer(self, request_id: int, model: str) -> PushOffer:
-        return PushOffer(
-            id=request_id,
-            model=model,
-            kind=self.kind,
-            name=self.name,
-            dtype=self.dtype,
-            shape=self.shape,
-            nbytes=self.nbytes,
-            sha256=self.sha256,
-        )
-
-
-def _sha256_range(path: Path | str, offset: int, nbytes: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        file.seek(offset)
-        left = nbytes
-        while left:
-            chunk = file.read(min(left, HASH_BLOCK))
-            if not chunk:
-                raise ModelFolderError(f"{path}: ended early while hashing; is it truncated?")
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ModelManifest:
-    """Every tensor and pushable file of a model folder, hashed; built once per folder state."""
-
-    folder: Path
-    tensors: dict[str, PushItem]
-    files: dict[str, PushItem]
-
-    @property
-    def fingerprint(self) -> str:
-        """32 hex digits over every tensor's and file's name and sha256: the model's content."""
-        digest = hashlib.sha256(b"cake-model-content-v1\n")
-        for item in sorted([*self.tensors.values(), *self.files.values()], key=_item_key):
-            line = f"{item.kind} {item.name} {item.dtype} {list(item.shape)} {item.sha256}\n"
-            digest.update(line.encode())
-        return digest.hexdigest()[:32]
-
-    @classmethod
-    def for_folder(cls, folder: str | os.PathLike) -> ModelManifest:
-        """Read the cached manifest for this folder's current files, or hash and cache it."""
-        from cake.split import read_header
-        from cake.weights import Checkpoint
-
-        folder = Path(folder)
-        checkpoint = Checkpoint(folder)
-        sources = [*checkpoint.files, *(name for name in PUSH_FILES if (folder / name).is_file())]
-        stamp = hashlib.sha256(str(folder.resolve()).encode())
-        for name in sorted(sources):
-            stat = (folder / name).stat()
-            stamp.update(f"|{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-        cached = cache_root() / "manifests" / f"{stamp.hexdigest()[:24]}.json"
-        hashes: dict[str, str] = {}
-        if cached.is_file():
-            try:
-                stored = json.loads(cached.read_text(encoding="utf-8"))
-                if stored.get("version") == MANIFEST_VERSION:
-                    hashes = dict(stored["sha256"])
-            except (OSError, ValueError, KeyError, TypeError):
-                hashes = {}  # unreadable: hash again
-        tensors: dict[str, PushItem] = {}
-        if not hashes:
-            size = sum((folder / name).stat().st_size for name in sources)
-            log.info(
-                "hashing %s (%.1f GiB) once, so workers can cache what they receive",
-                folder,
-                size / 2**30,
-            )
-        for file in checkpoint.files:
-            for name, tensor in read_header(folder / file).items():
-                key = f"tensor:{name}"
-                if key not in hashes:
-                    hashes[key] = _sha256_range(tensor.file, tensor.offset, tensor.nbytes)
-                tensors[name] = PushItem(
-                    "tensor",
-                    name,
-                    tensor.dtype,
-                    tensor.shape,
-                    tensor.nbytes,
-                    hashes[key],
-                    str(tensor.file),
-                    tensor.offset,
-                )
-        files: dict[str, PushItem] = {}
-        for name in PUSH_FILES:
-            path = folder / name
-            if path.is_file():
-                size = path.stat().st_size
-                key = f"file:{name}"
-                if key not in hashes:
-                    hashes[key] = _sha256_range(path, 0, size)
-                files[name] = PushItem("file", name, "", (), size, hashes[key], str(path), 0)
-        if "config.json" not in files:
-            raise ModelFolderError(f"{folder}: no config.json")
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cached.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps({"version": MANIFEST_VERSION, "sha256": hashes}))
-            os.replace(temporary, cached)
-        except OSError as exc:  # a read-only cache only costs hashing again next time
-            log.warning("cannot cache the manifest in %s (%s)", cached, exc)
-        return cls(folder, tensors, files)
-
-
-def _item_key(item: PushItem) -> tuple[str, str]:
-    return item.kind, item.name
-
-
-def block_tensor_names(config: LlamaConfig, blocks: Sequence[int]) -> list[str]:
-    """The checkpoint names of `blocks`' tensors."""
-    from cake.model import checkpoint_shapes
-
-    return list(checkpoint_shapes(config, blocks, with_embedding=False, with_head=False))
-
-
-def worker_payload(
-    manifest: ModelManifest, config: LlamaConfig, blocks: Sequence[int]
-) -> list[PushItem]:
-    """Everything a worker that serves `blocks` receives: the tensors of those blocks, as the
-    worker will load them, then the config and tokenizer files. Nothing else.
-
-    This is the one place that decides what travels. Tensors go as stored in the checkpoint
-    (the worker casts to its --dtype while loading, as from any folder). Quantized pushes slot
-    in here: build the worker's quantized tensors (PushItem with `data` set and its own sha256)
-    instead of the stored ones, and give the payload its own cache key (see `payload_model`).
-    """
-    items = []
-    for name in block_tensor_names(config, blocks):
-        item = manifest.tensors.get(name)
-        if item is None:
-            raise ModelFolderError(
-                f"tensor {name!r} is not in the checkpoint {manifest.folder}; it is incomplete "
-                "or not this config's model"
-            )
-        items.append(item)
-    return items + list(manifest.files.values())
-
-
-def payload_model(manifest: ModelManifest) -> str:
-    """The cache key of what `worker_payload` sends: the content fingerprint (a quantized
-    payload must extend it with the quantization, e.g. hash(fingerprint + "int8"))."""
-    return manifest.fingerprint
 
 
 @dataclass
@@ -247,12 +59,14 @@ async def push(
     stats: PushStats,
     timeout: float = 60.0,
     on_sent: Callable[[int], object] = lambda count: None,
+    on_held: Callable[[int], object] = lambda count: None,
 ) -> None:
     """Offer every item, then stream what the worker lacks; return when all are stored.
 
     All offers go first (the worker answers each with what it holds), then the chunks, then
     the confirmations are read: one round trip for the whole manifest, not one per tensor.
-    `on_sent` is called after each chunk with its size (progress, tests).
+    `on_sent` is called after each chunk with its size (progress, tests); `on_held` with the
+    bytes the worker held already (progress).
     """
     for request_id, item in enumerate(items):
         await link.send(item.offer(request_id, model))
@@ -265,6 +79,7 @@ async def push(
     pending = []
     for request_id, item in enumerate(items):
         start = wants[request_id]
+        on_held(min(start, item.nbytes))
         if start >= item.nbytes:
             stats.items_cached += 1
             continue
@@ -463,14 +278,7 @@ def _safetensors_header(offer: PushOffer) -> bytes:
 
 def _file_sha256(path: Path, start: int) -> str:
     size = path.stat().st_size
-    return _sha256_range(path, start, size - start) if size >= start else ""
+    return sha256_range(path, start, size - start) if size >= start else ""
 
 
-__all__ = [
-    "ModelCache",
-    "ModelManifest",
-    "PushItem",
-    "PushStats",
-    "push",
-    "worker_payload",
-]
+__all__ = ["ModelCache", "PushRefused", "PushStats", "push"]

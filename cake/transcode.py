@@ -25,10 +25,12 @@ import torch
 from safetensors.torch import save_file
 
 from cake.config import LlamaConfig
+from cake.gguf import GGUFCheckpoint
 from cake.model import EMBEDDING, HEAD, PROJECTIONS, checkpoint_shapes
-from cake.quant import QuantizedTensor, Weight, quantize
+from cake.quant import DEFAULT_GROUP_SIZE, QuantizedTensor, Weight, quantize
 from cake.weights import (
     INDEX_FILE,
+    Checkpoint,
     Quantization,
     embedding_weight,
     head_source,
@@ -60,8 +62,6 @@ def stored_groups(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The safetensors entries of a bundle, one block (then the master's rest) at a time."""
     checkpoint = open_checkpoint(folder, config)
-    scheme = quantization.scheme if quantization else None
-    group = quantization.group_size if quantization else 32
     shapes = checkpoint_shapes(config, blocks, is_master, is_master)
     tied = is_master and head_source(config, checkpoint) != HEAD
     if tied:
@@ -73,16 +73,30 @@ def stored_groups(
     for names in by_group.values():
         entries: dict[str, torch.Tensor] = {}
         for name in names:
-            (weight,) = checkpoint.load([name], None).values()
-            if name.endswith(LINEAR_PARTS):
-                if isinstance(weight, torch.Tensor) and scheme:
-                    weight = quantize(weight, scheme, group)
-            elif name == HEAD or (name == EMBEDDING and tied):
-                weight = head_weight(weight, scheme, serves_rows=name == EMBEDDING)
-            elif name == EMBEDDING and isinstance(weight, QuantizedTensor):
-                weight = embedding_weight(weight, torch.bfloat16)
-            entries.update(flatten(name, weight))
+            entries.update(flatten(name, stored_form(checkpoint, name, quantization, tied)))
         yield entries
+
+
+def stored_form(
+    checkpoint: Checkpoint | GGUFCheckpoint,
+    name: str,
+    quantization: Quantization | None,
+    tied: bool = False,
+) -> Weight:
+    """One checkpoint weight in the form its loader builds (`tied`: the embedding is the head):
+    float linear weights quantized under `quantization`, stored quantized ones as they are,
+    the head int8 when quantizing, an untied embedding float. What bundles and pushes store."""
+    scheme = quantization.scheme if quantization else None
+    group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
+    (weight,) = checkpoint.load([name], None).values()
+    if name.endswith(LINEAR_PARTS):
+        if isinstance(weight, torch.Tensor) and scheme:
+            weight = quantize(weight, scheme, group)
+    elif name == HEAD or (name == EMBEDDING and tied):
+        weight = head_weight(weight, scheme, serves_rows=name == EMBEDDING)
+    elif name == EMBEDDING and isinstance(weight, QuantizedTensor):
+        weight = embedding_weight(weight, torch.bfloat16)
+    return weight
 
 
 def write_transcoded(

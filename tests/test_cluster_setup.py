@@ -20,8 +20,9 @@ from cake.errors import WorkerError
 from cake.local_cluster import WorkerProcess
 from cake.master import Master
 from cake.measure import block_bytes
+from cake.payload import ModelManifest, Payload
 from cake.protocol import ErrorMessage, PushOffer
-from cake.push import ModelCache, ModelManifest, payload_model, worker_payload
+from cake.push import ModelCache
 from cake.topology import parse_topology
 from cake.transport import LinkError, open_link
 
@@ -99,9 +100,12 @@ def block_names(blocks: range) -> set[str]:
     return {f"model.layers.{i}.{suffix}" for i in blocks for suffix in suffixes}
 
 
-async def _generate(folder: Path, topology: object, prompt: str) -> tuple[list[int], list[int]]:
+async def _generate(
+    folder: Path, topology: object, prompt: str, **settings: object
+) -> tuple[list[int], list[int]]:
+    settings = {"dtype": "f32", **settings}
     master = await Master.open(
-        folder, topology, device="cpu", dtype="f32", max_seq_len=SEQ_LEN, cluster_key=KEY
+        folder, topology, device="cpu", max_seq_len=SEQ_LEN, cluster_key=KEY, **settings
     )
     try:
         ids = master.encode(prompt)
@@ -170,6 +174,44 @@ def test_two_empty_workers_plan_push_generate_and_reuse(tiny_llama: Path, tmp_pa
             worker.stop()
 
 
+@pytest.mark.slow
+def test_quantized_and_gguf_models_push_what_the_worker_runs(
+    tiny_llama: Path, smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    """--quantize int4 pushes int4 tensors, a GGUF pushes its decoded int4 blocks; either way
+    the cluster's greedy text is the one the master alone produces from the same model."""
+    cache = tmp_path / "cache"
+    worker = empty_worker("w", cache)
+    try:
+        plan = asyncio.run(
+            prepare_cluster(str(tiny_llama), options([worker.port], dtype="auto", quantize="int4"))
+        )
+        assert [node.blocks for node in plan.topology.nodes] == [(0, 1, 2, 3)]
+        pushed = cached_tensors(cache)
+        assert "model.layers.0.mlp.down_proj.weight.q" in pushed
+        assert "model.layers.0.mlp.down_proj.weight" not in pushed
+        (stats,) = plan.pushed.values()
+        float_bytes = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
+        assert 0 < stats.bytes_sent < float_bytes / 4  # f32 in the folder, ~0.16 of it sent
+        settings = {"dtype": "auto", "quantize": "int4"}
+        tokens, _ = asyncio.run(_generate(tiny_llama, plan.topology, "hi", **settings))
+        local, _ = asyncio.run(_generate(tiny_llama, None, "hi", **settings))
+        assert tokens == local
+        # A GGUF model: the same worker takes the new assignment, nothing is float on the wire.
+        plan = asyncio.run(prepare_cluster(str(smollm2_gguf), options([worker.port], dtype="auto")))
+        assert "serving blocks 0-29" in worker.log
+        assert "int4 weights" in worker.log  # it timed the block as it will run it
+        gguf_tokens, _ = asyncio.run(
+            _generate(smollm2_gguf, plan.topology, "What is the capital of France?", dtype="auto")
+        )
+        local, _ = asyncio.run(
+            _generate(smollm2_gguf, None, "What is the capital of France?", dtype="auto")
+        )
+        assert gguf_tokens == local
+    finally:
+        worker.stop()
+
+
 def _span(blocks: tuple[int, ...]) -> tuple[int, int]:
     return blocks[0], blocks[-1] + 1
 
@@ -181,9 +223,8 @@ def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: 
     cache = tmp_path / "cache"
     workers = [empty_worker("w", cache)]
     port = workers[0].port  # the restarted worker comes back on the same one
-    manifest = ModelManifest.for_folder(tiny_llama)
-    config = LlamaConfig.from_folder(tiny_llama)
-    items = worker_payload(manifest, config, range(4))
+    payload = Payload(ModelManifest.for_folder(tiny_llama), LlamaConfig.from_folder(tiny_llama))
+    items = payload.items(range(4))
     total = sum(item.nbytes for item in items)
     before = {"sent": 0, "held": -1}
 
@@ -195,7 +236,7 @@ def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: 
             time.sleep(0.5)  # let the worker write what reached it
             workers[-1].kill()
             # What survived, as the restarted worker will count it.
-            model = payload_model(manifest)
+            model = payload.model
             before["held"] = sum(
                 ModelCache(cache).offer(999, item.offer(i, model)) for i, item in enumerate(items)
             )
