@@ -544,7 +544,7 @@ async def _plan_cluster(opts: dict) -> str:
     Returns the plan as topology.yml text (what --plan prints)."""
     from cake.auth import client_tls
     from cake.auth import cluster_key as parse_key
-    from cake.cluster_setup import ClusterOptions, plan_yaml, prepare_cluster
+    from cake.cluster_setup import ClusterOptions, plan_yaml, prepare_cluster, replanning
 
     if opts["topology"]:
         raise ValueError("give --topology (blocks by hand) or --workers/--discover, not both")
@@ -580,6 +580,7 @@ async def _plan_cluster(opts: dict) -> str:
     )
     plan = await prepare_cluster(opts["model"], options, plan_only=opts["plan_only"])
     opts["topology"] = plan.topology if plan.topology.nodes else None
+    opts["replanning"] = replanning(opts["model"], options)  # a worker lost for good
     return plan_yaml(plan)
 
 

@@ -43,6 +43,7 @@ from cake.protocol import (
     ProtocolError,
 )
 from cake.push import PushRefused, PushStats, push
+from cake.replan import Replanning
 from cake.topology import Node, Topology, format_blocks, parse_address
 from cake.transport import Link, LinkError, open_link
 
@@ -217,11 +218,13 @@ async def plan_cluster(
     options: ClusterOptions,
     model: str | None = None,
     scheme: str = "",
+    skip_unreachable: bool = False,
 ) -> ClusterPlan:
     """Measure every worker and the master, and place the blocks. `model`: the payload's
     cache key; a plan the workers already hold for it is kept unless the new one is clearly
     better (KEEP_TOLERANCE), since timings wobble and every change means a push. `scheme`:
-    the quantization the blocks' weights run in ("" for float)."""
+    the quantization the blocks' weights run in ("" for float). `skip_unreachable`: plan
+    without workers that do not answer (a re-plan after a loss) instead of failing."""
     if not options.workers:
         raise ValueError("no workers to plan for: give --workers HOST:PORT,... or --discover")
     turns = asyncio.Lock()
@@ -234,6 +237,10 @@ async def plan_cluster(
     )
     probes = [o for o in outcomes if isinstance(o, WorkerProbe)]
     failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if skip_unreachable:
+        for failure in [f for f in failures if isinstance(f, WorkerError)]:
+            log.warning("leaving a worker out of the plan: %s", failure)
+            failures.remove(failure)
     if failures:
         await close_probes(probes)
         raise failures[0]
@@ -394,8 +401,26 @@ async def _push_one(
     assign = Assign(
         id=3, model=model, blocks=node.blocks, dtype=options.dtype, max_seq_len=options.max_seq_len
     )
-    reply = await _ask(probe.link, assign, Assigned, probe.label, MEASURE_TIMEOUT_S)
-    assert isinstance(reply, Assigned)
+    # "busy": a master's forward connections are still open there. Right after a re-plan
+    # those are our own old ones, which the worker has not seen close yet: ask again shortly.
+    deadline = time.monotonic() + options.connect_timeout
+    while True:
+        try:
+            await probe.link.send(assign)
+            reply = await probe.link.recv(timeout=MEASURE_TIMEOUT_S)
+        except TimeoutError:
+            raise WorkerError(f"{probe.label}: no answer to 'assign'") from None
+        except (LinkError, ProtocolError) as exc:
+            raise WorkerError(f"{probe.label}: {exc}") from None
+        if not (isinstance(reply, ErrorMessage) and reply.code == "busy"):
+            break
+        if time.monotonic() > deadline:
+            raise WorkerError(f"{probe.label} refused 'assign': {reply.message}")
+        await asyncio.sleep(0.1)
+    if isinstance(reply, ErrorMessage):
+        raise WorkerError(f"{probe.label} refused 'assign': {reply.message}")
+    if not isinstance(reply, Assigned):
+        raise WorkerError(f"{probe.label}: expected 'assigned', got {type(reply).__name__}")
 
 
 async def close_probes(probes: list[WorkerProbe]) -> None:
@@ -403,9 +428,10 @@ async def close_probes(probes: list[WorkerProbe]) -> None:
 
 
 async def prepare_cluster(
-    model: str, options: ClusterOptions, plan_only: bool = False
+    model: str, options: ClusterOptions, plan_only: bool = False, skip_unreachable: bool = False
 ) -> ClusterPlan:
-    """Plan (and unless `plan_only`, push and assign); the control connections are closed."""
+    """Plan (and unless `plan_only`, push and assign); the control connections are closed.
+    `skip_unreachable`: plan over the workers that answer (see plan_cluster)."""
     from cake.gguf import resolve_model_path
     from cake.master import DEFAULT_MAX_SEQ_LEN
     from cake.weights import Quantization
@@ -418,7 +444,9 @@ async def prepare_cluster(
     manifest = await asyncio.to_thread(ModelManifest.for_folder, folder)
     quantization = Quantization(options.quantize) if options.quantize else None
     payload = Payload(manifest, config, quantization)
-    plan = await plan_cluster(config, config_text, options, payload.model, payload.scheme)
+    plan = await plan_cluster(
+        config, config_text, options, payload.model, payload.scheme, skip_unreachable
+    )
     try:
         if not plan_only and plan.topology.nodes:
             await push_and_assign(plan, payload, options)
@@ -440,3 +468,15 @@ def format_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def replanning(model: str, options: ClusterOptions) -> Replanning:
+    """What a master that planned this cluster does when a worker is lost for good: plan
+    again over the same worker list, leaving out those that do not answer (cake/replan.py)."""
+
+    async def plan_again() -> Topology:
+        plan = await prepare_cluster(model, options, skip_unreachable=True)
+        log.info("new plan: %s", plan.summary)
+        return plan.topology
+
+    return Replanning(plan_again)

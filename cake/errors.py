@@ -9,6 +9,15 @@ class WorkerError(RuntimeError):
     """A worker is unreachable, refused us, or failed a request; the message names it."""
 
 
+class WorkerGone(WorkerError):
+    """A worker did not come back within --retry-timeout: lost for good, as far as we wait."""
+
+
+class StagesReplaced(WorkerError):
+    """The stage a request ran on was retired by a re-plan (cake/replan.py); the session
+    resumes on the new stages."""
+
+
 class KVMemoryError(RuntimeError):
     """A session cannot get KV-cache room (budget, context or session count); that session only.
 

@@ -28,21 +28,25 @@ from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
 from cake.config import LlamaConfig, architecture_of
 from cake.devices import resolve_device
 from cake.draft import Drafter, DraftModel, LookupDrafter, load_draft_model
-from cake.errors import ContextError
+from cake.errors import ContextError, StagesReplaced, WorkerError, WorkerGone
 from cake.gguf import resolve_model_path
 from cake.liveness import LivenessSettings
 from cake.model import Llama
 from cake.protocol import fingerprint_config, session_frame_limit
-from cake.remote import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_RETRY_TIMEOUT_S,
-    RemoteStage,
-    WorkerClient,
-)
+from cake.remote import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RETRY_TIMEOUT_S, RemoteStage
+from cake.replan import MAX_RESUMES, Replanning
 from cake.sampling import Sampler, SamplingParams
-from cake.sessions import SessionStore, check_worker_limits, kv_budget
+from cake.sessions import SessionStore, kv_budget
 from cake.speculative import DraftController, DraftSettings, Speculation, parse_draft_tokens
-from cake.stages import LocalStage, Stage, StageTimes
+from cake.stage_builder import (
+    LocalPart,
+    StageSettings,
+    build_stages,
+    connect_workers,
+    load_local_part,
+    missing_blocks,
+)
+from cake.stages import Stage, StageTimes
 from cake.topology import Run, Topology, format_blocks, load_topology
 from cake.weights import Quantization, activation_dtype, describe_part, load_llama
 
@@ -119,6 +123,7 @@ class Master:
         store: SessionStore | None = None,
         draft: DraftSettings | None = None,
         draft_model: DraftModel | None = None,
+        stage_settings: StageSettings | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
@@ -139,6 +144,11 @@ class Master:
         # With several sessions at once (the HTTP API), their steps are batched; a single CLI
         # generation runs its steps directly.
         self.scheduler: StepScheduler | None = None
+        self.stage_settings = stage_settings  # to build stages again after a re-plan
+        self.parts = [LocalPart(model, store)] if store is not None else []
+        # Set for a cluster the master planned itself (--workers, --discover): a worker lost
+        # for good is then planned around (cake/replan.py) instead of failing the sessions.
+        self.replanning: Replanning | None = None
 
     def enable_batching(self, groups: int = 1, prefill_chunk: int | None = None) -> StepScheduler:
         """Batch the steps of concurrent generations (see cake/batching.py). A prompt goes in
@@ -154,6 +164,39 @@ class Master:
             prefill_chunk=prefill_chunk or min(self.prefill_chunk, BATCH_PREFILL_CHUNK),
         )
         return self.scheduler
+
+    @property
+    def stage_epoch(self) -> int:
+        """Counts re-plans: a session whose stages are older re-runs its history first."""
+        return self.replanning.epoch if self.replanning is not None else 0
+
+    async def retire_stages(self) -> None:
+        """Stop every stage (a re-plan follows): requests in flight end with StagesReplaced,
+        worker connections close, the master's own caches are freed."""
+        for stage in self.stages:
+            if isinstance(stage, RemoteStage):
+                await stage.retire()
+            else:
+                await stage.close()
+
+    async def use_topology(self, topology: Topology) -> None:
+        """Build and connect the stages of a new plan (loading blocks the master now runs)."""
+        assert self.stage_settings is not None, "the master was not opened with Master.open"
+        runs = _runs(topology, self.config.n_layers)
+        clients = await connect_workers(runs, self.config, self.stage_settings)
+        missing = missing_blocks(runs, self.parts)
+        if missing:
+            try:
+                part = await asyncio.to_thread(
+                    load_local_part, self.folder, self.config, missing, self.stage_settings
+                )
+            except BaseException:
+                await asyncio.gather(*(client.close() for client in clients.values()))
+                raise
+            self.parts.append(part)
+        self.stages = build_stages(runs, clients, self.parts, self.offload)
+        if self.scheduler is not None:
+            self.scheduler.stages = list(self.stages)
 
     @classmethod
     async def open(
@@ -203,34 +246,25 @@ class Master:
             log.info(
                 "no worker lists blocks %s: they run on the master", format_blocks(local_blocks)
             )
-        fingerprint = fingerprint_config(architecture_of(config))
-        key, tls = parse_cluster_key(cluster_key), client_tls(tls_ca)
-        clients = {
-            run.node.name: WorkerClient(
-                run.node,
-                fingerprint,
-                connect_timeout=connect_timeout,
-                retry_timeout=retry_timeout,
-                cluster_key=key,
-                tls=tls,
-                liveness=liveness,
-                max_frame_bytes=session_frame_limit(config.hidden_size, seq_len),
-            )
-            for run in runs
-            if run.node is not None
-        }
+        settings = StageSettings(
+            fingerprint=fingerprint_config(architecture_of(config)),
+            max_seq_len=seq_len,
+            max_frame_bytes=session_frame_limit(config.hidden_size, seq_len),
+            connect_timeout=connect_timeout,
+            retry_timeout=retry_timeout,
+            cluster_key=parse_cluster_key(cluster_key),
+            tls=client_tls(tls_ca),
+            liveness=liveness,
+            offload=offload,
+            device=torch_device,
+            dtype=torch_dtype,
+            quantization=quantization,
+            kv_memory=kv_memory,
+        )
         # Workers first: an unreachable or mismatched worker fails in seconds, before a
         # possibly long load of the master's part.
+        clients = await connect_workers(runs, config, settings)
         try:
-            outcomes = await asyncio.gather(
-                *(client.connect() for client in clients.values()), return_exceptions=True
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            for client in clients.values():
-                assert client.welcome is not None
-                check_worker_limits(client.label, client.welcome, config, seq_len)
             log.info(
                 "loading %s (embedding, head, %d of %d blocks) on %s",
                 folder,
@@ -269,12 +303,7 @@ class Master:
         )
         if local_blocks:
             store.check_fits_one_session()
-        stages: list[Stage] = [
-            LocalStage(part, run.blocks, store, offload=offload)
-            if run.node is None
-            else RemoteStage(clients[run.node.name], run.blocks)
-            for run in runs
-        ]
+        stages = build_stages(runs, clients, [LocalPart(part, store)], offload)
         return cls(
             folder,
             config,
@@ -287,12 +316,13 @@ class Master:
             store,
             draft_settings,
             draft_model,
+            settings,
         )
 
     @classmethod
     async def from_options(cls, opts: dict[str, Any], offload: bool = False) -> Master:
         """`open` with the CLI's options (one list for the CLI and the HTTP API)."""
-        return await cls.open(
+        master = await cls.open(
             opts["model"],
             topology=opts["topology"],
             device=opts["device"],
@@ -313,6 +343,8 @@ class Master:
             draft=opts.get("draft"),
             draft_tokens=opts.get("draft_tokens"),
         )
+        master.replanning = opts.get("replanning")  # set by --workers / --discover
+        return master
 
     def encode(self, prompt: str, system_prompt: str | None = None, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, system_prompt, raw)
@@ -478,9 +510,24 @@ class Master:
         history = list(prompt_ids)
         stats.prompt_tokens = len(prompt_ids)
         stats.finish_reason = "length"
+        epoch = self.stage_epoch
+
+        async def step(tokens: Sequence[int], start_pos: int) -> torch.Tensor:
+            """`next_logits`, on stages re-planned around a lost worker if need be: then the
+            session's whole history goes first, which rebuilds its caches there."""
+            nonlocal epoch
+            for _ in range(MAX_RESUMES + 1):
+                if epoch != self.stage_epoch:
+                    tokens, start_pos, epoch = list(history), 0, self.stage_epoch
+                try:
+                    return await next_logits(session_id, tokens, start_pos, stats)
+                except (WorkerGone, StagesReplaced) as exc:
+                    await self._recover(exc, epoch)
+            raise WorkerError(f"gave up after {MAX_RESUMES} re-plans in one step")
+
         try:
             started = time.perf_counter()
-            logits = await next_logits(session_id, prompt_ids, 0, stats)
+            logits = await step(prompt_ids, 0)
             stats.prefill_s = time.perf_counter() - started
             if speculation is not None:
                 speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
@@ -501,15 +548,19 @@ class Master:
                     break
                 if chosen:  # accepted drafts: already in every stage's caches
                     continue
-                if speculation is None:
-                    logits = await next_logits(session_id, [token], len(history) - 1, stats)
-                    chosen = [await self._sample(sampler, logits, history)]
-                else:
+                if speculation is not None and epoch == self.stage_epoch:
                     budget = min(
                         max_new_tokens - stats.new_tokens - 1, self.max_seq_len - len(history)
                     )
                     verifier = _SessionVerifier(self, session_id, stats)
-                    chosen = await speculation.round(verifier, history, sampler, budget, stats)
+                    try:
+                        chosen = await speculation.round(verifier, history, sampler, budget, stats)
+                    except (WorkerGone, StagesReplaced) as exc:
+                        await self._recover(exc, epoch)  # then a plain step re-runs history
+                        chosen = []
+                if speculation is None or not chosen:
+                    logits = await step([token], len(history) - 1)
+                    chosen = [await self._sample(sampler, logits, history)]
                 stats.decode_steps += 1
                 stats.decode_tokens += len(chosen)
                 stats.decode_s = time.perf_counter() - started
@@ -517,6 +568,13 @@ class Master:
             if scheduler is not None:
                 await scheduler.leave(session_id)
             await self.close_session(session_id)
+
+    async def _recover(self, cause: WorkerError, epoch: int) -> None:
+        """A step on the stages of `epoch` failed for good: re-plan (or re-raise `cause`
+        when this master has no plan of its own: a hand-written topology)."""
+        if self.replanning is None:
+            raise cause
+        await self.replanning.recover(self, cause, epoch)
 
     async def close(self) -> None:
         if self.scheduler is not None:

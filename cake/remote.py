@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 
 from cake.channel import Channel
-from cake.errors import WorkerError
+from cake.errors import StagesReplaced, WorkerError, WorkerGone
 from cake.handshake import WorkerLost, greet_worker
 from cake.liveness import LinkPhase, LivenessSettings
 from cake.protocol import (
@@ -82,6 +82,7 @@ class WorkerClient:
         self.welcome: Welcome | None = None
         self.phase = LinkPhase()
         self._connecting = asyncio.Lock()
+        self.closed = False  # by close(): never connects again
 
     @property
     def label(self) -> str:
@@ -98,6 +99,8 @@ class WorkerClient:
 
     async def connect(self, timeout: float | None = None) -> Welcome:
         """Open a connection, authenticate, check the worker serves what the topology says."""
+        if self.closed:
+            raise WorkerLost(f"{self.label}: closed")
         timeout = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
         try:
             link = await open_link(
@@ -126,6 +129,9 @@ class WorkerClient:
         except BaseException:
             await link.wait_closed()
             raise
+        if self.closed:  # closed while we were connecting
+            await link.wait_closed()
+            raise WorkerLost(f"{self.label}: closed")
         link.set_frame_limit(self.max_frame_bytes)
         self.channel = Channel(link, self.label, self.liveness, on_lost=self._channel_lost)
         self.welcome = welcome
@@ -151,8 +157,8 @@ class WorkerClient:
         since = needed_since if lost_since is None else max(lost_since, needed_since)
         return since + self.retry_timeout
 
-    def gave_up(self, cause: Exception) -> WorkerError:
-        return WorkerError(
+    def gave_up(self, cause: Exception) -> WorkerGone:
+        return WorkerGone(
             f"{self.label} did not come back within {self.retry_timeout:g}s "
             f"(--retry-timeout): {cause}"
         )
@@ -166,6 +172,8 @@ class WorkerClient:
                 try:
                     await self.connect(timeout=max(left, 0.1))
                 except WorkerLost as exc:
+                    if self.closed:
+                        raise
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise self.gave_up(exc) from None
@@ -228,6 +236,7 @@ class WorkerClient:
                 await self.channel.send(CloseSession(session=session))
 
     async def close(self) -> None:
+        self.closed = True
         channel, self.channel = self.channel, None
         if channel is not None:
             await channel.close()
@@ -265,6 +274,7 @@ class RemoteStage:
             client.node.name if whole else f"{client.node.name}[{blocks.start}-{blocks.stop - 1}]"
         )
         self.inputs: dict[str, SessionInputs] = {}
+        self.retired = False  # a re-plan replaced this stage: its requests fail, none retry
 
     def _key(self, session_id: str) -> tuple[int, str]:
         """This stage's caches of a session, as the worker's phase tracks them."""
@@ -281,6 +291,8 @@ class RemoteStage:
         deadline: float | None = None
         while True:
             try:
+                if self.retired:
+                    raise StagesReplaced(f"{client.label}: the cluster was re-planned")
                 if client.channel is None:
                     deadline = deadline or client.retry_deadline(needed_since)
                     await client.ensure_connected(deadline)
@@ -294,6 +306,10 @@ class RemoteStage:
                 reply = await request()
                 return reply, time.perf_counter() - started
             except WorkerLost as exc:
+                if self.retired:
+                    raise StagesReplaced(f"{client.label}: the cluster was re-planned") from None
+                if client.closed:
+                    raise WorkerError(f"{client.label}: the connection was closed") from None
                 if deadline is None:
                     deadline = client.retry_deadline(needed_since)
                     log.warning(
@@ -381,3 +397,9 @@ class RemoteStage:
     async def close(self) -> None:
         self.inputs.clear()
         await self.client.close()
+
+    async def retire(self) -> None:
+        """A re-plan replaces this stage: requests in flight end with StagesReplaced, and the
+        connection closes (so the worker is free to take a new assignment)."""
+        self.retired = True
+        await self.close()

@@ -1,0 +1,117 @@
+"""A worker lost for good in a cluster the master planned itself: plan again, resume sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from cluster import GREEDY
+from test_cluster_setup import KEY, SEQ_LEN, cached_tensors, empty_worker, options
+from test_distributed import reference_tokens
+
+from cake.cluster_setup import prepare_cluster, replanning
+from cake.config import LlamaConfig
+from cake.errors import WorkerGone
+from cake.master import Master
+from cake.measure import block_bytes
+from cake.topology import Topology
+
+N_TOKENS = 12
+KILL_AFTER = 4  # tokens of the first session before its worker is killed
+
+
+async def open_master(folder: Path, topology: Topology, retry_timeout: float) -> Master:
+    return await Master.open(
+        folder,
+        topology,
+        device="cpu",
+        dtype="f32",
+        max_seq_len=SEQ_LEN,
+        cluster_key=KEY,
+        retry_timeout=retry_timeout,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "batched", [False, True], ids=["one session, master takes over", "batched, spare worker"]
+)
+def test_lost_worker_is_planned_around_and_sessions_resume(
+    tiny_llama: Path, tmp_path: Path, batched: bool
+) -> None:
+    """Two workers hold blocks 0-1 and 2-3; one is killed mid-generation and does not come
+    back. The master plans again over what answers: the survivor and itself, or (batched) the
+    survivor and a spare worker, which is pushed the lost blocks then. Every session ends with
+    transformers' greedy text."""
+    config = LlamaConfig.from_folder(tiny_llama)
+    room = int(2.5 * block_bytes(config, torch.float32, SEQ_LEN))  # two blocks each, not three
+    count = 3 if batched else 2
+    caches = [tmp_path / f"cache{i}" for i in range(count)]
+    workers = [empty_worker(f"w{i}", cache, max_memory=room) for i, cache in enumerate(caches)]
+    ports = [worker.port for worker in workers]
+    prompts = ["hi", "tell me a story"] if batched else ["hi"]
+
+    async def run() -> tuple[list[list[int]], list[list[int]], Master, list[int]]:
+        plan = await prepare_cluster(str(tiny_llama), options(ports))
+        assert sorted(node.blocks for node in plan.topology.nodes) == [(0, 1), (2, 3)]
+        planned = [node.port for node in plan.topology.nodes]
+        master = await open_master(tiny_llama, plan.topology, retry_timeout=1)
+        # Without a spare, the survivor has room for two blocks: the master takes the rest.
+        master_blocks = 0 if batched else None
+        master.replanning = replanning(str(tiny_llama), options(ports, master_blocks=master_blocks))
+        if batched:
+            master.enable_batching()
+        victim = next(w for w in workers if w.port == planned[0])
+        try:
+            ids = [master.encode(prompt) for prompt in prompts]
+
+            async def generate(index: int) -> list[int]:
+                tokens = []
+                async for token in master.generate(ids[index], GREEDY, N_TOKENS, True):
+                    tokens.append(token)
+                    if index == 0 and len(tokens) == KILL_AFTER:
+                        victim.kill()
+                return tokens
+
+            outputs = await asyncio.gather(*(generate(i) for i in range(len(prompts))))
+            return list(outputs), ids, master, planned
+        finally:
+            await master.close()
+
+    try:
+        outputs, ids, master, planned = asyncio.run(run())
+        for tokens, prompt_ids in zip(outputs, ids, strict=True):
+            assert tokens == reference_tokens(tiny_llama, prompt_ids, N_TOKENS)
+        assert master.stage_epoch == 1  # one re-plan served every session
+        if batched:  # the spare worker now holds the two blocks the victim had
+            spare = next(i for i, worker in enumerate(workers) if worker.port not in planned)
+            assert len(cached_tensors(caches[spare])) == 2 * 9
+            assert "serving blocks" in workers[spare].log
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def test_without_a_plan_of_its_own_a_lost_worker_ends_the_generation(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A hand-written topology (no --workers): the loss is reported, nothing is re-planned."""
+    worker = empty_worker("w", tmp_path / "cache")
+    try:
+
+        async def run() -> None:
+            plan = await prepare_cluster(str(tiny_llama), options([worker.port]))
+            master = await open_master(tiny_llama, plan.topology, retry_timeout=0.5)
+            try:
+                ids = master.encode("hi")
+                with pytest.raises(WorkerGone, match="did not come back"):
+                    async for _ in master.generate(ids, GREEDY, N_TOKENS, True):
+                        worker.kill()
+            finally:
+                await master.close()
+
+        asyncio.run(run())
+    finally:
+        worker.stop()
