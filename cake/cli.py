@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 
 import click
 
@@ -560,6 +561,7 @@ async def _plan_cluster(opts: dict) -> str:
         )
         log.info("discovery found %d worker(s): %s", len(found), ", ".join(f.name for f in found))
         workers += [f.address for f in found if f.address not in workers]
+
         if opts["min_workers"] and len(found) < opts["min_workers"]:
             raise ValueError(
                 f"--discover found {len(found)} worker(s) within {opts['discovery_timeout']:g}s, "
@@ -580,8 +582,22 @@ async def _plan_cluster(opts: dict) -> str:
     )
     plan = await prepare_cluster(opts["model"], options, plan_only=opts["plan_only"])
     opts["topology"] = plan.topology if plan.topology.nodes else None
-    opts["replanning"] = replanning(opts["model"], options)  # a worker lost for good
+    # A worker lost for good: plan again (with --discover, over the workers found again).
+    rediscover = _rediscovery(opts, key) if opts["discover"] else None
+    opts["replanning"] = replanning(opts["model"], options, rediscover)
     return plan_yaml(plan)
+
+
+def _rediscovery(opts: dict, key: bytes) -> Callable[[], Awaitable[list[str]]]:
+    """--discover again, for a re-plan: the addresses of the workers that answer now."""
+
+    async def rediscover() -> list[str]:
+        from cake.discovery import discover
+
+        found = await discover(key, opts["discovery_timeout"], None, port=opts["discovery_port"])
+        return [f.address for f in found]
+
+    return rediscover
 
 
 def _parse_size(value: str | None) -> int | None:

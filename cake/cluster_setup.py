@@ -20,7 +20,7 @@ import logging
 import ssl
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cake.config import LlamaConfig
@@ -470,11 +470,21 @@ def format_bytes(count: int) -> str:
     return f"{count} B"
 
 
-def replanning(model: str, options: ClusterOptions) -> Replanning:
+def replanning(
+    model: str,
+    options: ClusterOptions,
+    discover: Callable[[], Awaitable[list[str]]] | None = None,
+) -> Replanning:
     """What a master that planned this cluster does when a worker is lost for good: plan
-    again over the same worker list, leaving out those that do not answer (cake/replan.py)."""
+    again over its workers, leaving out those that do not answer (cake/replan.py). With
+    `discover` (--discover), workers that answer a new discovery join the list first."""
 
     async def plan_again() -> Topology:
+        if discover is not None:
+            found = [address for address in await discover() if address not in options.workers]
+            if found:
+                log.info("discovery found %d more worker(s): %s", len(found), ", ".join(found))
+            options.workers += found
         plan = await prepare_cluster(model, options, skip_unreachable=True)
         log.info("new plan: %s", plan.summary)
         return plan.topology

@@ -223,7 +223,9 @@ class EmptyWorker:
         free, _ = free_memory(self.device)
         held = 0
         if self.worker is not None:
-            held = sum(p.numel() * p.element_size() for p in self.worker.model.parameters())
+            # state_dict: the parameters and the quantized weights' buffers (not rope tables)
+            weights = self.worker.model.state_dict().values()
+            held = sum(t.numel() * t.element_size() for t in weights)
         budget = int(free * MEMORY_HEADROOM) + held
         return min(budget, self.max_memory) if self.max_memory is not None else budget
 

@@ -358,7 +358,7 @@ class Payload:
         version = _conversion_cache_version()
         with _hash_lock:
             known = _read_json(cached, version)
-        missing = [name for name in names if name not in known]
+        missing = [name for name in names if not _described_entries(known.get(name))]
         if missing:
             log.info(
                 "converting %d weights once to hash them (%s), so workers can cache them",
@@ -394,6 +394,15 @@ class Payload:
                     )
                 )
         return items
+
+
+def _described_entries(value: object) -> bool:
+    """A cached description of a converted weight: {entry: [dtype, shape, nbytes, sha256]}."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, list) and len(v) == 4 for v in value.values())
+    )
 
 
 def _conversion_cache_version() -> int:

@@ -43,14 +43,14 @@ def test_lost_worker_is_planned_around_and_sessions_resume(
 ) -> None:
     """Two workers hold blocks 0-1 and 2-3; one is killed mid-generation and does not come
     back. The master plans again over what answers: the survivor and itself, or (batched) the
-    survivor and a spare worker, which is pushed the lost blocks then. Every session ends with
-    transformers' greedy text."""
+    survivor and a spare worker that a new discovery finds, which is pushed the lost blocks
+    then. Every session ends with transformers' greedy text."""
     config = LlamaConfig.from_folder(tiny_llama)
     room = int(2.5 * block_bytes(config, torch.float32, SEQ_LEN))  # two blocks each, not three
     count = 3 if batched else 2
     caches = [tmp_path / f"cache{i}" for i in range(count)]
     workers = [empty_worker(f"w{i}", cache, max_memory=room) for i, cache in enumerate(caches)]
-    ports = [worker.port for worker in workers]
+    ports = [worker.port for worker in workers[:2]]  # a spare (batched) is found later
     prompts = ["hi", "tell me a story"] if batched else ["hi"]
 
     async def run() -> tuple[list[list[int]], list[list[int]], Master, list[int]]:
@@ -60,7 +60,15 @@ def test_lost_worker_is_planned_around_and_sessions_resume(
         master = await open_master(tiny_llama, plan.topology, retry_timeout=1)
         # Without a spare, the survivor has room for two blocks: the master takes the rest.
         master_blocks = 0 if batched else None
-        master.replanning = replanning(str(tiny_llama), options(ports, master_blocks=master_blocks))
+
+        async def rediscover() -> list[str]:  # as --discover would find them now
+            return [f"127.0.0.1:{worker.port}" for worker in workers]
+
+        master.replanning = replanning(
+            str(tiny_llama),
+            options(ports, master_blocks=master_blocks),
+            rediscover if batched else None,
+        )
         if batched:
             master.enable_batching()
         victim = next(w for w in workers if w.port == planned[0])
