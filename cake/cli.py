@@ -38,8 +38,15 @@ def _setup_threads(opts: dict) -> None:
     spin when this process has its cores to itself, sleep when other stages share them (see
     cake.threads); --thread-wait spin|sleep overrides.
     """
-    from cake.threads import apply_wait_policy, choose_wait_policy, listening_host, topology_hosts
+    from cake.threads import (
+        apply_wait_policy,
+        choose_wait_policy,
+        listening_host,
+        one_malloc_arena,
+        topology_hosts,
+    )
 
+    one_malloc_arena()  # before any thread: what threads load and free is given back
     worker = opts["mode"] == "worker"
     policy = choose_wait_policy(
         opts["thread_wait"],

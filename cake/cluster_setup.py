@@ -432,6 +432,7 @@ async def prepare_cluster(
 ) -> ClusterPlan:
     """Plan (and unless `plan_only`, push and assign); the control connections are closed.
     `skip_unreachable`: plan over the workers that answer (see plan_cluster)."""
+    from cake.devices import release_free_memory
     from cake.gguf import resolve_model_path
     from cake.master import DEFAULT_MAX_SEQ_LEN
     from cake.weights import Quantization
@@ -452,6 +453,9 @@ async def prepare_cluster(
             await push_and_assign(plan, payload, options)
     finally:
         await close_probes(plan.probes)
+    # Converting for the push left holes in the C heap that the master's own part would sit
+    # on top of: give them back before it loads.
+    release_free_memory()
     return plan
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cake.config import LlamaConfig
+from cake.devices import release_free_memory
 from cake.weights import random_part
 
 # Positions a timed decode step attends over; typical of a chat turn, not a worst case.
@@ -119,6 +120,10 @@ def time_block(
             part.run_blocks(hidden, positions + step, cache, [0])
             _sync(device)
             times.append(time.perf_counter() - started)
+    del part, cache, context, hidden
+    # The random block's weights leave holes in the C heap (0.3 GiB for an 8B block) that the
+    # blocks loaded next would sit on top of: give them back.
+    release_free_memory()
     # The fastest step: anything else running on the device only ever adds time, so the
     # minimum is the steadiest estimate of what the device can do (medians moved 3x between
     # identical workers on a shared 2-core machine).
