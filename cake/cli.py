@@ -46,8 +46,9 @@ def _setup_threads(opts: dict) -> None:
         topology_hosts,
     )
 
-    one_malloc_arena()  # before any thread: what threads load and free is given back
     worker = opts["mode"] == "worker"
+    if worker:  # before any thread: a worker loads on a helper thread (see one_malloc_arena)
+        one_malloc_arena()
     policy = choose_wait_policy(
         opts["thread_wait"],
         mode=str(opts["mode"]),

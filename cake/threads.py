@@ -209,8 +209,13 @@ def one_malloc_arena() -> None:
     thread a heap of its own, where freed temporaries leave holes that malloc_trim returns less
     of: an 8B-shaped worker loading 16 int4 blocks on a thread peaked at 2.67 GiB against 2.48
     on the main thread, and 2.49 with one heap. Decode speed through two workers did not move
-    (SmolLM2, 3 rounds each: 33.3 vs 31.1 tok/s median).
+    (SmolLM2, 3 rounds each: 33.3 vs 31.1 tok/s median). Workers only: the master loads on its
+    main thread, and its HTTP API's many threads showed no gain worth the risk (8 batched
+    requests 53.2/57.9 vs 60.7/58.0 tok/s, within noise). MALLOC_ARENA_MAX in the environment
+    is left to glibc.
     """
+    if os.environ.get("MALLOC_ARENA_MAX"):  # the user's own choice (glibc read it at start)
+        return
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)
