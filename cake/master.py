@@ -34,7 +34,7 @@ from cake.liveness import LivenessSettings
 from cake.model import Llama
 from cake.protocol import fingerprint_config, session_frame_limit
 from cake.remote import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RETRY_TIMEOUT_S, RemoteStage
-from cake.replan import MAX_RESUMES, Replanning
+from cake.replan import Replanning, ResumableSteps
 from cake.sampling import Sampler, SamplingParams
 from cake.sessions import SessionStore, kv_budget
 from cake.speculative import DraftController, DraftSettings, Speculation, parse_draft_tokens
@@ -510,24 +510,10 @@ class Master:
         history = list(prompt_ids)
         stats.prompt_tokens = len(prompt_ids)
         stats.finish_reason = "length"
-        epoch = self.stage_epoch
-
-        async def step(tokens: Sequence[int], start_pos: int) -> torch.Tensor:
-            """`next_logits`, on stages re-planned around a lost worker if need be: then the
-            session's whole history goes first, which rebuilds its caches there."""
-            nonlocal epoch
-            for _ in range(MAX_RESUMES + 1):
-                if epoch != self.stage_epoch:
-                    tokens, start_pos, epoch = list(history), 0, self.stage_epoch
-                try:
-                    return await next_logits(session_id, tokens, start_pos, stats)
-                except (WorkerGone, StagesReplaced) as exc:
-                    await self._recover(exc, epoch)
-            raise WorkerError(f"gave up after {MAX_RESUMES} re-plans in one step")
-
+        steps = ResumableSteps(self, session_id, history, next_logits, stats)
         try:
             started = time.perf_counter()
-            logits = await step(prompt_ids, 0)
+            logits = await steps.step(prompt_ids, 0)
             stats.prefill_s = time.perf_counter() - started
             if speculation is not None:
                 speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
@@ -548,18 +534,18 @@ class Master:
                     break
                 if chosen:  # accepted drafts: already in every stage's caches
                     continue
-                if speculation is not None and epoch == self.stage_epoch:
+                if speculation is not None and not steps.stale:
                     budget = min(
                         max_new_tokens - stats.new_tokens - 1, self.max_seq_len - len(history)
                     )
                     verifier = _SessionVerifier(self, session_id, stats)
                     try:
                         chosen = await speculation.round(verifier, history, sampler, budget, stats)
+                        steps.ran(len(chosen))  # history[-1] and the accepted drafts
                     except (WorkerGone, StagesReplaced) as exc:
-                        await self._recover(exc, epoch)  # then a plain step re-runs history
-                        chosen = []
+                        await steps.recover(exc)  # then a plain step, on the new stages
                 if speculation is None or not chosen:
-                    logits = await step([token], len(history) - 1)
+                    logits = await steps.step([token], len(history) - 1)
                     chosen = [await self._sample(sampler, logits, history)]
                 stats.decode_steps += 1
                 stats.decode_tokens += len(chosen)
@@ -569,7 +555,7 @@ class Master:
                 await scheduler.leave(session_id)
             await self.close_session(session_id)
 
-    async def _recover(self, cause: WorkerError, epoch: int) -> None:
+    async def recover(self, cause: WorkerError, epoch: int) -> None:
         """A step on the stages of `epoch` failed for good: re-plan (or re-raise `cause`
         when this master has no plan of its own: a hand-written topology)."""
         if self.replanning is None:

@@ -49,7 +49,6 @@ R = TypeVar("R")
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRY_TIMEOUT_S = 60.0
-REPLAY_CHUNK = 512  # positions per replay request, to keep frames moderate
 
 __all__ = ["RemoteStage", "WorkerClient", "WorkerLost"]
 
@@ -244,7 +243,11 @@ class WorkerClient:
 
 @dataclass
 class SessionInputs:
-    """The hidden states a stage has received for one session, in position order."""
+    """The hidden states a stage has received for one session, in position order, one chunk
+    per forward as it was sent: a replay sends them the same way, so the worker computes the
+    same products and rebuilds the caches bit for bit (quantized kernels round a many-row
+    product differently from one row: a replay in 512-position chunks changed a greedy text
+    ~100 tokens after the fault)."""
 
     chunks: list[torch.Tensor] = field(default_factory=list)  # each (1, T_i, C), on the CPU
     length: int = 0
@@ -257,10 +260,15 @@ class SessionInputs:
     def truncate(self, length: int) -> None:
         """Keep positions 0..length-1 (a rewind or a rollback), so a replay never rebuilds
         positions the master has dropped."""
-        if length < self.length:
-            kept = torch.cat(self.chunks, dim=1)[:, :length] if length else None
-            self.chunks = [kept] if kept is not None else []
-            self.length = length
+        while self.length > length:
+            last = self.chunks[-1]
+            extra = self.length - length
+            if last.shape[1] <= extra:
+                self.chunks.pop()
+                self.length -= last.shape[1]
+            else:
+                self.chunks[-1] = last[:, : last.shape[1] - extra]
+                self.length = length
 
 
 class RemoteStage:
@@ -363,23 +371,23 @@ class RemoteStage:
         return BatchOutcome(result.hidden.to(device=hidden.device, dtype=hidden.dtype), failed)
 
     async def _replay(self, session_id: str, inputs: SessionInputs, times: StageTimes) -> None:
-        """Rebuild this session's caches on a reconnected worker from the inputs it had seen."""
+        """Rebuild this session's caches on a reconnected worker from the inputs it had seen,
+        one forward per forward it had received (see SessionInputs)."""
         if inputs.length:
             log.info(
-                "%s: replaying %d positions of session %s (blocks %d-%d)",
+                "%s: replaying %d positions (%d forwards) of session %s (blocks %d-%d)",
                 self.client.label,
                 inputs.length,
+                len(inputs.chunks),
                 session_id[:8],
                 self.blocks.start,
                 self.blocks.stop - 1,
             )
-            seen = torch.cat(inputs.chunks, dim=1)  # (1, length, C)
-            inputs.chunks = [seen]
-            for start in range(0, inputs.length, REPLAY_CHUNK):
-                await self.client.forward(
-                    session_id, start, self.blocks, seen[:, start : start + REPLAY_CHUNK]
-                )
+            start = 0
+            for chunk in list(inputs.chunks):
+                await self.client.forward(session_id, start, self.blocks, chunk)
                 times.round_trips += 1
+                start += chunk.shape[1]
         self.client.phase.session_current(self._key(session_id))
 
     async def rollback(self, session_id: str, length: int) -> None:

@@ -60,8 +60,38 @@ def test_worker_killed_and_restarted_mid_generation(two_workers: Cluster) -> Non
     tokens, stats = asyncio.run(run())
     restarted.join()
     assert tokens == expected  # same text, and no token twice
-    # w2's stage replayed once: one extra round trip on top of 2 per step.
-    assert stats.round_trips == 2 * (stats.decode_steps + 1) + 1
+    # w2's stage replayed the 10 forwards it had received (the prompt, 9 decode steps), one
+    # round trip each, on top of 2 per step.
+    assert stats.round_trips == 2 * (stats.decode_steps + 1) + 10
+
+
+@pytest.mark.slow
+def test_quantized_blocks_replay_to_the_same_text(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """The demo GGUF's int4 kernels round a many-row product unlike one row at a time, so a
+    replay must send each forward as it was first sent: replayed in 512-position chunks, this
+    text changed ~100 tokens after the fault."""
+    layers = {"w1": ["model.layers.0-14"], "w2": ["model.layers.15-29"]}
+    cluster = Cluster(smollm2_gguf, tmp_path / "topology.yml", layers)
+    prompt, n = "Tell me a long story about a dragon.", 160
+
+    async def run(kill_after: int | None) -> list[int]:
+        master = await Master.open(cluster.model, cluster.topology, device="cpu", dtype="auto")
+        tokens: list[int] = []
+        try:
+            async for token in master.generate(master.encode(prompt), GREEDY, n, True):
+                tokens.append(token)
+                if len(tokens) == kill_after:
+                    cluster.kill("w1")
+                    cluster.restart("w1")  # blocks this loop: the master notices afterwards
+        finally:
+            await master.close()
+        return tokens
+
+    try:
+        expected = asyncio.run(run(None))
+        assert asyncio.run(run(30)) == expected
+    finally:
+        cluster.stop()
 
 
 def test_worker_gone_for_good_gives_a_clear_error(two_workers: Cluster) -> None:

@@ -123,3 +123,60 @@ def test_without_a_plan_of_its_own_a_lost_worker_ends_the_generation(
         asyncio.run(run())
     finally:
         worker.stop()
+
+
+def test_session_inputs_keep_each_forward_for_the_replay() -> None:
+    """What a stage received is replayed forward by forward, as it was sent (a rollback trims
+    the last ones): the worker then computes exactly the products it computed before."""
+    from cake.remote import SessionInputs
+
+    inputs = SessionInputs()
+    inputs.add(0, torch.zeros(1, 5, 4))  # the prompt
+    for position in range(5, 9):
+        inputs.add(position, torch.full((1, 1, 4), float(position)))  # decode steps
+    inputs.add(9, torch.zeros(1, 4, 4))  # a verification of 4 positions ...
+    inputs.truncate(11)  # ... of which 2 were kept
+    assert [chunk.shape[1] for chunk in inputs.chunks] == [5, 1, 1, 1, 1, 2]
+    inputs.add(7, torch.ones(1, 1, 4))  # a rewind to position 7
+    assert [chunk.shape[1] for chunk in inputs.chunks] == [5, 1, 1, 1]
+    assert inputs.length == 8
+
+
+def test_resumed_steps_run_again_as_they_ran() -> None:
+    """After a re-plan a session's earlier steps run on the new stages one by one, as they ran
+    (the prompt, then each token), before the step that was asked for."""
+    from cake.errors import StagesReplaced
+    from cake.replan import ResumableSteps
+
+    calls: list[tuple[list[int], int]] = []
+
+    class FakeMaster:
+        stage_epoch = 0
+
+        async def recover(self, cause: Exception, epoch: int) -> None:
+            self.stage_epoch += 1
+
+    master = FakeMaster()
+    fail_next = [False]
+
+    async def next_logits(session: str, tokens: list[int], start: int, stats: object) -> object:
+        if fail_next[0]:
+            fail_next[0] = False
+            raise StagesReplaced("test: the cluster was re-planned")
+        calls.append((list(tokens), start))
+        return torch.zeros(3)
+
+    async def run() -> None:
+        history = [1, 2, 3]
+        steps = ResumableSteps(master, "s", history, next_logits, None)  # type: ignore[arg-type]
+        await steps.step([1, 2, 3], 0)
+        for token in (4, 5):
+            history.append(token)
+            await steps.step([token], len(history) - 1)
+        history.append(6)
+        fail_next[0] = True
+        calls.clear()
+        await steps.step([6], 5)
+
+    asyncio.run(run())
+    assert calls == [([1, 2, 3], 0), ([4], 3), ([5], 4), ([6], 5)]
