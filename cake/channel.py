@@ -89,9 +89,10 @@ class Channel:
         """End this channel: close the link, fail what waits on it, tell the owner (once)."""
         if self.closed_reason is not None:
             return
-        self.closed_reason = reason
+        # A link error names the peer already ("worker w1 at host:port: connection lost").
+        self.closed_reason = reason.removeprefix(f"{self.label}: ")
         self.link.abort()  # the peer may be frozen: do not wait for it to read anything
-        error = WorkerLost(f"{self.label}: {reason}")
+        error = WorkerLost(f"{self.label}: {self.closed_reason}")
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)

@@ -100,7 +100,7 @@ def test_worker_lost_mid_prefill_is_replayed(
     tiny_llama: Path, expected: list[int], tmp_path: Path
 ) -> None:
     """w2 dies after its second chunk: the master reconnects, replays the two chunks it had
-    sent (one request), and the text is the same."""
+    sent (as they were sent: two requests), and the text is the same."""
     topology = tmp_path / "topology.yml"
     layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
     workers = {w.name: w for w in start_local_cluster(tiny_llama, layers, topology)}
@@ -145,4 +145,4 @@ def test_worker_lost_mid_prefill_is_replayed(
             worker.stop()
     assert tokens == expected
     chunks = -(-len(PROMPT) // CHUNK)
-    assert stats.round_trips == 2 * (chunks + stats.decode_steps) + 1  # + one replay request
+    assert stats.round_trips == 2 * (chunks + stats.decode_steps) + 2  # + the replayed chunks

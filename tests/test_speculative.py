@@ -146,9 +146,10 @@ def test_greedy_drafting_survives_a_worker_kill_and_restart(
     """The replay after a restart rebuilds only accepted positions (the other model's drafts are
     mostly rejected and rolled back); the text is plain decoding's, with no token twice."""
     restarted = threading.Thread()
+    steps_before_kill = -1
 
     async def run() -> tuple[list[int], list[int], GenerationStats]:
-        nonlocal restarted
+        nonlocal restarted, steps_before_kill
         master = await open_master(
             worker_processes.model, worker_processes.topology, draft=str(tiny_llama_tied)
         )
@@ -160,6 +161,7 @@ def test_greedy_drafting_survives_a_worker_kill_and_restart(
             async for token in master.generate(ids, GREEDY, N, True, stats, draft=MODEL_3):
                 tokens.append(token)
                 if len(tokens) == 9:
+                    steps_before_kill = stats.decode_steps
                     worker_processes.workers["w2"].kill()
                     restarted = threading.Thread(target=worker_processes.restart, args=("w2",))
                     restarted.start()
@@ -171,8 +173,10 @@ def test_greedy_drafting_survives_a_worker_kill_and_restart(
     restarted.join()
     assert tokens == plain
     assert stats.drafted > 0
-    # w2's stage replayed once: one extra round trip on top of one per worker per round.
-    assert stats.round_trips == 2 * (stats.decode_steps + 1) + 1
+    # w2's stage replayed the forwards it had received, one round trip each (the prompt and
+    # each round before the kill, trimmed to what was accepted), on top of one per worker per
+    # round.
+    assert stats.round_trips == 2 * (stats.decode_steps + 1) + 1 + steps_before_kill
 
 
 # ---------------------------------------------------------------- sampling: the rejection rule
