@@ -545,6 +545,7 @@ async def _run_empty_worker(opts: dict) -> None:
         tls_key=opts["tls_key"],
         discovery_port=opts["discovery_port"],
         max_memory=opts["max_memory"],
+        ready_file=opts["ready_file"],
     )
 
 

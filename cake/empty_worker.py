@@ -388,8 +388,10 @@ async def start_empty_worker(
     tls_key: str | None = None,
     discovery_port: int | None = None,
     max_memory: int | None = None,
+    ready_file: str | None = None,
 ) -> None:
-    """`cake-cli --mode worker` without --model: serve until SIGINT/SIGTERM."""
+    """`cake-cli --mode worker` without --model: serve until SIGINT/SIGTERM. `ready_file`, once
+    it listens (and has loaded a remembered assignment): {name, host, port, pid} as JSON."""
     from cake.auth import cluster_key as parse_key
     from cake.auth import server_tls
     from cake.cluster_setup import format_bytes
@@ -436,6 +438,10 @@ async def start_empty_worker(
     if discovery_port != 0:
         udp = await respond(key, empty.name, bound_port, discovery_port or DEFAULT_DISCOVERY_PORT)
     await empty.resume()
+    if ready_file is not None:  # before the "serving" line, which scripts may wait for too
+        from cake.worker import write_ready_file
+
+        write_ready_file(ready_file, empty.name, bound_host, bound_port)
     free, total = empty.offered_memory(), free_memory(torch_device)[1]
     log.info(
         "worker %s serving blocks %s on %s:%d (%s; offers %s of %s; %.1f GFLOP/s; cache %s)",

@@ -38,6 +38,7 @@ def empty_worker(
     key: str = KEY,
     max_memory: int | None = None,
     wait: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> WorkerProcess:
     args = [
         sys.executable,
@@ -58,6 +59,7 @@ def empty_worker(
     ]
     if max_memory is not None:
         args += ["--max-memory", str(max_memory)]
+    args += list(extra)
     worker = WorkerProcess(name, args, {**os.environ, "PYTHONUNBUFFERED": "1"})
     if wait:
         worker.wait_ready()
@@ -265,6 +267,20 @@ def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: 
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_empty_worker_ready_file_names_the_port_it_bound(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    worker = empty_worker("w", tmp_path / "cache", extra=("--ready-file", str(ready)))
+    try:
+        assert json.loads(ready.read_text()) == {
+            "name": f"127.0.0.1:{worker.port}",  # an empty worker is named by its address
+            "host": "127.0.0.1",
+            "port": worker.port,
+            "pid": worker.proc.pid,
+        }
+    finally:
+        worker.stop()
 
 
 def test_worker_with_another_key_receives_nothing(tiny_llama: Path, tmp_path: Path) -> None:
