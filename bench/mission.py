@@ -81,16 +81,8 @@ def main() -> None:
         finally:
             for worker in workers:
                 worker.stop()
-    summary = next((line for line in stderr.splitlines() if "decode:" in line), stderr[-2000:])
-    report = {
-        "file_bytes": gguf.stat().st_size,
-        "master_peak_rss_bytes": rusage.ru_maxrss * 1024,
-        "worker_peak_rss_bytes": worker_peaks,
-        "summary": summary,
-        "generated_chars": len(stdout),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mission.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = _report("mission.json", gguf, rusage.ru_maxrss, worker_peaks, stdout, stderr)
+    summary = report["summary"]
     total = report["master_peak_rss_bytes"] + sum(worker_peaks.values())
     print(f"Llama-3-8B shape, Q4_0 GGUF {report['file_bytes'] / GIB:.2f} GiB, master + 2 workers\n")
     print("| process | peak RSS GiB |\n|---|---:|")
@@ -98,6 +90,30 @@ def main() -> None:
     for name, peak in worker_peaks.items():
         print(f"| {name} (16 blocks int4) | {peak / GIB:.2f} |")
     print(f"| all three | {total / GIB:.2f} |\n\n{summary}")
+
+
+def _report(
+    name: str,
+    gguf: Path,
+    master_maxrss_kib: int,
+    worker_peaks: dict[str, int],
+    stdout: str,
+    stderr: str,
+    **extra: object,
+) -> dict:
+    """The run's numbers, written to bench/results/`name`."""
+    summary = next((line for line in stderr.splitlines() if "decode:" in line), stderr[-2000:])
+    report = {
+        "file_bytes": gguf.stat().st_size,
+        **extra,
+        "master_peak_rss_bytes": master_maxrss_kib * 1024,
+        "worker_peak_rss_bytes": worker_peaks,
+        "summary": summary,
+        "generated_chars": len(stdout),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def empty_workers(gguf: Path, tokens: int, threads: int) -> None:
@@ -151,19 +167,18 @@ def empty_workers(gguf: Path, tokens: int, threads: int) -> None:
     if master.returncode:
         raise SystemExit(f"the master failed:\n{stderr[-3000:]}")
     pushed = re.findall(r"pushed ([\d.]+ \w+) of [\d.]+ \w+ for blocks ([\d-]+)", stderr)
-    summary = next((line for line in stderr.splitlines() if "decode:" in line), stderr[-2000:])
-    report = {
-        "file_bytes": gguf.stat().st_size,
-        "first_text_s": round(first_token_s, 1),
-        "total_s": round(total_s, 1),
-        "pushed": pushed,
-        "master_peak_rss_bytes": rusage.ru_maxrss * 1024,
-        "worker_peak_rss_bytes": worker_peaks,
-        "summary": summary,
-        "generated_chars": len(stdout),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mission-empty.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = _report(
+        "mission-empty.json",
+        gguf,
+        rusage.ru_maxrss,
+        worker_peaks,
+        stdout,
+        stderr,
+        first_text_s=round(first_token_s, 1),
+        total_s=round(total_s, 1),
+        pushed=pushed,
+    )
+    summary = report["summary"]
     total = report["master_peak_rss_bytes"] + sum(worker_peaks.values())
     print(
         f"Llama-3-8B shape, Q4_0 GGUF {report['file_bytes'] / GIB:.2f} GiB, master + 2 empty "
