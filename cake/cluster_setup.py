@@ -190,8 +190,7 @@ async def probe_worker(
 def master_stage(config: LlamaConfig, options: ClusterOptions, scheme: str = "") -> StageCost:
     """The master as a stage: its block time (linear weights `scheme`-quantized, if given), and
     the blocks its memory holds beside the embedding and the head."""
-    from cake.devices import resolve_device
-    from cake.empty_worker import compute_dtype
+    from cake.devices import compute_dtype, resolve_device
     from cake.measure import MEMORY_HEADROOM, free_memory, time_block
 
     device = resolve_device(options.device)

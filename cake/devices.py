@@ -86,6 +86,14 @@ def computes_bf16_natively(device: torch.device) -> bool:
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
 
 
+def compute_dtype(name: str, device: torch.device, quantized: bool) -> torch.dtype:
+    """The dtype blocks compute in: `auto` is bf16 for quantized weights (the quantized kernels
+    compute in bf16), else what resolve_dtype picks for the device."""
+    if name == "auto" and quantized:
+        return torch.bfloat16
+    return resolve_dtype(name, device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs that compute it natively, f16 on older GPUs and MPS, f32 on the CPU."""
     if name != "auto":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from cake.config import LlamaConfig, ModelFolderError
-from cake.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from cake.devices import DTYPE_NAMES, compute_dtype, resolve_device
 from cake.handshake import check_key
 from cake.measure import MEMORY_HEADROOM, block_bytes, free_memory, matmul_mflops, time_block
 from cake.protocol import (
@@ -68,14 +68,6 @@ ASSIGNMENT_FILE = "assignment.json"
 # After the key handshake: control messages and push chunks (at most MAX_PUSH_CHUNK_BYTES plus
 # the envelope).
 CONTROL_MAX_FRAME_BYTES = MAX_PUSH_CHUNK_BYTES + (1 << 20)
-
-
-def compute_dtype(name: str, device: torch.device, quantized: bool) -> torch.dtype:
-    """The dtype blocks compute in: `auto` is bf16 for quantized weights (see
-    weights.activation_dtype), else what the device does best."""
-    if name == "auto" and quantized:
-        return torch.bfloat16
-    return resolve_dtype(name, device)
 
 
 class Refusal(ProtocolError):
@@ -300,14 +292,13 @@ class EmptyWorker:
 
     async def load(self, assignment: Assignment) -> None:
         """Load the assigned blocks from the cache (in a thread) and serve them from now on."""
-        from cake.weights import Checkpoint, load_llama
+        from cake.weights import activation_dtype, load_llama
 
         folder = self.cache.folder(assignment.model)
         config = LlamaConfig.from_folder(folder)
         # A pushed folder holds quantized weights when the master pushed them so (--quantize,
         # a GGUF model): `auto` then computes in bf16, as the quantized kernels do.
-        quantized = Checkpoint(folder).is_quantized
-        dtype = compute_dtype(assignment.dtype, self.device, quantized)
+        dtype = activation_dtype(assignment.dtype, self.device, folder, config, None)
         previous, self.worker, self.assignment = self.worker, None, None
         if previous is not None:
             previous.compute.shutdown(wait=False, cancel_futures=True)

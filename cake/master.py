@@ -36,7 +36,7 @@ from cake.protocol import fingerprint_config, session_frame_limit
 from cake.remote import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RETRY_TIMEOUT_S, RemoteStage
 from cake.replan import Replanning, ResumableSteps
 from cake.sampling import Sampler, SamplingParams
-from cake.sessions import SessionStore, kv_budget
+from cake.sessions import SessionStore
 from cake.speculative import DraftController, DraftSettings, Speculation, parse_draft_tokens
 from cake.stage_builder import (
     LocalPart,
@@ -48,7 +48,7 @@ from cake.stage_builder import (
 )
 from cake.stages import Stage, StageTimes
 from cake.topology import Run, Topology, format_blocks, load_topology
-from cake.weights import Quantization, activation_dtype, describe_part, load_llama
+from cake.weights import Quantization, activation_dtype, describe_part
 
 log = logging.getLogger(__name__)
 
@@ -272,17 +272,7 @@ class Master:
                 config.n_layers,
                 torch_device,
             )
-            part = load_llama(
-                folder,
-                local_blocks,
-                with_embedding=True,
-                with_head=True,
-                dtype=torch_dtype,
-                device=torch_device,
-                max_seq_len=seq_len,
-                config=config,
-                quantization=quantization,
-            )
+            part = settings.load(folder, config, local_blocks, with_ends=True)
             log.info("master runs %s", describe_part(part))
             draft_model = (
                 load_draft_model(
@@ -294,13 +284,7 @@ class Master:
         except BaseException:
             await asyncio.gather(*(client.close() for client in clients.values()))
             raise
-        store = SessionStore(
-            part,
-            local_blocks,
-            seq_len,
-            kv_budget(kv_memory, torch_device),  # measured after loading the weights
-            owner="the master",
-        )
+        store = settings.store(part, local_blocks)
         if local_blocks:
             store.check_fits_one_session()
         stages = build_stages(runs, clients, [LocalPart(part, store)], offload)

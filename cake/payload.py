@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -250,27 +250,26 @@ class _Converter:
         self._last: tuple[str, dict[str, bytes]] | None = None
 
     def entries(self, name: str) -> dict[str, bytes]:
-        from cake.transcode import flatten, stored_form
-
+        """entry name -> bytes of the weight `name`, converted (the last one is kept)."""
         with self._lock:
-            if self._last is not None and self._last[0] == name:
-                return self._last[1]
-            weight = stored_form(self.checkpoint, name, self.quantization)
-            entries = {key: _raw_bytes(t) for key, t in flatten(name, weight).items()}
-            self._last = (name, entries)
-            return entries
+            if self._last is None or self._last[0] != name:
+                converted = self._convert(name)
+                self._last = (name, {key: _raw_bytes(t) for key, t in converted.items()})
+            return self._last[1]
 
     def described(self, name: str) -> dict[str, tuple[str, tuple[int, ...], int, str]]:
         """entry name -> (dtype, shape, nbytes, sha256) of the weight `name`, converted."""
-        from cake.transcode import flatten, stored_form
-
-        weight = stored_form(self.checkpoint, name, self.quantization)
         described = {}
-        for key, tensor in flatten(name, weight).items():
+        for key, tensor in self._convert(name).items():
             data = _raw_bytes(tensor)
             dtype = SAFETENSORS_DTYPES[tensor.dtype]
             described[key] = (dtype, tuple(tensor.shape), len(data), _sha256(data))
         return described
+
+    def _convert(self, name: str) -> dict[str, torch.Tensor]:
+        from cake.transcode import flatten, stored_form
+
+        return flatten(name, stored_form(self.checkpoint, name, self.quantization))
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -292,7 +291,6 @@ class Payload:
     manifest: ModelManifest
     config: LlamaConfig
     quantization: Quantization | None = None
-    _converters: list[_Converter] = field(default_factory=list, repr=False)
 
     @property
     def converted(self) -> bool:
@@ -353,7 +351,6 @@ class Payload:
 
     def _converted(self, names: list[str]) -> list[PushItem]:
         converter = _Converter(self.manifest.folder, self.config, self.quantization)
-        self._converters.append(converter)
         cached = cache_root() / "manifests" / f"converted-{self.model}.json"
         version = _conversion_cache_version()
         with _hash_lock:

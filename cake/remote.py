@@ -37,6 +37,7 @@ from cake.protocol import (
     ErrorMessage,
     Forward,
     ForwardBatch,
+    Message,
     Result,
     Welcome,
 )
@@ -185,9 +186,6 @@ class WorkerClient:
     ) -> Result:
         """One forward on the current connection. WorkerLost if it is (or goes) away;
         WorkerError if the worker refused or failed this request (that session only)."""
-        channel = self.channel
-        if channel is None:
-            raise WorkerLost(f"{self.label}: not connected")
 
         def request(request_id: int) -> Forward:
             return Forward(
@@ -198,9 +196,7 @@ class WorkerClient:
                 hidden=hidden,
             )
 
-        reply = await channel.request(request, positions=hidden.shape[1])
-        if isinstance(reply, ErrorMessage):
-            raise WorkerError(f"{self.label} failed a request: {reply.message}")
+        reply = await self._request(request, hidden.shape[1])
         assert isinstance(reply, Result)
         return reply
 
@@ -209,9 +205,6 @@ class WorkerClient:
     ) -> BatchResult:
         """One frame for several sessions' rows through `blocks` (see ForwardBatch): the
         worker refuses a session alone, in the reply's `failed`."""
-        channel = self.channel
-        if channel is None:
-            raise WorkerLost(f"{self.label}: not connected")
 
         def request(request_id: int) -> ForwardBatch:
             return ForwardBatch(
@@ -223,10 +216,20 @@ class WorkerClient:
                 hidden=hidden,
             )
 
-        reply = await channel.request(request, positions=hidden.shape[1])
+        reply = await self._request(request, hidden.shape[1])
+        assert isinstance(reply, BatchResult)
+        return reply
+
+    async def _request(
+        self, request: Callable[[int], Forward | ForwardBatch], positions: int
+    ) -> Message:
+        """The reply to `request` on the current connection; an error reply as WorkerError."""
+        channel = self.channel
+        if channel is None:
+            raise WorkerLost(f"{self.label}: not connected")
+        reply = await channel.request(request, positions=positions)
         if isinstance(reply, ErrorMessage):
             raise WorkerError(f"{self.label} failed a request: {reply.message}")
-        assert isinstance(reply, BatchResult)
         return reply
 
     async def close_session(self, session: str) -> None:

@@ -46,6 +46,33 @@ class StageSettings:
     quantization: Quantization | None
     kv_memory: str | None  # --kv-memory of the master's stores
 
+    def load(
+        self, folder: Path, config: LlamaConfig, blocks: Sequence[int], with_ends: bool = False
+    ) -> Llama:
+        """The master's own part: `blocks` (and with_ends, the embedding and the head)."""
+        return load_llama(
+            folder,
+            blocks,
+            with_embedding=with_ends,
+            with_head=with_ends,
+            dtype=self.dtype,
+            device=self.device,
+            max_seq_len=self.max_seq_len,
+            config=config,
+            quantization=self.quantization,
+        )
+
+    def store(self, model: Llama, blocks: Sequence[int]) -> SessionStore:
+        """The KV caches of the master's `blocks` on `model` (budget measured now: after the
+        weights are loaded)."""
+        return SessionStore(
+            model,
+            list(blocks),
+            self.max_seq_len,
+            kv_budget(self.kv_memory, self.device),
+            owner="the master",
+        )
+
 
 async def connect_workers(
     runs: Sequence[Run], config: LlamaConfig, settings: StageSettings
@@ -131,21 +158,7 @@ def load_local_part(
 ) -> LocalPart:
     """Blocks the master did not hold (a re-plan gave them to it), with a store of their own."""
     log.info("master: loading blocks %s it now runs", format_blocks(list(blocks)))
-    model = load_llama(
-        folder,
-        blocks,
-        dtype=settings.dtype,
-        device=settings.device,
-        max_seq_len=settings.max_seq_len,
-        config=config,
-        quantization=settings.quantization,
-    )
-    store = SessionStore(
-        model,
-        list(blocks),
-        settings.max_seq_len,
-        kv_budget(settings.kv_memory, settings.device),
-        owner="the master",
-    )
+    model = settings.load(folder, config, blocks)
+    store = settings.store(model, blocks)
     store.check_fits_one_session()
     return LocalPart(model, store)

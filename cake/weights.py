@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cake.config import LlamaConfig, ModelFolderError
-from cake.devices import release_free_memory, resolve_dtype
+from cake.devices import compute_dtype, release_free_memory
 from cake.gguf import GGUFCheckpoint, gguf_file_of
 from cake.model import (
     EMBEDDING,
@@ -221,10 +221,11 @@ def activation_dtype(
 ) -> torch.dtype:
     """--dtype for a part: `auto` is bf16 when its weights are quantized (given --quantize, or
     stored quantized: a GGUF or a quantized bundle), because the quantized kernels compute in
-    bf16; otherwise devices.resolve_dtype decides."""
-    if name == "auto" and (quantization or open_checkpoint(folder, config).is_quantized):
-        return torch.bfloat16
-    return resolve_dtype(name, device)
+    bf16; otherwise devices.resolve_dtype decides (devices.compute_dtype)."""
+    quantized = name == "auto" and (
+        quantization is not None or open_checkpoint(folder, config).is_quantized
+    )
+    return compute_dtype(name, device, quantized)
 
 
 def load_llama(

@@ -22,7 +22,6 @@ errors close it) is cake/worker_connection.py; the handshake itself is cake/hand
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import json
 import logging
@@ -43,6 +42,7 @@ from cake.errors import KVMemoryError
 from cake.model import Llama, Segment
 from cake.protocol import Forward, ForwardBatch, Hello, ProtocolError, Welcome, fingerprint_config
 from cake.sessions import Session, SessionStore, format_size, kv_budget
+from cake.threads import is_loopback
 from cake.topology import format_blocks
 from cake.transport import Link
 from cake.worker_connection import serve_connection
@@ -371,7 +371,7 @@ async def start_worker(
         parse_address(address, "--address", any_port=True) if address else (node.host, node.port)
     )
     key, tls = parse_key(cluster_key), server_tls(tls_cert, tls_key)
-    if key is None and not _is_loopback(host):
+    if key is None and not is_loopback(host):
         log.warning(
             "worker %s listens on %s without a cluster key: anyone who reaches this port can "
             "use it. Set --cluster-key (or CAKE_CLUSTER_KEY) on workers and master.",
@@ -415,12 +415,3 @@ def write_ready_file(path: str, name: str, host: str, port: int) -> None:
     partial = Path(f"{path}.partial")
     partial.write_text(json.dumps({"name": name, "host": host, "port": port, "pid": os.getpid()}))
     partial.replace(path)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -27,6 +31,48 @@ from cake.worker import Worker
 
 API_KEY = "sekret-key"
 MAX_SEQ_LEN = 256  # the in-process workers of `cluster` hold 256 positions
+
+
+class ApiProcess:
+    """`cake-cli ... --api 127.0.0.1:0` as a process, as users run it: its stderr lines are
+    collected as they come, `url` is where it listens (None if it did not start in time)."""
+
+    def __init__(self, command: list[str], timeout: float) -> None:
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        ready = threading.Event()
+        self.drainer = threading.Thread(target=self._drain, args=(ready,), daemon=True)
+        self.drainer.start()
+        ready.wait(timeout)
+        match = re.search(r"API on (http://127\.0\.0\.1:\d+)", "".join(self.lines))
+        self.url = match[1] if match else None
+
+    def _drain(self, ready: threading.Event) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if "API on http://" in line:
+                ready.set()
+        ready.set()
+
+    def stop(self) -> str:
+        """SIGINT, as Ctrl-C would (killed after 30 s); what it wrote to stdout."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.drainer.join(5)
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
 
 
 @dataclass

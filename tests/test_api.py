@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +25,7 @@ import pytest
 from api_server import (
     API_KEY,
     MAX_SEQ_LEN,
+    ApiProcess,
     Server,
     ThrottledStage,
     api_in_thread,
@@ -106,34 +104,10 @@ def test_cli_api_server_gives_the_cli_greedy_output(
         stderr=subprocess.PIPE,
         text=True,
     )
-    server = subprocess.Popen(
-        cli(*model, "--api", "127.0.0.1:0"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        assert server.stderr is not None
-        for line in server.stderr:
-            lines.append(line)
-            if "API on http://" in line:
-                ready.set()
-        ready.set()
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
+    server = ApiProcess(cli(*model, "--api", "127.0.0.1:0"), timeout=120)
     try:
-        assert ready.wait(120), "the API server did not start"
-        match = re.search(r"API on http://127\.0\.0\.1:(\d+)", "".join(lines))
-        assert match, "".join(lines)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="-", max_retries=0
-        )
+        assert server.url, "the API server did not start:\n" + "".join(server.lines)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
         name, tokenizer = model_id(tiny_llama), load_tokenizer(tiny_llama)
         assert [m.id for m in client.models.list()] == [name]
         stdout, stderr = cli_run.communicate(timeout=120)
@@ -159,15 +133,9 @@ def test_cli_api_server_gives_the_cli_greedy_output(
         )
         assert "".join(c.choices[0].text for c in stream) == expected
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            out, _ = server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            out, _ = server.communicate()
-        drainer.join(5)
+        out = server.stop()
     assert out == "", "the API server wrote to stdout"
-    assert server.returncode in (0, 130), "".join(lines)
+    assert server.process.returncode in (0, 130), "".join(server.lines)
 
 
 # ---------------------------------------------------------------- one server, many checks

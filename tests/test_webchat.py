@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from api_server import ApiProcess
 
 from cake.local_cluster import start_local_cluster
 from cake.webchat import KEY_TAG, chat_page, static_file
@@ -66,40 +64,12 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # --ignore-eos: an answer runs to its max tokens, so there is always a long one to stop.
     command += ["--topology", str(topology), "--api", "127.0.0.1:0", "--api-key", API_KEY]
     command += ["--ignore-eos", "--max-seq-len", "2048"]
-    process = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if "API on http://" in line:
-                ready.set()
-        ready.set()
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
+    process = ApiProcess(command, timeout=300)
     try:
-        ready.wait(300)
-        match = re.search(r"API on (http://127\.0\.0\.1:\d+)", "".join(lines))
-        assert match, "the API server did not start:\n" + "".join(lines)
-        yield Server(match[1], workers[0].port, lines)
+        assert process.url, "the API server did not start:\n" + "".join(process.lines)
+        yield Server(process.url, workers[0].port, process.lines)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        drainer.join(5)
+        process.stop()
         for worker in workers:
             worker.stop()
 
