@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,71 @@ def test_resumed_steps_run_again_as_they_ran() -> None:
 
     asyncio.run(run())
     assert calls == [([1, 2, 3], 0), ([4], 3), ([5], 4), ([6], 5)]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cake.cli", *args, "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_cli_quantized_push_gives_the_local_quantized_text(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`cake-cli --workers … --quantize int4` end to end: the worker holds int4 tensors, and
+    the text is the one `cake-cli --quantize int4` prints alone."""
+    cache = tmp_path / "cache"
+    worker = empty_worker("w", cache)
+    try:
+        common = ["--model", str(tiny_llama), "--quantize", "int4", "--prompt", "hi", "-n", "8"]
+        common += ["--ignore-eos", "--temperature", "0"]
+        cluster_args = ["--workers", f"127.0.0.1:{worker.port}", "--cluster-key", KEY]
+        pushed = subprocess.run(
+            _cli(*common, *cluster_args, "--master-blocks", "0"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        alone = subprocess.run(_cli(*common), capture_output=True, text=True, timeout=300)
+        assert pushed.returncode == 0, pushed.stderr
+        assert pushed.stdout == alone.stdout and pushed.stdout.strip()
+        held = cached_tensors(cache)
+        assert "model.layers.0.self_attn.q_proj.weight.q" in held
+        assert "model.layers.0.self_attn.q_proj.weight" not in held
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_cli_replans_a_gguf_cluster_around_a_lost_worker(
+    smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    """`cake-cli --model demo.gguf --workers a,b`: a worker holding blocks is SIGKILLed mid-answer
+    and does not come back; the command re-plans (the survivor and the master take the blocks)
+    and prints the same text as a run without the loss."""
+    workers = [empty_worker(f"w{i}", tmp_path / f"cache{i}") for i in range(2)]
+    addresses = ",".join(f"127.0.0.1:{w.port}" for w in workers)
+    command = _cli(
+        "--model", str(smollm2_gguf), "--workers", addresses, "--cluster-key", KEY,
+        "--prompt", "Tell me a long story about a dragon.", "-n", "160", "--ignore-eos",
+        "--temperature", "0", "--retry-timeout", "2",
+    )  # fmt: skip
+    try:
+        clean = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert clean.returncode == 0, clean.stderr
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert run.stdout is not None
+        head = b""
+        while len(head) < 200:  # part of the answer is out: now lose a worker that holds blocks
+            chunk = os.read(run.stdout.fileno(), 4096)
+            assert chunk, run.stderr.read() if run.stderr else ""
+            head += chunk
+        next(
+            w for w in workers if "serving blocks" in w.log.split("waiting for a master")[-1]
+        ).kill()
+        rest, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr.decode()
+        assert b"re-planned" in stderr
+        assert (head + rest).decode() == clean.stdout
+    finally:
+        for worker in workers:
+            worker.stop()
