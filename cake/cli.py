@@ -453,14 +453,7 @@ async def _run_master(opts: dict) -> None:
     from cake.master import GenerationStats, Master
     from cake.sampling import SamplingParams
 
-    params = SamplingParams(
-        temperature=opts["temperature"],
-        top_k=opts["top_k"],
-        top_p=opts["top_p"],
-        repeat_penalty=opts["repeat_penalty"],
-        repeat_last_n=opts["repeat_last_n"],
-        seed=opts["seed"],
-    )
+    params = SamplingParams.from_options(opts)
     master = await Master.from_options(opts)
     try:
         prompt = opts["prompt"] if opts["prompt"] is not None else sys.stdin.read().strip()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,6 +18,18 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1.0 = off
     repeat_last_n: int = 64
     seed: int | None = None  # None = a fresh random seed
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any]) -> SamplingParams:
+        """From cake-cli's options (--temperature, --top-k, ...), for the CLI and its chat."""
+        return cls(
+            temperature=opts["temperature"],
+            top_k=opts["top_k"],
+            top_p=opts["top_p"],
+            repeat_penalty=opts["repeat_penalty"],
+            repeat_last_n=opts["repeat_last_n"],
+            seed=opts["seed"],
+        )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

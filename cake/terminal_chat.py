@@ -125,14 +125,7 @@ class TerminalChat:
         self.max_new_tokens: int = opts["sample_len"]
         self.ignore_eos = bool(opts["ignore_eos"])
         self.model_name = Path(str(opts["model"])).name  # as the user named it (a .gguf too)
-        self.params = SamplingParams(
-            temperature=opts["temperature"],
-            top_k=opts["top_k"],
-            top_p=opts["top_p"],
-            repeat_penalty=opts["repeat_penalty"],
-            repeat_last_n=opts["repeat_last_n"],
-            seed=opts["seed"],
-        )
+        self.params = SamplingParams.from_options(opts)
         reserve = min(self.max_new_tokens, master.max_seq_len // 2)
         self.conversation = Conversation(
             master.tokenizer, master.max_seq_len, reserve, opts["system_prompt"]
