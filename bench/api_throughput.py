@@ -28,8 +28,8 @@ from pathlib import Path
 
 import openai
 
-from cake.gguf import resolve_model_path
-from cake.local_cluster import start_local_cluster
+from cake.cluster.local_cluster import start_local_cluster
+from cake.model.gguf import resolve_model_path
 
 PROMPTS = [
     "What is the capital of France?",

@@ -32,7 +32,7 @@ import openai
 from bench.api_throughput import PROMPTS, start_api, stream, worker_layers
 from bench.machine import cpu_model
 from bench.models import MODEL_KEYS, SMOLLM2, default_cache_dir, resolve_model
-from cake.local_cluster import start_local_cluster
+from cake.cluster.local_cluster import start_local_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cake.chat import StreamDecoder
+from cake.model.detokenizer import StreamDecoder
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Crème brûlée, naïve café — déjà vu! "

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from cake.config import LlamaConfig
-from cake.model import Segment
-from cake.quant import build_projection, quantize
-from cake.weights import random_part
+from cake.model.config import LlamaConfig
+from cake.model.kv_cache import Segment
+from cake.model.loader import random_part
+from cake.model.quant import build_projection, quantize
 
 TOLERANCE = {"int8": 0.02, "int4": 0.02}  # relative error vs dequantized f32 (bf16 inputs)
 

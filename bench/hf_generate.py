@@ -18,7 +18,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, TextStreamer
 
-from cake.chat import llama3_prompt
+from cake.model.tokenizer import llama3_prompt
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 

@@ -4,7 +4,7 @@
 
 The master side is cake's own `RemoteStage.forward` (what a decode step runs per worker: the
 Forward message, its frame, `Link`, the client's reader task and future); the far side is a
-minimal echo peer in its own process, built from `cake.transport.Link` and `cake.protocol`, that
+minimal echo peer in its own process, built from `cake.wire.transport.Link` and `cake.wire.protocol`, that
 answers each `forward` with a `result` carrying the same hidden states. So a round trip is
 framing + asyncio + socket.
 
@@ -38,7 +38,10 @@ from collections.abc import Callable
 
 import torch
 
-from cake.protocol import (
+from cake.engine.remote_stage import RemoteStage
+from cake.engine.stages import StageTimes
+from cake.topology import Node
+from cake.wire.protocol import (
     CloseSession,
     Forward,
     FrameDecoder,
@@ -50,10 +53,8 @@ from cake.protocol import (
     encode_frame,
     parse_message,
 )
-from cake.remote import RemoteStage, WorkerClient
-from cake.stages import StageTimes
-from cake.topology import Node
-from cake.transport import Link, LinkError
+from cake.wire.transport import Link, LinkError
+from cake.wire.worker_link import WorkerClient
 
 log = logging.getLogger("bench")
 

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 async def _decode_child(folder: str, prompt_tokens: int, steps: int, max_seq_len: int) -> None:
     import torch
 
+    from cake.decoding.sampling import SamplingParams
     from cake.master import GenerationStats, Master
-    from cake.sampling import SamplingParams
 
     master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=max_seq_len)
     vocab = master.config.vocab_size
@@ -157,9 +157,10 @@ def micro(rounds: int, steps: int = 200) -> list[dict]:
 
     import torch
 
-    from cake.config import LlamaConfig
-    from cake.model import KVCache, RotaryTables
-    from cake.weights import random_part
+    from cake.model.config import LlamaConfig
+    from cake.model.kv_cache import KVCache
+    from cake.model.llama import RotaryTables
+    from cake.model.loader import random_part
 
     config = LlamaConfig.from_dict(
         {
@@ -203,8 +204,8 @@ async def prefill(rounds: int, prompt_tokens: int) -> list[dict]:
 
     from bench.models import SMOLLM2, default_cache_dir, resolve_model
     from bench.runs import CakeRunner
+    from cake.decoding.sampling import SamplingParams
     from cake.master import GenerationStats
-    from cake.sampling import SamplingParams
 
     spec = resolve_model(SMOLLM2, default_cache_dir())
     threads = torch.get_num_threads()

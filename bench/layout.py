@@ -4,7 +4,7 @@
 
 A decode step multiplies one row by every weight matrix, so its speed is how fast each layout
 streams from memory: the checkpoint's (out, in) through `F.linear`, or (in, out) through
-`x @ W` (what `cake.model.Projection` stores on the CPU when out >= in). Shapes are those of
+`x @ W` (what `cake.model.llama.Projection` stores on the CPU when out >= in). Shapes are those of
 Llama 3.2 1B and SmolLM2-135M; the two layouts are timed alternately, median of `--repeats`.
 """
 

@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 
 from bench.gguf_writer import LLAMA_3_8B, write_random_q4_0_gguf
-from cake.gguf import cache_root, resolve_model_path
-from cake.local_cluster import start_local_cluster
+from cake.cluster.local_cluster import start_local_cluster
+from cake.model.gguf import cache_root, resolve_model_path
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,7 +121,7 @@ def empty_workers(gguf: Path, tokens: int, threads: int) -> None:
     import shutil
     import time
 
-    from cake.local_cluster import WorkerProcess
+    from cake.cluster.local_cluster import WorkerProcess
 
     key = "mission-key"
     with tempfile.TemporaryDirectory(prefix="cake-mission-") as tmp:

@@ -21,8 +21,8 @@ import torch
 
 from bench.split_memory import CONFIG as LLAMA_32_1B_CONFIG
 from bench.split_memory import block_shapes
-from cake.demo import demo_gguf
-from cake.gguf import cache_root, resolve_model_path
+from cake.model.demo import demo_gguf
+from cake.model.gguf import cache_root, resolve_model_path
 
 log = logging.getLogger("bench")
 
@@ -75,9 +75,9 @@ def dequantized_copy(gguf: Path, folder: Path) -> Path:
     cake itself runs the file as it is), with its cached config and tokenizer files."""
     from safetensors.torch import save_file
 
-    from cake.config import LlamaConfig
-    from cake.gguf import POINTER_FILE, GGUFCheckpoint
-    from cake.quant import QuantizedTensor
+    from cake.model.config import LlamaConfig
+    from cake.model.gguf import POINTER_FILE, GGUFCheckpoint
+    from cake.model.quant import QuantizedTensor
 
     meta = resolve_model_path(gguf)
     config = LlamaConfig.from_folder(meta)

@@ -31,7 +31,7 @@ from bench.models import ModelSpec
 from bench.runs import CakeRunner, alternate, warm_up
 from bench.stats import ratios, spread
 from bench.throughput import RunSettings, random_prompt
-from cake.local_cluster import WorkerProcess, worker_command
+from cake.cluster.local_cluster import WorkerProcess, worker_command
 from cake.master import Master
 
 log = logging.getLogger("bench")

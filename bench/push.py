@@ -42,7 +42,7 @@ def _tests_helpers() -> types.ModuleType:
 
 
 async def _ready(model: str, ports: list[int], quantize: str | None) -> tuple[float, dict, dict]:
-    from cake.cluster_setup import ClusterOptions, prepare_cluster
+    from cake.cluster.setup import ClusterOptions, prepare_cluster
     from cake.master import Master
 
     options = ClusterOptions(
@@ -73,7 +73,7 @@ async def _ready(model: str, ports: list[int], quantize: str | None) -> tuple[fl
 
 
 def _run_case(model: str, whole: int, quantize: str | None, workers: int, scratch: str) -> dict:
-    from cake.local_cluster import WorkerProcess
+    from cake.cluster.local_cluster import WorkerProcess
 
     os.environ["CAKE_CACHE_DIR"] = os.path.join(scratch, "master-cache")  # fresh hashes
     processes = []
@@ -119,7 +119,7 @@ def main() -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s"
     )
-    from cake.gguf import resolve_model_path
+    from cake.model.gguf import resolve_model_path
 
     helpers = _tests_helpers()
     gguf = helpers.smollm2_gguf_path()

@@ -53,9 +53,9 @@ def run_child(model: str, dtype: str, quantize: str | None, tokens: int, threads
     import torch
 
     torch.set_num_threads(threads)
+    from cake.decoding.sampling import SamplingParams
     from cake.master import GenerationStats, Master
-    from cake.quant import QuantizedLinear
-    from cake.sampling import SamplingParams
+    from cake.model.quant import QuantizedLinear
 
     baseline = _status("VmRSS")
     started = time.perf_counter()
@@ -128,7 +128,7 @@ def configurations(models: list[str], cache_dir: Path) -> list[tuple[str, str, d
     from bench.gguf_writer import write_random_q4_0_gguf
     from bench.models import LLAMA_1B_SHAPE, SMOLLM2, resolve_model
     from bench.split_memory import CONFIG as LLAMA_1B_CONFIG
-    from cake.demo import demo_gguf
+    from cake.model.demo import demo_gguf
 
     plans = []
     for key in models:

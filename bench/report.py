@@ -281,8 +281,8 @@ def hop_section(results: dict) -> list[str]:
     return [
         "## Per-hop overhead (loopback)",
         "",
-        f"`RemoteStage.forward` against an echo peer built from `cake.transport.Link` and "
-        f"`cake.protocol` (no model compute), {trips} round trips. encode = message + "
+        f"`RemoteStage.forward` against an echo peer built from `cake.wire.transport.Link` and "
+        f"`cake.wire.protocol` (no model compute), {trips} round trips. encode = message + "
         "`to_wire` + `encode_frame`; decode = `FrameDecoder.feed` + `parse_message`, timed "
         "apart on the same frames; socket + asyncio = the rest. After 20 ms idle: the same round "
         "trip when both ends have slept for about a decode step, as in a generation (200 trips). "

@@ -28,9 +28,9 @@ import torch
 
 from bench.cluster import even_layers, topology_entries
 from bench.models import ModelSpec, blocks_bytes
-from cake.local_cluster import WorkerProcess, start_local_cluster
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
+from cake.decoding.sampling import SamplingParams
 from cake.master import GenerationStats, Master
-from cake.sampling import SamplingParams
 
 log = logging.getLogger("bench")
 

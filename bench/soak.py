@@ -44,8 +44,8 @@ import psutil
 import yaml
 
 from bench.api_throughput import default_model, worker_layers
-from cake.gguf import resolve_model_path
-from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
+from cake.model.gguf import resolve_model_path
 
 PROMPTS = [
     "Name three colours.",

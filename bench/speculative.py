@@ -5,7 +5,7 @@
 
 Two worker processes on 127.0.0.1 serve the model's blocks (split evenly, none on the master);
 for an RTT above 0 each one sits behind its own delaying TCP proxy process
-(`python -m cake.delay_proxy`, RTT/2 each way), which stands in for `tc netem`. The master runs
+(`python -m cake.wire.delay_proxy`, RTT/2 each way), which stands in for `tc netem`. The master runs
 in this process. For each RTT, every configuration generates greedily from the same prompt
 up to EOS or --tokens (identical greedy text means the same tokens for each):
 
@@ -45,11 +45,11 @@ from typing import Any
 import yaml
 
 from bench.cluster import even_layers, topology_entries
-from cake.gguf import resolve_model_path
-from cake.local_cluster import WorkerProcess, start_local_cluster
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
+from cake.decoding.sampling import SamplingParams
+from cake.decoding.speculative import DraftSettings
 from cake.master import GenerationStats, Master
-from cake.sampling import SamplingParams
-from cake.speculative import DraftSettings
+from cake.model.gguf import resolve_model_path
 
 log = logging.getLogger("bench")
 
@@ -82,12 +82,12 @@ def default_model() -> Path:
 
 
 class ProxyProcess:
-    """`python -m cake.delay_proxy` in its own process (its timing then does not depend on the
+    """`python -m cake.wire.delay_proxy` in its own process (its timing then does not depend on the
     master's event loop or its GIL)."""
 
     def __init__(self, target: str, delay_ms: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cake.delay_proxy", "--target", target, "--delay-ms",
+            [sys.executable, "-m", "cake.wire.delay_proxy", "--target", target, "--delay-ms",
              str(delay_ms)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.cluster import even_layers, topology_entries
 from bench.stats import ratios, spread
-from cake.local_cluster import WorkerProcess, start_local_cluster
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
 
 log = logging.getLogger("bench")
 

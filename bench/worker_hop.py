@@ -32,12 +32,13 @@ import time
 
 import torch
 
-from cake.config import LlamaConfig, architecture_of
-from cake.protocol import fingerprint_config
-from cake.remote import RemoteStage, WorkerClient
-from cake.stages import StageTimes
+from cake.engine.remote_stage import RemoteStage
+from cake.engine.stages import StageTimes
+from cake.model.config import LlamaConfig, architecture_of
+from cake.model.loader import random_part
 from cake.topology import Node
-from cake.weights import random_part
+from cake.wire.protocol import fingerprint_config
+from cake.wire.worker_link import WorkerClient
 from cake.worker import Worker
 
 log = logging.getLogger("bench")

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from cake.config import ModelFolderError
 from cake.errors import ContextError, KVMemoryError, WorkerError
-from cake.output import READER_GONE_EXIT, ReaderGone, TextOutput, silence_stdout
+from cake.faces.output import READER_GONE_EXIT, ReaderGone, TextOutput, silence_stdout
+from cake.model.config import ModelFolderError
 from cake.topology import TopologyError
 
 log = logging.getLogger("cake")
@@ -38,11 +38,11 @@ def _setup_threads(opts: dict) -> None:
     spin when this process has its cores to itself, sleep when other stages share them (see
     cake.threads); --thread-wait spin|sleep overrides.
     """
-    from cake.threads import (
+    from cake.host.memory import one_malloc_arena
+    from cake.host.threads import (
         apply_wait_policy,
         choose_wait_policy,
         listening_host,
-        one_malloc_arena,
         topology_hosts,
     )
 
@@ -425,7 +425,7 @@ def main(**opts: object) -> None:
         elif opts["perplexity_file"]:
             asyncio.run(_run_perplexity(opts))
         elif opts["prompt"] is None and sys.stdin.isatty() and sys.stdout.isatty():
-            from cake.terminal_chat import run_terminal_chat
+            from cake.faces.terminal_chat import run_terminal_chat
 
             run_terminal_chat(opts)
         else:
@@ -449,9 +449,9 @@ def main(**opts: object) -> None:
 
 
 async def _run_master(opts: dict) -> None:
-    from cake.chat import StreamDecoder
+    from cake.decoding.sampling import SamplingParams
     from cake.master import GenerationStats, Master
-    from cake.sampling import SamplingParams
+    from cake.model.detokenizer import StreamDecoder
 
     params = SamplingParams.from_options(opts)
     master = await Master.from_options(opts)
@@ -484,8 +484,8 @@ async def _run_master(opts: dict) -> None:
 
 
 async def _run_perplexity(opts: dict) -> None:
+    from cake.decoding.perplexity import perplexity_of_file
     from cake.master import Master
-    from cake.perplexity import perplexity_of_file
 
     master = await Master.from_options(opts)
     try:
@@ -496,7 +496,7 @@ async def _run_perplexity(opts: dict) -> None:
 
 
 async def _run_api(opts: dict) -> None:
-    from cake.api import serve_api
+    from cake.faces.api import serve_api
 
     await serve_api(opts)
 
@@ -524,7 +524,7 @@ async def _run_worker(opts: dict) -> None:
 
 
 async def _run_empty_worker(opts: dict) -> None:
-    from cake.empty_worker import start_empty_worker
+    from cake.cluster.empty_worker import start_empty_worker
 
     await start_empty_worker(
         opts["address"],
@@ -545,9 +545,9 @@ async def _run_empty_worker(opts: dict) -> None:
 async def _plan_cluster(opts: dict) -> str:
     """--workers / --discover: measure, plan, push, assign; opts["topology"] becomes the plan.
     Returns the plan as topology.yml text (what --plan prints)."""
-    from cake.auth import client_tls
-    from cake.auth import cluster_key as parse_key
-    from cake.cluster_setup import ClusterOptions, plan_yaml, prepare_cluster, replanning
+    from cake.cluster.setup import ClusterOptions, plan_yaml, prepare_cluster, replanning
+    from cake.wire.auth import client_tls
+    from cake.wire.auth import cluster_key as parse_key
 
     if opts["topology"]:
         raise ValueError("give --topology (blocks by hand) or --workers/--discover, not both")
@@ -556,7 +556,7 @@ async def _plan_cluster(opts: dict) -> str:
         raise ValueError("--workers and --discover need --cluster-key (or CAKE_CLUSTER_KEY)")
     workers = [w.strip() for w in (opts["workers"] or "").split(",") if w.strip()]
     if opts["discover"]:
-        from cake.discovery import discover
+        from cake.wire.discovery import discover
 
         found = await discover(
             key, opts["discovery_timeout"], opts["min_workers"], port=opts["discovery_port"]
@@ -594,7 +594,7 @@ def _rediscovery(opts: dict, key: bytes) -> Callable[[], Awaitable[list[str]]]:
     """--discover again, for a re-plan: the addresses of the workers that answer now."""
 
     async def rediscover() -> list[str]:
-        from cake.discovery import discover
+        from cake.wire.discovery import discover
 
         found = await discover(key, opts["discovery_timeout"], None, port=opts["discovery_port"])
         return [f.address for f in found]
@@ -603,19 +603,15 @@ def _rediscovery(opts: dict, key: bytes) -> Callable[[], Awaitable[list[str]]]:
 
 
 def _parse_size(value: str | None) -> int | None:
-    """'6G', '512M', '1.5GiB', '1000000' -> bytes (binary units)."""
+    """--max-memory: a size as cake.host.sizes reads it (8G = 8 GiB, 8GB = 8*10**9 bytes)."""
     if value is None:
         return None
-    text = value.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in "KMGT" else text
+    from cake.host.sizes import parse_size
+
     try:
-        size = float(number) * scale
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give a size like 6G, 512M or 1000000") from None
-    if size <= 0:
-        raise click.BadParameter(f"{value!r}: the size must be positive")
-    return int(size)
+        return parse_size(value, "--max-memory")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

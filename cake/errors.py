@@ -14,7 +14,7 @@ class WorkerGone(WorkerError):
 
 
 class StagesReplaced(WorkerError):
-    """The stage a request ran on was retired by a re-plan (cake/replan.py); the session
+    """The stage a request ran on was retired by a re-plan (cake/engine/replan.py); the session
     resumes on the new stages."""
 
 

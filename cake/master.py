@@ -20,25 +20,20 @@ from typing import Any
 
 import torch
 
-from cake.auth import client_tls
-from cake.auth import cluster_key as parse_cluster_key
-from cake.batching import DEFAULT_PREFILL_CHUNK as BATCH_PREFILL_CHUNK
-from cake.batching import StepScheduler
-from cake.chat import encode_prompt, load_tokenizer, stop_token_ids
-from cake.config import LlamaConfig, architecture_of
-from cake.devices import resolve_device
-from cake.draft import Drafter, DraftModel, LookupDrafter, load_draft_model
-from cake.errors import ContextError, StagesReplaced, WorkerError, WorkerGone
-from cake.gguf import resolve_model_path
-from cake.liveness import LivenessSettings
-from cake.model import Llama
-from cake.protocol import fingerprint_config, session_frame_limit
-from cake.remote import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RETRY_TIMEOUT_S, RemoteStage
-from cake.replan import Replanning, ResumableSteps
-from cake.sampling import Sampler, SamplingParams
-from cake.sessions import SessionStore
-from cake.speculative import DraftController, DraftSettings, Speculation, parse_draft_tokens
-from cake.stage_builder import (
+from cake.decoding.draft import Drafter, DraftModel, LookupDrafter, load_draft_model
+from cake.decoding.sampling import Sampler, SamplingParams
+from cake.decoding.scheduler import DEFAULT_PREFILL_CHUNK as BATCH_PREFILL_CHUNK
+from cake.decoding.scheduler import StepScheduler
+from cake.decoding.speculative import (
+    DraftController,
+    DraftSettings,
+    Speculation,
+    parse_draft_tokens,
+)
+from cake.engine.remote_stage import RemoteStage
+from cake.engine.replan import Replanning, ResumableSteps
+from cake.engine.sessions import SessionStore
+from cake.engine.stage_builder import (
     LocalPart,
     StageSettings,
     build_stages,
@@ -46,9 +41,21 @@ from cake.stage_builder import (
     load_local_part,
     missing_blocks,
 )
-from cake.stages import Stage, StageTimes
+from cake.engine.stages import Stage, StageTimes
+from cake.errors import ContextError, StagesReplaced, WorkerError, WorkerGone
+from cake.host.devices import resolve_device
+from cake.model.config import LlamaConfig, architecture_of
+from cake.model.gguf import resolve_model_path
+from cake.model.llama import Llama
+from cake.model.loader import activation_dtype, describe_part
+from cake.model.quant import Quantization
+from cake.model.tokenizer import encode_prompt, load_tokenizer, stop_token_ids
 from cake.topology import Run, Topology, format_blocks, load_topology
-from cake.weights import Quantization, activation_dtype, describe_part
+from cake.wire.auth import client_tls
+from cake.wire.auth import cluster_key as parse_cluster_key
+from cake.wire.liveness import LivenessSettings
+from cake.wire.protocol import fingerprint_config, session_frame_limit
+from cake.wire.worker_link import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RETRY_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +154,11 @@ class Master:
         self.stage_settings = stage_settings  # to build stages again after a re-plan
         self.parts = [LocalPart(model, store)] if store is not None else []
         # Set for a cluster the master planned itself (--workers, --discover): a worker lost
-        # for good is then planned around (cake/replan.py) instead of failing the sessions.
+        # for good is then planned around (cake/engine/replan.py) instead of failing the sessions.
         self.replanning: Replanning | None = None
 
     def enable_batching(self, groups: int = 1, prefill_chunk: int | None = None) -> StepScheduler:
-        """Batch the steps of concurrent generations (see cake/batching.py). A prompt goes in
+        """Batch the steps of concurrent generations (see cake/decoding/scheduler.py). A prompt goes in
         chunks of at most `prefill_chunk` positions per step, so it never stalls the others'
         decode for long."""
         self.scheduler = StepScheduler(
@@ -471,7 +478,7 @@ class Master:
         """Yield new token ids (stop tokens are not yielded) until EOS or a length limit.
 
         `draft` (default: the master's) turns on speculative decoding: same greedy text, same
-        sampling distribution, fewer round trips (see cake/speculative.py).
+        sampling distribution, fewer round trips (see cake/decoding/speculative.py).
         """
         stats = stats if stats is not None else GenerationStats()
         speculation = self._speculation(draft or self.draft)
@@ -573,7 +580,7 @@ def _runs(topology: str | Path | Topology | None, n_layers: int) -> list[Run]:
     """The model's contiguous runs in block order; all on the master without a topology."""
     if topology is None:
         return [Run(node=None, start=0, stop=n_layers)]
-    if isinstance(topology, Topology):  # a measured plan (cake/cluster_setup.py)
+    if isinstance(topology, Topology):  # a measured plan (cake/cluster/setup.py)
         return topology.runs(n_layers)
     return load_topology(topology).runs(n_layers)
 

@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cake.config import LlamaConfig, ModelFolderError
-from cake.gguf import gguf_file_of, resolve_model_path
-from cake.model import HEAD, checkpoint_shapes
-from cake.progress import progress_bar
+from cake.host.progress import progress_bar
+from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source
+from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.gguf import gguf_file_of, resolve_model_path
+from cake.model.llama import HEAD, checkpoint_shapes
+from cake.model.quant import Quantization
+from cake.model.transcode import write_transcoded
 from cake.topology import Topology, format_blocks, load_topology
-from cake.transcode import write_transcoded
-from cake.weights import INDEX_FILE, Checkpoint, Quantization, head_source
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ def write_bundles(
 ) -> None:
     """Write every bundle into a staging folder, then move them all into `output`.
 
-    transcode: (config, quantization) to write tensors in a new form (cake.transcode) instead of
+    transcode: (config, quantization) to write tensors in a new form (cake.model.transcode) instead of
     copying their bytes."""
     _refuse_existing(output, [bundle.name for bundle in bundles], force)
     output.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Each connection starts with a handshake (`hello` -> `welcome`), then carries `forward` requests
 for any number of sessions. A session is one generation of one master: its KV caches live in the
-worker's `SessionStore` (cake/sessions.py), keyed by (connection, session id), until the master
+worker's `SessionStore` (cake/engine/sessions.py), keyed by (connection, session id), until the master
 closes it, the connection ends, or it is evicted after idling. A session the store cannot serve
 (budget, context, session count) gets an error reply; the connection and other sessions go on.
 
@@ -16,7 +16,7 @@ would spin forever beside the first.
 
 Here: the sessions (checking a request against the store, running it) and serving. What
 happens on one connection (admission, limits before and after auth, the request loop, which
-errors close it) is cake/worker_connection.py; the handshake itself is cake/handshake.py.
+errors close it) is cake/wire/worker_connection.py; the handshake itself is cake/wire/handshake.py.
 """
 
 from __future__ import annotations
@@ -36,16 +36,26 @@ from typing import TypeVar
 
 import torch
 
-from cake.config import LlamaConfig, architecture_of
-from cake.devices import DTYPE_NAMES, release_free_memory
+from cake.engine.sessions import Session, SessionStore, kv_budget
 from cake.errors import KVMemoryError
-from cake.model import Llama, Segment
-from cake.protocol import Forward, ForwardBatch, Hello, ProtocolError, Welcome, fingerprint_config
-from cake.sessions import Session, SessionStore, format_size, kv_budget
-from cake.threads import is_loopback
+from cake.host.devices import DTYPE_NAMES
+from cake.host.memory import release_free_memory
+from cake.host.network import is_loopback
+from cake.host.sizes import format_size
+from cake.model.config import LlamaConfig, architecture_of
+from cake.model.kv_cache import Segment
+from cake.model.llama import Llama
 from cake.topology import format_blocks
-from cake.transport import Link
-from cake.worker_connection import serve_connection
+from cake.wire.protocol import (
+    Forward,
+    ForwardBatch,
+    Hello,
+    ProtocolError,
+    Welcome,
+    fingerprint_config,
+)
+from cake.wire.transport import Link
+from cake.wire.worker_connection import serve_connection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,7 +89,7 @@ class Worker:
         compute: str = "auto",
     ) -> None:
         """kv_memory: the KV caches' byte budget (default: a share of free memory, see
-        cake.sessions.kv_budget). compute: where forwards run (see run_forward)."""
+        cake.engine.sessions.kv_budget). compute: where forwards run (see run_forward)."""
         if compute not in COMPUTE_CHOICES:
             raise ValueError(f"compute {compute!r}: use {', '.join(COMPUTE_CHOICES)}")
         self.name = name
@@ -136,7 +146,7 @@ class Worker:
         writer: asyncio.StreamWriter,
         accepted: tuple[Link, Hello] | None = None,
     ) -> None:
-        """Serve one master. `accepted`: a link an empty worker (cake/empty_worker.py) already
+        """Serve one master. `accepted`: a link an empty worker (cake/cluster/empty_worker.py) already
         authenticated, with the Hello it read, handed over once this worker holds its blocks."""
         await serve_connection(self, reader, writer, accepted)
 
@@ -355,14 +365,15 @@ async def start_worker(
     ready_file: str | None = None,
 ) -> None:
     """`cake-cli --mode worker`: load this node's blocks (nothing else) and serve them."""
-    from cake.auth import cluster_key as parse_key
-    from cake.auth import server_tls
-    from cake.devices import resolve_device
-    from cake.gguf import resolve_model_path
-    from cake.listening import check_can_listen
+    from cake.host.devices import resolve_device
+    from cake.host.network import check_can_listen
     from cake.master import DEFAULT_MAX_SEQ_LEN
+    from cake.model.gguf import resolve_model_path
+    from cake.model.loader import activation_dtype, describe_part, load_llama
+    from cake.model.quant import Quantization
     from cake.topology import load_topology, parse_address
-    from cake.weights import Quantization, activation_dtype, describe_part, load_llama
+    from cake.wire.auth import cluster_key as parse_key
+    from cake.wire.auth import server_tls
 
     if not name or not topology:
         raise ValueError("worker mode needs --name and --topology (which blocks to serve)")

@@ -23,9 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cake.demo import demo_gguf  # noqa: E402
-from cake.gguf import resolve_model_path  # noqa: E402
-from cake.local_cluster import start_workers  # noqa: E402
+from cake.cluster.local_cluster import start_workers  # noqa: E402
+from cake.model.demo import demo_gguf  # noqa: E402
+from cake.model.gguf import resolve_model_path  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -23,14 +23,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cake.cluster_setup import ClusterOptions, prepare_cluster
-from cake.config import LlamaConfig, architecture_of
-from cake.empty_worker import EmptyWorker
-from cake.model import checkpoint_shapes
-from cake.protocol import fingerprint_config
-from cake.push import ModelCache
-from cake.remote import WorkerClient
-from cake.weights import load_llama
+from cake.cluster.empty_worker import EmptyWorker
+from cake.cluster.push import ModelCache
+from cake.cluster.setup import ClusterOptions, prepare_cluster
+from cake.model.config import LlamaConfig, architecture_of
+from cake.model.llama import checkpoint_shapes
+from cake.model.loader import load_llama
+from cake.wire.protocol import fingerprint_config
+from cake.wire.worker_link import WorkerClient
 
 KEY = b"gpu-check-key"
 SEQ_LEN = 128

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from cake.quant import QuantizedTensor, build_projection, quantize
+from cake.model.quant import QuantizedTensor, build_projection, quantize
 
 
 def main() -> None:

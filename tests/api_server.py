@@ -25,7 +25,7 @@ from typing import Any
 import openai
 from cluster import cluster
 
-from cake.api import create_app, listen, model_id, server_for
+from cake.faces.api import create_app, listen, model_id, server_for
 from cake.master import Master
 from cake.worker import Worker
 
@@ -81,7 +81,7 @@ class Server:
     model: str
     master: Master
     workers: dict[str, Worker]
-    service: Any  # cake.api.service.Service
+    service: Any  # cake.faces.api.service.Service
     loop: asyncio.AbstractEventLoop
     loop_thread_name: str  # the thread that runs the event loop
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import yaml
 
-from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
+from cake.decoding.sampling import SamplingParams
 from cake.master import GenerationStats, Master
-from cake.sampling import SamplingParams
+from cake.model.loader import load_llama
 from cake.topology import parse_topology
-from cake.weights import load_llama
 from cake.worker import Worker
 
 GREEDY = SamplingParams(temperature=0)

@@ -148,7 +148,7 @@ def dequantized_folder(gguf_path: Path, target: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from cake.gguf import POINTER_FILE, resolve_model_path
+    from cake.model.gguf import POINTER_FILE, resolve_model_path
 
     metadata = resolve_model_path(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(

@@ -35,11 +35,12 @@ from api_server import (
 )
 from helpers import build_random_llama, llama3_tokenizer_path
 
-from cake.api import model_id
-from cake.chat import StopFilter, load_tokenizer
-from cake.local_cluster import start_local_cluster
+from cake.cluster.local_cluster import start_local_cluster
+from cake.decoding.sampling import SamplingParams
+from cake.faces.api import model_id
 from cake.master import Master
-from cake.sampling import SamplingParams
+from cake.model.detokenizer import StopFilter
+from cake.model.tokenizer import load_tokenizer
 from cake.worker import Worker
 
 TWO_WORKERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
@@ -206,7 +207,7 @@ def test_sampling_follows_seed_and_openai_default_temperature(served: Server) ->
 
 
 def test_system_and_assistant_turns_use_the_chat_template(served: Server) -> None:
-    from cake.chat import encode_chat
+    from cake.model.tokenizer import encode_chat
 
     messages = [
         {"role": "system", "content": "You are terse."},

@@ -18,8 +18,9 @@ from helpers import build_random_llama
 
 from cake.errors import WorkerError
 from cake.master import Master
-from cake.model import Llama, Segment
-from cake.weights import load_llama
+from cake.model.kv_cache import Segment
+from cake.model.llama import Llama
+from cake.model.loader import load_llama
 from cake.worker import Worker
 
 ATOL = 1e-4

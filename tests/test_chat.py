@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from cake.chat import (
-    StreamDecoder,
+from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.detokenizer import StreamDecoder
+from cake.model.tokenizer import (
     chat_messages,
     encode_chat,
     encode_prompt,
@@ -20,7 +21,6 @@ from cake.chat import (
     load_tokenizer,
     stop_token_ids,
 )
-from cake.config import LlamaConfig, ModelFolderError
 
 BEGIN_OF_TEXT = 128000
 END_OF_TEXT = 128001

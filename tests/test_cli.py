@@ -51,8 +51,8 @@ def assert_fails(result: Result, *needles: str, exit_code: int | None = None) ->
 
 def master_greedy_text(folder: Path, prompt: str, n: int, ignore_eos: bool = False) -> str:
     """What a greedy run should print, computed through the Master (not the CLI)."""
+    from cake.decoding.sampling import SamplingParams
     from cake.master import Master
-    from cake.sampling import SamplingParams
 
     async def run() -> str:
         master = await Master.open(folder, device="cpu", dtype="f32")

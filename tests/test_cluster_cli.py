@@ -35,7 +35,7 @@ def test_bad_cluster_options(tiny_llama: Path, args: list[str], needle: str) -> 
 
 def test_bad_max_memory() -> None:
     result = run_cli("--mode", "worker", "--cluster-key", "k", "--max-memory", "lots")
-    assert_fails(result, "give a size like 6G", exit_code=2)
+    assert_fails(result, "give a size such as 2GiB", exit_code=2)
 
 
 def test_unreachable_worker_is_named(tiny_llama: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cake.protocol import (
+from cake.wire.protocol import (
     MAX_PUSH_CHUNK_BYTES,
     Assign,
     Assigned,

@@ -14,17 +14,17 @@ import pytest
 from cluster import GREEDY
 from test_distributed import reference_tokens
 
-from cake.cluster_setup import ClusterOptions, prepare_cluster
-from cake.config import LlamaConfig
+from cake.cluster.local_cluster import WorkerProcess
+from cake.cluster.measure import block_bytes
+from cake.cluster.payload import ModelManifest, Payload
+from cake.cluster.push import ModelCache
+from cake.cluster.setup import ClusterOptions, prepare_cluster
 from cake.errors import WorkerError
-from cake.local_cluster import WorkerProcess
 from cake.master import Master
-from cake.measure import block_bytes
-from cake.payload import ModelManifest, Payload
-from cake.protocol import ErrorMessage, PushOffer
-from cake.push import ModelCache
+from cake.model.config import LlamaConfig
 from cake.topology import parse_topology
-from cake.transport import LinkError, open_link
+from cake.wire.protocol import ErrorMessage, PushOffer
+from cake.wire.transport import LinkError, open_link
 
 KEY = "test-cluster-key"
 SEQ_LEN = 256
@@ -323,8 +323,8 @@ def test_push_and_generate_over_tls_in_process(tiny_llama: Path, tmp_path: Path)
     import torch
     from test_security import make_certificate
 
-    from cake.auth import client_tls, server_tls
-    from cake.empty_worker import EmptyWorker
+    from cake.cluster.empty_worker import EmptyWorker
+    from cake.wire.auth import client_tls, server_tls
 
     cert, key = make_certificate(tmp_path, "worker")
 

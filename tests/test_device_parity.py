@@ -17,8 +17,8 @@ import torch
 from helpers import build_random_llama
 from transformers import LlamaForCausalLM
 
-from cake.model import Llama
-from cake.weights import load_llama
+from cake.model.llama import Llama
+from cake.model.loader import load_llama
 
 DEVICE = torch.device(os.environ.get("CAKE_TEST_DEVICE", "cpu"))
 F32_ATOL = 1e-4 if DEVICE.type == "cpu" else 1e-3

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cake import devices
-from cake.devices import resolve_device, resolve_dtype, weight_layout_in_out
+from cake.host import devices
+from cake.host.devices import resolve_device, resolve_dtype, weight_layout_in_out
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 

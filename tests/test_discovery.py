@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cake.discovery import announcement, check_announcement, check_probe, probe
-from cake.local_cluster import WorkerProcess
+from cake.cluster.local_cluster import WorkerProcess
 from cake.topology import parse_topology
+from cake.wire.discovery import announcement, check_announcement, check_probe, probe
 
 KEY = "discovery-test-key"
 SUBNET = "10.231.77"
@@ -67,7 +67,7 @@ def namespaces() -> Iterator[tuple[str, str]]:
 
 FORGER = f"""
 import socket, sys
-from cake.discovery import announcement, _decode
+from cake.wire.discovery import announcement, _decode
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 sock.bind(("0.0.0.0", {UDP_PORT}))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from cluster import N_TOKENS, cluster, generate, local_tokens
 
+from cake.cluster.local_cluster import start_local_cluster
 from cake.errors import WorkerError
-from cake.local_cluster import start_local_cluster
 from cake.master import GenerationStats, Master
 
 

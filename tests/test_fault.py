@@ -14,8 +14,8 @@ import pytest
 from cluster import GREEDY, local_tokens
 from cluster import ProcessCluster as Cluster
 
+from cake.cluster.local_cluster import start_local_cluster
 from cake.errors import WorkerError
-from cake.local_cluster import start_local_cluster
 from cake.master import GenerationStats, Master
 
 N = 40

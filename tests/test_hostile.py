@@ -15,10 +15,10 @@ import pytest
 import torch
 from cluster import generate, local_tokens
 
-from cake.config import LlamaConfig, architecture_of
-from cake.local_cluster import WorkerProcess, start_local_cluster
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
 from cake.master import Master
-from cake.protocol import (
+from cake.model.config import LlamaConfig, architecture_of
+from cake.wire.protocol import (
     Forward,
     FrameDecoder,
     Hello,

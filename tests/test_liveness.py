@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from cake.channel import Channel
-from cake.handshake import WorkerLost
-from cake.liveness import LinkClock, LinkPhase, LivenessSettings, Lost, Phase, SendPing
-from cake.protocol import Forward, Message, Ping, Pong, Result
-from cake.transport import LinkError
+from cake.wire.channel import Channel
+from cake.wire.handshake import WorkerLost
+from cake.wire.liveness import LinkClock, LinkPhase, LivenessSettings, Lost, Phase, SendPing
+from cake.wire.protocol import Forward, Message, Ping, Pong, Result
+from cake.wire.transport import LinkError
 
 SETTINGS = LivenessSettings(
     heartbeat_interval=1.0, heartbeat_timeout=3.0, deadline_floor=5.0, deadline_factor=10.0

@@ -15,8 +15,8 @@ import torch
 from helpers import build_random_llama
 from transformers import LlamaForCausalLM
 
-from cake.model import Llama
-from cake.weights import load_llama
+from cake.model.llama import Llama
+from cake.model.loader import load_llama
 
 ATOL = 1e-4  # float32 logits, ours vs the reference
 PROMPT_LEN = 40
@@ -197,8 +197,8 @@ def test_partial_models_compose_to_the_whole(pair: Pair) -> None:
 
 
 def _master_greedy(folder: Path, prompt_ids: list[int], n_new: int) -> list[int]:
+    from cake.decoding.sampling import SamplingParams
     from cake.master import Master
-    from cake.sampling import SamplingParams
 
     async def run() -> list[int]:
         master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN)
@@ -219,7 +219,7 @@ def test_master_greedy_equals_transformers_generate(
 
     folder: Path = request.getfixturevalue(fixture_name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    from cake.chat import encode_prompt
+    from cake.model.tokenizer import encode_prompt
 
     prompt_ids = encode_prompt(tokenizer, "Tell me a story about a dragon.")
     reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -14,8 +14,8 @@ import pytest
 import torch
 from cluster import cluster
 
+from cake.decoding.perplexity import perplexity, windows
 from cake.master import Master
-from cake.perplexity import perplexity, windows
 
 PROSE = Path(__file__).parent / "data" / "prose.txt"
 

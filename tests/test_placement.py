@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cake.placement import MASTER, PlacementError, StageCost, objective, place
+from cake.cluster.placement import MASTER, PlacementError, StageCost, objective, place
 
 
 def _brute_force(stages: list[StageCost], n_layers: int) -> float:
@@ -93,7 +93,7 @@ def test_larger_random_cases_are_fast_and_valid() -> None:
 
 
 def test_current_ranges_are_costed_and_checked() -> None:
-    from cake.placement import cost_of_ranges
+    from cake.cluster.placement import cost_of_ranges
 
     stages = [
         StageCost(MASTER, block_ms=1.0, rtt_ms=0.0, capacity=2),
@@ -109,7 +109,7 @@ def test_current_ranges_are_costed_and_checked() -> None:
 
 
 def test_what_the_workers_hold_is_kept_unless_clearly_worse() -> None:
-    from cake.placement import keep_or_replace
+    from cake.cluster.placement import keep_or_replace
 
     def stages(b_ms: float) -> list[StageCost]:
         return [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from cluster import GREEDY, cluster
 
-from cake.local_cluster import WorkerProcess, start_local_cluster, worker_command
+from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.master import GenerationStats, Master
 
 PROMPT = [128000] + [(i * 7919) % 120000 + 1000 for i in range(69)]  # 70 tokens

@@ -1,4 +1,4 @@
-"""cake/progress.py: bars on stderr when it is a terminal, nothing at all otherwise."""
+"""cake/host/progress.py: bars on stderr when it is a terminal, nothing at all otherwise."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from cake.progress import enabled, progress, progress_bar
+from cake.host.progress import enabled, progress, progress_bar
 
 
 class FakeTerminal(io.StringIO):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cluster_protocol import CLUSTER_MESSAGES
 
-from cake.protocol import (
+from cake.wire.protocol import (
     AUTH_NONCE_BYTES,
     DEFAULT_MAX_FRAME_BYTES,
     MESSAGE_TYPES,

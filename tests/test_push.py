@@ -10,10 +10,10 @@ import torch
 from helpers import build_random_llama
 from safetensors import safe_open
 
-from cake.config import LlamaConfig
-from cake.payload import ModelManifest, Payload
-from cake.protocol import PushChunk, PushOffer
-from cake.push import CacheError, ModelCache
+from cake.cluster.payload import ModelManifest, Payload
+from cake.cluster.push import CacheError, ModelCache
+from cake.model.config import LlamaConfig
+from cake.wire.protocol import PushChunk, PushOffer
 
 MODEL = "cd" * 16
 
@@ -120,7 +120,7 @@ def _deliver(items: list, model: str, cache: ModelCache) -> Path:
 
 
 def _block_state(folder: Path, blocks: list[int], **kw: object) -> dict[str, torch.Tensor]:
-    from cake.weights import load_llama
+    from cake.model.loader import load_llama
 
     part = load_llama(folder, blocks, dtype=torch.bfloat16, max_seq_len=8, **kw)
     return {name: t.clone() for name, t in part.state_dict().items()}
@@ -132,7 +132,7 @@ def test_quantized_payload_is_what_the_worker_runs(
 ) -> None:
     """With --quantize the worker receives its blocks quantized (NAME.q/.scales/.zeros), a
     fraction of the float bytes, and loads exactly what quantizing at load would build."""
-    from cake.weights import Quantization
+    from cake.model.quant import Quantization
 
     monkeypatch.setenv("CAKE_CACHE_DIR", str(tmp_path / "master-cache"))
     folder = build_random_llama(tmp_path / "m", n_layers=3)
@@ -160,7 +160,7 @@ def test_quantized_payload_is_what_the_worker_runs(
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
     # The hashes are cached: the next run converts nothing before it knows what to offer.
-    from cake import payload as payload_module
+    from cake.cluster import payload as payload_module
 
     def no_conversion(self: object, name: str) -> None:
         raise AssertionError(f"{name} converted again just to hash it")
@@ -175,7 +175,7 @@ def test_gguf_payload_is_what_the_worker_runs(
 ) -> None:
     """A GGUF model is pushed as the loader decodes it (int4/int8 groups, q/k rows in Hugging
     Face order), never as float: the worker holds what a local GGUF load builds, bit for bit."""
-    from cake.gguf import resolve_model_path
+    from cake.model.gguf import resolve_model_path
 
     folder = resolve_model_path(smollm2_gguf)
     monkeypatch.setenv("CAKE_CACHE_DIR", str(tmp_path / "master-cache"))

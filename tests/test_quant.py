@@ -16,11 +16,17 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import LlamaForCausalLM
 
 from cake.cli import main, split_main
-from cake.gguf import GGUFCheckpoint, decode, resolve_model_path
+from cake.decoding.sampling import SamplingParams
 from cake.master import Master
-from cake.quant import QuantizedLinear, QuantizedTensor, build_projection, quantize
-from cake.sampling import SamplingParams
-from cake.weights import Quantization, load_llama
+from cake.model.gguf import GGUFCheckpoint, decode, resolve_model_path
+from cake.model.loader import load_llama
+from cake.model.quant import (
+    Quantization,
+    QuantizedLinear,
+    QuantizedTensor,
+    build_projection,
+    quantize,
+)
 
 CPU = torch.device("cpu")
 # Real prose for the quality checks: the history section of Python's own licence file.
@@ -145,7 +151,7 @@ def mean_nll(part, tokenizer, text: str) -> float:
 
 @pytest.fixture(scope="module")
 def prose_and_tokenizer(smollm2_dir: Path):
-    from cake.chat import load_tokenizer
+    from cake.model.tokenizer import load_tokenizer
 
     text = PROSE.read_text(encoding="utf-8")[:1200]  # ~270 tokens
     return text, load_tokenizer(smollm2_dir)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from cake.decoding.sampling import SamplingParams
 from cake.master import GenerationStats, Master
-from cake.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

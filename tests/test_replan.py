@@ -14,11 +14,11 @@ from cluster import GREEDY
 from test_cluster_setup import KEY, SEQ_LEN, cached_tensors, empty_worker, options
 from test_distributed import reference_tokens
 
-from cake.cluster_setup import prepare_cluster, replanning
-from cake.config import LlamaConfig
+from cake.cluster.measure import block_bytes
+from cake.cluster.setup import prepare_cluster, replanning
 from cake.errors import WorkerGone
 from cake.master import Master
-from cake.measure import block_bytes
+from cake.model.config import LlamaConfig
 from cake.topology import Topology
 
 N_TOKENS = 12
@@ -131,7 +131,7 @@ def test_without_a_plan_of_its_own_a_lost_worker_ends_the_generation(
 def test_session_inputs_keep_each_forward_for_the_replay() -> None:
     """What a stage received is replayed forward by forward, as it was sent (a rollback trims
     the last ones): the worker then computes exactly the products it computed before."""
-    from cake.remote import SessionInputs
+    from cake.engine.remote_stage import SessionInputs
 
     inputs = SessionInputs()
     inputs.add(0, torch.zeros(1, 5, 4))  # the prompt
@@ -148,8 +148,8 @@ def test_session_inputs_keep_each_forward_for_the_replay() -> None:
 def test_resumed_steps_run_again_as_they_ran() -> None:
     """After a re-plan a session's earlier steps run on the new stages one by one, as they ran
     (the prompt, then each token), before the step that was asked for."""
+    from cake.engine.replan import ResumableSteps
     from cake.errors import StagesReplaced
-    from cake.replan import ResumableSteps
 
     calls: list[tuple[list[int], int]] = []
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cake.sampling import (
+from cake.decoding.sampling import (
     Sampler,
     SamplingParams,
     apply_repeat_penalty,

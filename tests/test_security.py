@@ -15,13 +15,13 @@ import yaml
 from cluster import cluster, generate, local_tokens
 
 import cake
-from cake import worker_connection
-from cake.auth import client_tls, new_nonce, proof, server_tls
-from cake.config import LlamaConfig, architecture_of
+from cake.cluster.local_cluster import start_local_cluster, start_workers
 from cake.errors import WorkerError
-from cake.local_cluster import start_local_cluster, start_workers
 from cake.master import Master
-from cake.protocol import (
+from cake.model.config import LlamaConfig, architecture_of
+from cake.wire import worker_connection
+from cake.wire.auth import client_tls, new_nonce, proof, server_tls
+from cake.wire.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
     AuthChallenge,
     AuthProof,
@@ -32,7 +32,7 @@ from cake.protocol import (
     fingerprint_config,
     session_frame_limit,
 )
-from cake.transport import Link, LinkError
+from cake.wire.transport import Link, LinkError
 
 LAYERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from cluster import GREEDY, cluster, local_tokens
 
+from cake.engine.remote_stage import RemoteStage
 from cake.errors import WorkerError
 from cake.master import GenerationStats, Master
-from cake.remote import RemoteStage
 from cake.worker import Worker
 
 LAYERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
@@ -114,7 +114,7 @@ def test_out_of_memory_names_the_worker_and_what_did_not_fit(
     ],
 )
 def test_cpu_allocation_failures_count_as_out_of_memory(error: Exception) -> None:
-    from cake.worker_connection import is_out_of_memory
+    from cake.wire.worker_connection import is_out_of_memory
 
     assert is_out_of_memory(error)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))

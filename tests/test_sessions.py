@@ -10,17 +10,11 @@ import pytest
 import torch
 from cluster import GREEDY, cluster
 
+from cake.engine.sessions import SessionStore, check_worker_limits, kv_budget, kv_bytes_per_position
 from cake.errors import KVMemoryError, WorkerError
 from cake.master import Master
-from cake.protocol import Welcome
-from cake.sessions import (
-    SessionStore,
-    check_worker_limits,
-    kv_budget,
-    kv_bytes_per_position,
-    parse_size,
-)
-from cake.weights import load_llama
+from cake.model.loader import load_llama
+from cake.wire.protocol import Welcome
 from cake.worker import Worker
 
 CONTEXT = 512  # the tiny model's max_position_embeddings
@@ -47,15 +41,11 @@ def hidden_states(length: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, length, 64, generator=generator)
 
 
-def test_parse_size() -> None:
-    assert parse_size("2GiB") == 2 * 1024**3
-    assert parse_size("512MiB") == 512 * 1024**2
-    assert parse_size("1.5G") == int(1.5 * 1024**3)
-    assert parse_size("800MB") == 800 * 1000**2
-    assert parse_size("4096") == 4096
-    for bad in ("", "lots", "2 GiBs", "-1G"):
-        with pytest.raises(ValueError, match="--kv-memory"):
-            parse_size(bad)
+def test_kv_budget_takes_sizes_and_shares_of_free_memory() -> None:
+    assert kv_budget("2GiB", torch.device("cpu")) == 2 * 1024**3
+    assert kv_budget("8GB", torch.device("cpu")) == 8 * 10**9
+    with pytest.raises(ValueError, match="--kv-memory 'lots'"):
+        kv_budget("lots", torch.device("cpu"))
     with pytest.raises(ValueError, match="between 0% and 100%"):
         kv_budget("150%", torch.device("cpu"))
     assert 0 < kv_budget("10%", torch.device("cpu")) < kv_budget(None, torch.device("cpu"))
@@ -168,7 +158,7 @@ def test_handshake_refuses_a_shorter_worker_context(tiny_llama: Path, tmp_path: 
 
 
 def test_handshake_refuses_a_worker_budget_below_one_session(tiny_llama: Path) -> None:
-    from cake.config import LlamaConfig
+    from cake.model.config import LlamaConfig
 
     config = LlamaConfig.from_folder(tiny_llama)
     welcome = Welcome(
@@ -245,11 +235,11 @@ def test_32_short_sessions_raise_a_worker_rss_by_what_they_use(
 ) -> None:
     """A worker process with 15 SmolLM2 blocks at a 4096-position context: 32 sessions of a few
     positions each. Preallocated caches would commit 32 x 92 MiB; pages cost 32 x 1.4 MiB."""
-    from cake.config import LlamaConfig, architecture_of
-    from cake.local_cluster import start_local_cluster
-    from cake.protocol import fingerprint_config
-    from cake.remote import WorkerClient
+    from cake.cluster.local_cluster import start_local_cluster
+    from cake.model.config import LlamaConfig, architecture_of
     from cake.topology import load_topology
+    from cake.wire.protocol import fingerprint_config
+    from cake.wire.worker_link import WorkerClient
 
     topology = tmp_path / "topology.yml"
     config = LlamaConfig.from_folder(smollm2_dir)

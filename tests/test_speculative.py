@@ -23,14 +23,14 @@ import yaml
 from api_server import api_in_thread  # the API server in a thread
 from cluster import GREEDY, ProcessCluster, cluster
 
-from cake.config import ModelFolderError
-from cake.delay_proxy import ThreadedDelayProxy
-from cake.draft import Draft, DraftModel, LookupDrafter
+from cake.decoding.draft import Draft, DraftModel, LookupDrafter
+from cake.decoding.sampling import Sampler, SamplingParams
+from cake.decoding.speculative import DraftController, DraftSettings, accept_draft, request_draft
+from cake.engine.remote_stage import SessionInputs
 from cake.master import GenerationStats, Master
-from cake.remote import SessionInputs
-from cake.sampling import Sampler, SamplingParams
-from cake.speculative import DraftController, DraftSettings, accept_draft, request_draft
-from cake.weights import load_llama
+from cake.model.config import ModelFolderError
+from cake.model.loader import load_llama
+from cake.wire.delay_proxy import ThreadedDelayProxy
 
 # A prompt whose text repeats, so lookup finds something; the random models' continuations
 # are random, so rejections (and rollbacks) happen all the time as well.

@@ -19,13 +19,14 @@ from safetensors.torch import save_file
 
 import cake.split
 from cake.cli import split_main
-from cake.config import LlamaConfig, ModelFolderError
-from cake.gguf import resolve_model_path
-from cake.local_cluster import WorkerProcess, worker_command
-from cake.model import EMBEDDING, HEAD
+from cake.cluster.local_cluster import WorkerProcess, worker_command
+from cake.model.checkpoint import INDEX_FILE, Checkpoint
+from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.gguf import resolve_model_path
+from cake.model.llama import EMBEDDING, HEAD
+from cake.model.loader import load_llama
 from cake.split import SHARD_FILE, split_model
 from cake.topology import TopologyError, load_topology
-from cake.weights import INDEX_FILE, Checkpoint, load_llama
 
 NORM = "model.norm.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from cluster import GREEDY, local_tokens
 
+from cake.cluster.local_cluster import WorkerProcess, worker_command
 from cake.errors import WorkerError
-from cake.liveness import LivenessSettings
-from cake.local_cluster import WorkerProcess, worker_command
 from cake.master import GenerationStats, Master
+from cake.wire.liveness import LivenessSettings
 
 N = 30
 LIVENESS = LivenessSettings.for_heartbeat_timeout(1.0)  # small, so the tests stay fast

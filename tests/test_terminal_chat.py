@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cake.chat import encode_chat, load_tokenizer
 from cake.cli import main
 from cake.errors import ContextError
-from cake.terminal_chat import MARKER, Conversation
+from cake.faces.terminal_chat import MARKER, Conversation
+from cake.model.tokenizer import encode_chat, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "What is the capital of France?"
@@ -152,9 +152,9 @@ def after(screen: str, text: str) -> str:
 
 GREEDY_SCRIPT = """
 import asyncio, json, sys
-from cake.chat import encode_chat
+from cake.model.tokenizer import encode_chat
 from cake.master import Master
-from cake.sampling import SamplingParams
+from cake.decoding.sampling import SamplingParams
 
 async def main(folder, conversations):
     master = await Master.open(folder, device="cpu", dtype="f32")

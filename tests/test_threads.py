@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from cake.threads import choose_wait_policy, is_this_host
+from cake.host.network import is_this_host
+from cake.host.threads import choose_wait_policy
 
 ELSEWHERE = "192.0.2.7"  # TEST-NET-1: documentation only, never an address of this machine
 CLEAN: dict[str, str] = {}  # an environment without OMP_WAIT_POLICY or CAKE_COLOCATED

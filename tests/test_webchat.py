@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from api_server import ApiProcess
 
-from cake.local_cluster import start_local_cluster
-from cake.webchat import KEY_TAG, chat_page, static_file
+from cake.cluster.local_cluster import start_local_cluster
+from cake.faces.webchat import KEY_TAG, chat_page, static_file
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

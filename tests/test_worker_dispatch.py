@@ -62,7 +62,7 @@ def test_spinning_threads_keep_all_compute_on_one_thread(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under OMP_WAIT_POLICY=ACTIVE a second OpenMP team would spin forever: auto is inline."""
-    from cake.weights import load_llama
+    from cake.model.loader import load_llama
 
     part = load_llama(tiny_llama, [0], max_seq_len=16)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cake.protocol import Forward, ProtocolError, parse_message, tensor_to_wire
-from cake.weights import load_llama
+from cake.model.loader import load_llama
+from cake.wire.protocol import Forward, ProtocolError, parse_message, tensor_to_wire
 from cake.worker import Worker
 
 CONTEXT = 16

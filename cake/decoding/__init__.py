@@ -1,0 +1,1 @@
+"""Choosing tokens: sampling, the step scheduler, speculative decoding and drafters, perplexity."""

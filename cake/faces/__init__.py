@@ -1,0 +1,1 @@
+"""What people talk to: the OpenAI-compatible HTTP API, the chat page, the terminal chat, the generated text on stdout, the demo."""

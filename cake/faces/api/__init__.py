@@ -1,0 +1,25 @@
+"""The OpenAI-compatible HTTP API: `cake-cli --model M [--topology T] --api HOST:PORT`.
+
+- `errors.py`: OpenAI's error body for every failure; `limits.py`: the body size limit (413).
+- `schemas.py`: the request bodies and the server's defaults for them.
+- `service.py`: admission (429), prompt encoding off the event loop, length checks,
+  generations as tasks, health.
+- `responses.py`: a generation as one JSON body or as server-sent events.
+- `routes.py`: `create_app` and the routes; `server.py`: `serve_api` (the CLI's entry).
+"""
+
+from cake.faces.api.errors import ApiError
+from cake.faces.api.routes import create_app
+from cake.faces.api.schemas import ApiDefaults
+from cake.faces.api.server import api_address, listen, model_id, serve_api, server_for
+
+__all__ = [
+    "ApiDefaults",
+    "ApiError",
+    "api_address",
+    "create_app",
+    "listen",
+    "model_id",
+    "serve_api",
+    "server_for",
+]

@@ -1,0 +1,188 @@
+"""The app and its routes: `POST /v1/chat/completions`, `POST /v1/completions` (both with
+`stream: true` as server-sent events), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+
+A route checks what the request asks, takes an admission, encodes the prompt, starts the
+generation and shapes the response; the work itself is the service's (`service.py`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from cake.faces.api.errors import ApiError, install_error_handlers
+from cake.faces.api.limits import MAX_BODY_BYTES, BodyLimit
+from cake.faces.api.responses import EventStream, collect, stream
+from cake.faces.api.schemas import ApiDefaults, ChatRequest, CompletionRequest, GenerationRequest
+from cake.faces.api.service import Event, Generation, Service
+from cake.faces.webchat import mount_webchat
+from cake.master import Master
+
+
+def create_app(
+    master: Master,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_concurrent: int = 8,
+    defaults: ApiDefaults | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app serving `master`; `serve_api` runs it, tests may run it too. More
+    routers (a web page, a status view) mount with one `app.include_router(...)` and find the
+    service as `request.app.state.service` (`service_of`) and the key check in `authorize`."""
+    app = FastAPI(title="cake", summary="OpenAI-compatible API for a split Llama model")
+    app.state.service = Service(master, model_name, max_concurrent, defaults or ApiDefaults())
+    app.state.api_key = api_key
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.include_router(health_router)
+    app.include_router(openai_router)
+    mount_webchat(app, api_key)  # the chat page at / and its status endpoint
+    return app
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(service_of)]
+
+
+def is_authorized(request: Request) -> bool:
+    """Whether the request carries the API key (always, when the server has none)."""
+    api_key: str | None = request.app.state.api_key
+    if api_key is None:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )
+
+
+def authorize(request: Request) -> None:
+    """A dependency: 401 in OpenAI's shape unless the request carries the API key."""
+    if is_authorized(request):
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(
+            401,
+            "missing API key: send it as 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+    raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+
+health_router = APIRouter()
+openai_router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+
+@health_router.get("/health")
+async def health(request: Request, service: ServiceDep) -> JSONResponse:
+    """Up or not, for anyone; which workers, where, and how busy, only with the key."""
+    ok, body = await service.health()
+    if not is_authorized(request):
+        body = {"status": body["status"]}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@openai_router.get("/models")
+async def list_models(service: ServiceDep) -> dict[str, Any]:
+    return {"object": "list", "data": [service.model_card()]}
+
+
+@openai_router.get("/models/{model:path}")
+async def get_model(model: str, service: ServiceDep) -> dict[str, Any]:
+    service.check_model(model)
+    return service.model_card()
+
+
+async def _start(
+    service: Service,
+    body: GenerationRequest,
+    param: str,
+    encode: Callable[[], Awaitable[list[int]]],
+) -> tuple[Generation, Event]:
+    """Checks, admission (429 before any work), encoding, the length checks, the start."""
+    service.check_model(body.model)
+    body.check_supported()
+    stops = body.stop_strings()
+    params = service.defaults.sampling(body)
+    draft = service.draft_settings(body)
+    admission = service.admit()
+    try:
+        prompt_ids = await encode()
+        max_tokens = service.completion_budget(len(prompt_ids), body.requested_max_tokens(), param)
+        return await service.start(admission, prompt_ids, params, max_tokens, stops, param, draft)
+    except BaseException:
+        admission.release()  # a generation that started releases it when it ends
+        raise
+
+
+@openai_router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep) -> Any:
+    messages = [message.as_template_message() for message in body.messages]
+    encode = partial(service.encode_chat, messages)
+    generation, first = await _start(service, body, "messages", encode)
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": service.model_name,
+    }
+    if not body.stream:
+        text, finished = await collect(request, generation, first, "messages")
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [{**choice, "finish_reason": finished.reason}],
+            "usage": finished.usage(),
+        }
+
+    base = {**head, "object": "chat.completion.chunk"}
+    if body.include_usage:
+        base["usage"] = None  # on every chunk but the last, as OpenAI does
+
+    def chunk(text: str | None, finish: str | None, delta: dict | None = None) -> dict:
+        if delta is None:
+            delta = {} if text is None else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    opening = chunk(None, None, {"role": "assistant", "content": ""})
+    usage = {**base, "choices": []} if body.include_usage else None
+    return EventStream(generation, stream(generation, first, chunk, opening, usage, "messages"))
+
+
+@openai_router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
+    encode = partial(service.encode_completion, body.prompt)
+    generation, first = await _start(service, body, "prompt", encode)
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": service.model_name,
+    }
+    if not body.stream:
+        text, finished = await collect(request, generation, first, "prompt")
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finished.reason}
+        return {**head, "choices": [choice], "usage": finished.usage()}
+
+    base = {**head, "usage": None} if body.include_usage else head
+
+    def chunk(text: str | None, finish: str | None) -> dict:
+        choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    usage = {**base, "choices": []} if body.include_usage else None
+    return EventStream(generation, stream(generation, first, chunk, None, usage, "prompt"))

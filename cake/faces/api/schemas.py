@@ -1,0 +1,171 @@
+"""What clients send: the request bodies of both endpoints, and the server's defaults for them.
+
+Unknown fields are ignored (OpenAI clients send many); a known field out of its range is a 400
+that names it. Content may be a string or a list of text parts; `max_completion_tokens` is the
+newer name of `max_tokens`; `stop` is a string or a list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from cake.decoding.sampling import SamplingParams
+from cake.faces.api.errors import ApiError
+
+OPENAI_DEFAULT_TEMPERATURE = 1.0  # what OpenAI uses when a request names none
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # each; the stop filter looks back this far on every token
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # "developer" is what newer OpenAI clients send in place of "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(part.text for part in self.content)
+        )
+        role = "system" if self.role == "developer" else self.role
+        message = {"role": role, "content": content}
+        return {**message, "name": self.name} if self.name else message
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields common to both endpoints."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1)  # not OpenAI's; vLLM and llama.cpp accept it too
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    # cake's extension: speculative decoding for this request (default: the server's --draft):
+    # "lookup", "model" (the server's --draft PATH), or "none"; and tokens per round, N or "auto".
+    cake_draft: Literal["lookup", "model", "none"] | None = None
+    cake_draft_tokens: int | Literal["auto"] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ApiError(
+                400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop"
+            )
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ApiError(
+                400, f"a stop string is longer than {MAX_STOP_CHARS} characters", param="stop"
+            )
+        return [s for s in stops if s]
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise ApiError(
+                400,
+                f"n={self.n} is not supported: cake generates one choice per request "
+                "(send several requests, they run concurrently)",
+                param="n",
+            )
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
+    tools: list[Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise ApiError(400, "tools (function calling) are not supported", param="tools")
+
+
+class CompletionRequest(GenerationRequest):
+    # A text, a one-element list of texts, or the token ids themselves.
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if (
+            isinstance(self.prompt, list)
+            and len(self.prompt) > 1
+            and isinstance(self.prompt[0], str)
+        ):
+            raise ApiError(
+                400,
+                f"got {len(self.prompt)} prompts: cake completes one prompt per request",
+                param="prompt",
+            )
+        if self.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if self.best_of not in (None, 1):
+            raise ApiError(400, "best_of is not supported", param="best_of")
+
+
+@dataclass(frozen=True)
+class ApiDefaults:
+    """What a request gets for what it does not say: the server's CLI options."""
+
+    max_tokens: int = 256
+    top_k: int | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_options(cls, opts: dict) -> ApiDefaults:
+        return cls(
+            max_tokens=opts.get("sample_len") or cls.max_tokens,
+            top_k=opts.get("top_k"),
+            repeat_penalty=opts.get("repeat_penalty") or cls.repeat_penalty,
+            repeat_last_n=opts.get("repeat_last_n", cls.repeat_last_n),
+            seed=opts.get("seed"),
+            ignore_eos=bool(opts.get("ignore_eos")),
+        )
+
+    def sampling(self, request: GenerationRequest) -> SamplingParams:
+        temperature = request.temperature
+        try:
+            return SamplingParams(
+                temperature=OPENAI_DEFAULT_TEMPERATURE if temperature is None else temperature,
+                top_k=request.top_k if request.top_k is not None else self.top_k,
+                top_p=request.top_p,
+                repeat_penalty=self.repeat_penalty,
+                repeat_last_n=self.repeat_last_n,
+                seed=request.seed if request.seed is not None else self.seed,
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None

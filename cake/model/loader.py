@@ -1,0 +1,210 @@
+"""Reading safetensors checkpoints: a single file or a sharded index, only the tensors asked for.
+
+Tensors are memory-mapped by safetensors and converted straight into the target dtype and device,
+so a worker that serves four blocks of a 70B model reads four blocks' worth of bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cake.host.devices import compute_dtype
+from cake.host.memory import release_free_memory
+from cake.host.progress import progress
+from cake.model.checkpoint import head_source, open_checkpoint
+from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.llama import (
+    EMBEDDING,
+    FINAL_NORM,
+    HEAD,
+    NORMS,
+    PROJECTIONS,
+    Block,
+    Llama,
+    RMSNorm,
+    checkpoint_shapes,
+)
+from cake.model.quant import (
+    DEFAULT_GROUP_SIZE,
+    Quantization,
+    QuantizedTensor,
+    Weight,
+    build_projection,
+    describe,
+    quantize,
+)
+
+
+def activation_dtype(
+    name: str,
+    device: torch.device,
+    folder: str | os.PathLike,
+    config: LlamaConfig,
+    quantization: Quantization | None,
+) -> torch.dtype:
+    """--dtype for a part: `auto` is bf16 when its weights are quantized (given --quantize, or
+    stored quantized: a GGUF or a quantized bundle), because the quantized kernels compute in
+    bf16; otherwise devices.resolve_dtype decides (devices.compute_dtype)."""
+    quantized = name == "auto" and (
+        quantization is not None or open_checkpoint(folder, config).is_quantized
+    )
+    return compute_dtype(name, device, quantized)
+
+
+def load_llama(
+    folder: str | os.PathLike,
+    blocks: Sequence[int] = (),
+    with_embedding: bool = False,
+    with_head: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    max_seq_len: int = 4096,
+    config: LlamaConfig | None = None,
+    quantization: Quantization | None = None,
+) -> Llama:
+    """Build the asked-for part of the model in its final form, one projection at a time.
+
+    Each projection (fused q|k|v, o, gate|up, down) is read, checked, quantized or laid out for
+    `device` and its source tensors dropped before the next is read, so loading holds the final
+    weights plus one projection's temporaries.
+    """
+    config = config or LlamaConfig.from_folder(folder)
+    device = torch.device(device)
+    bad = [i for i in blocks if not 0 <= i < config.n_layers]
+    if bad:
+        raise ModelFolderError(
+            f"blocks {bad} do not exist: the model in {folder} has {config.n_layers} blocks "
+            f"(0-{config.n_layers - 1})"
+        )
+    checkpoint = open_checkpoint(folder, config)
+    expected = checkpoint_shapes(config, blocks, with_embedding, with_head)
+    scheme = quantization.scheme if quantization else None
+    group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
+
+    def read(names: list[str], sources: dict[str, str] | None = None) -> list[Weight]:
+        # Float weights that will be quantized are read as stored (quantize reads row chunks).
+        tensors = checkpoint.load(
+            names, None if scheme else dtype, "cpu" if scheme else device, sources
+        )
+        for name in names:
+            shape = tuple(tensors[name].shape)
+            if shape != expected[name]:
+                raise ModelFolderError(
+                    f"tensor {(sources or {}).get(name, name)!r} in {folder} has shape {shape}, "
+                    f"but config.json implies {expected[name]}"
+                )
+        return [tensors[name] for name in names]
+
+    def norm(name: str) -> RMSNorm:
+        (weight,) = checkpoint.load([name], dtype, device).values()
+        return RMSNorm(weight, config.rms_norm_eps)
+
+    layers: dict[int, Block] = {}
+    for i in progress(sorted(blocks), "loading blocks", unit="block"):
+        prefix = f"model.layers.{i}."
+        projections = {
+            module: build_projection(
+                read([f"{prefix}{part}.weight" for part in parts]), scheme, device, dtype, group
+            )
+            for module, parts in PROJECTIONS.items()
+        }
+        norms = {name: norm(f"{prefix}{name}.weight").weight for name in NORMS}
+        layers[i] = Block(config, projections, norms)
+        release_free_memory()
+    head = embedding = final_norm = None
+    tied = with_head and head_source(config, checkpoint) == EMBEDDING
+    if with_head:
+        (weight,) = read([HEAD], {HEAD: head_source(config, checkpoint)})
+        head = _build_head(weight, scheme, tied and with_embedding, device, dtype)
+        final_norm = norm(FINAL_NORM)
+    if with_embedding and not (tied and head is not None):
+        (weight,) = read([EMBEDDING])
+        table = embedding_weight(weight, dtype).to(device)
+        embedding = nn.Embedding.from_pretrained(table)
+    model = Llama(config, layers, embedding, final_norm, head, dtype=dtype, device=device)
+    model.eval().requires_grad_(False)
+    model.setup_rope(max_seq_len)
+    release_free_memory()
+    return model
+
+
+def random_part(
+    config: LlamaConfig,
+    blocks: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: Quantization | None = None,
+    max_seq_len: int = 256,
+    seed: int = 0,
+) -> Llama:
+    """`blocks` with random weights (std 0.02, unit norms) in the form `load_llama` would give
+    them: for timing a block of a model without its checkpoint (cake/cluster/measure.py)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = checkpoint_shapes(config, blocks, with_embedding=False, with_head=False)
+    scheme = quantization.scheme if quantization else None
+    group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
+    layers: dict[int, Block] = {}
+    for i in blocks:
+        prefix = f"model.layers.{i}."
+        projections = {
+            module: build_projection(
+                [
+                    torch.randn(shapes[f"{prefix}{part}.weight"], generator=generator) * 0.02
+                    for part in parts
+                ],
+                scheme,
+                device,
+                dtype,
+                group,
+            )
+            for module, parts in PROJECTIONS.items()
+        }
+        norms = {name: torch.ones(config.hidden_size, dtype=dtype, device=device) for name in NORMS}
+        layers[i] = Block(config, projections, norms)
+    model = Llama(config, layers, dtype=dtype, device=device)
+    model.eval().requires_grad_(False)
+    model.setup_rope(max_seq_len)
+    return model
+
+
+def head_weight(weight: Weight, scheme: str | None, serves_rows: bool) -> Weight:
+    """What the LM head is made of: int8 when quantizing (see Quantization); a stored int4 head
+    stays int4 unless it must also hand out embedding rows (tied), which only int8 does."""
+    if isinstance(weight, QuantizedTensor):
+        if weight.scheme == "int4" and serves_rows:
+            return weight.to_int8()
+        return weight
+    return quantize(weight, "int8") if scheme else weight
+
+
+def embedding_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """An untied embedding table stays float: a stored quantized one is dequantized."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantizedTensor) else weight.to(dtype)
+
+
+def _build_head(
+    weight: Weight, scheme: str | None, serves_rows: bool, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    return build_projection([head_weight(weight, scheme, serves_rows)], None, device, dtype)
+
+
+def describe_part(model: Llama) -> str:
+    """What each kind of weight in a loaded part runs as, for the load log:
+    'blocks int4/g32, head int8, activations bf16'."""
+    kinds: dict[str, None] = {}
+    for block in model.model.layers.values():
+        for module in (block.self_attn.qkv, block.self_attn.out, block.mlp.gate_up, block.mlp.down):
+            kinds[describe(module)] = None
+    parts = []
+    if kinds:
+        parts.append(f"blocks {'+'.join(kinds)}")
+    if model.head_proj is not None:
+        parts.append(f"head {describe(model.head_proj)}")
+    if model.model.embed_tokens is not None:
+        parts.append(f"embedding {describe(model.model.embed_tokens)}")
+    parts.append(f"activations {str(model.dtype).removeprefix('torch.')}")
+    return ", ".join(parts)

@@ -1,0 +1,182 @@
+"""The handshake, both ends: cluster key proofs (when a key is set), then hello -> welcome.
+
+    master                                   worker
+    AuthChallenge(Nm)            ->                        (only with a cluster key)
+                                 <-  AuthResponse(Nw, HMAC(key, "worker" Nm Nw))
+    AuthProof(HMAC(key, "master" Nm Nw)) ->
+    Hello(fingerprint, master)   ->
+                                 <-  Welcome(fingerprint, worker, blocks, device, dtype)
+
+Every frame of it fits in HANDSHAKE_MAX_FRAME_BYTES, and the transport holds a link to that limit
+until this succeeds. Either side answers a refusal with an ErrorMessage naming the cause and fix.
+"""
+
+from __future__ import annotations
+
+from cake.errors import WorkerError
+from cake.topology import Node
+from cake.wire.auth import check_proof, new_nonce, proof
+from cake.wire.protocol import (
+    PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthProof,
+    AuthResponse,
+    ErrorMessage,
+    Hello,
+    ProtocolError,
+    Welcome,
+)
+from cake.wire.transport import Link, LinkError
+
+BUSY = "handshake_busy"  # the code of a refusal for too many handshakes at once
+
+
+class WorkerLost(WorkerError):
+    """The connection failed (worker down, network); retrying may help, unlike a refusal."""
+
+
+class Refused(ProtocolError):
+    """A peer the worker will not serve; answered with an error of this code, then closed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------
+# Master side
+
+
+async def greet_worker(
+    link: Link,
+    node: Node,
+    label: str,
+    fingerprint: str,
+    master_name: str,
+    cluster_key: bytes | None,
+    timeout: float,
+    hint: str = "",
+) -> Welcome:
+    """Authenticate (if keyed) and say hello; the worker's Welcome, checked against `node`.
+
+    `hint` is added to a failure of the link itself (e.g. what to try if the worker uses TLS).
+
+    WorkerLost for what a retry may fix (timeouts, a dropped connection); WorkerError for a
+    refusal or a mismatch that a retry cannot fix.
+    """
+    try:
+        if cluster_key is not None:
+            await prove_key(link, label, cluster_key, timeout)
+        await link.send(Hello(fingerprint=fingerprint, master=master_name))
+        reply = await link.recv(timeout=timeout)
+    except TimeoutError:
+        raise WorkerLost(f"{label}: handshake timed out after {timeout:.1f}s") from None
+    except LinkError as exc:
+        raise WorkerLost(f"{label}: handshake failed: {exc}{hint}") from None
+    except ProtocolError as exc:
+        raise WorkerError(f"{label}: handshake failed: {exc}{hint}") from None
+    if isinstance(reply, ErrorMessage):
+        raise _refusal(label, reply)
+    if not isinstance(reply, Welcome):
+        raise WorkerError(f"{label}: expected 'welcome', got {type(reply).__name__}")
+    if set(reply.blocks) != set(node.blocks):
+        raise WorkerError(
+            f"{label} serves blocks {list(reply.blocks)}, but the topology gives it "
+            f"{list(node.blocks)}; restart the worker with the same topology file"
+        )
+    return reply
+
+
+def _refusal(label: str, reply: ErrorMessage) -> WorkerError:
+    """A worker busy with other handshakes may take us in a moment; any other refusal stands."""
+    error = WorkerLost if reply.code == BUSY else WorkerError
+    return error(f"{label} refused the connection: {reply.message}")
+
+
+async def prove_key(link: Link, label: str, key: bytes, timeout: float) -> None:
+    """The master's half of the cluster-key handshake (see cake/wire/auth.py)."""
+    master_nonce = new_nonce()
+    await link.send(AuthChallenge(nonce=master_nonce))
+    reply = await link.recv(timeout=timeout)
+    if isinstance(reply, ErrorMessage):
+        raise _refusal(label, reply)
+    if not isinstance(reply, AuthResponse):
+        raise WorkerError(f"{label}: expected 'auth_response', got {type(reply).__name__}")
+    if not check_proof(key, "worker", master_nonce, reply.nonce, reply.proof):
+        raise WorkerError(
+            f"{label}: cluster key mismatch (the worker does not know our key); "
+            "use the same --cluster-key / CAKE_CLUSTER_KEY everywhere"
+        )
+    await link.send(AuthProof(proof=proof(key, "master", master_nonce, reply.nonce)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+async def greet_master(
+    link: Link, welcome: Welcome, cluster_key: bytes | None, timeout: float
+) -> Hello:
+    """Check the master's key proof (if keyed) and hello, answer with `welcome`.
+
+    Raises Refused (to be sent back as an error, then the link closed), ProtocolError,
+    LinkError or TimeoutError.
+    """
+    name = welcome.worker
+    first = await link.recv(timeout=timeout)
+    if cluster_key is not None:
+        if not isinstance(first, AuthChallenge):
+            raise Refused(
+                "auth_required",
+                f"worker {name} requires the cluster key: give the master the same "
+                "--cluster-key (or CAKE_CLUSTER_KEY)",
+            )
+        await check_key(link, name, cluster_key, first, timeout)
+        hello = await link.recv(timeout=timeout)
+    elif isinstance(first, AuthChallenge):
+        raise Refused(
+            "auth_unsupported",
+            f"worker {name} has no cluster key, but the master sent one: start the "
+            "worker with the same --cluster-key, or drop it from the master",
+        )
+    else:
+        hello = first
+    return await answer_hello(link, hello, welcome)
+
+
+async def answer_hello(link: Link, hello: object, welcome: Welcome) -> Hello:
+    """Check the master's hello (after the key proof, if any) and answer with `welcome`."""
+    name = welcome.worker
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
+    if hello.version != PROTOCOL_VERSION:
+        raise Refused(
+            "version_mismatch",
+            f"protocol version {hello.version} is not this worker's {PROTOCOL_VERSION}; "
+            "run the same cake version on master and workers",
+        )
+    if hello.fingerprint != welcome.fingerprint:
+        raise Refused(
+            "model_mismatch",
+            f"worker {name} serves a different model (fingerprint {welcome.fingerprint}, "
+            f"master has {hello.fingerprint}); start both with the same model",
+        )
+    await link.send(welcome)
+    return hello
+
+
+async def check_key(
+    link: Link, name: str, key: bytes, challenge: AuthChallenge, timeout: float
+) -> None:
+    """The worker's half of the cluster-key handshake, once the master's challenge is read."""
+    worker_nonce = new_nonce()
+    await link.send(
+        AuthResponse(nonce=worker_nonce, proof=proof(key, "worker", challenge.nonce, worker_nonce))
+    )
+    answer = await link.recv(timeout=timeout)
+    if not isinstance(answer, AuthProof) or not check_proof(
+        key, "master", challenge.nonce, worker_nonce, answer.proof
+    ):
+        raise Refused(
+            "auth_failed", f"cluster key mismatch: the master's key is not worker {name}'s"
+        )

@@ -1,0 +1,233 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from cake.engine.stages import BatchRow
+from cake.errors import WorkerError, WorkerGone
+from cake.topology import Node, format_blocks
+from cake.wire.channel import Channel
+from cake.wire.handshake import WorkerLost, greet_worker
+from cake.wire.liveness import LinkPhase, LivenessSettings
+from cake.wire.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HANDSHAKE_MAX_FRAME_BYTES,
+    BatchResult,
+    CloseSession,
+    ErrorMessage,
+    Forward,
+    ForwardBatch,
+    Message,
+    Result,
+    Welcome,
+)
+from cake.wire.transport import Link, LinkError, TLSFailure, open_link
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+
+DEFAULT_RETRY_TIMEOUT_S = 60.0
+
+
+class WorkerClient:
+    """One worker, seen from the master: (re)connects and knows the worker's phase."""
+
+    def __init__(
+        self,
+        node: Node,
+        fingerprint: str,
+        master_name: str = "cake-master",
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT_S,
+        cluster_key: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+        liveness: LivenessSettings | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.node = node
+        self.fingerprint = fingerprint
+        self.master_name = master_name
+        self.connect_timeout = connect_timeout
+        self.retry_timeout = retry_timeout
+        self.cluster_key = cluster_key
+        self.tls = tls
+        self.liveness = liveness or LivenessSettings()
+        self.max_frame_bytes = max_frame_bytes  # after the handshake: the session's largest
+        self.channel: Channel | None = None
+        self.welcome: Welcome | None = None
+        self.phase = LinkPhase()
+        self._connecting = asyncio.Lock()
+        self.closed = False  # by close(): never connects again
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.node.name} at {self.node.address}"
+
+    @property
+    def link(self) -> Link | None:
+        """The live connection, or None while the worker is lost (or not yet connected)."""
+        return self.channel.link if self.channel is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return self.phase.epoch
+
+    async def connect(self, timeout: float | None = None) -> Welcome:
+        """Open a connection, authenticate, check the worker serves what the topology says."""
+        if self.closed:
+            raise WorkerLost(f"{self.label}: closed")
+        timeout = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
+        try:
+            link = await open_link(
+                self.node.host,
+                self.node.port,
+                self.label,
+                timeout,
+                ssl=self.tls,
+                max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES,  # a stranger until it proves the key
+            )
+        except TLSFailure as exc:
+            raise WorkerError(str(exc)) from None
+        except LinkError as exc:
+            raise WorkerLost(f"{exc}; is the worker running?") from None
+        try:
+            welcome = await greet_worker(
+                link,
+                self.node,
+                self.label,
+                self.fingerprint,
+                self.master_name,
+                self.cluster_key,
+                timeout,
+                hint="" if self.tls else " (if the worker uses TLS, pass --tls-ca)",
+            )
+        except BaseException:
+            await link.wait_closed()
+            raise
+        if self.closed:  # closed while we were connecting
+            await link.wait_closed()
+            raise WorkerLost(f"{self.label}: closed")
+        link.set_frame_limit(self.max_frame_bytes)
+        self.channel = Channel(link, self.label, self.liveness, on_lost=self._channel_lost)
+        self.welcome = welcome
+        self.phase.connected()
+        log.info(
+            "connected to %s: blocks %s on %s (%s)",
+            self.label,
+            format_blocks(welcome.blocks),
+            welcome.device,
+            welcome.dtype,
+        )
+        return welcome
+
+    def _channel_lost(self, channel: Channel) -> None:
+        if channel is self.channel:
+            self.channel = None
+            self.phase.lost(channel.clock.last_heard, channel.closed_reason or "lost")
+
+    def retry_deadline(self, needed_since: float) -> float:
+        """Give up at --retry-timeout after the worker was last heard (or after we first
+        needed it, if it was lost before that)."""
+        lost_since = self.phase.lost_since
+        since = needed_since if lost_since is None else max(lost_since, needed_since)
+        return since + self.retry_timeout
+
+    def gave_up(self, cause: Exception) -> WorkerGone:
+        return WorkerGone(
+            f"{self.label} did not come back within {self.retry_timeout:g}s "
+            f"(--retry-timeout): {cause}"
+        )
+
+    async def ensure_connected(self, deadline: float) -> None:
+        """Reconnect (with backoff, until `deadline`) if the connection is gone."""
+        async with self._connecting:
+            delay = 0.1
+            while self.channel is None:
+                left = deadline - time.monotonic()
+                try:
+                    await self.connect(timeout=max(left, 0.1))
+                except WorkerLost as exc:
+                    if self.closed:
+                        raise
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self.gave_up(exc) from None
+                    log.warning("%s; retrying in %.1fs", exc, min(delay, left))
+                    await asyncio.sleep(min(delay, left))
+                    delay = min(delay * 2, 2.0)
+
+    async def forward(
+        self, session: str, start_pos: int, blocks: range, hidden: torch.Tensor
+    ) -> Result:
+        """One forward on the current connection. WorkerLost if it is (or goes) away;
+        WorkerError if the worker refused or failed this request (that session only)."""
+
+        def request(request_id: int) -> Forward:
+            return Forward(
+                id=request_id,
+                session=session,
+                start_pos=start_pos,
+                blocks=tuple(blocks),
+                hidden=hidden,
+            )
+
+        reply = await self._request(request, hidden.shape[1])
+        assert isinstance(reply, Result)
+        return reply
+
+    async def forward_batch(
+        self, rows: Sequence[BatchRow], blocks: range, hidden: torch.Tensor
+    ) -> BatchResult:
+        """One frame for several sessions' rows through `blocks` (see ForwardBatch): the
+        worker refuses a session alone, in the reply's `failed`."""
+
+        def request(request_id: int) -> ForwardBatch:
+            return ForwardBatch(
+                id=request_id,
+                sessions=tuple(row.session_id for row in rows),
+                start_positions=tuple(row.start_pos for row in rows),
+                lengths=tuple(row.length for row in rows),
+                blocks=tuple(blocks),
+                hidden=hidden,
+            )
+
+        reply = await self._request(request, hidden.shape[1])
+        assert isinstance(reply, BatchResult)
+        return reply
+
+    async def _request(
+        self, request: Callable[[int], Forward | ForwardBatch], positions: int
+    ) -> Message:
+        """The reply to `request` on the current connection; an error reply as WorkerError."""
+        channel = self.channel
+        if channel is None:
+            raise WorkerLost(f"{self.label}: not connected")
+        reply = await channel.request(request, positions=positions)
+        if isinstance(reply, ErrorMessage):
+            raise WorkerError(f"{self.label} failed a request: {reply.message}")
+        return reply
+
+    async def close_session(self, session: str) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(LinkError):
+                await self.channel.send(CloseSession(session=session))
+
+    async def close(self) -> None:
+        self.closed = True
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
