@@ -13,10 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from cake.errors import ContextError, KVMemoryError, WorkerError
+from cake.errors import CakeError
 from cake.faces.output import READER_GONE_EXIT, ReaderGone, TextOutput, silence_stdout
-from cake.model.config import ModelFolderError
-from cake.topology import TopologyError
 
 log = logging.getLogger("cake")
 
@@ -430,14 +428,7 @@ def main(**opts: object) -> None:
             run_terminal_chat(opts)
         else:
             asyncio.run(_run_master(opts))
-    except (
-        ModelFolderError,
-        TopologyError,
-        ValueError,
-        WorkerError,
-        ContextError,
-        KVMemoryError,
-    ) as exc:
+    except (CakeError, ValueError) as exc:  # each says its cause and fix: one line, no traceback
         _fail(str(exc))
     except ReaderGone:  # `cake-cli … | head`: the reader has what it wanted
         silence_stdout()
@@ -665,7 +656,7 @@ def split_main(
             force=force,
             quantize=quantize,
         )
-    except (ModelFolderError, TopologyError, ValueError) as exc:
+    except (CakeError, ValueError) as exc:  # a bad model folder or topology, among others
         _fail(str(exc))
     except OSError as exc:  # a full disk, no permission: the output folder is as it was
         where = exc.filename or output

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cake.errors import Code, FixedCodeError
+
 ALLOWED_KEYS = ("host", "description", "layers")
 
 # Checkpoint tensor names are `model.layers.{i}.…`, so an entry names the blocks directly.
@@ -29,8 +31,10 @@ _MAX_BLOCK = 9_999
 _EXAMPLE = "layers: ['model.layers.0-5']"
 
 
-class TopologyError(ValueError):
+class TopologyError(FixedCodeError, ValueError):
     """A bad topology; the message names the file (or "<string>"), the node and the fix."""
+
+    code = Code.BAD_TOPOLOGY
 
 
 def _error(source: str, node: str | None, message: str) -> TopologyError:

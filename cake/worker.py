@@ -37,7 +37,7 @@ from typing import TypeVar
 import torch
 
 from cake.engine.sessions import Session, SessionStore, kv_budget
-from cake.errors import KVMemoryError
+from cake.errors import CakeError, Code
 from cake.host.devices import DTYPE_NAMES
 from cake.host.memory import release_free_memory
 from cake.host.network import is_loopback
@@ -50,7 +50,6 @@ from cake.wire.protocol import (
     Forward,
     ForwardBatch,
     Hello,
-    ProtocolError,
     Welcome,
     fingerprint_config,
 )
@@ -65,14 +64,6 @@ DEFAULT_MAX_SESSIONS = 32
 INLINE_MAX_POSITIONS = 16  # longer forwards go to the compute thread (auto dispatch)
 COMPUTE_CHOICES = ("auto", "inline", "thread")
 LONG_REQUEST = 64  # positions; after a forward this long, freed memory goes back (see devices)
-
-
-class RequestError(ProtocolError):
-    """A well-formed request this worker cannot serve; answered with an error of this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Worker:
@@ -180,11 +171,12 @@ class Worker:
         return self._offloaded == 0 and positions <= INLINE_MAX_POSITIONS
 
     def check_request(self, conn: int, request: Forward) -> Session:
-        """The session a forward runs in, or RequestError (on the event loop thread)."""
+        """The session a forward runs in, or a CakeError to answer it with (on the event loop
+        thread)."""
         self.check_blocks_and_width(request.blocks, request.hidden)
         if request.hidden.shape[0] != 1:
-            raise RequestError(
-                "bad_shape",
+            raise CakeError(
+                Code.BAD_SHAPE,
                 f"hidden states must be (1, T, {self.config.hidden_size}), "
                 f"got {list(request.hidden.shape)}",
             )
@@ -196,32 +188,32 @@ class Worker:
         """What every session of a request shares: blocks served here, the model's width."""
         missing = [b for b in blocks if b not in self.served]
         if missing:
-            raise RequestError(
-                "unknown_block",
+            raise CakeError(
+                Code.UNKNOWN_BLOCK,
                 f"worker {self.name} does not serve block(s) {missing}; it serves {self.blocks}",
             )
         hidden_size = self.config.hidden_size
         if hidden.dim() != 3 or hidden.shape[2] != hidden_size:
-            raise RequestError(
-                "bad_shape",
+            raise CakeError(
+                Code.BAD_SHAPE,
                 f"hidden states must be (1, T, {hidden_size}), got {list(hidden.shape)}",
             )
 
     def check_batch(
         self, conn: int, request: ForwardBatch
-    ) -> tuple[list[tuple[int, Session]], list[tuple[int, RequestError]]]:
+    ) -> tuple[list[tuple[int, Session]], list[tuple[int, CakeError]]]:
         """Each session of a batched forward on its own: (index, session) to compute, and
         (index, refusal) for the others, which do not stop the rest."""
         self.check_blocks_and_width(request.blocks, request.hidden)
         rows: list[tuple[int, Session]] = []
-        refused: list[tuple[int, RequestError]] = []
+        refused: list[tuple[int, CakeError]] = []
         for index, (session_id, start_pos, length) in enumerate(
             zip(request.sessions, request.start_positions, request.lengths, strict=True)
         ):
             try:
                 session = self.check_row(conn, session_id, start_pos, length, request.blocks)
                 rows.append((index, session))
-            except RequestError as exc:
+            except CakeError as exc:
                 log.warning("request %d, session %s: %s", request.id, session_id[:8], exc)
                 refused.append((index, exc))
         return rows, refused
@@ -230,14 +222,14 @@ class Worker:
         self, conn: int, session_id: str, start_pos: int, length: int, blocks: tuple[int, ...]
     ) -> Session:
         """One session's positions start_pos..start_pos+length-1 through `blocks`: its Session
-        (claimed, to be released after the compute), or RequestError."""
+        (claimed, to be released after the compute), or a CakeError to refuse it with."""
         if length == 0:
-            raise RequestError("bad_shape", "hidden states hold no positions (T = 0)")
+            raise CakeError(Code.BAD_SHAPE, "hidden states hold no positions (T = 0)")
         key = (conn, session_id)
         session = self.store.get(key)
         if session is None and start_pos > 0:
-            raise RequestError(
-                "unknown_session",
+            raise CakeError(
+                Code.UNKNOWN_SESSION,
                 f"session {session_id} is unknown to worker {self.name} (a new session "
                 "starts at position 0); it was closed, evicted after idling "
                 f"{self.store.idle_timeout_s:g}s, or the worker restarted",
@@ -245,8 +237,8 @@ class Worker:
         if session is not None:
             behind = [b for b in blocks if session.block_ends.get(b, 0) < start_pos]
             if behind:  # those caches hold nothing at the positions this forward attends to
-                raise RequestError(
-                    "bad_position",
+                raise CakeError(
+                    Code.BAD_POSITION,
                     f"start_pos {start_pos} skips positions of session {session_id} in block(s) "
                     f"{behind}: they hold {[session.block_ends.get(b, 0) for b in behind]}",
                 )
@@ -257,10 +249,10 @@ class Worker:
             # Reserves the positions now, so the next step's check (which may come before
             # this one's compute ends) sees them; a start before the end rolls back first.
             self.store.claim(session, start_pos, length)
-        except KVMemoryError as exc:
+        except CakeError as exc:  # the store's refusal (budget, context, session count)
             if opened and session is not None:
                 self.store.close(key)
-            raise RequestError(exc.code, f"session {session_id}: {exc}") from None
+            raise CakeError(exc.code, f"session {session_id}: {exc}") from None
         for block in blocks:
             session.block_ends[block] = start_pos + length
         if opened:

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
+from cake.errors import WorkerLost
 from cake.wire.channel import Channel
-from cake.wire.handshake import WorkerLost
 from cake.wire.liveness import LinkClock, LinkPhase, LivenessSettings, Lost, Phase, SendPing
 from cake.wire.protocol import Forward, Message, Ping, Pong, Result
 from cake.wire.transport import LinkError

@@ -11,7 +11,8 @@ from helpers import build_random_llama
 from safetensors import safe_open
 
 from cake.cluster.payload import ModelManifest, Payload
-from cake.cluster.push import CacheError, ModelCache
+from cake.cluster.push import ModelCache
+from cake.errors import CakeError, Code
 from cake.model.config import LlamaConfig
 from cake.wire.protocol import PushChunk, PushOffer
 
@@ -42,7 +43,7 @@ def test_partial_push_resumes_where_the_data_ends(tmp_path: Path) -> None:
     cache.forget(1)
     fresh = ModelCache(tmp_path)
     assert fresh.offer(2, offer) == 3000
-    with pytest.raises(CacheError, match="expected 3000"):
+    with pytest.raises(CakeError, match="expected 3000"):
         fresh.write(2, PushChunk(id=1, offset=0, data=data[:10]))
     assert fresh.write(2, PushChunk(id=1, offset=3000, data=data[3000:]))
     assert fresh.offer(3, offer) == len(data)  # complete: nothing to send
@@ -59,9 +60,9 @@ def test_corrupt_data_is_refused_and_dropped(tmp_path: Path) -> None:
     offer = _offer(data, sha256=hashlib.sha256(b"other").hexdigest())
     cache = ModelCache(tmp_path)
     cache.offer(1, offer)
-    with pytest.raises(CacheError, match="sha256 mismatch") as caught:
+    with pytest.raises(CakeError, match="sha256 mismatch") as caught:
         cache.write(1, PushChunk(id=1, offset=0, data=data))
-    assert caught.value.code == "bad_checksum"
+    assert caught.value.code is Code.BAD_CHECKSUM
     assert list((tmp_path / MODEL).iterdir()) == []  # nothing half-trusted stays
 
 
@@ -84,10 +85,10 @@ def test_another_connection_cannot_write_into_a_push_in_progress(tmp_path: Path)
     cache = ModelCache(tmp_path)
     offer = _offer(b"\x02" * 50)
     cache.offer(1, offer)
-    with pytest.raises(CacheError) as caught:
+    with pytest.raises(CakeError) as caught:
         cache.offer(2, offer)
-    assert caught.value.code == "busy"
-    with pytest.raises(CacheError, match="not offered"):
+    assert caught.value.code is Code.BUSY
+    with pytest.raises(CakeError, match="not offered"):
         cache.write(2, PushChunk(id=1, offset=0, data=b"\x02"))
 
 

@@ -11,7 +11,7 @@ import torch
 from cluster import GREEDY, cluster
 
 from cake.engine.sessions import SessionStore, check_worker_limits, kv_budget, kv_bytes_per_position
-from cake.errors import KVMemoryError, WorkerError
+from cake.errors import CakeError, Code, WorkerError
 from cake.master import Master
 from cake.model.loader import load_llama
 from cake.wire.protocol import Welcome
@@ -113,17 +113,17 @@ def test_store_refuses_what_does_not_fit(part) -> None:
     )
     run(store, "a", hidden_states(60), 0)
     run(store, "b", hidden_states(60), 0)
-    with pytest.raises(KVMemoryError, match=r"no KV memory left for positions 60\.\.64") as info:
+    with pytest.raises(CakeError, match=r"no KV memory left for positions 60\.\.64") as info:
         run(store, "a", hidden_states(5), 60)  # would need a second page
-    assert info.value.code == "kv_memory_full"
+    assert info.value.code is Code.KV_MEMORY_FULL
     run(store, "a", hidden_states(4), 60)  # what fits its page still works
-    with pytest.raises(KVMemoryError, match="skips positions") as info:
+    with pytest.raises(CakeError, match="skips positions") as info:
         run(store, "b", hidden_states(1), 61)
-    with pytest.raises(KVMemoryError, match=f"context of {CONTEXT} positions") as info:
+    with pytest.raises(CakeError, match=f"context of {CONTEXT} positions") as info:
         run(store, "b", hidden_states(1), CONTEXT)
-    assert info.value.code == "context_full"
+    assert info.value.code is Code.CONTEXT_FULL
     store.open("c")
-    with pytest.raises(KVMemoryError, match="already holds 3 sessions"):
+    with pytest.raises(CakeError, match="already holds 3 sessions"):
         store.open("d")
 
 

@@ -1,6 +1,7 @@
 """Property-based fuzzing of the worker's message handling: whatever a peer sends, the only
-exception that escapes is ProtocolError (RequestError is one); a forward that an independent
-model of the worker calls servable computes, any other is refused, and the run counts both."""
+exception that escapes is a CakeError (a ProtocolError, or a refusal with its code); a forward
+that an independent model of the worker calls servable computes, any other is refused, and the
+run counts both."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from cake.errors import CakeError
 from cake.model.loader import load_llama
 from cake.wire.protocol import Forward, ProtocolError, parse_message, tensor_to_wire
 from cake.worker import Worker
@@ -145,7 +147,7 @@ class WorkerModel:
 
 
 def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) -> None:
-    """Whatever arrives, the only exception is ProtocolError; every forward that the model of
+    """Whatever arrives, the only exception is a CakeError; every forward that the model of
     the worker above says is servable computes (right shape, finite), every other one is
     refused; and the run did see both, many times."""
     outcomes: Counter[str] = Counter()
@@ -167,10 +169,10 @@ def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) 
             try:
                 session = worker.check_request(1, message)
                 hidden, _ = worker.run_request(session, message)
-            except ProtocolError as exc:
+            except CakeError as exc:
                 assert not servable, f"refused a servable forward: {exc}"
                 outcomes["refused"] += 1
-                event(f"refused: {type(exc).__name__}")
+                event(f"refused: {exc.code.value}")
                 continue
             assert servable, (
                 f"served {message.blocks} at {message.start_pos}, {message.hidden.shape}"

@@ -37,11 +37,12 @@ from cake.cluster.measure import (
     matmul_mflops,
     time_block,
 )
-from cake.cluster.push import CacheError, ModelCache
+from cake.cluster.push import ModelCache
+from cake.errors import CakeError, Code, ModelFolderError
 from cake.host.devices import DTYPE_NAMES, compute_dtype, resolve_device
 from cake.host.memory import device_memory
 from cake.host.sizes import format_size
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.config import LlamaConfig
 from cake.topology import format_blocks
 from cake.wire.handshake import check_key
 from cake.wire.protocol import (
@@ -75,14 +76,6 @@ ASSIGNMENT_FILE = "assignment.json"
 # After the key handshake: control messages and push chunks (at most MAX_PUSH_CHUNK_BYTES plus
 # the envelope).
 CONTROL_MAX_FRAME_BYTES = MAX_PUSH_CHUNK_BYTES + (1 << 20)
-
-
-class Refusal(ProtocolError):
-    """A control request this worker will not do; answered with an error of this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -142,8 +135,8 @@ class EmptyWorker:
             if isinstance(first, Hello):
                 worker = self.worker
                 if worker is None:
-                    raise Refusal(
-                        "not_assigned",
+                    raise CakeError(
+                        Code.NOT_ASSIGNED,
                         f"worker {self.name} is empty: start the master with --workers (or "
                         "--discover) so that it assigns blocks and pushes their tensors",
                     )
@@ -155,11 +148,10 @@ class EmptyWorker:
             while True:
                 await self._control(conn, link, message)
                 message = await link.recv(timeout=self.idle_timeout)
-        except ProtocolError as exc:
+        except CakeError as exc:  # a refusal, or a ProtocolError: answered, then closed
             log.warning("connection from %s: %s; closing it", peer, exc)
-            code = getattr(exc, "code", "bad_message")
             with contextlib.suppress(LinkError):
-                await link.send(ErrorMessage(message=str(exc), code=code))
+                await link.send(ErrorMessage(message=str(exc), code=exc.code.value))
         except TimeoutError:
             log.info("connection from %s: idle, closing it", peer)
         except LinkError as exc:
@@ -174,8 +166,8 @@ class EmptyWorker:
         """The worker's half of the cluster-key handshake (see cake/wire/auth.py)."""
         challenge = await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
         if not isinstance(challenge, AuthChallenge):
-            raise Refusal(
-                "auth_required",
+            raise CakeError(
+                Code.AUTH_REQUIRED,
                 f"worker {self.name} requires the cluster key: give the master the same "
                 "--cluster-key (or CAKE_CLUSTER_KEY)",
             )
@@ -191,22 +183,24 @@ class EmptyWorker:
         elif isinstance(message, PushOffer):
             try:
                 offset = await asyncio.to_thread(self.cache.offer, conn, message)
-            except CacheError as exc:
-                await link.send(ErrorMessage(message=str(exc), code=exc.code, id=message.id))
+            except CakeError as exc:  # this item only: the push goes on
+                await link.send(ErrorMessage(message=str(exc), code=exc.code.value, id=message.id))
                 return
             except OSError as exc:
-                raise Refusal(
-                    "disk", f"worker {self.name} cannot store {message.name}: {exc}"
+                raise CakeError(
+                    Code.DISK, f"worker {self.name} cannot store {message.name}: {exc}"
                 ) from None
             await link.send(PushWant(id=message.id, offset=offset))
         elif isinstance(message, PushChunk):
             try:
                 done = await asyncio.to_thread(self.cache.write, conn, message)
-            except CacheError as exc:
-                await link.send(ErrorMessage(message=str(exc), code=exc.code, id=message.id))
+            except CakeError as exc:  # this item only: the push goes on
+                await link.send(ErrorMessage(message=str(exc), code=exc.code.value, id=message.id))
                 return
             except OSError as exc:
-                raise Refusal("disk", f"worker {self.name} cannot store a push: {exc}") from None
+                raise CakeError(
+                    Code.DISK, f"worker {self.name} cannot store a push: {exc}"
+                ) from None
             if done:
                 await link.send(PushStored(id=message.id))
         elif isinstance(message, Assign):
@@ -246,14 +240,16 @@ class EmptyWorker:
         try:
             config = LlamaConfig.from_dict(json.loads(request.config), source="measure.config")
         except (ValueError, TypeError) as exc:  # ModelFolderError and JSON errors included
-            return ErrorMessage(message=f"bad config: {exc}", code="bad_config", id=request.id)
+            return ErrorMessage(
+                message=f"bad config: {exc}", code=Code.BAD_CONFIG.value, id=request.id
+            )
         dtype = compute_dtype(request.dtype, self.device, bool(request.quantize))
         free = self.offered_memory()
         need = block_bytes(config, dtype, request.positions, request.quantize)
         if need > free:
             return ErrorMessage(
                 message=f"worker {self.name}: one block needs {need} bytes, {free} are free",
-                code="too_large",
+                code=Code.TOO_LARGE.value,
                 id=request.id,
             )
         timing = await asyncio.to_thread(
@@ -283,7 +279,7 @@ class EmptyWorker:
                     return ErrorMessage(
                         message=f"worker {self.name} is serving another master's blocks "
                         f"{format_blocks(current.blocks)}; try again when it is done",
-                        code="busy",
+                        code=Code.BUSY.value,
                         id=request.id,
                     )
                 try:
@@ -292,7 +288,7 @@ class EmptyWorker:
                     return ErrorMessage(
                         message=f"worker {self.name} cannot load blocks "
                         f"{format_blocks(request.blocks)}: {exc}",
-                        code="not_loaded",
+                        code=Code.NOT_LOADED.value,
                         id=request.id,
                     )
         return Assigned(id=request.id, blocks=request.blocks)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cake.cluster.payload import PushItem, sha256_range
+from cake.errors import CakeError, Code
 from cake.wire.protocol import (
     PUSH_FILES,
     ErrorMessage,
@@ -116,14 +117,6 @@ class PushRefused(RuntimeError):
 # Worker side: the cache the pushes land in
 
 
-class CacheError(ProtocolError):
-    """A push the cache cannot take; `code` goes into the error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class _Incoming:
     offer: PushOffer
@@ -172,7 +165,7 @@ class ModelCache:
         part = path.with_name(path.name + ".part")
         owner = self._owners.get(part)
         if owner is not None and owner != conn:
-            raise CacheError("busy", f"{offer.name} is being pushed by another master right now")
+            raise CakeError(Code.BUSY, f"{offer.name} is being pushed by another master right now")
         self._drop_incoming(part)
         self._owners[part] = conn
         received = 0
@@ -192,7 +185,7 @@ class ModelCache:
             try:
                 self._finish(conn, offer.id)
                 return offer.nbytes
-            except CacheError:  # it did not check out (and is gone): from the start
+            except CakeError:  # it did not check out (and is gone): from the start
                 with open(part, "wb") as file:
                     file.write(header)
                 self._owners[part] = conn
@@ -209,15 +202,15 @@ class ModelCache:
         """Append a chunk; True when the item is complete, verified and in place."""
         incoming = self.incoming.get((conn, chunk.id))
         if incoming is None:
-            raise CacheError("bad_push", f"push_chunk for id {chunk.id}, which was not offered")
+            raise CakeError(Code.BAD_PUSH, f"push_chunk for id {chunk.id}, which was not offered")
         if chunk.offset != incoming.received:
-            raise CacheError(
-                "bad_push",
+            raise CakeError(
+                Code.BAD_PUSH,
                 f"push_chunk for {incoming.offer.name} at byte {chunk.offset}, expected "
                 f"{incoming.received}",
             )
         if incoming.received + len(chunk.data) > incoming.offer.nbytes:
-            raise CacheError("bad_push", f"push_chunk runs past the end of {incoming.offer.name}")
+            raise CakeError(Code.BAD_PUSH, f"push_chunk runs past the end of {incoming.offer.name}")
         # Unbuffered: what was written is on disk (in the page cache) even if we are killed next.
         with open(incoming.part, "ab", buffering=0) as file:
             file.write(chunk.data)
@@ -233,8 +226,9 @@ class ModelCache:
         offer = incoming.offer
         if _file_sha256(incoming.part, incoming.data_start) != offer.sha256:
             incoming.part.unlink(missing_ok=True)
-            raise CacheError(
-                "bad_checksum", f"{offer.name}: sha256 mismatch after the push; it will be resent"
+            raise CakeError(
+                Code.BAD_CHECKSUM,
+                f"{offer.name}: sha256 mismatch after the push; it will be resent",
             )
         with open(incoming.part, "rb+") as file:
             os.fsync(file.fileno())

@@ -23,8 +23,7 @@ from typing import TypeVar
 import torch
 
 from cake.engine.stages import BatchOutcome, BatchRow, StageTimes
-from cake.errors import StagesReplaced, WorkerError
-from cake.wire.handshake import WorkerLost
+from cake.errors import StagesReplaced, WorkerError, WorkerLost
 from cake.wire.worker_link import WorkerClient
 
 R = TypeVar("R")

@@ -15,10 +15,11 @@ store owns every session's lifetime:
 
 Memory is counted in whole pages of positions (`page`, 64 by default), the unit the caches grow
 by, so what the store reserves is exactly what the caches allocate once written, and a 5-token
-request costs one page, not `max_seq_len`. A claim that would pass the budget raises
-`KVMemoryError` for that session only. Bookkeeping happens on the caller's thread (the worker's
-event loop, the master's generation); only the cache tensors are written by the compute thread,
-within the capacity reserved here. A lock keeps the bookkeeping whole if threads do share it.
+request costs one page, not `max_seq_len`. A claim that would pass the budget raises a
+`CakeError` with a session-refusal code (cake.errors.SESSION_REFUSALS), for that session only.
+Bookkeeping happens on the caller's thread (the worker's event loop, the master's generation);
+only the cache tensors are written by the compute thread, within the capacity reserved here. A
+lock keeps the bookkeeping whole if threads do share it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cake.errors import KVMemoryError, WorkerError
+from cake.errors import CakeError, Code, WorkerError
 from cake.host.devices import DTYPES
 from cake.host.memory import device_memory
 from cake.host.sizes import format_size, parse_size
@@ -162,8 +163,8 @@ class SessionStore:
                 raise ValueError(f"session {key!r} is already open")
             self.evict_idle()
             if self.max_sessions is not None and len(self._sessions) >= self.max_sessions:
-                raise KVMemoryError(
-                    "too_many_sessions",
+                raise CakeError(
+                    Code.TOO_MANY_SESSIONS,
                     f"{self.owner} already holds {self.max_sessions} sessions (--max-sessions)",
                 )
             run = tuple(self.blocks if blocks is None else blocks)
@@ -175,19 +176,20 @@ class SessionStore:
         """Positions start_pos..start_pos+n_positions-1 are about to be written.
 
         Rolls back first if start_pos is before the session's end, reserves room for them, and
-        marks the session busy until `release`. KVMemoryError if they do not fit.
+        marks the session busy until `release`. A CakeError (a session refusal) if they do
+        not fit.
         """
         end = start_pos + n_positions
         with self._lock:
             if end > self.max_seq_len:
-                raise KVMemoryError(
-                    "context_full",
+                raise CakeError(
+                    Code.CONTEXT_FULL,
                     f"positions {start_pos}..{end - 1} do not fit the context of "
                     f"{self.max_seq_len} positions of {self.owner} (--max-seq-len)",
                 )
             if start_pos > session.length:
-                raise KVMemoryError(
-                    "bad_position",
+                raise CakeError(
+                    Code.BAD_POSITION,
                     f"start_pos {start_pos} skips positions: the session holds {session.length}",
                 )
             self._reserve(session, end)
@@ -262,8 +264,8 @@ class SessionStore:
             self.evict_idle()
         if self.reserved_bytes + extra > self.budget_bytes:
             others = len(self._sessions) - 1
-            raise KVMemoryError(
-                "kv_memory_full",
+            raise CakeError(
+                Code.KV_MEMORY_FULL,
                 f"{self.owner} has no KV memory left for positions {session.length}..{end - 1} "
                 f"of blocks {format_blocks(list(session.blocks))}: they need "
                 f"{format_size(extra)} more, {format_size(self.budget_bytes - self.reserved_bytes)}"

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from cake.engine.sessions import Session, SessionStore
-from cake.errors import KVMemoryError
+from cake.errors import CakeError
 from cake.model.kv_cache import Segment
 from cake.model.llama import Llama
 
@@ -144,7 +144,7 @@ class LocalStage:
             try:
                 session = self.store.get(key) or self.store.open(key, self.blocks)
                 self.store.claim(session, row.start_pos, row.length)
-            except KVMemoryError as exc:
+            except CakeError as exc:  # the store's refusal of this session
                 failed[index] = exc
             else:
                 sessions.append(session)

@@ -7,10 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ModelFolderError(ValueError):
-    """A model folder (or file) that cake cannot use; the message says what to fix."""
-
+# ModelFolderError lives with every error kind in cake/errors.py; the model package's modules
+# import it from here, beside the config they check.
+from cake.errors import ModelFolderError
 
 # The rope types our RoPE implements: plain RoPE and Llama 3.1's frequency-dependent scaling.
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

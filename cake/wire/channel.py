@@ -1,10 +1,10 @@
 """One authenticated connection from the master to a worker, and everything that dies with it.
 
 A channel owns its requests in flight (id -> future), the reader task that hands each reply to
-its request, and the heartbeat task that drives a `LinkClock` (see cake/wire/liveness.py): pings on a
-quiet link, a deadline per request. When the link fails, is found stalled, or is closed, every
-request still waiting on *this* channel fails with WorkerLost; a newer channel to the same
-worker has its own map and is never touched by an old reader.
+its request, and the heartbeat task that drives a `LinkClock` (see cake/wire/liveness.py): pings
+on a quiet link, a deadline per request. When the link fails, is found stalled, or is closed,
+every request still waiting on *this* channel fails with WorkerLost; a newer channel to the
+same worker has its own map and is never touched by an old reader.
 
 Requests carry ids, so several sessions can have forwards in flight on one channel.
 """
@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from cake.wire.handshake import WorkerLost
+from cake.errors import WorkerLost
 from cake.wire.liveness import LinkClock, LivenessSettings, Lost, SendPing
 from cake.wire.protocol import BatchResult, ErrorMessage, Message, Ping, Pong, ProtocolError, Result
 from cake.wire.transport import Link, LinkError

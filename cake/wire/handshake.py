@@ -13,7 +13,7 @@ until this succeeds. Either side answers a refusal with an ErrorMessage naming t
 
 from __future__ import annotations
 
-from cake.errors import WorkerError
+from cake.errors import CakeError, Code, WorkerError, WorkerLost
 from cake.topology import Node
 from cake.wire.auth import check_proof, new_nonce, proof
 from cake.wire.protocol import (
@@ -27,21 +27,6 @@ from cake.wire.protocol import (
     Welcome,
 )
 from cake.wire.transport import Link, LinkError
-
-BUSY = "handshake_busy"  # the code of a refusal for too many handshakes at once
-
-
-class WorkerLost(WorkerError):
-    """The connection failed (worker down, network); retrying may help, unlike a refusal."""
-
-
-class Refused(ProtocolError):
-    """A peer the worker will not serve; answered with an error of this code, then closed."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 # ---------------------------------------------------------------------------------------------
 # Master side
@@ -89,7 +74,7 @@ async def greet_worker(
 
 def _refusal(label: str, reply: ErrorMessage) -> WorkerError:
     """A worker busy with other handshakes may take us in a moment; any other refusal stands."""
-    error = WorkerLost if reply.code == BUSY else WorkerError
+    error = WorkerLost if reply.code == Code.HANDSHAKE_BUSY else WorkerError
     return error(f"{label} refused the connection: {reply.message}")
 
 
@@ -119,23 +104,23 @@ async def greet_master(
 ) -> Hello:
     """Check the master's key proof (if keyed) and hello, answer with `welcome`.
 
-    Raises Refused (to be sent back as an error, then the link closed), ProtocolError,
-    LinkError or TimeoutError.
+    Raises CakeError (a refusal, or a ProtocolError: to be sent back as an error of its code,
+    then the link closed), LinkError or TimeoutError.
     """
     name = welcome.worker
     first = await link.recv(timeout=timeout)
     if cluster_key is not None:
         if not isinstance(first, AuthChallenge):
-            raise Refused(
-                "auth_required",
+            raise CakeError(
+                Code.AUTH_REQUIRED,
                 f"worker {name} requires the cluster key: give the master the same "
                 "--cluster-key (or CAKE_CLUSTER_KEY)",
             )
         await check_key(link, name, cluster_key, first, timeout)
         hello = await link.recv(timeout=timeout)
     elif isinstance(first, AuthChallenge):
-        raise Refused(
-            "auth_unsupported",
+        raise CakeError(
+            Code.AUTH_UNSUPPORTED,
             f"worker {name} has no cluster key, but the master sent one: start the "
             "worker with the same --cluster-key, or drop it from the master",
         )
@@ -150,14 +135,14 @@ async def answer_hello(link: Link, hello: object, welcome: Welcome) -> Hello:
     if not isinstance(hello, Hello):
         raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
     if hello.version != PROTOCOL_VERSION:
-        raise Refused(
-            "version_mismatch",
+        raise CakeError(
+            Code.VERSION_MISMATCH,
             f"protocol version {hello.version} is not this worker's {PROTOCOL_VERSION}; "
             "run the same cake version on master and workers",
         )
     if hello.fingerprint != welcome.fingerprint:
-        raise Refused(
-            "model_mismatch",
+        raise CakeError(
+            Code.MODEL_MISMATCH,
             f"worker {name} serves a different model (fingerprint {welcome.fingerprint}, "
             f"master has {hello.fingerprint}); start both with the same model",
         )
@@ -177,6 +162,6 @@ async def check_key(
     if not isinstance(answer, AuthProof) or not check_proof(
         key, "master", challenge.nonce, worker_nonce, answer.proof
     ):
-        raise Refused(
-            "auth_failed", f"cluster key mismatch: the master's key is not worker {name}'s"
+        raise CakeError(
+            Code.AUTH_FAILED, f"cluster key mismatch: the master's key is not worker {name}'s"
         )

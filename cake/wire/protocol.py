@@ -36,6 +36,8 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
+from cake.errors import Code, FixedCodeError
+
 if sys.byteorder != "little":  # pragma: no cover - every CPU/CUDA/MPS host we target is
     # The tensor codec hands torch's native bytes to the wire as they are; on a big-endian host
     # they would need a byte swap that nothing here does.
@@ -89,12 +91,14 @@ _TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
 MAX_SESSION_ID_CHARS = 128
 
 
-class ProtocolError(Exception):
+class ProtocolError(FixedCodeError):
     """The peer broke the protocol: bad framing, bad msgpack, or a malformed message.
 
     The one error type for anything that arrives over the network; the connection it came from
-    should be answered with an ``error`` message (where possible) and closed.
+    should be answered with an ``error`` message of its code (where possible) and closed.
     """
+
+    code = Code.BAD_MESSAGE
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,10 +615,11 @@ class Pong(_Message):
 
 
 # --------------------------------------------------------------------------------------------
-# Empty workers (cake/cluster/empty_worker.py): after the cluster-key handshake a master may ask a worker
-# started without a model what it is (Describe), time one block of its model there (Measure),
-# push the tensors of its blocks (PushOffer / PushWant / PushChunk / PushStored, resumable) and
-# assign it those blocks (Assign). Then it connects for forwards with Hello, as to any worker.
+# Empty workers (cake/cluster/empty_worker.py): after the cluster-key handshake a master may ask
+# a worker started without a model what it is (Describe), time one block of its model there
+# (Measure), push the tensors of its blocks (PushOffer / PushWant / PushChunk / PushStored,
+# resumable) and assign it those blocks (Assign). Then it connects for forwards with Hello, as
+# to any worker.
 #
 # Push of one file or tensor, all on one connection:
 #   master -> worker  PushOffer(id, model, kind, name, dtype, shape, nbytes, sha256)

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cake.errors import CakeError, Code
 from cake.topology import format_blocks
-from cake.wire.handshake import BUSY, Refused, answer_hello, greet_master
+from cake.wire.handshake import answer_hello, greet_master
 from cake.wire.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
     BatchResult,
@@ -42,7 +43,7 @@ from cake.wire.protocol import (
 from cake.wire.transport import Link, LinkError
 
 if TYPE_CHECKING:
-    from cake.worker import RequestError, Session, Worker
+    from cake.worker import Session, Worker
 
 log = logging.getLogger("cake.worker")
 
@@ -93,7 +94,7 @@ async def serve_connection(
                 ErrorMessage(
                     message=f"worker {worker.name} has {MAX_UNAUTHENTICATED} connections in "
                     "their handshake already; try again shortly",
-                    code=BUSY,
+                    code=Code.HANDSHAKE_BUSY.value,
                 ),
             )
             return
@@ -109,12 +110,9 @@ async def serve_connection(
         link.set_frame_limit(session_frame_limit(worker.config.hidden_size, worker.max_seq_len))
         log.info("master %r connected from %s", hello.master, peer)
         await _serve_requests(worker, conn, link, tasks)
-    except Refused as exc:
-        log.warning("connection %d from %s refused: %s", conn, peer, exc)
-        await _try_send(link, ErrorMessage(message=str(exc), code=exc.code))
-    except ProtocolError as exc:
-        log.warning("connection %d from %s: %s; closing it", conn, peer, exc)
-        await _try_send(link, ErrorMessage(message=str(exc), code="bad_message"))
+    except CakeError as exc:  # a refusal in the handshake, or a ProtocolError at any time
+        log.warning("connection %d from %s: %s (%s); closing it", conn, peer, exc, exc.code.value)
+        await _try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
     except MemoryError:  # buffering a frame: its framing is lost with it, so the link goes
         log.error("connection %d from %s: out of memory reading a frame; closing it", conn, peer)
         await _try_send(
@@ -122,7 +120,7 @@ async def serve_connection(
             ErrorMessage(
                 message=f"worker {worker.name} ran out of memory receiving a frame of up to "
                 f"{link.max_frame_bytes} bytes; free memory there or lower --max-seq-len",
-                code="out_of_memory",
+                code=Code.OUT_OF_MEMORY.value,
             ),
         )
     except (TimeoutError, asyncio.TimeoutError):
@@ -138,8 +136,6 @@ async def serve_connection(
 
 
 async def _serve_requests(worker: Worker, conn: int, link: Link, tasks: set[asyncio.Task]) -> None:
-    from cake.worker import RequestError
-
     while True:
         message = await link.recv(timeout=worker.idle_timeout)
         if isinstance(message, Forward):
@@ -147,9 +143,9 @@ async def _serve_requests(worker: Worker, conn: int, link: Link, tasks: set[asyn
             # overtake it); only the tensor work runs as a task.
             try:
                 session = worker.check_request(conn, message)
-            except RequestError as exc:
+            except CakeError as exc:  # a refusal of this request alone
                 log.warning("request %d from %s: %s", message.id, link.peer, exc)
-                await link.send(ErrorMessage(message=str(exc), code=exc.code, id=message.id))
+                await link.send(ErrorMessage(message=str(exc), code=exc.code.value, id=message.id))
                 continue
             except Exception as exc:  # e.g. no memory for a new session's caches
                 await link.send(request_failure(worker, message, exc, "allocating the caches of"))
@@ -160,9 +156,9 @@ async def _serve_requests(worker: Worker, conn: int, link: Link, tasks: set[asyn
         elif isinstance(message, ForwardBatch):
             try:
                 rows, refused = worker.check_batch(conn, message)
-            except RequestError as exc:  # the blocks or the width: every session alike
+            except CakeError as exc:  # the blocks or the width: every session alike
                 log.warning("request %d from %s: %s", message.id, link.peer, exc)
-                await link.send(ErrorMessage(message=str(exc), code=exc.code, id=message.id))
+                await link.send(ErrorMessage(message=str(exc), code=exc.code.value, id=message.id))
                 continue
             task = asyncio.create_task(_compute_batch(worker, link, message, rows, refused))
             tasks.add(task)
@@ -197,7 +193,7 @@ async def _compute_batch(
     link: Link,
     request: ForwardBatch,
     rows: list[tuple[int, Session]],
-    refused: list[tuple[int, RequestError]],
+    refused: list[tuple[int, CakeError]],
 ) -> None:
     """Run the checked sessions of a batched forward as one pass and answer with their rows;
     the refused ones are named in the reply, the others computed."""
@@ -216,7 +212,7 @@ async def _compute_batch(
             id=request.id,
             hidden=hidden,
             failed=tuple(index for index, _ in refused),
-            codes=tuple(exc.code for _, exc in refused),
+            codes=tuple(exc.code.value for _, exc in refused),
             errors=tuple(str(exc) for _, exc in refused),
             compute_us=compute_us,
         )
@@ -246,13 +242,13 @@ def request_failure(
             message=f"worker {worker.name} ran out of memory on {worker.device} {doing} "
             f"{what}: {_first_line(exc)}; free memory there, lower --max-sessions or "
             "--max-seq-len, or move blocks to another worker",
-            code="out_of_memory",
+            code=Code.OUT_OF_MEMORY.value,
             id=request.id,
         )
     log.error("request %d failed %s (%s)", request.id, doing, what, exc_info=exc)
     return ErrorMessage(
         message=f"worker {worker.name} failed {doing} {what}: {_first_line(exc)}",
-        code="internal",
+        code=Code.INTERNAL.value,
         id=request.id,
     )
 

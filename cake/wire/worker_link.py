@@ -13,10 +13,10 @@ from typing import TypeVar
 import torch
 
 from cake.engine.stages import BatchRow
-from cake.errors import WorkerError, WorkerGone
+from cake.errors import WorkerError, WorkerGone, WorkerLost
 from cake.topology import Node, format_blocks
 from cake.wire.channel import Channel
-from cake.wire.handshake import WorkerLost, greet_worker
+from cake.wire.handshake import greet_worker
 from cake.wire.liveness import LinkPhase, LivenessSettings
 from cake.wire.protocol import (
     DEFAULT_MAX_FRAME_BYTES,

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cake.errors import ContextError, KVMemoryError, WorkerError
+from cake.errors import SESSION_REFUSALS, CakeError, ContextError, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ def generation_error(exc: BaseException, param: str) -> ApiError:
         return exc
     if isinstance(exc, ContextError):
         return ApiError(400, str(exc), param=param, code="context_length_exceeded")
-    if isinstance(exc, KVMemoryError):  # the master's own KV budget: try again later
-        return ApiError(503, str(exc), type="server_error", code=exc.code)
+    if isinstance(exc, CakeError) and exc.code in SESSION_REFUSALS:  # try again later
+        return ApiError(503, str(exc), type="server_error", code=exc.code.value)
     if isinstance(exc, WorkerError):
         return ApiError(502, str(exc), type="server_error", code="worker_unavailable")
     log.error("generation failed", exc_info=exc)
