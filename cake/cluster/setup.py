@@ -27,7 +27,7 @@ from cake.cluster.payload import ModelManifest, Payload, PushItem
 from cake.cluster.placement import KEEP_TOLERANCE, MASTER, StageCost, keep_or_replace, place
 from cake.cluster.push import PushRefused, PushStats, push
 from cake.engine.replan import Replanning
-from cake.errors import WorkerError
+from cake.errors import CakeError, Code, WorkerError
 from cake.host.progress import progress_bar
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig
@@ -46,12 +46,17 @@ from cake.wire.protocol import (
     Pong,
     ProtocolError,
 )
+from cake.wire.retry import retry
 from cake.wire.transport import Link, LinkError, open_link
 
 log = logging.getLogger(__name__)
 
 RTT_PINGS = 5
 MEASURE_TIMEOUT_S = 120.0  # a block of a large model on a slow device takes a while to build
+# A broken push reconnects after these pauses (doubling); a busy worker is asked again after
+# ASSIGN_RETRY_DELAY_S each time.
+PUSH_FIRST_DELAY_S, PUSH_MAX_DELAY_S = 0.2, 2.0
+ASSIGN_RETRY_DELAY_S = 0.1
 
 
 @dataclass
@@ -346,48 +351,13 @@ async def _push_one(
     options: ClusterOptions,
     on_progress: Callable[[str, int, bool], object],
 ) -> None:
+    """Push one worker its blocks' tensors (resuming after a broken connection), then assign."""
     total = sum(item.nbytes for item in items)
     stats = plan.pushed.setdefault(probe.name, PushStats())
-    deadline = time.monotonic() + options.retry_timeout
-    delay = 0.2
-    while True:
-        try:
-            await push(
-                probe.link,
-                model,
-                items,
-                stats,
-                on_sent=lambda count: on_progress(probe.name, count, True),
-                on_held=lambda count: on_progress(probe.name, count, False),
-            )
-            break
-        except (LinkError, TimeoutError) as exc:
-            # The connection broke mid-push: reconnect and offer again; the worker answers
-            # with what it holds, so only the rest travels.
-            await probe.link.wait_closed()
-            log.warning("%s: push interrupted (%s); resuming", probe.label, exc)
-            while True:
-                if time.monotonic() > deadline:
-                    raise WorkerError(
-                        f"{probe.label}: push did not complete within {options.retry_timeout:g}s "
-                        f"(--retry-timeout): {exc}"
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                try:
-                    probe.link = await connect_control(
-                        probe.host,
-                        probe.port,
-                        probe.label,
-                        options.cluster_key,
-                        options.tls,
-                        options.connect_timeout,
-                    )
-                    break
-                except LinkError:
-                    continue
-        except (PushRefused, ProtocolError) as exc:
-            raise WorkerError(f"{probe.label}: {exc}") from None
+    try:
+        await _push_resuming(probe, items, model, stats, options, on_progress)
+    except (PushRefused, ProtocolError) as exc:
+        raise WorkerError(f"{probe.label}: {exc}") from None
     log.info(
         "%s: pushed %s of %s for blocks %s (%d items sent, %s resumed, %d there already)",
         probe.label,
@@ -398,14 +368,78 @@ async def _push_one(
         format_size(stats.resumed_from),
         stats.items_cached,
     )
+    await _assign(probe, node, model, options)
+
+
+async def _push_resuming(
+    probe: WorkerProbe,
+    items: list[PushItem],
+    model: str,
+    stats: PushStats,
+    options: ClusterOptions,
+    on_progress: Callable[[str, int, bool], object],
+) -> None:
+    """Push `items`. A connection that breaks mid-push is opened again and every item offered
+    again: the worker answers with what it holds, so only the rest travels (--retry-timeout)."""
+    broken = False
+
+    async def attempt(_left: float) -> None:
+        nonlocal broken
+        if broken:
+            probe.link = await connect_control(
+                probe.host,
+                probe.port,
+                probe.label,
+                options.cluster_key,
+                options.tls,
+                options.connect_timeout,
+            )
+            broken = False
+        try:
+            await push(
+                probe.link,
+                model,
+                items,
+                stats,
+                on_sent=lambda count: on_progress(probe.name, count, True),
+                on_held=lambda count: on_progress(probe.name, count, False),
+            )
+        except (LinkError, TimeoutError):
+            broken = True
+            await probe.link.wait_closed()
+            raise
+
+    def give_up(failure: Exception) -> WorkerError:
+        return WorkerError(
+            f"{probe.label}: push did not complete within {options.retry_timeout:g}s "
+            f"(--retry-timeout): {failure}"
+        )
+
+    await retry(
+        attempt,
+        retry_on=(LinkError, TimeoutError),
+        deadline=time.monotonic() + options.retry_timeout,
+        first_delay=PUSH_FIRST_DELAY_S,
+        max_delay=PUSH_MAX_DELAY_S,
+        on_retry=lambda failure, pause: log.warning(
+            "%s: push interrupted (%s); resuming in %.1fs", probe.label, failure, pause
+        ),
+        give_up=give_up,
+    )
+
+
+async def _assign(probe: WorkerProbe, node: Node, model: str, options: ClusterOptions) -> None:
+    """Have the worker load `node`'s blocks from what was pushed, and serve them.
+
+    "busy": a master's forward connections are still open there. Right after a re-plan those
+    are our own old ones, which the worker has not seen close yet: ask again shortly, until
+    --connect-timeout."""
     assert options.max_seq_len is not None
     assign = Assign(
         id=3, model=model, blocks=node.blocks, dtype=options.dtype, max_seq_len=options.max_seq_len
     )
-    # "busy": a master's forward connections are still open there. Right after a re-plan
-    # those are our own old ones, which the worker has not seen close yet: ask again shortly.
-    deadline = time.monotonic() + options.connect_timeout
-    while True:
+
+    async def attempt(_left: float) -> Message:
         try:
             await probe.link.send(assign)
             reply = await probe.link.recv(timeout=MEASURE_TIMEOUT_S)
@@ -413,13 +447,21 @@ async def _push_one(
             raise WorkerError(f"{probe.label}: no answer to 'assign'") from None
         except (LinkError, ProtocolError) as exc:
             raise WorkerError(f"{probe.label}: {exc}") from None
-        if not (isinstance(reply, ErrorMessage) and reply.code == "busy"):
-            break
-        if time.monotonic() > deadline:
+        if isinstance(reply, ErrorMessage):
+            if reply.code == Code.BUSY:
+                raise CakeError(Code.BUSY, reply.message)
             raise WorkerError(f"{probe.label} refused 'assign': {reply.message}")
-        await asyncio.sleep(0.1)
-    if isinstance(reply, ErrorMessage):
-        raise WorkerError(f"{probe.label} refused 'assign': {reply.message}")
+        return reply
+
+    reply = await retry(
+        attempt,
+        retry_on=CakeError,
+        retry_if=lambda refusal: refusal.code is Code.BUSY,
+        deadline=time.monotonic() + options.connect_timeout,
+        first_delay=ASSIGN_RETRY_DELAY_S,
+        max_delay=ASSIGN_RETRY_DELAY_S,
+        give_up=lambda busy: WorkerError(f"{probe.label} refused 'assign': {busy}"),
+    )
     if not isinstance(reply, Assigned):
         raise WorkerError(f"{probe.label}: expected 'assigned', got {type(reply).__name__}")
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -30,6 +29,7 @@ from cake.wire.protocol import (
     Result,
     Welcome,
 )
+from cake.wire.retry import retry
 from cake.wire.transport import Link, LinkError, TLSFailure, open_link
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 DEFAULT_RETRY_TIMEOUT_S = 60.0
+# Reconnection backoff: the first pause (also the shortest connect timeout), and the longest.
+RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.1, 2.0
 
 
 class WorkerClient:
@@ -153,22 +155,21 @@ class WorkerClient:
         )
 
     async def ensure_connected(self, deadline: float) -> None:
-        """Reconnect (with backoff, until `deadline`) if the connection is gone."""
+        """Reconnect (with backoff, until `deadline`) if the connection is gone. One attempt
+        even when the deadline has passed; WorkerGone when it did not come back by then."""
         async with self._connecting:
-            delay = 0.1
-            while self.channel is None:
-                left = deadline - time.monotonic()
-                try:
-                    await self.connect(timeout=max(left, 0.1))
-                except WorkerLost as exc:
-                    if self.closed:
-                        raise
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise self.gave_up(exc) from None
-                    log.warning("%s; retrying in %.1fs", exc, min(delay, left))
-                    await asyncio.sleep(min(delay, left))
-                    delay = min(delay * 2, 2.0)
+            if self.channel is not None:  # another task reconnected while this one waited
+                return
+            await retry(
+                lambda left: self.connect(timeout=max(left, RECONNECT_FIRST_DELAY_S)),
+                retry_on=WorkerLost,
+                retry_if=lambda lost: not self.closed,  # close() ends the wait at once
+                deadline=deadline,
+                first_delay=RECONNECT_FIRST_DELAY_S,
+                max_delay=RECONNECT_MAX_DELAY_S,
+                on_retry=lambda lost, pause: log.warning("%s; retrying in %.1fs", lost, pause),
+                give_up=self.gave_up,
+            )
 
     async def forward(
         self, session: str, start_pos: int, blocks: range, hidden: torch.Tensor
