@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from cake.errors import CakeError, Code
 from cake.host.devices import DTYPE_NAMES
 from cake.host.memory import release_free_memory
 from cake.host.network import is_loopback
+from cake.host.signals import stop_signal
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig, architecture_of
 from cake.model.kv_cache import Segment
@@ -325,13 +325,10 @@ class Worker:
 
 async def run_worker(worker: Worker, host: str, port: int, ready_file: str | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then close the listener and every connection."""
+    stopped = stop_signal()  # before serve() says it serves: a signal right after is orderly
     server = await worker.serve(host, port, ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     async with server:
-        await stop.wait()
+        await stopped
         log.info("worker %s shutting down", worker.name)
         server.close()
         for link in list(worker.links):

@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from cake.cluster.push import ModelCache
 from cake.errors import CakeError, Code, ModelFolderError
 from cake.host.devices import DTYPE_NAMES, compute_dtype, resolve_device
 from cake.host.memory import device_memory
+from cake.host.signals import stop_signal
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig
 from cake.topology import format_blocks
@@ -411,7 +411,6 @@ async def start_empty_worker(
     torch_device = resolve_device(device)
     root = Path(cache_dir) if cache_dir else cache_root() / "pushed"
     root.mkdir(parents=True, exist_ok=True)
-    loop = asyncio.get_running_loop()
     # The name is the address it listens on (with the real port when port 0 was asked for).
     empty = EmptyWorker(
         name or address,
@@ -431,6 +430,7 @@ async def start_empty_worker(
     if discovery_port != 0:
         udp = await respond(key, empty.name, bound_port, discovery_port or DEFAULT_DISCOVERY_PORT)
     await empty.resume()
+    stopped = stop_signal()  # before it says it serves: a signal right after is orderly
     if ready_file is not None:  # before the "serving" line, which scripts may wait for too
         from cake.worker import write_ready_file
 
@@ -450,11 +450,8 @@ async def start_empty_worker(
     )
     if empty.assignment is None:
         log.info("worker %s is empty: waiting for a master to assign it blocks", empty.name)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     async with server:
-        await stop.wait()
+        await stopped
         log.info("worker %s shutting down", empty.name)
         server.close()
         if udp is not None:
