@@ -8,18 +8,20 @@
   running. It names the workers, so it asks for the API key when the server has one (like the
   /v1 routes; the page itself and its static files are public, they hold nothing).
 
-`mount_webchat(app, api_key)` adds these routes to the API's FastAPI app; the page reads the
-model's service from `app.state.service` (its `health()` is the source of the stage list).
+`mount_webchat(app, api_key_required, authorize)` adds these routes to the API's FastAPI app,
+the status behind the API's own key check (`authorize`, cake/faces/api/routes.py); the page
+reads the model's service from `app.state.service` (its `health()` is the source of the stage
+list).
 """
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_PACKAGE = ("cake.faces", "static")
@@ -40,23 +42,6 @@ def chat_page(api_key_required: bool) -> str:
     return page.replace(KEY_TAG, KEY_TAG.replace("false", "true")) if api_key_required else page
 
 
-def bearer_matches(request: Request, api_key: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    )
-
-
-def _unauthorized() -> JSONResponse:
-    error = {
-        "message": "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": "invalid_api_key",
-    }
-    return JSONResponse({"error": error}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-
-
 async def status(service: Any) -> dict[str, Any]:
     """Model, context and stages, as the page's status strip shows them."""
     ok, health = await service.health()
@@ -70,18 +55,22 @@ async def status(service: Any) -> dict[str, Any]:
     }
 
 
-def mount_webchat(app: FastAPI, api_key: str | None) -> None:
-    """Serve the chat page at `/`, its files at `/static`, its status at `/v1/cake/status`."""
-    page = chat_page(api_key_required=api_key is not None)  # read once: a missing file fails now
+def mount_webchat(
+    app: FastAPI, api_key_required: bool, authorize: Callable[[Request], None]
+) -> None:
+    """Serve the chat page at `/`, its files at `/static`, its status at `/v1/cake/status`.
+
+    The page and its files are public (they hold nothing); the status names the workers, so
+    `authorize` (a dependency that raises a 401 unless the request carries the API key) guards
+    it, the same check as the /v1 routes'."""
+    page = chat_page(api_key_required)  # read once: a missing file fails now
 
     @app.get("/", include_in_schema=False)
     async def chat() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v1/cake/status")
-    async def cake_status(request: Request) -> Any:
-        if api_key is not None and not bearer_matches(request, api_key):
-            return _unauthorized()
+    @app.get("/v1/cake/status", dependencies=[Depends(authorize)])
+    async def cake_status() -> Any:
         return await status(app.state.service)
 
     app.mount("/static", StaticFiles(packages=[STATIC_PACKAGE]), name="static")

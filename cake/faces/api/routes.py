@@ -45,7 +45,8 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.include_router(health_router)
     app.include_router(openai_router)
-    mount_webchat(app, api_key)  # the chat page at / and its status endpoint
+    # The chat page at /, its status behind the same key check as /v1.
+    mount_webchat(app, api_key_required=api_key is not None, authorize=authorize)
     return app
 
 
@@ -56,29 +57,33 @@ def service_of(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(service_of)]
 
 
-def is_authorized(request: Request) -> bool:
-    """Whether the request carries the API key (always, when the server has none)."""
+def api_key_problem(request: Request) -> str | None:
+    """The one check of the API key (the /v1 routes, /health's details, the chat page's
+    status): None when the request's `Authorization: Bearer <key>` carries the server's key
+    (or the server has none), else what a 401 says is wrong. Compared in constant time."""
     api_key: str | None = request.app.state.api_key
     if api_key is None:
-        return True
+        return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    )
+    is_bearer = scheme.lower() == "bearer"
+    if is_bearer and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return None
+    if not is_bearer or not token:
+        return "missing API key: send it as 'Authorization: Bearer <key>'"
+    return "incorrect API key"
+
+
+def is_authorized(request: Request) -> bool:
+    """Whether the request carries the API key (always, when the server has none)."""
+    return api_key_problem(request) is None
 
 
 def authorize(request: Request) -> None:
-    """A dependency: 401 in OpenAI's shape unless the request carries the API key."""
-    if is_authorized(request):
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(
-            401,
-            "missing API key: send it as 'Authorization: Bearer <key>'",
-            code="invalid_api_key",
-        )
-    raise ApiError(401, "incorrect API key", code="invalid_api_key")
+    """A dependency: 401 in OpenAI's shape (with WWW-Authenticate: Bearer) unless the request
+    carries the API key."""
+    problem = api_key_problem(request)
+    if problem is not None:
+        raise ApiError(401, problem, code="invalid_api_key")
 
 
 health_router = APIRouter()
