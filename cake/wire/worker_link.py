@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""The master's client of one worker: connection, authentication, requests, reconnection.
+
+A `WorkerClient` opens a connection (TCP, optionally TLS), proves the cluster key and says
+hello (cake/wire/handshake.py), then carries every session's requests on one `Channel`
+(cake/wire/channel.py: requests in flight, heartbeat, deadlines). When that channel dies the
+worker is lost until `ensure_connected` brings a new one up (with backoff, cake/wire/retry.py);
+`phase` (cake/wire/liveness.py) says which sessions must replay their inputs on it, and
+`is_up` is the one answer to "is this worker's link up?" for everyone outside the wire.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from cake.wire.protocol import (
     Welcome,
 )
 from cake.wire.retry import retry
-from cake.wire.transport import Link, LinkError, TLSFailure, open_link
+from cake.wire.transport import LinkError, TLSFailure, open_link
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,8 @@ RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.1, 2.0
 
 
 class WorkerClient:
-    """One worker, seen from the master: (re)connects and knows the worker's phase."""
+    """One worker, seen from the master: (re)connects, and knows whether it is up and which
+    sessions must replay (its phase)."""
 
     def __init__(
         self,
@@ -80,9 +89,16 @@ class WorkerClient:
         return f"worker {self.node.name} at {self.node.address}"
 
     @property
-    def link(self) -> Link | None:
-        """The live connection, or None while the worker is lost (or not yet connected)."""
-        return self.channel.link if self.channel is not None else None
+    def is_up(self) -> bool:
+        """Whether the worker's link is up: connected, and the connection neither failed nor
+        closed (as far as its channel knows: a dead peer is noticed by the channel's reader,
+        heartbeat or a request's deadline). While it is not, requests raise WorkerLost and
+        `ensure_connected` reconnects."""
+        return self._live_channel() is not None
+
+    def _live_channel(self) -> Channel | None:
+        channel = self.channel
+        return channel if channel is not None and channel.alive else None
 
     @property
     def epoch(self) -> int:
@@ -158,7 +174,7 @@ class WorkerClient:
         """Reconnect (with backoff, until `deadline`) if the connection is gone. One attempt
         even when the deadline has passed; WorkerGone when it did not come back by then."""
         async with self._connecting:
-            if self.channel is not None:  # another task reconnected while this one waited
+            if self.is_up:  # another task reconnected while this one waited
                 return
             await retry(
                 lambda left: self.connect(timeout=max(left, RECONNECT_FIRST_DELAY_S)),
@@ -214,7 +230,7 @@ class WorkerClient:
         self, request: Callable[[int], Forward | ForwardBatch], positions: int
     ) -> Message:
         """The reply to `request` on the current connection; an error reply as WorkerError."""
-        channel = self.channel
+        channel = self._live_channel()
         if channel is None:
             raise WorkerLost(f"{self.label}: not connected")
         reply = await channel.request(request, positions=positions)
@@ -223,9 +239,11 @@ class WorkerClient:
         return reply
 
     async def close_session(self, session: str) -> None:
-        if self.channel is not None:
+        """Free the session's caches on the worker; while it is not up they went already."""
+        channel = self._live_channel()
+        if channel is not None:
             with contextlib.suppress(LinkError):
-                await self.channel.send(CloseSession(session=session))
+                await channel.send(CloseSession(session=session))
 
     async def close(self) -> None:
         self.closed = True

@@ -276,7 +276,7 @@ class Service:
                 stages.append({"stage": stage.label, "blocks": blocks, "connected": True})
                 continue
             client = stage.client
-            if client.link is None:
+            if not client.is_up:
                 with contextlib.suppress(WorkerError):
                     await client.ensure_connected(deadline=time.monotonic())
             stages.append(
@@ -285,7 +285,7 @@ class Service:
                     "blocks": blocks,
                     "worker": client.node.name,
                     "address": client.node.address,
-                    "connected": client.link is not None,
+                    "connected": client.is_up,
                 }
             )
         ok = all(stage["connected"] for stage in stages)
