@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 import torch
@@ -82,6 +83,31 @@ def test_long_requests_teach_a_per_position_rate_and_queued_work_counts() -> Non
     assert [type(a) for a in actions] == [Lost] and "request 3" in actions[0].reason
     clock.request_dropped(3)
     assert clock.tick(115.0) == []  # 4's deadline is 10 + 5 + 10 * 10.01
+
+
+def test_queued_work_follows_sends_replies_and_drops() -> None:
+    """The positions in flight that a new request waits behind, kept as a running total, are
+    what summing the requests still in flight gives, whatever came back or was dropped."""
+    clock = LinkClock(SETTINGS, now=0.0)
+    clock.request_sent(0, positions=100, now=0.0)
+    clock.reply_received(0, now=1.0)  # 10 ms per position, no step time yet
+    rng = random.Random(0)
+    in_flight: dict[int, int] = {}
+    for request_id in range(1, 300):
+        now = 2.0 + request_id
+        if in_flight and rng.random() < 0.4:
+            done = rng.choice(list(in_flight))
+            del in_flight[done]
+            if rng.random() < 0.5:
+                clock.request_dropped(done)
+            else:
+                clock.reply_received(done, now=now)
+        positions = rng.choice([1, 1, 1, 64, 500])
+        deadline = clock.request_sent(request_id, positions, now=now)
+        assert deadline is not None
+        expected = clock.expected_s(positions + sum(in_flight.values()))
+        assert deadline == pytest.approx(now + 5.0 + 10.0 * expected)
+        in_flight[request_id] = positions
 
 
 def test_settings_are_checked() -> None:

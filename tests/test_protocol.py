@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import struct
 
 import msgpack
@@ -34,6 +35,8 @@ from cake.wire.protocol import (
     Welcome,
     encode_frame,
     fingerprint_config,
+    frame_buffers,
+    host_tensor,
     parse_message,
     tensor_from_wire,
     tensor_to_wire,
@@ -100,6 +103,40 @@ def test_round_trip(message: object) -> None:
     assert parse_message(wire) == message
 
 
+def _reference_frame(message: object) -> bytes:
+    """The frame as the design defines it, built independently: a big-endian length, then
+    one msgpack map of the fields (tuples as lists, tensors as {dtype, shape, data})."""
+    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    wire: dict[str, object] = {"type": message.TYPE}
+    for name, value in vars(message).items():
+        if isinstance(value, torch.Tensor):
+            data = value.contiguous().view(torch.uint8).numpy().tobytes()
+            value = {"dtype": names[value.dtype], "shape": list(value.shape), "data": data}
+        elif isinstance(value, tuple):
+            value = list(value)
+        wire[name] = value
+    body = msgpack.packb(wire, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize("message", ALL_MESSAGES + CLUSTER_MESSAGES, ids=lambda m: type(m).__name__)
+def test_the_wire_bytes_are_the_documented_format(message: object) -> None:
+    assert encode_frame(message.to_wire()) == _reference_frame(message)
+
+
+def test_a_large_frame_is_written_as_prefix_and_packed_body() -> None:
+    small = Result(id=1, hidden=_hidden(shape=(1, 1, 64)))
+    (frame,) = frame_buffers(small.to_wire())  # one buffer: one TCP segment
+    assert frame == _reference_frame(small)
+    large = Result(id=2, hidden=_hidden(shape=(1, 128, 512)))  # 256 KiB of hidden states
+    prefix, body = frame_buffers(large.to_wire())
+    assert prefix + bytes(body) == encode_frame(large.to_wire()) == _reference_frame(large)
+    (wire,) = FrameDecoder().feed(prefix + bytes(body))
+    assert parse_message(wire) == large
+    with pytest.raises(ValueError, match="exceeds the frame limit"):
+        frame_buffers(large.to_wire(), max_frame_bytes=1 << 16)
+
+
 def test_handshake_defaults_to_current_version() -> None:
     assert Hello(fingerprint="f", master="m").version == PROTOCOL_VERSION
     assert parse_message(Hello(fingerprint="f", master="m", version=99).to_wire()).version == 99
@@ -129,6 +166,17 @@ def test_bytes_fed_one_at_a_time() -> None:
 def test_several_frames_in_one_chunk() -> None:
     stream = b"".join(encode_frame(m.to_wire()) for m in ALL_MESSAGES)
     assert [parse_message(w) for w in FrameDecoder().feed(stream)] == ALL_MESSAGES
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_any_split_of_the_stream_gives_the_same_frames(seed: int) -> None:
+    stream = b"".join(encode_frame(m.to_wire()) for m in ALL_MESSAGES)
+    cuts = sorted(random.Random(seed).sample(range(1, len(stream)), 12))
+    decoder, out = FrameDecoder(), []
+    for start, end in itertools.pairwise([0, *cuts, len(stream)]):
+        out += decoder.feed(stream[start:end])
+    assert [parse_message(w) for w in out] == ALL_MESSAGES
+    assert decoder.pending_bytes == 0
 
 
 def test_trailing_partial_frame_is_kept() -> None:
@@ -222,6 +270,20 @@ def test_tensor_non_contiguous_and_scalar_and_empty() -> None:
     assert torch.equal(tensor_from_wire(tensor_to_wire(torch.tensor(2.5))), torch.tensor(2.5))
     empty = tensor_from_wire(tensor_to_wire(torch.empty(1, 0, 8)))
     assert empty.shape == (1, 0, 8)
+
+
+def test_a_contiguous_cpu_tensor_is_sent_without_a_copy() -> None:
+    tensor = _hidden(torch.float32, (1, 2, 4))
+    assert host_tensor(tensor) is tensor
+    data = tensor_to_wire(tensor)["data"]
+    tensor[0, 0, 0] = 42.0  # the bytes are the tensor's own (encode before mutating it)
+    assert bytes(data[:4]) == struct.pack("<f", 42.0)
+    strided = _hidden(torch.float32, (4, 6)).t()
+    copied = host_tensor(strided)
+    assert copied.is_contiguous() and torch.equal(copied, strided)
+    before = bytes(tensor_to_wire(strided)["data"])
+    strided[0, 0] = 7.0  # a strided tensor travels as a copy: mutating it changes nothing sent
+    assert before == copied.numpy().tobytes()
 
 
 def test_tensor_to_wire_refuses_other_dtypes() -> None:

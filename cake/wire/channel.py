@@ -25,6 +25,8 @@ from cake.wire.transport import Link, LinkError
 
 log = logging.getLogger(__name__)
 
+REPLIES = (Result, BatchResult, ErrorMessage)  # what answers a request (by its id)
+
 
 class Channel:
     def __init__(
@@ -119,10 +121,7 @@ class Channel:
                 if isinstance(message, Pong):
                     continue
                 request_id = getattr(message, "id", None)
-                if (
-                    isinstance(message, Result | BatchResult | ErrorMessage)
-                    and request_id is not None
-                ):
+                if isinstance(message, REPLIES) and request_id is not None:
                     self.clock.reply_received(request_id, now)
                     future = self._pending.pop(request_id, None)
                     if future is not None and not future.done():

@@ -81,6 +81,9 @@ class LinkClock:
     step_s: float | None = field(default=None, init=False)  # typical small request
     per_position_s: float | None = field(default=None, init=False)  # typical long request rate
     _in_flight: dict[int, _InFlight] = field(default_factory=dict, init=False)
+    # Positions of the requests in flight, kept as they come and go: each send reads it, and a
+    # sum over every request in flight would cost O(in flight) per decode step.
+    _queued_positions: int = field(default=0, init=False)
     _ping: tuple[int, float] | None = field(default=None, init=False)  # (id, sent at)
     _ping_ids: int = field(default=0, init=False)
 
@@ -91,20 +94,22 @@ class LinkClock:
 
     def request_sent(self, request_id: int, positions: int, now: float) -> float | None:
         """Start the clock of a request; returns its deadline (None: the heartbeat's alone)."""
-        queued = sum(r.positions for r in self._in_flight.values())
-        expected = self.expected_s(positions + queued)  # ours waits behind those in flight
+        # Ours waits behind those in flight.
+        expected = self.expected_s(positions + self._queued_positions)
         deadline = (
             None
             if expected is None
             else now + self.settings.deadline_floor + self.settings.deadline_factor * expected
         )
+        self._forget(request_id)  # an id sent again replaces its first send
         self._in_flight[request_id] = _InFlight(now, positions, deadline)
+        self._queued_positions += positions
         return deadline
 
     def reply_received(self, request_id: int, now: float) -> None:
         """A Result or an error for `request_id` (unknown ids are ignored)."""
         self.heard(now)
-        request = self._in_flight.pop(request_id, None)
+        request = self._forget(request_id)
         if request is None:
             return
         took = max(now - request.sent_at, 0.0)
@@ -115,7 +120,13 @@ class LinkClock:
 
     def request_dropped(self, request_id: int) -> None:
         """The request will get no reply worth waiting for (its sender gave up)."""
-        self._in_flight.pop(request_id, None)
+        self._forget(request_id)
+
+    def _forget(self, request_id: int) -> _InFlight | None:
+        request = self._in_flight.pop(request_id, None)
+        if request is not None:
+            self._queued_positions -= request.positions
+        return request
 
     def heard(self, now: float) -> None:
         """Any frame from the peer: it is alive. Answers an outstanding ping too."""

@@ -4,9 +4,10 @@ Bytes in, messages out; no sockets and no asyncio here (h11 style), so every rul
 feeding bytes. The layers, bottom up:
 
 * **Frame**: a 4-byte big-endian unsigned length, then exactly one msgpack map with a str
-  ``type`` field. :func:`encode_frame` builds one; :class:`FrameDecoder` turns a byte stream in
-  any chunking into wire dicts, and checks each length prefix against a limit before it buffers
-  the body.
+  ``type`` field. :func:`encode_frame` builds one (:func:`frame_buffers`, for the transport,
+  without copying a large body twice); :class:`FrameDecoder` turns a byte stream in any chunking
+  into wire dicts, checks each length prefix against a limit before it buffers the body, and
+  decodes a frame that arrives whole without buffering it.
 * **Tensor**: ``{"dtype": "f32" | "f16" | "bf16", "shape": [int, ...], "data": bytes}`` with raw
   little-endian bytes (:func:`tensor_to_wire`, :func:`tensor_from_wire`). Never pickle, never
   ``torch.load``, never ``eval``: the allow-list of dtypes and the size check are all that stand
@@ -28,8 +29,9 @@ import math
 import re
 import struct
 import sys
+import threading
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, ClassVar
 
@@ -105,34 +107,89 @@ class ProtocolError(FixedCodeError):
 # Frames
 
 
-def encode_frame(
-    message: Mapping[str, Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> bytes:
-    """Encode one wire dict (``message["type"]`` a str) as length prefix + msgpack body.
+# A frame whose payload (bytes, text, tensor data) is up to this size is packed in a buffer the
+# thread reuses: a decode step's frame is a few KiB, and a new msgpack.Packer mallocs 256 KiB
+# for each. A larger one gets a packer of its own, sized to fit at once (no doubling
+# reallocations, and its body is written as the packer holds it: no second copy).
+_REUSED_PAYLOAD_BYTES = 192 * 1024
+_thread_packers = threading.local()
+_SIZED_TYPES = frozenset((bytes, bytearray, memoryview, str))
 
-    Tensor payloads should be bytes or memoryviews (as :func:`tensor_to_wire` gives); msgpack
-    copies them once into its buffer and the prefix is joined with one more copy.
+
+def _reused_packer() -> msgpack.Packer:
+    packer = getattr(_thread_packers, "packer", None)
+    if packer is None:  # autoreset: pack() returns the frame's bytes and keeps the buffer
+        packer = _thread_packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
+def _payload_bytes(message: Mapping[str, Any]) -> int:
+    """About what a wire dict's bytes and text take, tensor data included (the rest of a
+    frame fits in FRAME_ENVELOPE_BYTES). Exact types, not isinstance: this runs per frame."""
+    total = 0
+    for value in message.values():
+        kind = type(value)
+        if kind is dict:  # a tensor
+            value = value.get("data")
+            kind = type(value)
+        if kind in _SIZED_TYPES:
+            total += len(value)
+    return total
+
+
+def frame_buffers(
+    message: Mapping[str, Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[bytes] | tuple[bytes, memoryview]:
+    """One wire dict as a frame, in the buffers to write one after the other.
+
+    A small frame is one bytes object (so it leaves in one TCP segment); a large one is the
+    length prefix and the body as msgpack packed it, so a prefill's hidden states are copied
+    once (into the packer) rather than a second time to join them to the prefix. Tensor
+    payloads should be bytes or memoryviews (as :func:`tensor_to_wire` gives).
 
     Raises ``ValueError`` for a frame the receiver would refuse (too big, no ``type``): that is
     a bug or a too-large request on this side, not a misbehaving peer.
     """
     if not isinstance(message.get("type"), str):
         raise ValueError(f"a wire message needs a str 'type' field, got {message.get('type')!r}")
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    payload = _payload_bytes(message)
+    if payload <= _REUSED_PAYLOAD_BYTES:
+        body = _reused_packer().pack(message)
+        return (_length_prefix(message, len(body), max_frame_bytes) + body,)
+    packer = msgpack.Packer(
+        use_bin_type=True, autoreset=False, buf_size=payload + FRAME_ENVELOPE_BYTES
+    )
     packer.pack(message)
-    body = packer.getbuffer()  # memoryview over the packer's buffer: no copy yet
+    body = packer.getbuffer()  # the packer's own buffer, no copy; it lives as long as the view
     try:
-        size = len(body)
-        limit = min(max_frame_bytes, _MAX_ENCODABLE_FRAME_BYTES)
-        if size > limit:
-            raise ValueError(
-                f"{message['type']!r} frame of {size} bytes exceeds the frame limit of {limit}"
-                " bytes; send less per message (e.g. a shorter prefill chunk) or raise"
-                " max_frame_bytes on both ends"
-            )
-        return b"".join((_LENGTH_PREFIX.pack(size), body))
-    finally:
+        return _length_prefix(message, len(body), max_frame_bytes), body
+    except ValueError:
         body.release()
+        raise
+
+
+def _length_prefix(message: Mapping[str, Any], size: int, max_frame_bytes: int) -> bytes:
+    limit = min(max_frame_bytes, _MAX_ENCODABLE_FRAME_BYTES)
+    if size > limit:
+        raise ValueError(
+            f"{message['type']!r} frame of {size} bytes exceeds the frame limit of {limit}"
+            " bytes; send less per message (e.g. a shorter prefill chunk) or raise"
+            " max_frame_bytes on both ends"
+        )
+    return _LENGTH_PREFIX.pack(size)
+
+
+def encode_frame(
+    message: Mapping[str, Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> bytes:
+    """One wire dict (``message["type"]`` a str) as length prefix + msgpack body, in one bytes
+    object (see :func:`frame_buffers`, which the transport uses to copy large frames once)."""
+    buffers = frame_buffers(message, max_frame_bytes=max_frame_bytes)
+    if len(buffers) == 1:
+        return buffers[0]
+    prefix, body = buffers
+    with body:
+        return b"".join((prefix, body))
 
 
 class FrameDecoder:
@@ -147,17 +204,14 @@ class FrameDecoder:
         if max_frame_bytes < 1:
             raise ValueError(f"max_frame_bytes must be at least 1, got {max_frame_bytes}")
         self.max_frame_bytes = max_frame_bytes
-        # Unconsumed input lives in _buffer[_offset:]. Consuming a frame advances _offset; the
-        # consumed prefix is dropped once per feed, so many small frames or byte-at-a-time input
-        # stay linear overall.
+        # The start of a frame whose end has not arrived yet (empty between frames).
         self._buffer = bytearray()
-        self._offset = 0
         self._failure: ProtocolError | None = None
 
     @property
     def pending_bytes(self) -> int:
         """Bytes of an incomplete frame held for the next feed (non-zero at EOF = truncated)."""
-        return len(self._buffer) - self._offset
+        return len(self._buffer)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
         """Add ``data`` and return every frame it completes, in order (often an empty list).
@@ -175,39 +229,56 @@ class FrameDecoder:
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
         buffer = self._buffer
-        buffer += data
-        frames: list[dict[str, Any]] = []
-        while len(buffer) - self._offset >= _LENGTH_PREFIX.size:
-            (length,) = _LENGTH_PREFIX.unpack_from(buffer, self._offset)
-            if length == 0:
-                raise ProtocolError("zero-length frame: a frame must hold one msgpack map")
-            if length > self.max_frame_bytes:
-                raise ProtocolError(
-                    f"frame length {length} bytes exceeds the limit of {self.max_frame_bytes} bytes"
-                )
-            start = self._offset + _LENGTH_PREFIX.size
-            end = start + length
-            if len(buffer) < end:
-                break  # body still arriving
-            frames.append(_decode_body(buffer, start, end))
-            self._offset = end
-        if self._offset:
-            # bytearray drops a prefix in O(1) by moving its start pointer (CPython).
-            del buffer[: self._offset]
-            self._offset = 0
+        if buffer:  # a frame started in an earlier feed: complete it in the buffer
+            buffer += data
+            frames, used = _split_frames(buffer, self.max_frame_bytes)
+            # bytearray drops a prefix in O(1) by moving its start pointer (CPython), so many
+            # small frames or byte-at-a-time input stay linear overall.
+            del buffer[:used]
+            return frames
+        # Nothing held back (the usual case: a decode step's frame arrives whole in one read):
+        # frames decode straight from `data`, and only a partial frame at its end is copied.
+        frames, used = _split_frames(data, self.max_frame_bytes)
+        if used < len(data):
+            with memoryview(data) as view, view[used:] as rest:
+                buffer += rest
         return frames
 
 
-def _decode_body(buffer: bytearray, start: int, end: int) -> dict[str, Any]:
-    """Unpack buffer[start:end] as exactly one msgpack map with a str ``type``."""
-    # A memoryview slice avoids copying a large body; it must be released before the buffer
-    # is resized, hence the context managers.
-    with memoryview(buffer) as whole, whole[start:end] as body:
-        try:
-            message = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
-        except Exception as error:  # any failure to decode peer bytes is the peer's fault
-            detail = f"{type(error).__name__}: {error}".rstrip(": ")
-            raise ProtocolError(f"frame body is not valid msgpack ({detail})") from error
+def _split_frames(
+    source: bytes | bytearray | memoryview, max_frame_bytes: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The complete frames at the start of `source`, and how many of its bytes they take."""
+    frames: list[dict[str, Any]] = []
+    offset, size = 0, len(source)
+    # Bodies are unpacked from memoryview slices (no copy); all views are released before the
+    # caller resizes `source`.
+    with memoryview(source) as view:
+        while size - offset >= _LENGTH_PREFIX.size:
+            (length,) = _LENGTH_PREFIX.unpack_from(view, offset)
+            if length == 0:
+                raise ProtocolError("zero-length frame: a frame must hold one msgpack map")
+            if length > max_frame_bytes:
+                raise ProtocolError(
+                    f"frame length {length} bytes exceeds the limit of {max_frame_bytes} bytes"
+                )
+            start = offset + _LENGTH_PREFIX.size
+            end = start + length
+            if size < end:
+                break  # body still arriving
+            with view[start:end] as body:
+                frames.append(_decode_body(body))
+            offset = end
+    return frames, offset
+
+
+def _decode_body(body: memoryview) -> dict[str, Any]:
+    """Unpack `body` as exactly one msgpack map with a str ``type``."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as error:  # any failure to decode peer bytes is the peer's fault
+        detail = f"{type(error).__name__}: {error}".rstrip(": ")
+        raise ProtocolError(f"frame body is not valid msgpack ({detail})") from error
     if not isinstance(message, dict):
         raise ProtocolError(f"frame body must be a msgpack map, got {type(message).__name__}")
     if not isinstance(message.get("type"), str):
@@ -219,20 +290,35 @@ def _decode_body(buffer: bytearray, start: int, end: int) -> dict[str, Any]:
 # Tensors
 
 
+def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU in C order, as :func:`tensor_to_wire` reads it: `tensor` itself when
+    it is that already, else one copy. A caller that keeps what it sent (a replay log) calls
+    this once and passes the result to the message, so the frame is encoded without a copy."""
+    if not tensor.is_cpu:
+        # One device-to-host copy, laid out in C order as it lands (not a strided copy first).
+        tensor = tensor.detach().to("cpu", memory_format=torch.contiguous_format)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
 def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:
     """``{"dtype", "shape", "data"}`` for a float32/float16/bfloat16 tensor on any device.
 
     ``data`` is a memoryview of the tensor's bytes in C order. It shares memory with ``tensor``
-    when that is already a contiguous CPU tensor, so encode the frame before mutating it.
+    when that is already a contiguous CPU tensor (no copy; see :func:`host_tensor`), so encode
+    the frame before mutating it.
     """
     name = _WIRE_NAMES.get(tensor.dtype)
     if name is None:
         raise ValueError(
             f"cannot send a {tensor.dtype} tensor; wire dtypes are {_allowed_dtypes()}"
         )
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+    host = tensor if tensor.is_cpu and tensor.is_contiguous() else host_tensor(tensor)
+    if host.requires_grad:
+        host = host.detach()
+    if not host.dim():
+        host = host.reshape(1)  # a view as uint8 widens the last dimension: a scalar has none
     # Viewing as uint8 gives exact bytes for every dtype, bf16 included (numpy has no bf16).
-    data = memoryview(flat.view(torch.uint8).numpy()).cast("B")  # (numel * itemsize,)
+    data = memoryview(host.view(torch.uint8).numpy().reshape(-1))  # (numel * itemsize,) bytes
     return {"dtype": name, "shape": list(tensor.shape), "data": data}
 
 
@@ -293,69 +379,107 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass
 
 
+@dataclass(frozen=True)
+class _FieldKind:
+    """One kind of message field: its check, its name in errors, how the message stores it."""
+
+    check: Callable[[Any], bool]
+    description: str
+    as_tuple: bool = False  # a list on the wire, a tuple in the (frozen) message
+
+
+_TENSOR_FIELD = _FieldKind(lambda value: isinstance(value, torch.Tensor), "a tensor")
+# Field annotation -> its kind; a message field of any other type is a bug of ours.
+_FIELD_KINDS: dict[Any, _FieldKind] = {
+    int: _FieldKind(_is_int, "an int"),
+    str: _FieldKind(lambda value: isinstance(value, str), "a str"),
+    bytes: _FieldKind(lambda value: isinstance(value, bytes), "bytes"),
+    int | None: _FieldKind(lambda value: value is None or _is_int(value), "an int or nil"),
+    tuple[int, ...]: _FieldKind(
+        lambda value: isinstance(value, list | tuple) and all(_is_int(item) for item in value),
+        "a list of ints",
+        as_tuple=True,
+    ),
+    tuple[str, ...]: _FieldKind(
+        lambda value: isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
+        "a list of strs",
+        as_tuple=True,
+    ),
+    torch.Tensor: _TENSOR_FIELD,
+}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What checking, writing and parsing a message class needs, worked out once per class
+    (not per message: a decode step builds and parses several)."""
+
+    fields: tuple[tuple[str, _FieldKind], ...]  # in declaration order
+    names: frozenset[str]
+    required: frozenset[str]
+    tensors: tuple[str, ...]
+
+
+@functools.cache
+def _layout(cls: type[_Message]) -> _Layout:
+    hints = typing.get_type_hints(cls)  # annotations are strings here
+    kinds = []
+    for field in fields(cls):  # type: ignore[arg-type]
+        kind = _FIELD_KINDS.get(hints[field.name])
+        if kind is None:  # pragma: no cover - a new field kind needs an entry in _FIELD_KINDS
+            raise TypeError(f"unsupported message field type {hints[field.name]!r}")
+        kinds.append((field.name, kind))
+    return _Layout(
+        fields=tuple(kinds),
+        names=frozenset(name for name, _ in kinds),
+        required=frozenset(f.name for f in fields(cls) if _is_required(f)),  # type: ignore[arg-type]
+        tensors=tuple(name for name, kind in kinds if kind is _TENSOR_FIELD),
+    )
+
+
 class _Message:
     """Base of the message dataclasses: field checks, ``to_wire`` and tensor-aware ``==``.
 
-    Field annotations drive both directions; the supported kinds are ``int``, ``str``,
-    ``int | None``, ``tuple[int, ...]`` (a list on the wire) and ``torch.Tensor`` (a tensor dict
-    on the wire). Constructing a message with bad values raises ``ValueError`` naming the field;
-    :func:`parse_message` turns that into :class:`ProtocolError`.
+    Field annotations drive both directions; the supported kinds are those of _FIELD_KINDS:
+    ``int``, ``str``, ``bytes``, ``int | None``, ``tuple[int, ...]`` and ``tuple[str, ...]``
+    (lists on the wire) and ``torch.Tensor`` (a tensor dict on the wire). Constructing a
+    message with bad values raises ``ValueError`` naming the field; :func:`parse_message`
+    turns that into :class:`ProtocolError`.
     """
 
     TYPE: ClassVar[str]
 
     def __post_init__(self) -> None:
-        for name, hint in _field_hints(type(self)).items():
+        for name, kind in _layout(type(self)).fields:
             value = getattr(self, name)
-            if hint is int:
-                ok = _is_int(value)
-            elif hint is str:
-                ok = isinstance(value, str)
-            elif hint is bytes:
-                ok = isinstance(value, bytes)
-            elif hint == int | None:
-                ok = value is None or _is_int(value)
-            elif hint == tuple[int, ...]:
-                ok = isinstance(value, list | tuple) and all(_is_int(item) for item in value)
-                if ok:
-                    object.__setattr__(self, name, tuple(value))  # frozen: store a tuple
-            elif hint == tuple[str, ...]:
-                ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
-                if ok:
-                    object.__setattr__(self, name, tuple(value))
-            elif hint is torch.Tensor:
-                ok = isinstance(value, torch.Tensor)
-            else:  # pragma: no cover - a new field kind needs a branch here
-                raise TypeError(f"unsupported message field type {hint!r}")
-            if not ok:
+            if not kind.check(value):
                 raise ValueError(
-                    f"field {name!r} of a {self.TYPE!r} message must be {_describe(hint)},"
+                    f"field {name!r} of a {self.TYPE!r} message must be {kind.description},"
                     f" got {type(value).__name__}"
                 )
+            if kind.as_tuple and type(value) is not tuple:
+                object.__setattr__(self, name, tuple(value))  # frozen: store a tuple
         self._check()
 
     def _check(self) -> None:
         """Per-type value rules beyond the field types; raise ValueError naming the field."""
 
     def to_wire(self) -> dict[str, Any]:
-        """The wire dict for :func:`encode_frame`: ``{"type": TYPE, field: value, ...}``."""
+        """The wire dict for :func:`encode_frame`: ``{"type": TYPE, field: value, ...}``.
+        Tuples stay tuples: msgpack writes them as arrays, exactly as lists."""
         wire: dict[str, Any] = {"type": self.TYPE}
-        for field in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, field.name)
-            if isinstance(value, torch.Tensor):
-                value = tensor_to_wire(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            wire[field.name] = value
+        for name, kind in _layout(type(self)).fields:
+            value = getattr(self, name)
+            wire[name] = tensor_to_wire(value) if kind is _TENSOR_FIELD else value
         return wire
 
     def __eq__(self, other: object) -> bool:
         # The dataclass-generated __eq__ would call bool() on a tensor comparison and fail.
         if type(other) is not type(self):
             return NotImplemented
-        for field in fields(self):  # type: ignore[arg-type]
-            mine, theirs = getattr(self, field.name), getattr(other, field.name)
-            if isinstance(mine, torch.Tensor):
+        for name, kind in _layout(type(self)).fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if kind is _TENSOR_FIELD:
                 if not _tensors_equal(mine, theirs):
                     return False
             elif mine != theirs:
@@ -363,25 +487,6 @@ class _Message:
         return True
 
     __hash__ = None  # type: ignore[assignment]  # tensors are not hashable by value
-
-
-@functools.cache
-def _field_hints(cls: type[_Message]) -> dict[str, Any]:
-    """Field name -> resolved annotation, once per class (annotations are strings here)."""
-    hints = typing.get_type_hints(cls)
-    return {field.name: hints[field.name] for field in fields(cls)}  # type: ignore[arg-type]
-
-
-def _describe(hint: Any) -> str:
-    if hint == int | None:
-        return "an int or nil"
-    if hint == tuple[int, ...]:
-        return "a list of ints"
-    if hint == tuple[str, ...]:
-        return "a list of strs"
-    if hint is torch.Tensor:
-        return "a tensor"
-    return {int: "an int", str: "a str", bytes: "bytes"}[hint]
 
 
 # Every message dataclass: frozen, keyword-only (so defaults like `version` can sit anywhere),
@@ -892,24 +997,20 @@ def parse_message(msg: object, *, max_tensor_elements: int | None = None) -> Mes
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}; known: {', '.join(MESSAGE_TYPES)}")
-    hints = _field_hints(cls)
-    given = {key for key in msg if key != "type"}
-    required = {field.name for field in fields(cls) if _is_required(field)}  # type: ignore[arg-type]
-    missing = required - given
-    if missing:
+    layout = _layout(cls)
+    values = {key: value for key, value in msg.items() if key != "type"}
+    if not values.keys() >= layout.required:
+        missing = layout.required - values.keys()
         raise ProtocolError(f"{kind!r} message is missing field(s) {sorted(missing)}")
-    extra = given - hints.keys()
-    if extra:
+    if not values.keys() <= layout.names:
+        extra = values.keys() - layout.names
         raise ProtocolError(f"{kind!r} message has unexpected field(s) {sorted(map(repr, extra))}")
-    values: dict[str, Any] = {}
-    for name in given:
-        value = msg[name]
-        if hints[name] is torch.Tensor:
+    for name in layout.tensors:
+        if name in values:
             try:
-                value = tensor_from_wire(value, max_elements=max_tensor_elements)
+                values[name] = tensor_from_wire(values[name], max_elements=max_tensor_elements)
             except ProtocolError as error:
                 raise ProtocolError(f"field {name!r} of a {kind!r} message: {error}") from None
-        values[name] = value
     try:
         return cls(**values)  # type: ignore[return-value]
     except ValueError as error:

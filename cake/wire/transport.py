@@ -9,6 +9,7 @@ socket, and a frame limit the owner tightens or widens as the peer proves who it
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl as ssl_module
@@ -19,7 +20,7 @@ from cake.wire.protocol import (
     FrameDecoder,
     Message,
     ProtocolError,
-    encode_frame,
+    frame_buffers,
     parse_message,
 )
 
@@ -82,7 +83,7 @@ class Link:
         self.peer = peer
         self.decoder = FrameDecoder(max_frame_bytes)
         self.max_tensor_elements = max_tensor_elements
-        self.inbox: list[dict] = []
+        self.inbox: collections.deque[dict] = collections.deque()  # decoded, not yet received
         self.max_frame_bytes = max_frame_bytes
         self._send_lock = asyncio.Lock()  # one frame at a time from concurrent tasks
         sock = writer.get_extra_info("socket")
@@ -97,10 +98,13 @@ class Link:
         self.decoder.max_frame_bytes = max_frame_bytes
 
     async def send(self, message: Message) -> None:
-        frame = encode_frame(message.to_wire(), max_frame_bytes=self.max_frame_bytes)
+        # One buffer for a small frame; the prefix and the packed body of a large one, written
+        # as they are (the transport sends them now or keeps them until it can: never mutated).
+        buffers = frame_buffers(message.to_wire(), max_frame_bytes=self.max_frame_bytes)
         try:
             async with self._send_lock:
-                self.writer.write(frame)
+                for buffer in buffers:
+                    self.writer.write(buffer)
                 await self.writer.drain()
         except (OSError, RuntimeError) as exc:  # RuntimeError: writing to a closed transport
             self.close()
@@ -128,7 +132,7 @@ class Link:
                 cut = " in the middle of a frame" if self.decoder.pending_bytes else ""
                 raise LinkError(f"{self.peer}: connection closed{cut}")
             self.inbox.extend(self.decoder.feed(chunk))
-        return self.inbox.pop(0)
+        return self.inbox.popleft()
 
     async def recv(self, timeout: float | None = None) -> Message:
         return parse_message(
