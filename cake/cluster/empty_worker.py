@@ -68,7 +68,7 @@ from cake.wire.protocol import (
 )
 from cake.wire.transport import Link, LinkError
 from cake.wire.worker_connection import HANDSHAKE_TIMEOUT_S
-from cake.worker import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, Worker
+from cake.worker import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, Worker, write_ready_file
 
 log = logging.getLogger(__name__)
 
@@ -432,8 +432,6 @@ async def start_empty_worker(
     await empty.resume()
     stopped = stop_signal()  # before it says it serves: a signal right after is orderly
     if ready_file is not None:  # before the "serving" line, which scripts may wait for too
-        from cake.worker import write_ready_file
-
         write_ready_file(ready_file, empty.name, bound_host, bound_port)
     free, total = empty.offered_memory(), device_memory(torch_device).total
     log.info(
