@@ -26,7 +26,8 @@ def write_topology(path: Path, n_layers: int, hosts: list[str]) -> dict[str, ran
 
 
 def even_layers(n_layers: int, n_workers: int) -> dict[str, range]:
-    """Worker name `w{i}` -> its blocks, split evenly (for cake.cluster.local_cluster's port-0 start)."""
+    """Worker name `w{i}` -> its blocks, split evenly (for cake.cluster.local_cluster's port-0
+    start)."""
     return {f"w{i}": run for i, run in enumerate(even_split(n_layers, n_workers), start=1)}
 
 

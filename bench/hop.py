@@ -4,9 +4,9 @@
 
 The master side is cake's own `RemoteStage.forward` (what a decode step runs per worker: the
 Forward message, its frame, `Link`, the client's reader task and future); the far side is a
-minimal echo peer in its own process, built from `cake.wire.transport.Link` and `cake.wire.protocol`, that
-answers each `forward` with a `result` carrying the same hidden states. So a round trip is
-framing + asyncio + socket.
+minimal echo peer in its own process, built from `cake.wire.transport.Link` and
+`cake.wire.protocol`, that answers each `forward` with a `result` carrying the same hidden
+states. So a round trip is framing + asyncio + socket.
 
 The split: `encode` is building the message and its frame (`Forward(...)`, `to_wire`,
 `encode_frame`), `decode` is `FrameDecoder.feed` + `parse_message`; both are timed in this
@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from cake.engine.remote_stage import RemoteStage
-from cake.engine.stages import StageTimes
+from cake.engine.stages import StageRow, StageTimes
 from cake.topology import Node
 from cake.wire.protocol import (
     CloseSession,
@@ -188,7 +188,7 @@ async def cake_trips_us(
             if idle_s:
                 await asyncio.sleep(idle_s)
             started = time.perf_counter()
-            await stage.forward("hop", hidden, position, times)
+            await stage.forward([StageRow("hop", position, hidden.shape[1], times)], hidden)
             elapsed.append(time.perf_counter() - started)
         await stage.close_session("hop")
     finally:

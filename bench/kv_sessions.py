@@ -46,9 +46,12 @@ async def _decode_child(folder: str, prompt_tokens: int, steps: int, max_seq_len
     import torch
 
     from cake.decoding.sampling import SamplingParams
-    from cake.master import GenerationStats, Master
+    from cake.decoding.stats import GenerationStats
+    from cake.master import Master, MasterSettings
 
-    master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=max_seq_len)
+    master = await Master.open(
+        MasterSettings(folder, device="cpu", dtype="f32", max_seq_len=max_seq_len)
+    )
     vocab = master.config.vocab_size
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
     rates = []
@@ -205,7 +208,7 @@ async def prefill(rounds: int, prompt_tokens: int) -> list[dict]:
     from bench.models import SMOLLM2, default_cache_dir, resolve_model
     from bench.runs import CakeRunner
     from cake.decoding.sampling import SamplingParams
-    from cake.master import GenerationStats
+    from cake.decoding.stats import GenerationStats
 
     spec = resolve_model(SMOLLM2, default_cache_dir())
     threads = torch.get_num_threads()
@@ -224,7 +227,7 @@ async def prefill(rounds: int, prompt_tokens: int) -> list[dict]:
         for index in range(rounds + 1):  # round 0 warms up
             order = list(configs) if index % 2 == 0 else list(reversed(configs))
             for label in order:
-                master.prefill_chunk, master.pipeline_prefill = configs[label]
+                master.pipeline.micro_batch, master.pipeline.overlap = configs[label]
                 stats = GenerationStats()
                 async for _ in master.generate(prompt.tolist(), greedy, 1, True, stats):
                     pass

@@ -32,7 +32,7 @@ from bench.runs import CakeRunner, alternate, warm_up
 from bench.stats import ratios, spread
 from bench.throughput import RunSettings, random_prompt
 from cake.cluster.local_cluster import WorkerProcess, worker_command
-from cake.master import Master
+from cake.master import Master, MasterSettings
 
 log = logging.getLogger("bench")
 
@@ -200,12 +200,14 @@ async def _measure_workers(
         try:
             for label, per_block in ((BATCHED, False), (PER_BLOCK, True)):
                 master = await Master.open(
-                    spec.folder,
-                    topology=topology,
-                    device="cpu",
-                    dtype=spec.dtype,
-                    max_seq_len=settings.max_seq_len,
-                    round_trip_per_block=per_block,
+                    MasterSettings(
+                        spec.folder,
+                        topology=topology,
+                        device="cpu",
+                        dtype=spec.dtype,
+                        max_seq_len=settings.max_seq_len,
+                        round_trip_per_block=per_block,
+                    ),
                 )
                 runners.append(CakeRunner(label, master))
             await warm_up(runners, prompt)

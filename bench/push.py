@@ -43,7 +43,7 @@ def _tests_helpers() -> types.ModuleType:
 
 async def _ready(model: str, ports: list[int], quantize: str | None) -> tuple[float, dict, dict]:
     from cake.cluster.setup import ClusterOptions, prepare_cluster
-    from cake.master import Master
+    from cake.master import Master, MasterSettings
 
     options = ClusterOptions(
         workers=[f"127.0.0.1:{port}" for port in ports],
@@ -57,13 +57,15 @@ async def _ready(model: str, ports: list[int], quantize: str | None) -> tuple[fl
     started = time.perf_counter()
     plan = await prepare_cluster(model, options)
     master = await Master.open(
-        model,
-        plan.topology,
-        device="cpu",
-        dtype="auto",
-        quantize=quantize,
-        max_seq_len=512,
-        cluster_key=KEY,
+        MasterSettings(
+            model,
+            plan.topology,
+            device="cpu",
+            dtype="auto",
+            quantize=quantize,
+            max_seq_len=512,
+            cluster_key=KEY,
+        ),
     )
     elapsed = time.perf_counter() - started
     await master.close()

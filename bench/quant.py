@@ -54,16 +54,19 @@ def run_child(model: str, dtype: str, quantize: str | None, tokens: int, threads
 
     torch.set_num_threads(threads)
     from cake.decoding.sampling import SamplingParams
-    from cake.master import GenerationStats, Master
+    from cake.decoding.stats import GenerationStats
+    from cake.master import Master, MasterSettings
     from cake.model.quant import QuantizedLinear
 
     baseline = _status("VmRSS")
     started = time.perf_counter()
     master = asyncio.run(
-        Master.open(model, device="cpu", dtype=dtype, max_seq_len=512, quantize=quantize)
+        Master.open(
+            MasterSettings(model, device="cpu", dtype=dtype, max_seq_len=512, quantize=quantize)
+        )
     )
     load_s = time.perf_counter() - started
-    part = master.model
+    part = master.ends
     embedding = part.model.embed_tokens
     # What one decode step streams: every block's weights and the head (an untied embedding is
     # read one row per token).

@@ -30,7 +30,8 @@ from bench.cluster import even_layers, topology_entries
 from bench.models import ModelSpec, blocks_bytes
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
 from cake.decoding.sampling import SamplingParams
-from cake.master import GenerationStats, Master
+from cake.decoding.stats import GenerationStats
+from cake.master import Master, MasterSettings
 
 log = logging.getLogger("bench")
 
@@ -110,7 +111,7 @@ class CakeRunner:
     @classmethod
     async def local(cls, spec: ModelSpec, max_seq_len: int) -> CakeRunner:
         master = await Master.open(
-            spec.folder, device="cpu", dtype=spec.dtype, max_seq_len=max_seq_len
+            MasterSettings(spec.folder, device="cpu", dtype=spec.dtype, max_seq_len=max_seq_len)
         )
         return cls("cake local", master)
 
@@ -131,11 +132,13 @@ class CakeRunner:
         _RUNNING.update(workers)
         try:
             master = await Master.open(
-                spec.folder,
-                topology=topology,
-                device="cpu",
-                dtype=spec.dtype,
-                max_seq_len=max_seq_len,
+                MasterSettings(
+                    spec.folder,
+                    topology=topology,
+                    device="cpu",
+                    dtype=spec.dtype,
+                    max_seq_len=max_seq_len,
+                ),
             )
         except BaseException:
             stop_workers(workers)

@@ -48,7 +48,9 @@ from bench.cluster import even_layers, topology_entries
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.speculative import DraftSettings
-from cake.master import GenerationStats, Master
+from cake.decoding.stats import GenerationStats
+from cake.engine.session import Output
+from cake.master import Master, MasterSettings
 from cake.model.gguf import resolve_model_path
 
 log = logging.getLogger("bench")
@@ -131,16 +133,14 @@ async def generate(
 
 async def round_ms(master: Master, positions: int, trips: int = 8) -> float:
     """Median ms of one verification-sized forward (embed, every stage, head on every position)."""
-    stats = GenerationStats()
-    session = f"bench-round-{positions}"
-    await master._logits(session, list(range(100, 164)), 0, stats)  # a 64-token context
+    session = master.scheduler.open_session()
+    await session.forward(list(range(100, 164)), 0)  # a 64-token context
     times = []
     for _ in range(trips):
         started = time.perf_counter()
-        await master._logits(session, [1000] * positions, 64, stats, every_position=True)
+        await session.forward([1000] * positions, 64, Output.ALL_LOGITS)
         times.append((time.perf_counter() - started) * 1e3)
-    for stage in master.stages:
-        await stage.close_session(session)
+    await session.close()
     return statistics.median(times)
 
 
@@ -160,7 +160,9 @@ async def bench_rtt(
             where = Path(tmp) / "topology.yml"
             where.write_text(yaml.safe_dump(spec))
             master = await Master.open(
-                model, where, device="cpu", dtype="f32", max_seq_len=1024, draft=str(model)
+                MasterSettings(
+                    model, where, device="cpu", dtype="f32", max_seq_len=1024, draft=str(model)
+                )
             )
             try:
                 results: dict[str, Any] = {t: {c: [] for c in CONFIGS} for t in TEXTS}

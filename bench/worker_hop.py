@@ -33,7 +33,7 @@ import time
 import torch
 
 from cake.engine.remote_stage import RemoteStage
-from cake.engine.stages import StageTimes
+from cake.engine.stages import StageRow, StageTimes
 from cake.model.config import LlamaConfig, architecture_of
 from cake.model.loader import random_part
 from cake.topology import Node
@@ -100,7 +100,7 @@ async def _trips(port: int, trips: int, idle_s: float) -> tuple[list[float], lis
                 await asyncio.sleep(idle_s)
             before = times.compute_s
             started = time.perf_counter()
-            await stage.forward("hop", hidden, position, times)
+            await stage.forward([StageRow("hop", position, hidden.shape[1], times)], hidden)
             round_trips.append((time.perf_counter() - started) * 1e6)
             computes.append((times.compute_s - before) * 1e6)
         await stage.close_session("hop")

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import click
 
@@ -411,23 +412,22 @@ def main(**opts: object) -> None:
             return
         if opts["model"] is None:
             raise ValueError("--model is required (only an empty worker starts without one)")
+        topology, replanning = opts["topology"], None
         if opts["workers"] or opts["discover"]:
-            plan = asyncio.run(_plan_cluster(opts))
+            plan, topology, replanning = asyncio.run(_plan_cluster(opts))
             if opts["plan_only"]:
                 sys.stdout.write(plan)
                 return
         elif opts["plan_only"]:
             raise ValueError("--plan needs --workers or --discover (the workers to plan for)")
         if opts["api_address"]:
-            asyncio.run(_run_api(opts))
+            asyncio.run(_run_api(opts, topology, replanning))
         elif opts["perplexity_file"]:
-            asyncio.run(_run_perplexity(opts))
+            asyncio.run(_run_perplexity(_master_settings(opts, topology, replanning), opts))
         elif opts["prompt"] is None and sys.stdin.isatty() and sys.stdout.isatty():
-            from cake.faces.terminal_chat import run_terminal_chat
-
-            run_terminal_chat(opts)
+            _run_chat(_master_settings(opts, topology, replanning), opts)
         else:
-            asyncio.run(_run_master(opts))
+            asyncio.run(_run_master(_master_settings(opts, topology, replanning), opts))
     except (CakeError, ValueError) as exc:  # each says its cause and fix: one line, no traceback
         _fail(str(exc))
     except ReaderGone:  # `cake-cli … | head`: the reader has what it wanted
@@ -439,13 +439,56 @@ def main(**opts: object) -> None:
         sys.exit(130)
 
 
-async def _run_master(opts: dict) -> None:
+def _master_settings(opts: dict, topology: object, replanning: object, **serving: Any) -> Any:
+    """The master's typed settings from the CLI's options (`serving`: the HTTP API's)."""
+    from cake.master import MasterSettings
+    from cake.wire.liveness import LivenessSettings
+
+    options = dict(
+        model=opts["model"],
+        topology=topology,
+        device=opts["device"],
+        dtype=opts["dtype"],
+        max_seq_len=opts["max_seq_len"],
+        quantize=opts["quantize"],
+        kv_memory=opts["kv_memory"],
+        prefill_chunk=opts["prefill_chunk"],
+        connect_timeout=opts["connect_timeout"],
+        retry_timeout=opts["retry_timeout"],
+        liveness=LivenessSettings.for_heartbeat_timeout(opts["heartbeat_timeout"]),
+        cluster_key=opts["cluster_key"],
+        tls_ca=opts["tls_ca"],
+        draft=opts["draft"],
+        draft_tokens=opts["draft_tokens"],
+        round_trip_per_block=opts["debug_round_trip_per_block"],
+        replanning=replanning,
+    )
+    return MasterSettings.serving(**options, **serving) if serving else MasterSettings(**options)
+
+
+def _generation(opts: dict) -> Any:
+    """-n, --ignore-eos and the sampling options: what every generation of this run gets."""
+    from cake.decoding.generate import GenerationOptions
     from cake.decoding.sampling import SamplingParams
-    from cake.master import GenerationStats, Master
+
+    params = SamplingParams(
+        temperature=opts["temperature"],
+        top_k=opts["top_k"],
+        top_p=opts["top_p"],
+        repeat_penalty=opts["repeat_penalty"],
+        repeat_last_n=opts["repeat_last_n"],
+        seed=opts["seed"],
+    )
+    return GenerationOptions(params, opts["sample_len"], opts["ignore_eos"])
+
+
+async def _run_master(settings: Any, opts: dict) -> None:
+    from cake.decoding.stats import GenerationStats
+    from cake.master import Master
     from cake.model.detokenizer import StreamDecoder
 
-    params = SamplingParams.from_options(opts)
-    master = await Master.from_options(opts)
+    options = _generation(opts)
+    master = await Master.open(settings)
     try:
         prompt = opts["prompt"] if opts["prompt"] is not None else sys.stdin.read().strip()
         prompt_ids = master.encode(prompt, opts["system_prompt"], opts["raw"])
@@ -457,7 +500,9 @@ async def _run_master(opts: dict) -> None:
         stats = GenerationStats()
         decoder = StreamDecoder(master.tokenizer)
         out = TextOutput()
-        tokens = master.generate(prompt_ids, params, opts["sample_len"], opts["ignore_eos"], stats)
+        tokens = master.generate(
+            prompt_ids, options.params, options.max_new_tokens, options.ignore_eos, stats
+        )
         try:
             # aclosing: a failed write (reader gone, disk full) closes the sessions right away
             async with contextlib.aclosing(tokens):
@@ -474,22 +519,52 @@ async def _run_master(opts: dict) -> None:
         await master.close()
 
 
-async def _run_perplexity(opts: dict) -> None:
-    from cake.decoding.perplexity import perplexity_of_file
+def _run_chat(settings: Any, opts: dict) -> None:
+    from cake.faces.terminal_chat import run_terminal_chat
+
+    if opts["raw"]:
+        raise ValueError("--raw has no meaning in a chat (it needs the chat template); "
+                         "pass the text with --prompt instead")  # fmt: skip
+    run_terminal_chat(settings, _generation(opts), opts["system_prompt"])
+
+
+async def _run_perplexity(settings: Any, opts: dict) -> None:
+    from cake.decoding.perplexity import read_text_file
     from cake.master import Master
 
-    master = await Master.from_options(opts)
+    text = read_text_file(opts["perplexity_file"])
+    master = await Master.open(settings)
     try:
-        result = await perplexity_of_file(master, opts["perplexity_file"])
+        result = await master.perplexity(master.encode(text, raw=True))
     finally:
         await master.close()
     click.echo(result.line())
 
 
-async def _run_api(opts: dict) -> None:
-    from cake.faces.api import serve_api
+async def _run_api(opts: dict, topology: object, replanning: object) -> None:
+    from cake.faces.api import ApiDefaults, ApiSettings, model_id, serve_api
 
-    await serve_api(opts)
+    remote_groups = opts["batch_groups"]  # None: one per remote stage (see MasterSettings)
+    settings = _master_settings(
+        opts, topology, replanning, batching=opts["batching"], batch_groups=remote_groups
+    )
+    options = _generation(opts)
+    defaults = ApiDefaults(
+        max_tokens=options.max_new_tokens,
+        top_k=options.params.top_k,
+        repeat_penalty=options.params.repeat_penalty,
+        repeat_last_n=options.params.repeat_last_n,
+        seed=options.params.seed,
+        ignore_eos=options.ignore_eos,
+    )
+    api = ApiSettings(
+        opts["api_address"],
+        model_id(opts["model"]),
+        opts["api_key"],
+        opts["max_concurrent"],
+        defaults,
+    )
+    await serve_api(settings, api)
 
 
 async def _run_worker(opts: dict) -> None:
@@ -533,9 +608,10 @@ async def _run_empty_worker(opts: dict) -> None:
     )
 
 
-async def _plan_cluster(opts: dict) -> str:
-    """--workers / --discover: measure, plan, push, assign; opts["topology"] becomes the plan.
-    Returns the plan as topology.yml text (what --plan prints)."""
+async def _plan_cluster(opts: dict) -> tuple[str, Any, Any]:
+    """--workers / --discover: measure, plan, push, assign. Returns the plan as topology.yml
+    text (what --plan prints), its Topology (None: every block on the master), and what the
+    master does when a worker is lost for good (plan again)."""
     from cake.cluster.setup import ClusterOptions, plan_yaml, prepare_cluster, replanning
     from cake.wire.auth import client_tls
     from cake.wire.auth import cluster_key as parse_key
@@ -574,11 +650,10 @@ async def _plan_cluster(opts: dict) -> str:
         retry_timeout=opts["retry_timeout"],
     )
     plan = await prepare_cluster(opts["model"], options, plan_only=opts["plan_only"])
-    opts["topology"] = plan.topology if plan.topology.nodes else None
     # A worker lost for good: plan again (with --discover, over the workers found again).
     rediscover = _rediscovery(opts, key) if opts["discover"] else None
-    opts["replanning"] = replanning(opts["model"], options, rediscover)
-    return plan_yaml(plan)
+    topology = plan.topology if plan.topology.nodes else None
+    return plan_yaml(plan), topology, replanning(opts["model"], options, rediscover)
 
 
 def _rediscovery(opts: dict, key: bytes) -> Callable[[], Awaitable[list[str]]]:

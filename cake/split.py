@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cake.errors import ModelFolderError
 from cake.host.progress import progress_bar
 from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source
-from cake.model.config import LlamaConfig, ModelFolderError
-from cake.model.gguf import gguf_file_of, resolve_model_path
+from cake.model.config import LlamaConfig
+from cake.model.gguf import gguf_file_of
 from cake.model.llama import HEAD, checkpoint_shapes
+from cake.model.opener import open_model
 from cake.model.quant import Quantization
 from cake.model.transcode import write_transcoded
 from cake.topology import Topology, format_blocks, load_topology
@@ -121,8 +123,8 @@ def split_model(
     names = _bundle_names(topo, workers)
     output = Path(output)
     _refuse_existing(output, names, force)  # before a possibly long GGUF conversion
-    folder = resolve_model_path(model_path)
-    config = LlamaConfig.from_folder(folder)
+    opened = open_model(model_path)
+    folder, config = opened.folder, opened.config
     topo.check_fits(config.n_layers)
     quantization = Quantization(quantize) if quantize else None
     if quantization or gguf_file_of(folder):
@@ -296,8 +298,8 @@ def write_bundles(
 ) -> None:
     """Write every bundle into a staging folder, then move them all into `output`.
 
-    transcode: (config, quantization) to write tensors in a new form (cake.model.transcode) instead of
-    copying their bytes."""
+    transcode: (config, quantization) to write tensors in a new form (cake.model.transcode)
+    instead of copying their bytes."""
     _refuse_existing(output, [bundle.name for bundle in bundles], force)
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".cake-split-", dir=output))

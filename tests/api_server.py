@@ -26,7 +26,7 @@ import openai
 from cluster import cluster
 
 from cake.faces.api import create_app, listen, model_id, server_for
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.worker import Worker
 
 API_KEY = "sekret-key"
@@ -125,10 +125,16 @@ def api_in_thread(
                     where, workers = await stack.enter_async_context(
                         cluster(folder, tmp_path, layers)
                     )
-                master = await Master.open(
-                    folder, where, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN,
-                    offload=True, **(master_options or {}),
-                )  # fmt: skip
+                # As `cake-cli --api` opens it: many sessions at once, sharing steps.
+                settings = MasterSettings.serving(
+                    model=folder,
+                    topology=where,
+                    device="cpu",
+                    dtype="f32",
+                    max_seq_len=MAX_SEQ_LEN,
+                    **(master_options or {}),
+                )
+                master = await Master.open(settings)
                 stack.push_async_callback(master.close)
                 if prepare is not None:
                     prepare(master)
@@ -165,30 +171,38 @@ def api_in_thread(
 
 
 class ThrottledStage:
-    """Wraps a stage: waits for `gate` (if any) and `delay` seconds before each forward."""
+    """Wraps a stage: waits for `gate` (if any) and `delay` seconds before each forward, and
+    counts forwards and the rows they carried; everything else is the stage's own."""
 
     def __init__(self, stage: Any, delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
         self.stage, self.delay, self.gate = stage, delay, gate
-        self.label, self.blocks = stage.label, stage.blocks
         self.forwards = self.in_flight = self.most_in_flight = 0
+        self.sessions_seen: list[set[str]] = []  # per forward, the sessions of its rows
 
-    async def forward(self, session_id: str, hidden: Any, start_pos: int, times: Any) -> Any:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stage, name)
+
+    async def forward(self, rows: Any, hidden: Any) -> Any:
         self.forwards += 1
+        self.sessions_seen.append({row.session_id for row in rows})
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             if self.gate is not None:
                 await self.gate.wait()
             await asyncio.sleep(self.delay)
-            return await self.stage.forward(session_id, hidden, start_pos, times)
+            return await self.stage.forward(rows, hidden)
         finally:
             self.in_flight -= 1
 
-    async def close_session(self, session_id: str) -> None:
-        await self.stage.close_session(session_id)
 
-    async def close(self) -> None:
-        await self.stage.close()
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (on the event loop) until `condition()` holds; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -13,7 +13,8 @@ import yaml
 
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.decoding.sampling import SamplingParams
-from cake.master import GenerationStats, Master
+from cake.decoding.stats import GenerationStats
+from cake.master import Master, MasterSettings
 from cake.model.loader import load_llama
 from cake.topology import parse_topology
 from cake.worker import Worker
@@ -56,7 +57,7 @@ async def cluster(
         for worker in workers.values():
             for link in list(worker.links):
                 link.close()
-            worker.compute.shutdown(wait=False)
+            worker.requests.shutdown()
 
 
 async def generate(
@@ -69,7 +70,7 @@ async def generate(
 
 
 async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int]:
-    master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=512)
+    master = await Master.open(MasterSettings(folder, device="cpu", dtype="f32", max_seq_len=512))
     try:
         return (await generate(master, prompt, n))[0]
     finally:

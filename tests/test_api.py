@@ -38,7 +38,7 @@ from helpers import build_random_llama, llama3_tokenizer_path
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.sampling import SamplingParams
 from cake.faces.api import model_id
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.detokenizer import StopFilter
 from cake.model.tokenizer import load_tokenizer
 from cake.worker import Worker
@@ -64,7 +64,7 @@ def served(tiny_llama: Path) -> Iterator[Server]:
 def reference(tiny_llama: Path) -> Iterator[Callable[[list[int], int], list[int]]]:
     """Greedy token ids straight from Master.generate (no HTTP), as the API should give."""
     master = asyncio.run(
-        Master.open(tiny_llama, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN)
+        Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN))
     )
 
     def greedy(prompt_ids: list[int], n: int) -> list[int]:
@@ -362,45 +362,57 @@ def pipelined_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+Interval = tuple[str, frozenset[str], float, float]  # worker, sessions, start, end
+
+
 class ComputeLog:
-    """When each worker computed which session: (worker, session, start, end), in seconds of
-    one clock, recorded on the workers' compute threads."""
+    """When each worker computed which sessions' rows: (worker, sessions, start, end), in
+    seconds of one clock, recorded on the workers' compute threads."""
 
     def __init__(self, workers: dict[str, Worker]) -> None:
-        self.intervals: list[tuple[str, str, float, float]] = []
+        self.intervals: list[Interval] = []
         for worker in workers.values():
-            worker.run_request = self._timed(worker.name, worker.run_request)
+            worker.requests.run_request = self._timed(worker.name, worker.requests.run_request)
+            worker.requests.run_batch = self._timed(
+                worker.name, worker.requests.run_batch, batch=True
+            )
 
-    def _timed(self, name: str, run: Callable) -> Callable:
-        def timed(session: Any, request: Any) -> Any:
+    def _timed(self, name: str, run: Callable, batch: bool = False) -> Callable:
+        def timed(first: Any, second: Any) -> Any:
+            request = first if batch else second
+            sessions = frozenset(request.sessions if batch else (request.session,))
             started = time.perf_counter()
             try:
-                return run(session, request)
+                return run(first, second)
             finally:
-                self.intervals.append((name, request.session, started, time.perf_counter()))
+                self.intervals.append((name, sessions, started, time.perf_counter()))
 
         return timed
 
+    def rows(self, intervals: list[Interval]) -> int:
+        return sum(len(sessions) for _, sessions, _, _ in intervals)
 
-def overlaps(intervals: list[tuple[str, str, float, float]], a: str, b: str) -> int:
+
+def overlaps(intervals: list[Interval], a: str, b: str) -> int:
     """Pairs of forwards of different sessions that workers `a` and `b` computed at once."""
     on_a = [i for i in intervals if i[0] == a]
     on_b = [i for i in intervals if i[0] == b]
     return sum(
         1
-        for _, session_a, start_a, end_a in on_a
-        for _, session_b, start_b, end_b in on_b
-        if session_a != session_b and start_a < end_b and start_b < end_a
+        for _, sessions_a, start_a, end_a in on_a
+        for _, sessions_b, start_b, end_b in on_b
+        if not sessions_a & sessions_b and start_a < end_b and start_b < end_a
     )
 
 
 def test_concurrent_streams_pipeline_real_compute_through_two_workers(
     pipelined_llama: Path, tmp_path: Path
 ) -> None:
-    """Four streams at once: each gets its solo output, and the two workers compute different
-    sessions' steps at the same time (w1 runs one session's step while w2 runs another's), which
-    one request at a time never does. No sleeping stand-in: the overlap is the blocks' compute,
-    recorded on the workers' compute threads."""
+    """Four streams at once: each gets its solo output, they share steps (fewer forwards than
+    rows), and the two workers compute different sessions' steps at the same time (w1 runs one
+    group's step while w2 runs the other's), which one request at a time never does. No
+    sleeping stand-in: the overlap is the blocks' compute, recorded on the workers' compute
+    threads."""
     n = 24
     prompts = [[1, 2, 3], [40, 41], [7, 8, 9, 10, 11], [100]]
     with api_in_thread(pipelined_llama, tmp_path, TWO_WORKERS) as server:
@@ -415,7 +427,7 @@ def test_concurrent_streams_pipeline_real_compute_through_two_workers(
         # worker process does for a lone decode step) would serialise them, as two worker
         # processes never are. Their compute threads run side by side.
         for worker in server.workers.values():
-            worker.compute_mode = "thread"
+            worker.requests.compute_mode = "thread"
 
         async def run() -> tuple[list[str], list[str], ComputeLog, int]:
             client = server.async_client()
@@ -431,8 +443,10 @@ def test_concurrent_streams_pipeline_real_compute_through_two_workers(
     assert together == solo
     assert len(set(solo)) == len(prompts)
     steps = 2 * len(prompts) * n  # every step of every stream, on both workers
-    assert solo_forwards == steps
-    assert len(log.intervals) == 2 * steps
+    assert solo_forwards == steps == log.rows(log.intervals[:solo_forwards])
+    together_forwards = log.intervals[solo_forwards:]
+    assert log.rows(together_forwards) == steps
+    assert len(together_forwards) < steps  # streams shared steps
     # One session at a time: the workers never compute at once. Together: they do.
     assert overlaps(log.intervals[:solo_forwards], "w1", "w2") == 0
     overlapping = overlaps(log.intervals[solo_forwards:], "w1", "w2")
@@ -444,8 +458,8 @@ def test_a_client_that_goes_away_frees_its_session(tiny_llama: Path, tmp_path: P
     throttles: list[ThrottledStage] = []
 
     def slow_down(master: Master) -> None:  # 20 ms per step: 200 tokens would take 4 s
-        throttles.append(ThrottledStage(master.stages[0], delay=0.02))
-        master.stages[0] = throttles[0]
+        throttles.append(ThrottledStage(master.pipeline.stages[0], delay=0.02))
+        master.pipeline.stages[0] = throttles[0]
 
     with api_in_thread(tiny_llama, tmp_path, TWO_WORKERS, slow_down) as server:
         stream = chat(server.client(), server.model, "tell me a story", 200, stream=True)
@@ -466,7 +480,7 @@ def test_max_concurrent_answers_429(tiny_llama: Path) -> None:
 
     def hold(master: Master) -> None:
         gate.append(asyncio.Event())
-        master.stages[0] = ThrottledStage(master.stages[0], gate=gate[0])
+        master.pipeline.stages[0] = ThrottledStage(master.pipeline.stages[0], gate=gate[0])
 
     with api_in_thread(tiny_llama, prepare=hold, api_key=API_KEY, max_concurrent=1) as server:
         client = server.client()
@@ -496,7 +510,7 @@ def test_a_worker_gone_for_good_ends_the_stream_with_an_error(
     processes = {w.name: w for w in start_local_cluster(tiny_llama, TWO_WORKERS, topology)}
 
     def slow_down(master: Master) -> None:
-        master.stages[0] = ThrottledStage(master.stages[0], delay=0.02)
+        master.pipeline.stages[0] = ThrottledStage(master.pipeline.stages[0], delay=0.02)
 
     try:
         with api_in_thread(

@@ -235,16 +235,16 @@ def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
     """With the one place taken, a request is 429 without its prompt being encoded (a prompt
     beyond the context is 429, not 400); prompts are encoded on the tokenizer thread, tokens
     are sampled in worker threads: neither on the event loop's thread."""
-    import cake.master
+    import cake.decoding.generate
 
     sampled_on: list[str] = []
 
-    class RecordingSampler(cake.master.Sampler):
+    class RecordingSampler(cake.decoding.generate.Sampler):
         def __call__(self, logits: Any, history: Any) -> int:
             sampled_on.append(threading.current_thread().name)
             return super().__call__(logits, history)
 
-    monkeypatch.setattr(cake.master, "Sampler", RecordingSampler)
+    monkeypatch.setattr(cake.decoding.generate, "Sampler", RecordingSampler)
     gate: list[Any] = []
     recorder: list[RecordingTokenizer] = []
     throttles: list[ThrottledStage] = []
@@ -253,8 +253,8 @@ def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
         import asyncio
 
         gate.append(asyncio.Event())
-        throttles.append(ThrottledStage(master.stages[0], gate=gate[0]))
-        master.stages[0] = throttles[0]
+        throttles.append(ThrottledStage(master.pipeline.stages[0], gate=gate[0]))
+        master.pipeline.stages[0] = throttles[0]
         recorder.append(RecordingTokenizer(master.tokenizer))
         master.tokenizer = recorder[0]
 
@@ -288,8 +288,8 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(
     throttles: list[ThrottledStage] = []
 
     def slow_down(master: Master) -> None:  # 20 ms per step: 200 tokens would take 4 s
-        throttles.append(ThrottledStage(master.stages[0], delay=0.02))
-        master.stages[0] = throttles[0]
+        throttles.append(ThrottledStage(master.pipeline.stages[0], delay=0.02))
+        master.pipeline.stages[0] = throttles[0]
 
     layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
     with api_in_thread(tiny_llama, tmp_path, layers, slow_down) as server:

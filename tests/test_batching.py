@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from api_server import ThrottledStage, until
 from cluster import GREEDY, cluster
 from helpers import build_random_llama
 
 from cake.errors import WorkerError
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.kv_cache import Segment
 from cake.model.llama import Llama
 from cake.model.loader import load_llama
@@ -137,16 +138,26 @@ def test_concurrent_greedy_equals_solo(
     ]
 
     async def run(topology: Path | None) -> None:
-        master = await Master.open(tiny_llama, topology, device="cpu", dtype="f32", offload=True)
+        settings = MasterSettings.serving(
+            model=tiny_llama,
+            topology=topology,
+            device="cpu",
+            dtype="f32",
+            batch_groups=groups,
+            step_positions=16,
+        )
+        master = await Master.open(settings)
+        scheduler = master.scheduler
         try:
             solo = [await _solo(master, p, n) for p, n, _ in jobs]
-            scheduler = master.enable_batching(groups=groups, prefill_chunk=16)
+            alone_steps, alone_rows = scheduler.steps, scheduler.rows
+            assert alone_steps == alone_rows  # one at a time: a row per step
             batched = await _concurrent(master, jobs)
         finally:
             await master.close()
         assert batched == solo
         # Fewer steps than rows: sessions really shared steps.
-        assert scheduler.steps < scheduler.rows
+        assert scheduler.steps - alone_steps < scheduler.rows - alone_rows
 
     async def main() -> None:
         if layers is None:
@@ -165,11 +176,12 @@ def test_one_frame_per_stage_per_step(tiny_llama: Path, tmp_path: Path) -> None:
 
     async def main() -> None:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, workers):
-            master = await Master.open(
-                tiny_llama, topology, device="cpu", dtype="f32", offload=True
+            settings = MasterSettings.serving(
+                model=tiny_llama, topology=topology, device="cpu", dtype="f32", batch_groups=1
             )
+            master = await Master.open(settings)
+            scheduler = master.scheduler
             try:
-                scheduler = master.enable_batching()
                 frames = _count_batches(workers.values())
                 await _concurrent(master, [("same length", 8, 0)] * 4)
             finally:
@@ -184,13 +196,13 @@ def _count_batches(workers: Iterable[Worker]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for worker in workers:
         counts[worker.name] = 0
-        original = worker.run_batch
+        original = worker.requests.run_batch
 
         def counted(request: Any, rows: Any, worker: Worker = worker, original: Any = original):
             counts[worker.name] += 1
             return original(request, rows)
 
-        worker.run_batch = counted  # type: ignore[method-assign]
+        worker.requests.run_batch = counted  # type: ignore[method-assign]
     return counts
 
 
@@ -201,13 +213,13 @@ def test_a_refused_session_fails_alone(tiny_llama: Path, tmp_path: Path) -> None
 
     async def main() -> None:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, workers):
-            master = await Master.open(
-                tiny_llama, topology, device="cpu", dtype="f32", offload=True
+            settings = MasterSettings.serving(
+                model=tiny_llama, topology=topology, device="cpu", dtype="f32"
             )
+            master = await Master.open(settings)
             try:
                 short = await _solo(master, "hi", 6)
                 workers["w1"].store.max_seq_len = 40  # the long prompt no longer fits there
-                master.enable_batching()
                 results = await asyncio.gather(
                     _solo(master, "hi", 6), _solo(master, "x " * 50, 4), return_exceptions=True
                 )
@@ -220,26 +232,33 @@ def test_a_refused_session_fails_alone(tiny_llama: Path, tmp_path: Path) -> None
     asyncio.run(main())
 
 
-def test_disconnect_mid_step_frees_the_session(tiny_llama: Path, tmp_path: Path) -> None:
-    """A generation cancelled while its row is in a step leaves no session on the worker."""
+def test_cancelled_mid_step_frees_its_session_and_spares_the_other(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A generation cancelled while its row is in a step (held there by a gate) leaves no
+    session on the worker, and the one that shared its steps still gets its solo text."""
     layers = {"w1": ["model.layers.0-3"]}
 
     async def main() -> None:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, workers):
-            master = await Master.open(
-                tiny_llama, topology, device="cpu", dtype="f32", offload=True
+            settings = MasterSettings.serving(
+                model=tiny_llama, topology=topology, device="cpu", dtype="f32"
             )
+            master = await Master.open(settings)
             try:
-                master.enable_batching()
+                solo = await _solo(master, "hi", 10)
+                gate = asyncio.Event()
+                stage = ThrottledStage(master.pipeline.stages[0], gate=gate)
+                master.pipeline.stages[0] = stage
                 keep = asyncio.create_task(_solo(master, "hi", 10))
                 drop = asyncio.create_task(_solo(master, "bye", 200))
-                await asyncio.sleep(0.2)
-                drop.cancel()
+                await until(lambda: stage.in_flight == 1 and len(stage.sessions_seen[-1]) == 2)
+                drop.cancel()  # its row is in the held step
+                gate.set()
                 with pytest.raises(asyncio.CancelledError):
                     await drop
-                await keep
-                await asyncio.sleep(0.1)  # the close_session frame reaches the worker
-                assert workers["w1"].session_count == 0
+                assert await keep == solo
+                await until(lambda: workers["w1"].session_count == 0)
             finally:
                 await master.close()
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.errors import ModelFolderError
+from cake.model.config import LlamaConfig
 from cake.model.detokenizer import StreamDecoder
 from cake.model.tokenizer import (
     chat_messages,

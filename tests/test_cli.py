@@ -52,10 +52,10 @@ def assert_fails(result: Result, *needles: str, exit_code: int | None = None) ->
 def master_greedy_text(folder: Path, prompt: str, n: int, ignore_eos: bool = False) -> str:
     """What a greedy run should print, computed through the Master (not the CLI)."""
     from cake.decoding.sampling import SamplingParams
-    from cake.master import Master
+    from cake.master import Master, MasterSettings
 
     async def run() -> str:
-        master = await Master.open(folder, device="cpu", dtype="f32")
+        master = await Master.open(MasterSettings(folder, device="cpu", dtype="f32"))
         try:
             ids = master.encode(prompt)
             params = SamplingParams(temperature=0.0)

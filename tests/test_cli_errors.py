@@ -83,7 +83,8 @@ def test_invalid_config_json(model_copy: Path, name: str) -> None:
 def test_every_invalid_config_is_a_model_folder_error(model_copy: Path, name: str) -> None:
     """The same path as above in-process, for every kind of bad value (the CLI prints a
     ModelFolderError as one line, as the two cases above show)."""
-    from cake.model.config import LlamaConfig, ModelFolderError
+    from cake.errors import ModelFolderError
+    from cake.model.config import LlamaConfig
 
     change, needle = CONFIG_CHANGES[name]
     path = model_copy / "config.json"

@@ -20,7 +20,7 @@ from cake.cluster.payload import ModelManifest, Payload
 from cake.cluster.push import ModelCache
 from cake.cluster.setup import ClusterOptions, prepare_cluster
 from cake.errors import WorkerError
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.config import LlamaConfig
 from cake.topology import parse_topology
 from cake.wire.protocol import ErrorMessage, PushOffer
@@ -107,7 +107,9 @@ async def _generate(
 ) -> tuple[list[int], list[int]]:
     settings = {"dtype": "f32", **settings}
     master = await Master.open(
-        folder, topology, device="cpu", max_seq_len=SEQ_LEN, cluster_key=KEY, **settings
+        MasterSettings(
+            folder, topology, device="cpu", max_seq_len=SEQ_LEN, cluster_key=KEY, **settings
+        )
     )
     try:
         ids = master.encode(prompt)
@@ -341,13 +343,15 @@ def test_push_and_generate_over_tls_in_process(tiny_llama: Path, tmp_path: Path)
                 str(tiny_llama), options([port], tls=client_tls(str(cert)))
             )
             master = await Master.open(
-                tiny_llama,
-                plan.topology,
-                device="cpu",
-                dtype="f32",
-                max_seq_len=SEQ_LEN,
-                cluster_key=KEY,
-                tls_ca=str(cert),
+                MasterSettings(
+                    tiny_llama,
+                    plan.topology,
+                    device="cpu",
+                    dtype="f32",
+                    max_seq_len=SEQ_LEN,
+                    cluster_key=KEY,
+                    tls_ca=str(cert),
+                ),
             )
             try:
                 ids = master.encode("hi")

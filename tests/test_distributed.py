@@ -13,8 +13,9 @@ import torch
 from cluster import N_TOKENS, cluster, generate, local_tokens
 
 from cake.cluster.local_cluster import start_local_cluster
+from cake.decoding.stats import GenerationStats
 from cake.errors import WorkerError
-from cake.master import GenerationStats, Master
+from cake.master import Master, MasterSettings
 
 
 def reference_tokens(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
@@ -52,7 +53,7 @@ TOPOLOGIES = {
 def tiny_expected(tiny_llama: Path) -> dict[str, list[int]]:
     """Local greedy tokens for two prompts, checked once against transformers."""
     expected = {p: asyncio.run(local_tokens(tiny_llama, p)) for p in ("hi", "tell me a story")}
-    master = asyncio.run(Master.open(tiny_llama, device="cpu", dtype="f32"))
+    master = asyncio.run(Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32")))
     for prompt, tokens in expected.items():
         assert tokens == reference_tokens(tiny_llama, master.encode(prompt), N_TOKENS)
     return expected
@@ -66,7 +67,9 @@ def test_distributed_equals_local_and_reference(
 
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, _):
-            master = await Master.open(tiny_llama, topology, device="cpu", dtype="f32")
+            master = await Master.open(
+                MasterSettings(tiny_llama, topology, device="cpu", dtype="f32")
+            )
             try:
                 tokens, stats = await generate(master, "hi")
             finally:
@@ -86,7 +89,8 @@ def test_two_masters_at_once_get_their_solo_output(
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, workers):
             masters = [
-                await Master.open(tiny_llama, topology, device="cpu", dtype="f32") for _ in range(2)
+                await Master.open(MasterSettings(tiny_llama, topology, device="cpu", dtype="f32"))
+                for _ in range(2)
             ]
             try:
                 results = await asyncio.gather(
@@ -115,7 +119,7 @@ def test_worker_serving_other_blocks_is_refused(tiny_llama: Path, tmp_path: Path
                 match=r"w1 .*serves blocks \[0, 1\], but the "
                 r"topology gives it \[0, 1, 2\]",
             ):
-                await Master.open(tiny_llama, topology, device="cpu", dtype="f32")
+                await Master.open(MasterSettings(tiny_llama, topology, device="cpu", dtype="f32"))
 
     asyncio.run(run())
 
@@ -126,7 +130,9 @@ def test_worker_with_another_model_is_refused(
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, {"w1": ["model.layers.0"]}) as (topology, _):
             with pytest.raises(WorkerError, match="different model"):
-                await Master.open(tiny_llama_tied, topology, device="cpu", dtype="f32")
+                await Master.open(
+                    MasterSettings(tiny_llama_tied, topology, device="cpu", dtype="f32")
+                )
 
     asyncio.run(run())
 
@@ -138,7 +144,9 @@ def test_unreachable_worker_names_worker_and_address(tiny_llama: Path, tmp_path:
         topology = tmp_path / "topology.yml"
         topology.write_text(f"gone:\n  host: '127.0.0.1:{port}'\n  layers: ['model.layers.0']\n")
         with pytest.raises(WorkerError, match=rf"worker gone at 127\.0\.0\.1:{port}.*running"):
-            asyncio.run(Master.open(tiny_llama, topology, device="cpu", connect_timeout=2))
+            asyncio.run(
+                Master.open(MasterSettings(tiny_llama, topology, device="cpu", connect_timeout=2))
+            )
 
 
 @pytest.mark.slow
@@ -152,7 +160,9 @@ def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> Non
     try:
 
         async def run() -> tuple[list[int], GenerationStats, list[int]]:
-            master = await Master.open(smollm2_dir, topology, device="cpu", dtype="f32")
+            master = await Master.open(
+                MasterSettings(smollm2_dir, topology, device="cpu", dtype="f32")
+            )
             try:
                 tokens, stats = await generate(master, prompt, n)
                 return tokens, stats, master.encode(prompt)
@@ -200,7 +210,9 @@ def test_round_trip_per_block_debug_mode_counts_each_block(
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, _):
             master = await Master.open(
-                tiny_llama, topology, device="cpu", dtype="f32", round_trip_per_block=True
+                MasterSettings(
+                    tiny_llama, topology, device="cpu", dtype="f32", round_trip_per_block=True
+                )
             )
             try:
                 tokens, stats = await generate(master, "hi")

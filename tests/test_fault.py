@@ -15,8 +15,9 @@ from cluster import GREEDY, local_tokens
 from cluster import ProcessCluster as Cluster
 
 from cake.cluster.local_cluster import start_local_cluster
+from cake.decoding.stats import GenerationStats
 from cake.errors import WorkerError
-from cake.master import GenerationStats, Master
+from cake.master import Master, MasterSettings
 
 N = 40
 
@@ -31,7 +32,9 @@ def two_workers(tiny_llama: Path, tmp_path: Path) -> Iterator[Cluster]:
 
 async def open_master(cluster: Cluster, retry_timeout: float = 60) -> Master:
     return await Master.open(
-        cluster.model, cluster.topology, device="cpu", dtype="f32", retry_timeout=retry_timeout
+        MasterSettings(
+            cluster.model, cluster.topology, device="cpu", dtype="f32", retry_timeout=retry_timeout
+        )
     )
 
 
@@ -75,7 +78,9 @@ def test_quantized_blocks_replay_to_the_same_text(smollm2_gguf: Path, tmp_path: 
     prompt, n = "Tell me a long story about a dragon.", 160
 
     async def run(kill_after: int | None) -> list[int]:
-        master = await Master.open(cluster.model, cluster.topology, device="cpu", dtype="auto")
+        master = await Master.open(
+            MasterSettings(cluster.model, cluster.topology, device="cpu", dtype="auto")
+        )
         tokens: list[int] = []
         try:
             async for token in master.generate(master.encode(prompt), GREEDY, n, True):
@@ -188,9 +193,10 @@ def test_worker_killed_during_batched_steps(two_workers: Cluster) -> None:
     async def run() -> list[list[int]]:
         nonlocal restarted
         master = await Master.open(
-            two_workers.model, two_workers.topology, device="cpu", dtype="f32", offload=True
+            MasterSettings.serving(
+                model=two_workers.model, topology=two_workers.topology, device="cpu", dtype="f32"
+            )
         )
-        master.enable_batching()
 
         async def one(prompt: str, kill: bool) -> list[int]:
             nonlocal restarted

@@ -16,7 +16,7 @@ import torch
 from cluster import generate, local_tokens
 
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.config import LlamaConfig, architecture_of
 from cake.wire.protocol import (
     Forward,
@@ -214,7 +214,9 @@ def test_worker_still_serves_correctly_after_all_that(
 
     async def run() -> list[int]:
         master = await Master.open(
-            tiny_llama, worker.topology, device="cpu", dtype="f32", max_seq_len=CONTEXT
+            MasterSettings(
+                tiny_llama, worker.topology, device="cpu", dtype="f32", max_seq_len=CONTEXT
+            )
         )
         try:
             return (await generate(master, "hi"))[0]

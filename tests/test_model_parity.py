@@ -198,10 +198,12 @@ def test_partial_models_compose_to_the_whole(pair: Pair) -> None:
 
 def _master_greedy(folder: Path, prompt_ids: list[int], n_new: int) -> list[int]:
     from cake.decoding.sampling import SamplingParams
-    from cake.master import Master
+    from cake.master import Master, MasterSettings
 
     async def run() -> list[int]:
-        master = await Master.open(folder, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN)
+        master = await Master.open(
+            MasterSettings(folder, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN)
+        )
         try:
             params = SamplingParams(temperature=0.0)
             return [t async for t in master.generate(prompt_ids, params, n_new, ignore_eos=True)]

@@ -58,8 +58,10 @@ def test_wheel_installs_with_the_chat_page(tmp_path: Path) -> None:
     check = (
         "import cake, importlib.metadata as m, importlib.resources as r; "
         "print(cake.__file__); print(m.version('cake-llm')); "
-        "print(' '.join(sorted(p.name for p in r.files('cake').joinpath('static').iterdir()))); "
-        "from cake.faces.webchat import chat_page; print('cake-api-key-required' in chat_page(False))"
+        "static = r.files('cake.faces').joinpath('static'); "
+        "print(' '.join(sorted(p.name for p in static.iterdir()))); "
+        "from cake.faces.webchat import chat_page; "
+        "print('cake-api-key-required' in chat_page(False))"
     )
     where, version, files, page_ok = run(python, "-c", check, cwd=tmp_path, env=env).split("\n")[:4]
     assert Path(where).is_relative_to(venv), f"cake was imported from {where}, not the wheel"

@@ -14,8 +14,8 @@ import pytest
 import torch
 from cluster import cluster
 
-from cake.decoding.perplexity import perplexity, windows
-from cake.master import Master
+from cake.decoding.perplexity import windows
+from cake.master import Master, MasterSettings
 
 PROSE = Path(__file__).parent / "data" / "prose.txt"
 
@@ -49,11 +49,13 @@ def test_smollm2_fp32_equals_transformers(smollm2_dir: Path) -> None:
 
     async def ours() -> tuple[list[int], float, int]:
         master = await Master.open(
-            smollm2_dir, device="cpu", dtype="f32", max_seq_len=512, prefill_chunk=100
+            MasterSettings(
+                smollm2_dir, device="cpu", dtype="f32", max_seq_len=512, prefill_chunk=100
+            )
         )
         try:
             ids = master.encode(PROSE.read_text(encoding="utf-8"), raw=True)[:384]
-            result = await perplexity(master, ids, window=256)
+            result = await master.perplexity(ids, window=256)
             return ids, result.value, result.tokens
         finally:
             await master.close()
@@ -71,18 +73,20 @@ def test_over_workers_equals_local_and_transformers(tiny_llama: Path, tmp_path: 
     text = PROSE.read_text(encoding="utf-8")[:600]
 
     async def main() -> tuple[list[int], float, float]:
-        local = await Master.open(tiny_llama, device="cpu", dtype="f32", prefill_chunk=16)
+        local = await Master.open(
+            MasterSettings(tiny_llama, device="cpu", dtype="f32", prefill_chunk=16)
+        )
         try:
             ids = local.encode(text, raw=True)
-            alone = (await perplexity(local, ids, window=64)).value
+            alone = (await local.perplexity(ids, window=64)).value
         finally:
             await local.close()
         async with cluster(tiny_llama, tmp_path, layers) as (topology, _):
             master = await Master.open(
-                tiny_llama, topology, device="cpu", dtype="f32", prefill_chunk=16
+                MasterSettings(tiny_llama, topology, device="cpu", dtype="f32", prefill_chunk=16)
             )
             try:
-                spread = (await perplexity(master, ids, window=64)).value
+                spread = (await master.perplexity(ids, window=64)).value
             finally:
                 await master.close()
         return ids, alone, spread

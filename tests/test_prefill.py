@@ -12,7 +12,8 @@ import torch
 from cluster import GREEDY, cluster
 
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
-from cake.master import GenerationStats, Master
+from cake.decoding.stats import GenerationStats
+from cake.master import Master, MasterSettings
 
 PROMPT = [128000] + [(i * 7919) % 120000 + 1000 for i in range(69)]  # 70 tokens
 CHUNK = 16  # 5 chunks: 16, 16, 16, 16, 6
@@ -40,9 +41,9 @@ def expected(tiny_llama: Path) -> list[int]:
     """The local, single-chunk greedy text, checked against transformers."""
 
     async def local() -> list[int]:
-        master = await Master.open(tiny_llama, device="cpu", dtype="f32")
+        master = await Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32"))
         try:
-            assert master.prefill_chunk >= len(PROMPT)
+            assert master.pipeline.micro_batch >= len(PROMPT)
             return await greedy(master)
         finally:
             await master.close()
@@ -72,17 +73,17 @@ def test_chunked_prompt_over_workers_equals_local(
     async def main() -> tuple[list[int], GenerationStats]:
         async with cluster(tiny_llama, tmp_path, layers) as (topology, workers):
             for worker in workers.values():
-                run_request = worker.run_request
+                run_request = worker.requests.run_request
 
                 def recording(session, request, run_request=run_request):  # type: ignore[no-untyped-def]
                     frames.append(request.hidden.shape[1])
                     return run_request(session, request)
 
-                worker.run_request = recording  # type: ignore[method-assign]
+                worker.requests.run_request = recording  # type: ignore[method-assign]
             master = await Master.open(
-                tiny_llama, topology, device="cpu", dtype="f32", prefill_chunk=CHUNK
+                MasterSettings(tiny_llama, topology, device="cpu", dtype="f32", prefill_chunk=CHUNK)
             )
-            master.pipeline_prefill = pipelined
+            master.pipeline.overlap = pipelined
             try:
                 stats = GenerationStats()
                 return await greedy(master, stats), stats
@@ -115,9 +116,9 @@ def test_worker_lost_mid_prefill_is_replayed(
     async def main() -> tuple[list[int], GenerationStats]:
         nonlocal restarted
         master = await Master.open(
-            tiny_llama, topology, device="cpu", dtype="f32", prefill_chunk=CHUNK
+            MasterSettings(tiny_llama, topology, device="cpu", dtype="f32", prefill_chunk=CHUNK)
         )
-        stage = master.stages[1]
+        stage = master.pipeline.stages[1]
         forward, seen = stage.forward, 0
 
         async def forward_then_kill(*args, **kwargs):  # type: ignore[no-untyped-def]

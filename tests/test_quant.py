@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 from cake.cli import main, split_main
 from cake.decoding.sampling import SamplingParams
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.gguf import GGUFCheckpoint, decode, resolve_model_path
 from cake.model.loader import load_llama
 from cake.model.quant import (
@@ -212,7 +212,9 @@ def test_quantized_top1_tokens_agree_with_f32(prose_run: ProseRun, variant: str)
 
 def answer(model: Path, quantize: str | None, prompt: str, raw: bool = False) -> str:
     async def run() -> str:
-        master = await Master.open(model, device="cpu", max_seq_len=256, quantize=quantize)
+        master = await Master.open(
+            MasterSettings(model, device="cpu", max_seq_len=256, quantize=quantize)
+        )
         try:
             ids = master.encode(prompt, raw=raw)
             tokens = [t async for t in master.generate(ids, SamplingParams(temperature=0), 16)]

@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from cake.decoding.sampling import SamplingParams
-from cake.master import GenerationStats, Master
+from cake.decoding.stats import GenerationStats
+from cake.master import Master, MasterSettings
 from cake.model.loader import load_llama
 from cake.model.tokenizer import encode_prompt, load_tokenizer
 
@@ -23,7 +24,9 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def master(smollm2_dir: Path) -> Master:
-    opened = asyncio.run(Master.open(smollm2_dir, device="cpu", dtype="f32", max_seq_len=256))
+    opened = asyncio.run(
+        Master.open(MasterSettings(smollm2_dir, device="cpu", dtype="f32", max_seq_len=256))
+    )
     yield opened
     asyncio.run(opened.close())
 

@@ -16,8 +16,9 @@ from test_distributed import reference_tokens
 
 from cake.cluster.measure import block_bytes
 from cake.cluster.setup import prepare_cluster, replanning
+from cake.engine.pipeline import Replanning
 from cake.errors import WorkerGone
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.config import LlamaConfig
 from cake.topology import Topology
 
@@ -25,16 +26,25 @@ N_TOKENS = 12
 KILL_AFTER = 4  # tokens of the first session before its worker is killed
 
 
-async def open_master(folder: Path, topology: Topology, retry_timeout: float) -> Master:
-    return await Master.open(
-        folder,
-        topology,
+async def open_master(
+    folder: Path,
+    topology: Topology,
+    retry_timeout: float,
+    replanning: Replanning | None = None,
+    serving: bool = False,
+) -> Master:
+    options = dict(
+        model=folder,
+        topology=topology,
         device="cpu",
         dtype="f32",
         max_seq_len=SEQ_LEN,
         cluster_key=KEY,
         retry_timeout=retry_timeout,
+        replanning=replanning,
     )
+    settings = MasterSettings.serving(**options) if serving else MasterSettings(**options)
+    return await Master.open(settings)
 
 
 @pytest.mark.slow
@@ -60,20 +70,20 @@ def test_lost_worker_is_planned_around_and_sessions_resume(
         plan = await prepare_cluster(str(tiny_llama), options(ports))
         assert sorted(node.blocks for node in plan.topology.nodes) == [(0, 1), (2, 3)]
         planned = [node.port for node in plan.topology.nodes]
-        master = await open_master(tiny_llama, plan.topology, retry_timeout=1)
         # Without a spare, the survivor has room for two blocks: the master takes the rest.
         master_blocks = 0 if batched else None
 
         async def rediscover() -> list[str]:  # as --discover would find them now
             return [f"127.0.0.1:{worker.port}" for worker in workers]
 
-        master.replanning = replanning(
+        plan_again = replanning(
             str(tiny_llama),
             options(ports, master_blocks=master_blocks),
             rediscover if batched else None,
         )
-        if batched:
-            master.enable_batching()
+        master = await open_master(
+            tiny_llama, plan.topology, retry_timeout=1, replanning=plan_again, serving=batched
+        )
         victim = next(w for w in workers if w.port == planned[0])
         try:
             ids = [master.encode(prompt) for prompt in prompts]
@@ -95,7 +105,7 @@ def test_lost_worker_is_planned_around_and_sessions_resume(
         outputs, ids, master, planned = asyncio.run(run())
         for tokens, prompt_ids in zip(outputs, ids, strict=True):
             assert tokens == reference_tokens(tiny_llama, prompt_ids, N_TOKENS)
-        assert master.stage_epoch == 1  # one re-plan served every session
+        assert master.pipeline.epoch == 1  # one re-plan served every session
         if batched:  # the spare worker now holds the two blocks the victim had
             spare = next(i for i, worker in enumerate(workers) if worker.port not in planned)
             assert len(cached_tensors(caches[spare])) == 2 * 9
@@ -146,43 +156,47 @@ def test_session_inputs_keep_each_forward_for_the_replay() -> None:
 
 
 def test_resumed_steps_run_again_as_they_ran() -> None:
-    """After a re-plan a session's earlier steps run on the new stages one by one, as they ran
-    (the prompt, then each token), before the step that was asked for."""
-    from cake.engine.replan import ResumableSteps
+    """After a re-plan a session's earlier forwards run on the new stages one by one, as they
+    ran (the prompt, then each token; a rolled-back verification only as far as it was kept),
+    before the forward that was asked for."""
+    from cake.engine.session import Output, Session
     from cake.errors import StagesReplaced
 
-    calls: list[tuple[list[int], int]] = []
-
-    class FakeMaster:
-        stage_epoch = 0
-
-        async def recover(self, cause: Exception, epoch: int) -> None:
-            self.stage_epoch += 1
-
-    master = FakeMaster()
+    calls: list[tuple[list[int], int, Output]] = []
     fail_next = [False]
 
-    async def next_logits(session: str, tokens: list[int], start: int, stats: object) -> object:
-        if fail_next[0]:
-            fail_next[0] = False
-            raise StagesReplaced("test: the cluster was re-planned")
-        calls.append((list(tokens), start))
-        return torch.zeros(3)
+    class FakePipeline:
+        epoch = 0
+
+        async def recover(self, cause: Exception, epoch: int) -> None:
+            self.epoch += 1
+
+        async def rollback(self, session_id: str, length: int) -> None:
+            pass
+
+    class FakeSteps:
+        async def run(self, session: Session, tokens: list[int], start: int, output: Output):
+            if fail_next[0]:
+                fail_next[0] = False
+                raise StagesReplaced("test: the cluster was re-planned")
+            calls.append((list(tokens), start, output))
+            return torch.zeros(3)
 
     async def run() -> None:
-        history = [1, 2, 3]
-        steps = ResumableSteps(master, "s", history, next_logits, None)  # type: ignore[arg-type]
-        await steps.step([1, 2, 3], 0)
-        for token in (4, 5):
-            history.append(token)
-            await steps.step([token], len(history) - 1)
-        history.append(6)
+        session = Session(FakeSteps(), FakePipeline())  # type: ignore[arg-type]
+        await session.forward([1, 2, 3], 0)
+        for position, token in ((3, 4), (4, 5)):
+            await session.forward([token], position)
+        await session.forward([6, 7, 8, 9], 5, Output.ALL_LOGITS)  # a verification ...
+        await session.rollback(7)  # ... of which [6, 7] were kept
         fail_next[0] = True
         calls.clear()
-        await steps.step([6], 5)
+        await session.forward([10], 7)
 
     asyncio.run(run())
-    assert calls == [([1, 2, 3], 0), ([4], 3), ([5], 4), ([6], 5)]
+    replayed = [(tokens, start) for tokens, start, output in calls if output is Output.NOTHING]
+    assert replayed == [([1, 2, 3], 0), ([4], 3), ([5], 4), ([6, 7], 5)]
+    assert calls[-1] == ([10], 7, Output.LAST_LOGITS)
 
 
 def _cli(*args: str) -> list[str]:

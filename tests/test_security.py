@@ -17,7 +17,7 @@ from cluster import cluster, generate, local_tokens
 import cake
 from cake.cluster.local_cluster import start_local_cluster, start_workers
 from cake.errors import WorkerError
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.config import LlamaConfig, architecture_of
 from cake.wire import worker_connection
 from cake.wire.auth import client_tls, new_nonce, proof, server_tls
@@ -48,7 +48,9 @@ def with_cluster(folder: Path, tmp_path: Path, check, **worker_options: object) 
 
 
 async def open_and_generate(folder: Path, topology: Path, **options: object) -> list[int]:
-    master = await Master.open(folder, topology, device="cpu", dtype="f32", **options)
+    master = await Master.open(
+        MasterSettings(folder, topology, device="cpu", dtype="f32", **options)
+    )
     try:
         return (await generate(master, "hi"))[0]
     finally:

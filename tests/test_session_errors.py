@@ -9,9 +9,9 @@ import pytest
 import torch
 from cluster import GREEDY, cluster, local_tokens
 
-from cake.engine.remote_stage import RemoteStage
+from cake.decoding.stats import GenerationStats
 from cake.errors import WorkerError
-from cake.master import GenerationStats, Master
+from cake.master import Master, MasterSettings
 from cake.worker import Worker
 
 LAYERS = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
@@ -37,7 +37,7 @@ async def run_both(master: Master, failing: list[int], n_failing: int) -> tuple[
 
 
 def channels(master: Master) -> list[object]:
-    return [s.client.channel for s in master.stages if isinstance(s, RemoteStage)]
+    return [s.client.channel for s in master.pipeline.stages if s.remote]
 
 
 def test_context_full_fails_only_its_session(tiny_llama: Path, tmp_path: Path) -> None:
@@ -45,7 +45,9 @@ def test_context_full_fails_only_its_session(tiny_llama: Path, tmp_path: Path) -
 
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, LAYERS) as (topology, workers):
-            master = await Master.open(tiny_llama, topology, device="cpu", max_seq_len=512)
+            master = await Master.open(
+                MasterSettings(tiny_llama, topology, device="cpu", max_seq_len=512)
+            )
             # The workers' context shrinks to 256 after the handshake (which refuses a worker
             # whose context is shorter than the master's), as a worker restarted with a smaller
             # --max-seq-len between two steps would have it.
@@ -74,10 +76,12 @@ def test_out_of_memory_names_the_worker_and_what_did_not_fit(
 
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, LAYERS) as (topology, workers):
-            master = await Master.open(tiny_llama, topology, device="cpu", dtype="f32")
+            master = await Master.open(
+                MasterSettings(tiny_llama, topology, device="cpu", dtype="f32")
+            )
             failing = master.encode("tell me something")
             worker: Worker = workers["w2"]
-            real_run, doomed = worker.run_request, set()
+            real_run, doomed = worker.requests.run_request, set()
 
             def run_request(session, request):  # type: ignore[no-untyped-def]
                 if request.start_pos == 0 and request.hidden.shape[1] == len(failing):
@@ -86,7 +90,7 @@ def test_out_of_memory_names_the_worker_and_what_did_not_fit(
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 return real_run(session, request)
 
-            worker.run_request = run_request  # type: ignore[method-assign]
+            worker.requests.run_request = run_request  # type: ignore[method-assign]
             try:
                 before = channels(master)
                 outcome, tokens = await run_both(master, failing, N)
@@ -114,7 +118,7 @@ def test_out_of_memory_names_the_worker_and_what_did_not_fit(
     ],
 )
 def test_cpu_allocation_failures_count_as_out_of_memory(error: Exception) -> None:
-    from cake.wire.worker_connection import is_out_of_memory
+    from cake.engine.worker_requests import is_out_of_memory
 
     assert is_out_of_memory(error)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))

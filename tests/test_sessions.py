@@ -10,9 +10,14 @@ import pytest
 import torch
 from cluster import GREEDY, cluster
 
-from cake.engine.sessions import SessionStore, check_worker_limits, kv_budget, kv_bytes_per_position
+from cake.engine.session_store import (
+    SessionStore,
+    check_worker_limits,
+    kv_budget,
+    kv_bytes_per_position,
+)
 from cake.errors import CakeError, Code, WorkerError
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.model.loader import load_llama
 from cake.wire.protocol import Welcome
 from cake.worker import Worker
@@ -152,7 +157,11 @@ def test_handshake_refuses_a_shorter_worker_context(tiny_llama: Path, tmp_path: 
                 r"--max-seq-len\), but the master's context is 1024: start the worker with "
                 r"--max-seq-len 1024",
             ):
-                await Master.open(tiny_llama, topology, device="cpu", dtype="f32", max_seq_len=1024)
+                await Master.open(
+                    MasterSettings(
+                        tiny_llama, topology, device="cpu", dtype="f32", max_seq_len=1024
+                    )
+                )
 
     asyncio.run(main())
 
@@ -186,7 +195,7 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
     short = [128000, 9906, 1917]
 
     async def solo(*prompts: list[int]) -> list[list[int]]:
-        master = await Master.open(tiny_llama, device="cpu", dtype="f32")
+        master = await Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32"))
         try:
             results = []
             for ids in prompts:
@@ -197,7 +206,9 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
 
     async def main() -> tuple[list[int], list[int]]:
         async with cluster(tiny_llama, tmp_path, layers, kv_memory=300 * 1024) as (topology, ws):
-            master = await Master.open(tiny_llama, topology, device="cpu", dtype="f32")
+            master = await Master.open(
+                MasterSettings(tiny_llama, topology, device="cpu", dtype="f32")
+            )
             try:
                 first = master.generate(long_a, GREEDY, 8, ignore_eos=True)
                 tokens = [await anext(first)]  # its prefill holds 320 positions on w1 and w2

@@ -49,7 +49,7 @@ def test_the_cli_options_agree(tiny_llama) -> None:
     from click.testing import CliRunner
 
     from cake import cli
-    from cake.engine.sessions import kv_budget
+    from cake.engine.session_store import kv_budget
 
     seen = {}
     command = cli.main

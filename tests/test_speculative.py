@@ -26,9 +26,10 @@ from cluster import GREEDY, ProcessCluster, cluster
 from cake.decoding.draft import Draft, DraftModel, LookupDrafter
 from cake.decoding.sampling import Sampler, SamplingParams
 from cake.decoding.speculative import DraftController, DraftSettings, accept_draft, request_draft
+from cake.decoding.stats import GenerationStats
 from cake.engine.remote_stage import SessionInputs
-from cake.master import GenerationStats, Master
-from cake.model.config import ModelFolderError
+from cake.errors import ModelFolderError
+from cake.master import Master, MasterSettings
 from cake.model.loader import load_llama
 from cake.wire.delay_proxy import ThreadedDelayProxy
 
@@ -55,11 +56,13 @@ async def tokens_of(
 
 def _itself(master: Master) -> DraftModel:
     """A local master's own model as its draft (all blocks are on the master): the ceiling."""
-    return DraftModel(master.model, master.max_seq_len, "the model itself")
+    return DraftModel(master.ends, master.max_seq_len, "the model itself")
 
 
 async def open_master(folder: Path, topology: Path | None = None, **kw: object) -> Master:
-    return await Master.open(folder, topology, device="cpu", dtype="f32", max_seq_len=256, **kw)
+    return await Master.open(
+        MasterSettings(folder, topology, device="cpu", dtype="f32", max_seq_len=256, **kw)
+    )
 
 
 # ---------------------------------------------------------------- greedy: identical text
@@ -78,7 +81,7 @@ def test_greedy_with_drafting_equals_plain_locally(tiny_llama: Path, tiny_llama_
                 assert tokens == plain, draft
                 assert stats.decode_tokens + 1 == len(tokens)
             assert 0 <= stats.accepted < stats.drafted  # another model: rejections, rollbacks
-            master.draft_model = _itself(master)
+            master.generator.draft_model = _itself(master)
             tokens, stats = await tokens_of(master, MODEL)
             assert tokens == plain
             # The same model as its own draft: every drafted token is accepted.
@@ -110,7 +113,7 @@ def test_greedy_with_drafting_equals_plain_over_workers(tiny_llama: Path, tmp_pa
             try:
                 for where in (topology, proxied):
                     master = await open_master(tiny_llama, where)
-                    master.draft_model = itself
+                    master.generator.draft_model = itself
                     try:
                         for draft in (LOOKUP_4, MODEL_3):
                             tokens, stats = await tokens_of(master, draft)
@@ -224,7 +227,7 @@ def test_sampling_with_the_model_as_its_own_draft(tiny_llama: Path) -> None:
 
     async def run() -> list[tuple[list[int], GenerationStats]]:
         master = await open_master(tiny_llama)
-        master.draft_model = _itself(master)
+        master.generator.draft_model = _itself(master)
         params = SamplingParams(temperature=0.8, top_k=50, seed=7)
         try:
             ids = master.encode(PROMPT)
@@ -285,16 +288,15 @@ def test_worker_rolls_a_session_back_on_an_earlier_forward(
         async with cluster(tiny_llama, tmp_path, {"w1": ["model.layers.0-3"]}) as (topology, ws):
             master = await open_master(tiny_llama, topology)
             try:
-                stats = GenerationStats()
-                session = "rollback-test"
-                await master._logits(session, [1, 2, 3, 4, 5, 6], 0, stats)
+                session = master.scheduler.open_session()
+                await session.forward([1, 2, 3, 4, 5, 6], 0)
                 (key,) = ws["w1"].store.keys()
                 worker_session = ws["w1"].store.get(key)
                 assert worker_session is not None
                 assert worker_session.length == 6
-                await master._logits(session, [7], 3, stats)
+                await session.forward([7], 3)
                 assert worker_session.length == 4
-                await master.stages[0].close_session(session)
+                await session.close()
             finally:
                 await master.close()
 

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 import cake.split
 from cake.cli import split_main
 from cake.cluster.local_cluster import WorkerProcess, worker_command
+from cake.errors import ModelFolderError
 from cake.model.checkpoint import INDEX_FILE, Checkpoint
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.config import LlamaConfig
 from cake.model.gguf import resolve_model_path
 from cake.model.llama import EMBEDDING, HEAD
 from cake.model.loader import load_llama

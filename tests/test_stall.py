@@ -16,8 +16,9 @@ import pytest
 from cluster import GREEDY, local_tokens
 
 from cake.cluster.local_cluster import WorkerProcess, worker_command
+from cake.decoding.stats import GenerationStats
 from cake.errors import WorkerError
-from cake.master import GenerationStats, Master
+from cake.master import Master, MasterSettings
 from cake.wire.liveness import LivenessSettings
 
 N = 30
@@ -91,12 +92,14 @@ async def generate_with_stall(
 ) -> tuple[list[int], GenerationStats]:
     """Generate N tokens; after 8, freeze w2 for `stall_s` seconds (None: for good)."""
     master = await Master.open(
-        workers.model,
-        workers.topology,
-        device="cpu",
-        dtype="f32",
-        retry_timeout=retry_timeout,
-        liveness=LIVENESS,
+        MasterSettings(
+            workers.model,
+            workers.topology,
+            device="cpu",
+            dtype="f32",
+            retry_timeout=retry_timeout,
+            liveness=LIVENESS,
+        ),
     )
     stats, tokens = GenerationStats(), []
     thaw = threading.Timer(stall_s or 0, os.kill, (workers.pid("w2"), signal.SIGCONT))

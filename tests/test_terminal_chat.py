@@ -153,11 +153,11 @@ def after(screen: str, text: str) -> str:
 GREEDY_SCRIPT = """
 import asyncio, json, sys
 from cake.model.tokenizer import encode_chat
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.decoding.sampling import SamplingParams
 
 async def main(folder, conversations):
-    master = await Master.open(folder, device="cpu", dtype="f32")
+    master = await Master.open(MasterSettings(folder, device="cpu", dtype="f32"))
     try:
         texts = []
         for messages, limit in conversations:

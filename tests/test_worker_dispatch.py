@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from cluster import cluster, generate, local_tokens
 
-from cake.master import Master
-from cake.worker import INLINE_MAX_POSITIONS, Worker
+from cake.engine.worker_requests import INLINE_MAX_POSITIONS
+from cake.master import Master, MasterSettings
+from cake.worker import Worker
 
 PROMPT = "Tell me about the sea and the sky, in a few words please."  # > 16 tokens with template
 
@@ -18,13 +19,13 @@ PROMPT = "Tell me about the sea and the sky, in a few words please."  # > 16 tok
 def _record_threads(worker: Worker) -> list[tuple[int, str]]:
     """(positions, thread name) of every forward the worker runs from now on."""
     seen: list[tuple[int, str]] = []
-    run = worker.run_request
+    run = worker.requests.run_request
 
     def recording(session, request):  # type: ignore[no-untyped-def]
         seen.append((request.hidden.shape[1], threading.current_thread().name))
         return run(session, request)
 
-    worker.run_request = recording  # type: ignore[method-assign]
+    worker.requests.run_request = recording  # type: ignore[method-assign]
     return seen
 
 
@@ -40,7 +41,9 @@ def test_every_dispatch_gives_the_local_tokens(
         async with cluster(tiny_llama, tmp_path, layers, compute=compute) as (topology, workers):
             seen = _record_threads(workers["w1"])
             master = await Master.open(
-                tiny_llama, topology=topology, device="cpu", dtype="f32", max_seq_len=256
+                MasterSettings(
+                    tiny_llama, topology=topology, device="cpu", dtype="f32", max_seq_len=256
+                )
             )
             try:
                 tokens, _ = await generate(master, PROMPT)
@@ -66,8 +69,8 @@ def test_spinning_threads_keep_all_compute_on_one_thread(
 
     part = load_llama(tiny_llama, [0], max_seq_len=16)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert Worker("w", part, max_seq_len=16).compute_mode == "inline"
+    assert Worker("w", part, max_seq_len=16).requests.compute_mode == "inline"
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert Worker("w", part, max_seq_len=16).compute_mode == "auto"
+    assert Worker("w", part, max_seq_len=16).requests.compute_mode == "auto"
     with pytest.raises(ValueError, match="compute"):
         Worker("w", part, max_seq_len=16, compute="gpu")

@@ -156,7 +156,9 @@ def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) 
     @given(st.lists(any_message(), min_size=1, max_size=6))
     def fuzz(messages: list[dict]) -> None:
         worker.store.close_all()
-        model = WorkerModel(set(worker.served), worker.config.hidden_size, worker.max_sessions)
+        model = WorkerModel(
+            set(worker.blocks), worker.config.hidden_size, worker.store.max_sessions
+        )
         for raw in messages:
             try:
                 message = parse_message(raw, max_tensor_elements=CONTEXT * 64)
@@ -167,8 +169,8 @@ def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) 
                 continue
             servable = model.serves(message)
             try:
-                session = worker.check_request(1, message)
-                hidden, _ = worker.run_request(session, message)
+                session = worker.requests.check_request(1, message)
+                hidden, _ = worker.requests.run_request(session, message)
             except CakeError as exc:
                 assert not servable, f"refused a servable forward: {exc}"
                 outcomes["refused"] += 1

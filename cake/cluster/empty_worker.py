@@ -43,7 +43,12 @@ from cake.host.memory import device_memory
 from cake.host.signals import stop_signal
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig
-from cake.topology import format_blocks
+from cake.model.gguf import cache_root
+from cake.model.opener import open_model
+from cake.topology import format_blocks, parse_address
+from cake.wire.auth import cluster_key as parse_key
+from cake.wire.auth import server_tls
+from cake.wire.discovery import DEFAULT_DISCOVERY_PORT, respond
 from cake.wire.handshake import check_key
 from cake.wire.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
@@ -295,32 +300,21 @@ class EmptyWorker:
 
     async def load(self, assignment: Assignment) -> None:
         """Load the assigned blocks from the cache (in a thread) and serve them from now on."""
-        from cake.model.loader import activation_dtype, load_llama
-
-        folder = self.cache.folder(assignment.model)
-        config = LlamaConfig.from_folder(folder)
+        model = open_model(self.cache.folder(assignment.model))
         # A pushed folder holds quantized weights when the master pushed them so (--quantize,
         # a GGUF model): `auto` then computes in bf16, as the quantized kernels do.
-        dtype = activation_dtype(assignment.dtype, self.device, folder, config, None)
+        compute = model.compute(str(self.device), assignment.dtype, None, assignment.max_seq_len)
         previous, self.worker, self.assignment = self.worker, None, None
         if previous is not None:
-            previous.compute.shutdown(wait=False, cancel_futures=True)
+            previous.close()
         log.info(
             "worker %s: loading blocks %s of model %s from %s",
             self.name,
             format_blocks(assignment.blocks),
             assignment.model[:12],
-            folder,
+            model.folder,
         )
-        part = await asyncio.to_thread(
-            load_llama,
-            folder,
-            assignment.blocks,
-            dtype=dtype,
-            device=self.device,
-            max_seq_len=assignment.max_seq_len,
-            config=config,
-        )
+        part = await asyncio.to_thread(model.load, compute, assignment.blocks)
         self.worker = Worker(
             self.name,
             part,
@@ -339,7 +333,7 @@ class EmptyWorker:
             self.name,
             format_blocks(assignment.blocks),
             self.device,
-            DTYPE_NAMES[dtype],
+            DTYPE_NAMES[compute.dtype],
         )
 
     async def resume(self) -> None:
@@ -365,9 +359,7 @@ class EmptyWorker:
         for link in list(self.links):
             link.close()
         if self.worker is not None:
-            for link in list(self.worker.links):
-                link.close()
-            self.worker.compute.shutdown(wait=False, cancel_futures=True)
+            self.worker.close()
 
 
 async def start_empty_worker(
@@ -386,12 +378,6 @@ async def start_empty_worker(
 ) -> None:
     """`cake-cli --mode worker` without --model: serve until SIGINT/SIGTERM. `ready_file`, once
     it listens (and has loaded a remembered assignment): {name, host, port, pid} as JSON."""
-    from cake.model.gguf import cache_root
-    from cake.topology import parse_address
-    from cake.wire.auth import cluster_key as parse_key
-    from cake.wire.auth import server_tls
-    from cake.wire.discovery import DEFAULT_DISCOVERY_PORT, respond
-
     if not address:
         raise ValueError(
             "an empty worker needs --address HOST:PORT to listen on (e.g. 0.0.0.0:10128)"

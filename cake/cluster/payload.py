@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from cake.errors import ModelFolderError
 from cake.host.progress import progress_bar
 from cake.model.checkpoint import open_checkpoint
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.config import LlamaConfig
 from cake.model.gguf import FLOAT_TYPES, INT4_TYPES, GGUFCheckpoint, cache_root, gguf_file_of
 from cake.model.quant import Quantization
 from cake.wire.protocol import PUSH_FILES, PushOffer

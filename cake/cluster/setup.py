@@ -23,14 +23,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from cake.cluster.measure import MEMORY_HEADROOM, time_block
 from cake.cluster.payload import ModelManifest, Payload, PushItem
 from cake.cluster.placement import KEEP_TOLERANCE, MASTER, StageCost, keep_or_replace, place
 from cake.cluster.push import PushRefused, PushStats, push
-from cake.engine.replan import Replanning
+from cake.engine.pipeline import Replanning
 from cake.errors import CakeError, Code, WorkerError
+from cake.host.devices import compute_dtype, resolve_device
+from cake.host.memory import device_memory, release_free_memory
 from cake.host.progress import progress_bar
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig
+from cake.model.opener import open_model
+from cake.model.quant import Quantization
 from cake.topology import Node, Topology, format_blocks, parse_address
 from cake.wire.handshake import prove_key
 from cake.wire.protocol import (
@@ -69,7 +74,7 @@ class ClusterOptions:
     device: str = "auto"  # the master's own device
     dtype: str = "auto"  # every stage's; "auto" is resolved per device
     quantize: str | None = None  # --quantize: what float linear weights become, pushed so
-    max_seq_len: int | None = None  # None: the model's, at most master.DEFAULT_MAX_SEQ_LEN
+    max_seq_len: int | None = None  # None: the model's, at most opener.DEFAULT_MAX_SEQ_LEN
     master_blocks: int | None = None  # most blocks the master may run itself
     connect_timeout: float = 10.0
     retry_timeout: float = 60.0
@@ -196,10 +201,6 @@ async def probe_worker(
 def master_stage(config: LlamaConfig, options: ClusterOptions, scheme: str = "") -> StageCost:
     """The master as a stage: its block time (linear weights `scheme`-quantized, if given), and
     the blocks its memory holds beside the embedding and the head."""
-    from cake.cluster.measure import MEMORY_HEADROOM, time_block
-    from cake.host.devices import compute_dtype, resolve_device
-    from cake.host.memory import device_memory
-
     device = resolve_device(options.device)
     dtype = compute_dtype(options.dtype, device, bool(scheme))
     assert options.max_seq_len is not None
@@ -475,15 +476,10 @@ async def prepare_cluster(
 ) -> ClusterPlan:
     """Plan (and unless `plan_only`, push and assign); the control connections are closed.
     `skip_unreachable`: plan over the workers that answer (see plan_cluster)."""
-    from cake.host.memory import release_free_memory
-    from cake.master import DEFAULT_MAX_SEQ_LEN
-    from cake.model.gguf import resolve_model_path
-    from cake.model.quant import Quantization
-
-    folder = resolve_model_path(model)
-    config = LlamaConfig.from_folder(folder)
+    opened = open_model(model)
+    folder, config = opened.folder, opened.config
     if options.max_seq_len is None:
-        options.max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        options.max_seq_len = opened.context(None)
     config_text = (folder / "config.json").read_text(encoding="utf-8")
     manifest = await asyncio.to_thread(ModelManifest.for_folder, folder)
     quantization = Quantization(options.quantize) if options.quantize else None
@@ -516,7 +512,7 @@ def replanning(
     discover: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> Replanning:
     """What a master that planned this cluster does when a worker is lost for good: plan
-    again over its workers, leaving out those that do not answer (cake/engine/replan.py). With
+    again over its workers, leaving out those that do not answer (cake/engine/pipeline.py). With
     `discover` (--discover), workers that answer a new discovery join the list first."""
 
     async def plan_again() -> Topology:

@@ -1,1 +1,2 @@
-"""Choosing tokens: sampling, the step scheduler, speculative decoding and drafters, perplexity."""
+"""Choosing tokens from logits: the generate loop, sampling, speculative decoding and its
+drafters, perplexity, a generation's statistics."""

@@ -1,8 +1,8 @@
 """Drafters: cheap guesses of the next few tokens, for speculative decoding to verify.
 
 A drafter proposes up to k tokens that follow `history` (every token so far, the prompt
-included). The model then checks all of them in one forward (cake/decoding/speculative.py), so a good
-guess saves round trips and a bad one costs only the extra positions in that forward.
+included). The model then checks all of them in one forward (cake/decoding/speculative.py), so a
+good guess saves round trips and a bad one costs only the extra positions in that forward.
 
 - `LookupDrafter` (`--draft lookup`): prompt-lookup decoding. Find the latest earlier occurrence
   of the last n tokens and propose what followed it. Free, and strong on text that repeats its
@@ -26,8 +26,10 @@ from typing import Any, Protocol
 import torch
 
 from cake.decoding.sampling import Sampler
+from cake.errors import ModelFolderError
 from cake.model.kv_cache import SessionCache
 from cake.model.llama import Llama
+from cake.model.opener import Compute, open_model
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,16 @@ class Draft:
 
 
 class Drafter(Protocol):
-    """Per generation: proposes continuations of the accepted history."""
+    """Per generation: proposes continuations of the accepted history.
 
-    def propose(self, history: Sequence[int], k: int, sampler: Sampler) -> Draft: ...
+    `settled`: how many leading tokens of `history` are final (the generation will never
+    change them); a history a draft made ahead assumes is final only up to the real one. A
+    drafter's work per call follows the tokens since it last looked, not the history's length.
+    """
+
+    def propose(
+        self, history: Sequence[int], k: int, sampler: Sampler, settled: int | None = None
+    ) -> Draft: ...
 
 
 class LookupDrafter:
@@ -63,8 +72,11 @@ class LookupDrafter:
         self.indexed = 0  # n-grams ending before this index are in `last_seen`
 
     def _sync(self, history: Sequence[int]) -> None:
-        if len(history) < len(self.tokens) or list(history[: len(self.tokens)]) != self.tokens:
-            self.__init__(max(self.ngram_sizes), min(self.ngram_sizes))  # history changed: redo
+        # A generation's history only grows, so what was indexed stays true: index the new
+        # tokens. A history that is not that (shorter, or another last known token) starts over.
+        seen = len(self.tokens)
+        if len(history) < seen or (seen and history[seen - 1] != self.tokens[-1]):
+            self.__init__(max(self.ngram_sizes), min(self.ngram_sizes))
         self.tokens.extend(history[len(self.tokens) :])
         # Index every n-gram that ends before the last token: the n-gram ending at the last token
         # is what we look up, and its own occurrence must not match itself.
@@ -74,7 +86,9 @@ class LookupDrafter:
                     self.last_seen[n][tuple(self.tokens[end + 1 - n : end + 1])] = end
         self.indexed = max(self.indexed, len(self.tokens) - 1)
 
-    def propose(self, history: Sequence[int], k: int, sampler: Sampler) -> Draft:
+    def propose(
+        self, history: Sequence[int], k: int, sampler: Sampler, settled: int | None = None
+    ) -> Draft:
         self._sync(history)
         tokens = self.tokens
         if k <= 0:
@@ -111,7 +125,8 @@ class ModelDrafter:
     def __init__(self, draft: DraftModel) -> None:
         self.draft = draft
         self.cache: SessionCache = draft.model.new_cache(draft.max_seq_len)
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []  # the tokens whose keys/values the cache holds
+        self.settled = 0  # tokens[:settled] came from final history: never compared again
 
     def _logits(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
         """Run tokens at start_pos..; logits (vocab,) after the last one."""
@@ -122,50 +137,49 @@ class ModelDrafter:
             hidden = model.run_blocks(model.embed(ids), start_pos, self.cache, model.blocks)
             return model.head(hidden[:, -1:])[0, -1]
 
-    def propose(self, history: Sequence[int], k: int, sampler: Sampler) -> Draft:
+    def propose(
+        self, history: Sequence[int], k: int, sampler: Sampler, settled: int | None = None
+    ) -> Draft:
         k = min(k, self.draft.max_seq_len - len(history))
         if k <= 0:
             return Draft()
-        common = 0
-        limit = min(len(self.tokens), len(history) - 1)  # always run at least the last token
-        while common < limit and self.tokens[common] == history[common]:
-            common += 1
-        self.tokens = list(history)
+        common = self._common_prefix(history)
+        del self.tokens[common:]
+        self.tokens.extend(history[common:])
+        self.settled = len(history) if settled is None else settled
         logits = self._logits(history[common:], common)
-        context = list(history)
+        context = sampler.context(history)
         draft = Draft(probs=None if sampler.params.temperature == 0 else [])
         for i in range(k):
-            probs = sampler.distribution(logits, context)
-            if probs is None:
-                token = int(torch.argmax(sampler.adjusted(logits, context)))
-            else:
-                token = int(torch.multinomial(probs, 1, generator=sampler.generator))
+            token, probs = sampler.pick(logits, context)
+            if probs is not None:
                 assert draft.probs is not None
                 draft.probs.append(probs)
             draft.tokens.append(token)
             context.append(token)
             if i + 1 < k:  # the last draft's own logits are not needed
-                logits = self._logits([token], len(context) - 1)
+                logits = self._logits([token], len(history) + i)
                 self.tokens.append(token)
         return draft
 
+    def _common_prefix(self, history: Sequence[int]) -> int:
+        """Positions the cache holds that `history` starts with (at most all but its last
+        token, which always runs). Tokens settled in an earlier call are final, so only the
+        ones after them are compared."""
+        limit = min(len(self.tokens), len(history) - 1)
+        common = min(self.settled, limit)
+        while common < limit and self.tokens[common] == history[common]:
+            common += 1
+        return common
+
 
 def load_draft_model(
-    path: str | Path,
-    target_tokenizer: Any,
-    target_vocab_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_seq_len: int,
+    path: str | Path, target_tokenizer: Any, target_vocab_size: int, compute: Compute
 ) -> DraftModel:
-    """Load a draft model (folder or GGUF) whole; refuse one whose vocabulary differs."""
-    from cake.model.config import LlamaConfig, ModelFolderError
-    from cake.model.gguf import resolve_model_path
-    from cake.model.loader import load_llama
-    from cake.model.tokenizer import load_tokenizer
-
-    folder = resolve_model_path(path)
-    config = LlamaConfig.from_folder(folder)
+    """Load a draft model (folder or GGUF) whole, as the master computes (`compute`: its
+    device, dtype and context, no --quantize); refuse one whose vocabulary differs."""
+    draft = open_model(path)
+    config = draft.config
     fix = (
         "a draft model must use exactly the same tokenizer (e.g. a smaller model of the same "
         "family); or use --draft lookup"
@@ -175,20 +189,13 @@ def load_draft_model(
             f"--draft {path}: its vocabulary has {config.vocab_size} tokens, the model's "
             f"{target_vocab_size}; {fix}"
         )
-    tokenizer = load_tokenizer(folder)
-    if tokenizer.get_vocab() != target_tokenizer.get_vocab():
+    if draft.tokenizer().get_vocab() != target_tokenizer.get_vocab():
         raise ModelFolderError(
             f"--draft {path}: its tokenizer maps tokens to other ids than the model's; {fix}"
         )
-    log.info("loading draft model %s (%d blocks) on %s", folder, config.n_layers, device)
-    model = load_llama(
-        folder,
-        range(config.n_layers),
-        with_embedding=True,
-        with_head=True,
-        dtype=dtype,
-        device=device,
-        max_seq_len=max_seq_len,
-        config=config,
+    log.info(
+        "loading draft model %s (%d blocks) on %s", draft.folder, config.n_layers, compute.device
     )
-    return DraftModel(model, max_seq_len, str(path))
+    whole = Compute(compute.device, compute.dtype, None, compute.max_seq_len)
+    model = draft.load(whole, range(config.n_layers), with_ends=True)
+    return DraftModel(model, compute.max_seq_len, str(path))

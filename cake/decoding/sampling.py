@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -18,18 +17,6 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1.0 = off
     repeat_last_n: int = 64
     seed: int | None = None  # None = a fresh random seed
-
-    @classmethod
-    def from_options(cls, opts: Mapping[str, Any]) -> SamplingParams:
-        """From cake-cli's options (--temperature, --top-k, ...), for the CLI and its chat."""
-        return cls(
-            temperature=opts["temperature"],
-            top_k=opts["top_k"],
-            top_p=opts["top_p"],
-            repeat_penalty=opts["repeat_penalty"],
-            repeat_last_n=opts["repeat_last_n"],
-            seed=opts["seed"],
-        )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -78,7 +65,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class Sampler:
-    """Draws tokens for one generation; the same seed and logits give the same tokens."""
+    """Draws tokens for one generation; the same seed and logits give the same tokens.
+
+    Every draw of cake's (plain decoding, a drafter's guesses, speculative decoding's acceptance
+    and residual draws) goes through these methods, so one seeded generator orders them all.
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -86,11 +77,32 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
-        """logits: (vocab,) for the next position; history: every token so far."""
+        """logits: (vocab,) for the next position; history: every token so far (or at least
+        its last `repeat_last_n`, see `context`)."""
+        return self.pick(logits, history)[0]
+
+    def pick(self, logits: torch.Tensor, history: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+        """The next token, and the distribution (vocab,) it was drawn from (None when greedy)."""
         probs = self.distribution(logits, history)
         if probs is None:
-            return int(torch.argmax(self.adjusted(logits, history)))
+            return int(torch.argmax(self.adjusted(logits, history))), None
+        return self.draw(probs), probs
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token from `probs` (vocab,), which need not sum to one."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accepts(self, p_token: float, q_token: float) -> bool:
+        """Speculative decoding's test: accept a drafted token with probability
+        min(1, p / q), as u * q < p (no division; q = 0 never accepts)."""
+        u = float(torch.rand((), generator=self.generator))
+        return q_token > 0 and u * q_token < p_token
+
+    def context(self, history: Sequence[int]) -> list[int]:
+        """The part of `history` a draw looks at (the repeat penalty's window): a caller that
+        extends a context token by token copies this much, not the whole history."""
+        n = self.params.repeat_last_n
+        return list(history[-n:]) if n else []
 
     def adjusted(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """The logits (vocab,) after the repeat penalty, as float32 on the CPU."""

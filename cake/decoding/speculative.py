@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, overload
 
 import torch
 
@@ -98,20 +98,21 @@ def accept_draft(
     logits: (1 + k, vocab); row i predicts the token after history + draft[:i].
     """
     out: list[int] = []
+    context = sampler.context(history)  # grows with `out`: what each draw looks at
     for i, proposed in enumerate(draft.tokens):
-        context = [*history, *out]
         p = sampler.distribution(logits[i], context)
         if p is None:  # greedy: exactly the pick plain decoding makes here
             choice = sampler(logits[i], context)
             out.append(choice)
+            context.append(choice)
             if choice != proposed:
                 return out
             continue
         q = draft.probs[i] if draft.probs is not None else None
         q_token = float(q[proposed]) if q is not None else 1.0
-        u = float(torch.rand((), generator=sampler.generator))
-        if q_token > 0 and u * q_token < float(p[proposed]):  # u < p/q without dividing
+        if sampler.accepts(float(p[proposed]), q_token):
             out.append(proposed)
+            context.append(proposed)
             continue
         if q is not None:
             residual = torch.clamp(p - q.to(p.dtype), min=0)
@@ -120,10 +121,9 @@ def accept_draft(
             residual[proposed] = 0
         total = float(residual.sum())
         # p == q (or p is all on the rejected token, which then cannot be rejected): draw from p.
-        weights = residual / total if total > 0 else p
-        out.append(int(torch.multinomial(weights, 1, generator=sampler.generator)))
+        out.append(sampler.draw(residual / total if total > 0 else p))
         return out
-    out.append(sampler(logits[len(draft.tokens)], [*history, *out]))
+    out.append(sampler(logits[len(draft.tokens)], context))
     return out
 
 
@@ -285,12 +285,16 @@ class Speculation:
         # (the HTTP API), like the master's own tensor work.
         self.offload = offload
         self.draft_ahead = draft_ahead
-        self.ahead: tuple[list[int], Draft] | None = None  # (the history it assumed, its draft)
+        # The next round's draft made ahead: (the history length it assumed, the tokens that
+        # history ends with, the draft). The generation only appends a round's tokens, so a
+        # history of that length ending so is the one assumed.
+        self.ahead: tuple[int, tuple[int, ...], Draft] | None = None
 
     async def _propose(self, history: Sequence[int], k: int, sampler: Sampler) -> Draft:
+        settled = len(history)  # the generation's own history: every token of it is final
         if self.offload:
-            return await asyncio.to_thread(self.drafter.propose, history, k, sampler)
-        return self.drafter.propose(history, k, sampler)
+            return await asyncio.to_thread(self.drafter.propose, history, k, sampler, settled)
+        return self.drafter.propose(history, k, sampler, settled)
 
     async def round(
         self,
@@ -307,8 +311,8 @@ class Speculation:
         ahead, self.ahead = self.ahead, None
         if k > 0:
             started = time.perf_counter()
-            if ahead is not None and len(ahead[1].tokens) > k and ahead[0] == list(history):
-                full = ahead[1]
+            if ahead is not None and len(ahead[2].tokens) > k and _ends_as(history, ahead):
+                full = ahead[2]
                 stats.drafted_ahead += 1
             else:
                 full = await self._propose(history, k + 1 if ahead_on else k, sampler)
@@ -321,9 +325,9 @@ class Speculation:
         forward = asyncio.ensure_future(verifier.forward([history[-1], *draft.tokens], start_pos))
         drafting: asyncio.Future[Draft] | None = None
         if guess is not None:
-            assumed = [*history, *draft.tokens, guess]
+            assumed = Extended(history, [*draft.tokens, guess])
             drafting = asyncio.ensure_future(
-                asyncio.to_thread(self.drafter.propose, assumed, k + 1, sampler)
+                asyncio.to_thread(self.drafter.propose, assumed, k + 1, sampler, len(history))
             )
         try:
             logits = await forward
@@ -334,10 +338,42 @@ class Speculation:
         tokens = accept_draft(draft, logits, history, sampler)
         accepted = len(tokens) - 1
         if next_draft is not None and tokens == [*draft.tokens, guess]:
-            self.ahead = (assumed, next_draft)
+            self.ahead = (len(history) + len(tokens), tuple(tokens), next_draft)
         if accepted < len(draft.tokens):
             await verifier.rollback(start_pos + 1 + accepted)
         self.controller.record(len(draft.tokens), accepted, 1 + len(draft.tokens), elapsed, draft_s)
         stats.drafted += len(draft.tokens)
         stats.accepted += accepted
         return tokens
+
+
+def _ends_as(history: Sequence[int], ahead: tuple[int, tuple[int, ...], Draft]) -> bool:
+    length, tail, _ = ahead
+    return len(history) == length and tuple(history[length - len(tail) :]) == tail
+
+
+class Extended(Sequence[int]):
+    """`base` followed by `extra`, without copying `base` (a generation's whole history): what
+    a draft made ahead assumes the history will be."""
+
+    def __init__(self, base: Sequence[int], extra: Sequence[int]) -> None:
+        self.base, self.extra = base, list(extra)
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.extra)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        split = len(self.base)
+        return self.base[index] if index < split else self.extra[index - split]

@@ -14,6 +14,7 @@ the other stages again; then it carries on, and the text is the same as without 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,8 +23,9 @@ from typing import TypeVar
 
 import torch
 
-from cake.engine.stages import BatchOutcome, BatchRow, StageTimes
+from cake.engine.stages import StageHealth, StageOutcome, StageRow, StageTimes
 from cake.errors import StagesReplaced, WorkerError, WorkerLost
+from cake.wire.protocol import host_tensor
 from cake.wire.worker_link import WorkerClient
 
 R = TypeVar("R")
@@ -40,11 +42,12 @@ class SessionInputs:
     ~100 tokens after the fault)."""
 
     chunks: list[torch.Tensor] = field(default_factory=list)  # each (1, T_i, C), on the CPU
+    # (the rows as they were sent: RemoteStage.forward copies them to the host once)
     length: int = 0
 
     def add(self, start_pos: int, hidden: torch.Tensor) -> None:
         self.truncate(start_pos)  # a forward at start_pos replaces everything from there on
-        self.chunks.append(hidden.detach().to("cpu"))
+        self.chunks.append(hidden)
         self.length += hidden.shape[1]
 
     def truncate(self, length: int) -> None:
@@ -71,6 +74,7 @@ class RemoteStage:
         self.label = (
             client.node.name if whole else f"{client.node.name}[{blocks.start}-{blocks.stop - 1}]"
         )
+        self.remote = True
         self.inputs: dict[str, SessionInputs] = {}
         self.retired = False  # a re-plan replaced this stage: its requests fail, none retry
 
@@ -91,7 +95,7 @@ class RemoteStage:
             try:
                 if self.retired:
                     raise StagesReplaced(f"{client.label}: the cluster was re-planned")
-                if client.channel is None:
+                if not client.is_up:
                     deadline = deadline or client.retry_deadline(needed_since)
                     await client.ensure_connected(deadline)
                 for session_id, times in sessions:
@@ -118,47 +122,49 @@ class RemoteStage:
                 elif time.monotonic() > deadline:
                     raise client.gave_up(exc) from None
 
-    async def forward(
-        self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
-    ) -> torch.Tensor:
-        inputs = self.inputs.setdefault(session_id, SessionInputs())
-        result, elapsed = await self._send(
-            [(session_id, times)],
-            lambda: self.client.forward(session_id, start_pos, self.blocks, hidden),
-        )
-        compute = result.compute_us / 1e6
-        times.round_trips += 1
-        times.compute_s += compute
-        times.wire_s += max(elapsed - compute, 0.0)
-        inputs.add(start_pos, hidden)
-        return result.hidden.to(device=hidden.device, dtype=hidden.dtype)
-
-    async def forward_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> BatchOutcome:
-        """One round trip for every row's session (the worker runs them as one batch); a
-        session the worker refuses fails alone. Worker loss: reconnect, replay each session of
-        the batch, send the batch again."""
+    async def forward(self, rows: Sequence[StageRow], hidden: torch.Tensor) -> StageOutcome:
+        """One round trip for every row's session (the worker runs them as one pass); a session
+        the worker refuses fails alone. Worker loss: reconnect, replay each session of the step,
+        send the step again."""
         client = self.client
-        result, elapsed = await self._send(
-            [(row.session_id, row.times) for row in rows],
-            lambda: client.forward_batch(rows, self.blocks, hidden),
-        )
-        compute = result.compute_us / 1e6
-        failed: dict[int, Exception] = {
-            index: WorkerError(
-                f"{client.label} refused session {rows[index].session_id[:8]}: {why}"
+        # The one copy to the host: the frame is encoded from it and the replay log keeps it.
+        sent = host_tensor(hidden.detach())
+        if len(rows) == 1:
+            only = rows[0]
+            result, elapsed = await self._send(
+                [(only.session_id, only.times)],
+                lambda: client.forward(only.session_id, only.start_pos, self.blocks, sent),
             )
-            for index, why in zip(result.failed, result.errors, strict=True)
-        }
+            failed: dict[int, Exception] = {}
+        else:
+            result, elapsed = await self._send(
+                [(row.session_id, row.times) for row in rows],
+                lambda: client.forward_batch(
+                    tuple(row.session_id for row in rows),
+                    tuple(row.start_pos for row in rows),
+                    tuple(row.length for row in rows),
+                    self.blocks,
+                    sent,
+                ),
+            )
+            failed = {
+                index: WorkerError(
+                    f"{client.label} refused session {rows[index].session_id[:8]}: {why}"
+                )
+                for index, why in zip(result.failed, result.errors, strict=True)
+            }
+        compute = result.compute_us / 1e6
+        wire = max(elapsed - compute, 0.0)
         offset = 0
         for index, row in enumerate(rows):
             row.times.round_trips += 1
             row.times.compute_s += compute
-            row.times.wire_s += max(elapsed - compute, 0.0)
+            row.times.wire_s += wire
             if index not in failed:
                 inputs = self.inputs.setdefault(row.session_id, SessionInputs())
-                inputs.add(row.start_pos, hidden[:, offset : offset + row.length])
+                inputs.add(row.start_pos, sent[:, offset : offset + row.length])
             offset += row.length
-        return BatchOutcome(result.hidden.to(device=hidden.device, dtype=hidden.dtype), failed)
+        return StageOutcome(result.hidden.to(device=hidden.device, dtype=hidden.dtype), failed)
 
     async def _replay(self, session_id: str, inputs: SessionInputs, times: StageTimes) -> None:
         """Rebuild this session's caches on a reconnected worker from the inputs it had seen,
@@ -195,6 +201,17 @@ class RemoteStage:
     async def close(self) -> None:
         self.inputs.clear()
         await self.client.close()
+
+    async def health(self) -> StageHealth:
+        """Up when connected; a lost worker gets one reconnection attempt here, since only a
+        generation that needs a worker reconnects it, and a health check that never did would
+        report a restarted worker as down forever."""
+        client = self.client
+        if not client.is_up:
+            with contextlib.suppress(WorkerError):
+                await client.ensure_connected(deadline=time.monotonic())
+        node = client.node
+        return StageHealth(self.label, self.blocks, client.is_up, node.name, node.address)
 
     async def retire(self) -> None:
         """A re-plan replaces this stage: requests in flight end with StagesReplaced, and the

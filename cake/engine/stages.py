@@ -8,7 +8,6 @@ on each worker's).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,10 +15,9 @@ from typing import Protocol
 
 import torch
 
-from cake.engine.sessions import Session, SessionStore
+from cake.engine.block_runner import BlockRunner, Claim
+from cake.engine.compute import MasterCompute
 from cake.errors import CakeError
-from cake.model.kv_cache import Segment
-from cake.model.llama import Llama
 
 
 @dataclass
@@ -31,9 +29,9 @@ class StageTimes:
     round_trips: int = 0
 
 
-@dataclass
-class BatchRow:
-    """One session's rows in a batched step through a stage."""
+@dataclass(frozen=True)
+class StageRow:
+    """One session's positions in a step through a stage: rows of the step's hidden states."""
 
     session_id: str
     start_pos: int
@@ -42,25 +40,37 @@ class BatchRow:
 
 
 @dataclass
-class BatchOutcome:
-    """What a stage gives back for a batched step: the rows of every session that did not fail
-    (in order), and the sessions (by row index) that failed, with why."""
+class StageOutcome:
+    """What a stage gives back for a step: the rows of every session that did not fail (in
+    order), and the sessions (by row index) that failed, with why."""
 
     hidden: torch.Tensor  # (1, rows of the sessions that went through, C)
     failed: dict[int, Exception] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StageHealth:
+    """Whether a stage can serve now, as the API's /health reports it."""
+
+    label: str
+    blocks: range
+    up: bool
+    worker: str | None = None  # a remote stage's worker name and address
+    address: str | None = None
+
+
 class Stage(Protocol):
+    """Consecutive blocks run in one go, here or on a worker: everything the engine's callers
+    need to know of a stage, so that none of them asks for a concrete class."""
+
     label: str  # "master" or the worker's name
     blocks: range
+    remote: bool  # a worker runs it: each step costs a round trip
 
-    async def forward(
-        self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
-    ) -> torch.Tensor: ...
-
-    async def forward_batch(
-        self, rows: Sequence[BatchRow], hidden: torch.Tensor
-    ) -> BatchOutcome: ...
+    async def forward(self, rows: Sequence[StageRow], hidden: torch.Tensor) -> StageOutcome:
+        """Every row's session in one pass: hidden (1, sum of lengths, C). A session the stage
+        refuses (budget, context) fails alone; the others go through."""
+        ...
 
     async def rollback(self, session_id: str, length: int) -> None:
         """Keep positions 0..length-1 of the session only (speculative decoding's rejected
@@ -69,107 +79,86 @@ class Stage(Protocol):
 
     async def close_session(self, session_id: str) -> None: ...
 
+    async def health(self) -> StageHealth: ...
+
+    async def retire(self) -> None:
+        """A re-plan replaces this stage: what is in flight ends with StagesReplaced, and its
+        resources go (a worker's connection closes, so the worker can take a new assignment)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class LocalStage:
-    """Blocks that run in the master's own process; their KV caches live in the master's store.
+    """Blocks that run in the master's own process, through the part's block runner; their KV
+    caches live in the master's store.
 
     Sessions are keyed (first block, session id), so two local runs of one generation (the
     first and the last blocks, say) hold separate caches in the one store.
     """
 
-    def __init__(
-        self, model: Llama, blocks: range, store: SessionStore, offload: bool = False
-    ) -> None:
+    def __init__(self, runner: BlockRunner, blocks: range, compute: MasterCompute) -> None:
         self.label = "master"
-        self.model = model
+        self.remote = False
+        self.runner = runner
         self.blocks = blocks
-        self.store = store
-        # With several sessions at once (the HTTP API), tensor work runs in a thread so the
-        # event loop keeps serving; a single CLI generation runs it inline (no thread hop).
-        self.offload = offload
+        self.compute = compute  # inline, or on a thread when many sessions share the master
 
     def _key(self, session_id: str) -> tuple[int, str]:
         return (self.blocks.start, session_id)
 
-    def _run(self, session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model.run_blocks(hidden, start_pos, session.caches, self.blocks)
-
-    async def forward(
-        self, session_id: str, hidden: torch.Tensor, start_pos: int, times: StageTimes
-    ) -> torch.Tensor:
+    async def forward(self, rows: Sequence[StageRow], hidden: torch.Tensor) -> StageOutcome:
         started = time.perf_counter()
-        key = self._key(session_id)
-        session = self.store.get(key) or self.store.open(key, self.blocks)
-        self.store.claim(session, start_pos, hidden.shape[1])  # a start before the end rolls back
-        try:
-            if self.offload:
-                out = await asyncio.to_thread(self._run, session, hidden, start_pos)
-            else:
-                out = self._run(session, hidden, start_pos)
-        finally:
-            self.store.release(session)
-        times.compute_s += time.perf_counter() - started
-        return out
-
-    async def rollback(self, session_id: str, length: int) -> None:
-        """Forget positions >= length of this session (see SessionStore.rollback)."""
-        session = self.store.get(self._key(session_id))
-        if session is not None:
-            self.store.rollback(session, length)
-
-    def _run_batch(
-        self, sessions: Sequence[Session], rows: Sequence[BatchRow], hidden: torch.Tensor
-    ) -> torch.Tensor:
-        segments, offset = [], 0
-        for session, row in zip(sessions, rows, strict=True):
-            segments.append(Segment(session.caches, row.start_pos, offset, row.length))
-            offset += row.length
-        with torch.inference_mode():
-            return self.model.run_segments(hidden, segments, self.blocks)
-
-    async def forward_batch(self, rows: Sequence[BatchRow], hidden: torch.Tensor) -> BatchOutcome:
-        """Every row's session in one pass; a session the store refuses (budget, context)
-        fails alone and the others go through."""
-        started = time.perf_counter()
-        sessions: list[Session] = []
-        kept: list[BatchRow] = []
+        claims: list[Claim] = []
+        kept: list[StageRow] = []
         pieces: list[torch.Tensor] = []
         failed: dict[int, Exception] = {}
         offset = 0
         for index, row in enumerate(rows):
-            key = self._key(row.session_id)
             try:
-                session = self.store.get(key) or self.store.open(key, self.blocks)
-                self.store.claim(session, row.start_pos, row.length)
+                claim = self.runner.admit(
+                    self._key(row.session_id),
+                    row.start_pos,
+                    row.length,
+                    self.blocks,
+                    row.session_id[:8],
+                    opens_for=self.blocks,
+                )
             except CakeError as exc:  # the store's refusal of this session
                 failed[index] = exc
             else:
-                sessions.append(session)
+                claims.append(claim)
                 kept.append(row)
                 pieces.append(hidden[:, offset : offset + row.length])
             offset += row.length
         if not kept:
-            return BatchOutcome(hidden[:, :0], failed)
+            return StageOutcome(hidden[:, :0], failed)
         if failed:
             hidden = torch.cat(pieces, dim=1)
         try:
-            if self.offload:
-                out = await asyncio.to_thread(self._run_batch, sessions, kept, hidden)
-            else:
-                out = self._run_batch(sessions, kept, hidden)
+            out = await self.compute(self.runner.run, hidden, claims, self.blocks)
         finally:
-            for session in sessions:
-                self.store.release(session)
+            self.runner.release(claims)
         elapsed = time.perf_counter() - started
         for row in kept:
             row.times.compute_s += elapsed
-        return BatchOutcome(out, failed)
+        return StageOutcome(out, failed)
+
+    async def rollback(self, session_id: str, length: int) -> None:
+        """Forget positions >= length of this session (see SessionStore.rollback)."""
+        store = self.runner.store
+        session = store.get(self._key(session_id))
+        if session is not None:
+            store.rollback(session, length)
 
     async def close_session(self, session_id: str) -> None:
-        self.store.close(self._key(session_id))
+        self.runner.store.close(self._key(session_id))
+
+    async def health(self) -> StageHealth:
+        return StageHealth(self.label, self.blocks, up=True)
+
+    async def retire(self) -> None:
+        await self.close()  # the master's own caches of these blocks go
 
     async def close(self) -> None:
-        self.store.close_where(lambda key: key[0] == self.blocks.start)
+        self.runner.store.close_where(lambda key: key[0] == self.blocks.start)

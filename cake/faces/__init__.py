@@ -1,1 +1,2 @@
-"""What people talk to: the OpenAI-compatible HTTP API, the chat page, the terminal chat, the generated text on stdout, the demo."""
+"""What people talk to: the OpenAI-compatible HTTP API, the chat page, the terminal chat, the
+generated text on stdout, and the demo."""

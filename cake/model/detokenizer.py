@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Token ids back to text as they stream: pieces whose concatenation is exactly the whole
+decode, held back where a later token can still change them, cut before a stop string."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ from typing import BinaryIO, ClassVar
 import numpy as np
 import torch
 
-from cake.model.config import ModelFolderError
+from cake.errors import ModelFolderError
 from cake.model.quant import CHUNK_ROWS, KERNEL_DTYPE, QuantizedTensor, pack_nibbles, quantize
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The KV cache of one block of one session, grown in pages; a session's caches by block; and
+the segment of a batched step that one session's rows are."""
 
 from __future__ import annotations
 

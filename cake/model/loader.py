@@ -12,11 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cake.errors import ModelFolderError
 from cake.host.devices import compute_dtype
 from cake.host.memory import release_free_memory
 from cake.host.progress import progress
 from cake.model.checkpoint import head_source, open_checkpoint
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.model.config import LlamaConfig
 from cake.model.llama import (
     EMBEDDING,
     FINAL_NORM,

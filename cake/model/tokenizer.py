@@ -7,7 +7,8 @@ import logging
 import os
 from typing import Any
 
-from cake.model.config import LlamaConfig, ModelFolderError
+from cake.errors import ModelFolderError
+from cake.model.config import LlamaConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,16 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
-
-import torch
+from collections.abc import Iterator
+from typing import Protocol
 
 from cake.errors import CakeError, Code
-from cake.topology import format_blocks
 from cake.wire.handshake import answer_hello, greet_master
 from cake.wire.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
-    BatchResult,
     CloseSession,
     ErrorMessage,
     Forward,
@@ -37,13 +34,9 @@ from cake.wire.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    Result,
-    session_frame_limit,
+    Welcome,
 )
 from cake.wire.transport import Link, LinkError
-
-if TYPE_CHECKING:
-    from cake.worker import Session, Worker
 
 log = logging.getLogger("cake.worker")
 
@@ -51,8 +44,46 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_UNAUTHENTICATED = 16  # connections still in their handshake, at once
 
 
+class Requests(Protocol):
+    async def accept(
+        self, conn: int, link: Link, request: Forward | ForwardBatch, tasks: set[asyncio.Task]
+    ) -> None:
+        """Check a forward now, in wire order; compute and answer it as a task in `tasks`."""
+        ...
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs of the worker it reaches (cake/worker.py)."""
+
+    name: str
+    cluster_key: bytes | None
+    idle_timeout: float
+    links: set[Link]  # every open connection, to close them all on shutdown
+    unauthenticated: int  # connections still in their handshake
+    connection_ids: Iterator[int]
+    requests: Requests
+
+    @property
+    def session_frame_bytes(self) -> int:
+        """A session's largest frame: a full context of hidden states (after the handshake)."""
+        ...
+
+    @property
+    def max_tensor_elements(self) -> int:
+        """A tensor larger than a full context of hidden states is never legitimate."""
+        ...
+
+    def welcome(self) -> Welcome: ...
+
+    def close_session(self, conn: int, session_id: str) -> None: ...
+
+    def drop_connection(self, conn: int) -> None:
+        """The connection ended: its sessions' caches go with it."""
+        ...
+
+
 async def serve_connection(
-    worker: Worker,
+    worker: ConnectionHost,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     accepted: tuple[Link, Hello] | None = None,
@@ -63,8 +94,7 @@ async def serve_connection(
     conn = next(worker.connection_ids)
     address = writer.get_extra_info("peername")
     peer = f"{address[0]}:{address[1]}" if address else "peer"
-    # A tensor larger than a full context of hidden states is never legitimate.
-    max_elements = worker.max_seq_len * worker.config.hidden_size
+    max_elements = worker.max_tensor_elements
     if accepted is not None:
         link = accepted[0]
         link.max_tensor_elements = max_elements
@@ -81,7 +111,7 @@ async def serve_connection(
     try:
         if accepted is not None:
             hello = await answer_hello(link, accepted[1], worker.welcome())
-            link.set_frame_limit(session_frame_limit(worker.config.hidden_size, worker.max_seq_len))
+            link.set_frame_limit(worker.session_frame_bytes)
             log.info("master %r connected from %s (assigned by it)", hello.master, peer)
             await _serve_requests(worker, conn, link, tasks)
             return
@@ -107,7 +137,7 @@ async def serve_connection(
             )
         finally:
             worker.unauthenticated -= 1
-        link.set_frame_limit(session_frame_limit(worker.config.hidden_size, worker.max_seq_len))
+        link.set_frame_limit(worker.session_frame_bytes)
         log.info("master %r connected from %s", hello.master, peer)
         await _serve_requests(worker, conn, link, tasks)
     except CakeError as exc:  # a refusal in the handshake, or a ProtocolError at any time
@@ -135,139 +165,19 @@ async def serve_connection(
         await link.wait_closed()
 
 
-async def _serve_requests(worker: Worker, conn: int, link: Link, tasks: set[asyncio.Task]) -> None:
+async def _serve_requests(
+    host: ConnectionHost, conn: int, link: Link, tasks: set[asyncio.Task]
+) -> None:
     while True:
-        message = await link.recv(timeout=worker.idle_timeout)
-        if isinstance(message, Forward):
-            # Checked here, in wire order (a close_session right behind a forward must not
-            # overtake it); only the tensor work runs as a task.
-            try:
-                session = worker.check_request(conn, message)
-            except CakeError as exc:  # a refusal of this request alone
-                log.warning("request %d from %s: %s", message.id, link.peer, exc)
-                await link.send(ErrorMessage(message=str(exc), code=exc.code.value, id=message.id))
-                continue
-            except Exception as exc:  # e.g. no memory for a new session's caches
-                await link.send(request_failure(worker, message, exc, "allocating the caches of"))
-                continue
-            task = asyncio.create_task(_compute(worker, link, session, message))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        elif isinstance(message, ForwardBatch):
-            try:
-                rows, refused = worker.check_batch(conn, message)
-            except CakeError as exc:  # the blocks or the width: every session alike
-                log.warning("request %d from %s: %s", message.id, link.peer, exc)
-                await link.send(ErrorMessage(message=str(exc), code=exc.code.value, id=message.id))
-                continue
-            task = asyncio.create_task(_compute_batch(worker, link, message, rows, refused))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        message = await link.recv(timeout=host.idle_timeout)
+        if isinstance(message, Forward | ForwardBatch):
+            await host.requests.accept(conn, link, message, tasks)
         elif isinstance(message, CloseSession):
-            worker.close_session(conn, message.session)
+            host.close_session(conn, message.session)
         elif isinstance(message, Ping):
             await link.send(Pong(id=message.id))
         else:
             raise ProtocolError(f"a master does not send {type(message).__name__!r}")
-
-
-async def _compute(worker: Worker, link: Link, session: Session, request: Forward) -> None:
-    """Run one checked forward on the compute thread and answer it, result or error."""
-    try:
-        try:
-            async with session.lock:
-                hidden, compute_us = await worker.run_forward(
-                    lambda: worker.run_request(session, request), request.hidden.shape[1]
-                )
-        finally:
-            worker.store.release(session)  # the store may evict or close it again
-        reply: Result | ErrorMessage = Result(id=request.id, hidden=hidden, compute_us=compute_us)
-    except Exception as exc:  # a failure of ours: say so for this request, keep serving
-        reply = request_failure(worker, request, exc, "computing")
-    with contextlib.suppress(LinkError):
-        await link.send(reply)
-
-
-async def _compute_batch(
-    worker: Worker,
-    link: Link,
-    request: ForwardBatch,
-    rows: list[tuple[int, Session]],
-    refused: list[tuple[int, CakeError]],
-) -> None:
-    """Run the checked sessions of a batched forward as one pass and answer with their rows;
-    the refused ones are named in the reply, the others computed."""
-    try:
-        try:
-            async with contextlib.AsyncExitStack() as locks:
-                for _, session in rows:  # distinct sessions: ForwardBatch checks it
-                    await locks.enter_async_context(session.lock)
-                hidden, compute_us = await worker.run_forward(
-                    lambda: worker.run_batch(request, rows), request.hidden.shape[1]
-                )
-        finally:
-            for _, session in rows:
-                worker.store.release(session)
-        reply: BatchResult | ErrorMessage = BatchResult(
-            id=request.id,
-            hidden=hidden,
-            failed=tuple(index for index, _ in refused),
-            codes=tuple(exc.code.value for _, exc in refused),
-            errors=tuple(str(exc) for _, exc in refused),
-            compute_us=compute_us,
-        )
-    except Exception as exc:  # a failure of ours: say so for this request, keep serving
-        reply = request_failure(worker, request, exc, "computing")
-    with contextlib.suppress(LinkError):
-        await link.send(reply)
-
-
-def request_failure(
-    worker: Worker, request: Forward | ForwardBatch, exc: BaseException, doing: str
-) -> ErrorMessage:
-    """The error reply for a request whose handling failed here: for that request only.
-
-    Out of memory names the worker and what did not fit; anything else is logged with its
-    traceback (it is a bug or a broken device) and reported by its message.
-    """
-    positions = request.hidden.shape[1]
-    if isinstance(request, ForwardBatch):
-        whose = f"{len(request.sessions)} sessions"
-    else:
-        whose = f"session {request.session[:8]} at {request.start_pos}.."
-    what = f"{positions} position(s) of {whose} through blocks {format_blocks(request.blocks)}"
-    if is_out_of_memory(exc):
-        log.error("request %d: out of memory %s %s: %s", request.id, doing, what, exc)
-        return ErrorMessage(
-            message=f"worker {worker.name} ran out of memory on {worker.device} {doing} "
-            f"{what}: {_first_line(exc)}; free memory there, lower --max-sessions or "
-            "--max-seq-len, or move blocks to another worker",
-            code=Code.OUT_OF_MEMORY.value,
-            id=request.id,
-        )
-    log.error("request %d failed %s (%s)", request.id, doing, what, exc_info=exc)
-    return ErrorMessage(
-        message=f"worker {worker.name} failed {doing} {what}: {_first_line(exc)}",
-        code=Code.INTERNAL.value,
-        id=request.id,
-    )
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    if isinstance(exc, oom_type):
-        return True
-    text = str(exc)  # CPU and MPS allocators raise RuntimeError with these words
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 async def _try_send(link: Link, message: ErrorMessage) -> None:

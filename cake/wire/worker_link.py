@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
-from cake.engine.stages import BatchRow
 from cake.errors import WorkerError, WorkerGone, WorkerLost
 from cake.topology import Node, format_blocks
 from cake.wire.channel import Channel
@@ -207,7 +206,12 @@ class WorkerClient:
         return reply
 
     async def forward_batch(
-        self, rows: Sequence[BatchRow], blocks: range, hidden: torch.Tensor
+        self,
+        sessions: tuple[str, ...],
+        start_positions: tuple[int, ...],
+        lengths: tuple[int, ...],
+        blocks: range,
+        hidden: torch.Tensor,
     ) -> BatchResult:
         """One frame for several sessions' rows through `blocks` (see ForwardBatch): the
         worker refuses a session alone, in the reply's `failed`."""
@@ -215,9 +219,9 @@ class WorkerClient:
         def request(request_id: int) -> ForwardBatch:
             return ForwardBatch(
                 id=request_id,
-                sessions=tuple(row.session_id for row in rows),
-                start_positions=tuple(row.start_pos for row in rows),
-                lengths=tuple(row.length for row in rows),
+                sessions=sessions,
+                start_positions=start_positions,
+                lengths=lengths,
                 blocks=tuple(blocks),
                 hidden=hidden,
             )

@@ -11,11 +11,19 @@
 from cake.faces.api.errors import ApiError
 from cake.faces.api.routes import create_app
 from cake.faces.api.schemas import ApiDefaults
-from cake.faces.api.server import api_address, listen, model_id, serve_api, server_for
+from cake.faces.api.server import (
+    ApiSettings,
+    api_address,
+    listen,
+    model_id,
+    serve_api,
+    server_for,
+)
 
 __all__ = [
     "ApiDefaults",
     "ApiError",
+    "ApiSettings",
     "api_address",
     "create_app",
     "listen",

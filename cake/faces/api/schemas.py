@@ -145,17 +145,6 @@ class ApiDefaults:
     seed: int | None = None
     ignore_eos: bool = False
 
-    @classmethod
-    def from_options(cls, opts: dict) -> ApiDefaults:
-        return cls(
-            max_tokens=opts.get("sample_len") or cls.max_tokens,
-            top_k=opts.get("top_k"),
-            repeat_penalty=opts.get("repeat_penalty") or cls.repeat_penalty,
-            repeat_last_n=opts.get("repeat_last_n", cls.repeat_last_n),
-            seed=opts.get("seed"),
-            ignore_eos=bool(opts.get("ignore_eos")),
-        )
-
     def sampling(self, request: GenerationRequest) -> SamplingParams:
         temperature = request.temperature
         try:

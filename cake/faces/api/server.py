@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
-from cake.engine.remote_stage import RemoteStage
 from cake.faces.api.routes import create_app
 from cake.faces.api.schemas import ApiDefaults
 from cake.host.network import listen_socket
-from cake.master import Master
+from cake.master import Master, MasterSettings
 from cake.topology import parse_address
 
 log = logging.getLogger("cake.faces.api")
@@ -47,25 +47,33 @@ def server_for(app: FastAPI) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-async def serve_api(opts: dict) -> None:
-    """`cake-cli --api HOST:PORT`: open the master, serve the API until SIGINT or SIGTERM."""
-    host, port = api_address(opts["api_address"])
+@dataclass(frozen=True)
+class ApiSettings:
+    """`cake-cli --api`: where to listen and what requests get."""
+
+    address: str  # --api HOST:PORT (port 0: any free port)
+    model_name: str  # the id clients name the model by
+    api_key: str | None = None
+    max_concurrent: int = 8
+    defaults: ApiDefaults = field(default_factory=ApiDefaults)
+
+
+async def serve_api(master_settings: MasterSettings, api: ApiSettings) -> None:
+    """Open the master (serving many sessions: see MasterSettings.serving), serve the API
+    until SIGINT or SIGTERM."""
+    host, port = api_address(api.address)
     sock = listen(host, port)
     try:
-        # several sessions at once: local tensor work off the event loop
-        master = await Master.from_options(opts, offload=True)
+        master = await Master.open(master_settings)
     except BaseException:
         sock.close()
         raise
-    if opts.get("batching", True):  # concurrent requests share steps (cake/decoding/scheduler.py)
-        remote = sum(isinstance(stage, RemoteStage) for stage in master.stages)
-        master.enable_batching(groups=opts.get("batch_groups") or max(remote, 1))
     app = create_app(
         master,
-        model_name=model_id(opts["model"]),
-        api_key=opts["api_key"],
-        max_concurrent=opts["max_concurrent"],
-        defaults=ApiDefaults.from_options(opts),
+        model_name=api.model_name,
+        api_key=api.api_key,
+        max_concurrent=api.max_concurrent,
+        defaults=api.defaults,
     )
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

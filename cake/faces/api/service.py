@@ -12,7 +12,6 @@ the session everywhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +20,10 @@ from typing import Any, TypeVar
 
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.speculative import DraftSettings, request_draft
-from cake.engine.remote_stage import RemoteStage
-from cake.errors import WorkerError
+from cake.decoding.stats import GenerationStats
 from cake.faces.api.errors import ApiError, generation_error
 from cake.faces.api.schemas import ApiDefaults, GenerationRequest
-from cake.master import GenerationStats, Master
+from cake.master import Master
 from cake.model.detokenizer import StreamDecoder
 from cake.model.tokenizer import encode_chat
 
@@ -212,7 +210,7 @@ class Service:
         """The request's speculative decoding (cake_draft, cake_draft_tokens), or the server's."""
         try:
             return request_draft(
-                self.master.draft,
+                self.master.drafting,
                 request.cake_draft,
                 request.cake_draft_tokens,
                 self.master.draft_model is not None,
@@ -266,28 +264,17 @@ class Service:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
-        """Every stage and whether it is reachable now. A worker whose connection is gone gets
-        one reconnection attempt here: generations only reconnect when they need the worker,
-        and a health check that never did would report a restarted worker as down forever."""
+        """Every stage and whether it can serve now (a lost worker gets one reconnection
+        attempt: see Stage.health)."""
         stages = []
-        for stage in self.master.stages:
-            blocks = f"{stage.blocks.start}-{stage.blocks.stop - 1}"
-            if not isinstance(stage, RemoteStage):
-                stages.append({"stage": stage.label, "blocks": blocks, "connected": True})
-                continue
-            client = stage.client
-            if not client.is_up:
-                with contextlib.suppress(WorkerError):
-                    await client.ensure_connected(deadline=time.monotonic())
-            stages.append(
-                {
-                    "stage": stage.label,
-                    "blocks": blocks,
-                    "worker": client.node.name,
-                    "address": client.node.address,
-                    "connected": client.is_up,
-                }
-            )
+        for health in await self.master.health():
+            stage: dict[str, Any] = {
+                "stage": health.label,
+                "blocks": f"{health.blocks.start}-{health.blocks.stop - 1}",
+            }
+            if health.worker is not None:
+                stage |= {"worker": health.worker, "address": health.address}
+            stages.append(stage | {"connected": health.up})
         ok = all(stage["connected"] for stage in stages)
         return ok, {
             "status": "ok" if ok else "unavailable",

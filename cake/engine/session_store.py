@@ -1,8 +1,8 @@
 """The session store: the one place in a process (master or worker) where sessions live.
 
 A session is one sequence of one master (a generation, a perplexity window). For the blocks this
-process runs, it owns the session's KV caches (`cake.model.kv_cache.KVCache`, one per block), and this
-store owns every session's lifetime:
+process runs, it owns the session's KV caches (`cake.model.kv_cache.KVCache`, one per block),
+and this store owns every session's lifetime in this process:
 
 * **open** lazily, on the session's first positions;
 * **claim** the positions a forward writes: checks they follow on from what the session holds,
@@ -171,6 +171,56 @@ class SessionStore:
             caches = self.model.new_cache(self.max_seq_len, run, page=self.page)
             session = self._sessions[key] = Session(key, run, caches)
             return session
+
+    def admit(
+        self,
+        key: Hashable,
+        start_pos: int,
+        length: int,
+        blocks: Sequence[int],
+        label: str,
+        opens_for: Sequence[int] | None = None,
+    ) -> Session:
+        """The session of one row, positions start_pos..start_pos+length-1 through `blocks`:
+        opened if new (for `opens_for`, default all of this store's blocks), claimed (release it
+        after the compute), or a CakeError that refuses this row only. `label` names the
+        session in messages."""
+        if length == 0:
+            raise CakeError(Code.BAD_SHAPE, "hidden states hold no positions (T = 0)")
+        session = self.get(key)
+        if session is None and start_pos > 0:
+            evicted = (
+                f", evicted after idling {self.idle_timeout_s:g}s"
+                if self.idle_timeout_s is not None
+                else ""
+            )
+            raise CakeError(
+                Code.UNKNOWN_SESSION,
+                f"session {label} is unknown to {self.owner} (a new session starts at position "
+                f"0); it was closed{evicted}, or the worker restarted",
+            )
+        if session is not None:
+            behind = [b for b in blocks if session.block_ends.get(b, 0) < start_pos]
+            if behind:  # those caches hold nothing at the positions this forward attends to
+                raise CakeError(
+                    Code.BAD_POSITION,
+                    f"start_pos {start_pos} skips positions of session {label} in block(s) "
+                    f"{behind}: they hold {[session.block_ends.get(b, 0) for b in behind]}",
+                )
+        opened = session is None
+        try:
+            if session is None:
+                session = self.open(key, opens_for)
+            # Reserves the positions now, so the next step's check (which may come before
+            # this one's compute ends) sees them; a start before the end rolls back first.
+            self.claim(session, start_pos, length)
+        except CakeError as exc:  # budget, context, session count
+            if opened and session is not None:
+                self.close(key)
+            raise CakeError(exc.code, f"session {label}: {exc}") from None
+        for block in blocks:
+            session.block_ends[block] = start_pos + length
+        return session
 
     def claim(self, session: Session, start_pos: int, n_positions: int) -> None:
         """Positions start_pos..start_pos+n_positions-1 are about to be written.

@@ -1,0 +1,209 @@
+"""The generate loop: prefill, then decode steps (or speculative rounds) until a stop.
+
+Each step is a short function, so the loop reads as the list of what happens:
+
+    prefill(session, prompt)                    the prompt's positions; logits of the last
+    decode_one_token(session, token, pos)       one position; its logits
+    speculative_round(session, ...)             one position plus drafted ones, verified at once
+    Generator.generate(...)                     the loop: sample, yield, stop, next step
+
+Every forward goes through the session (cake/engine/session.py), so through the one step
+scheduler: a generation's steps are batched with whatever else the master runs, and a
+verification row carries its drafted positions like any other row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cake.decoding.draft import Drafter, DraftModel, LookupDrafter
+from cake.decoding.sampling import Sampler, SamplingParams
+from cake.decoding.speculative import DraftController, DraftSettings, Speculation
+from cake.decoding.stats import GenerationStats
+from cake.engine.compute import MasterCompute
+from cake.engine.scheduler import StepScheduler
+from cake.engine.session import Output, Session
+from cake.errors import ContextError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a caller asks of a generation, besides its prompt (the CLI's -n, --ignore-eos and
+    sampling options, once for every turn of a chat)."""
+
+    params: SamplingParams
+    max_new_tokens: int
+    ignore_eos: bool = False
+
+
+async def prefill(session: Session, prompt_ids: Sequence[int]) -> torch.Tensor:
+    """The prompt at positions 0..; logits (vocab,) after its last token."""
+    return await session.forward(prompt_ids, 0)
+
+
+async def decode_one_token(session: Session, token: int, position: int) -> torch.Tensor:
+    """`token` at `position`; logits (vocab,) for the position after it."""
+    return await session.forward([token], position)
+
+
+class _Verifier:
+    """What a speculative round needs of the session: every position's logits, and rollback."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def forward(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
+        return await self.session.forward(tokens, start_pos, Output.ALL_LOGITS)
+
+    async def rollback(self, length: int) -> None:
+        await self.session.rollback(length)
+
+
+async def speculative_round(
+    session: Session,
+    speculation: Speculation,
+    history: Sequence[int],
+    sampler: Sampler,
+    budget: int,
+    stats: GenerationStats,
+) -> list[int]:
+    """history[-1] plus up to `budget` drafted tokens in one forward; the 1..budget + 1 tokens
+    chosen (accepted drafts, then the model's own), all but the last already in the caches."""
+    return await speculation.round(_Verifier(session), history, sampler, budget, stats)
+
+
+class Generator:
+    """Tokens from a model's logits, for every caller of one master (CLI, API, chat)."""
+
+    def __init__(
+        self,
+        scheduler: StepScheduler,
+        stop_ids: Collection[int],
+        max_seq_len: int,
+        trained_positions: int,
+        compute: MasterCompute,
+        drafting: DraftSettings,
+        draft_model: DraftModel | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.stop_ids = frozenset(stop_ids)
+        self.max_seq_len = max_seq_len
+        self.trained_positions = trained_positions  # for the context error's hint
+        self.compute = compute
+        self.drafting = drafting  # what a generation drafts with unless told otherwise
+        self.draft_model = draft_model
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        stats: GenerationStats | None = None,
+        draft: DraftSettings | None = None,
+    ) -> AsyncIterator[int]:
+        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit.
+
+        `draft` (default: the master's) turns on speculative decoding: same greedy text, same
+        sampling distribution, fewer round trips (see cake/decoding/speculative.py).
+        """
+        stats = stats if stats is not None else GenerationStats()
+        speculation = self._speculation(draft or self.drafting)
+        self._check_prompt(prompt_ids)
+        session = self.scheduler.open_session()
+        stats.stages = session.stage_times
+        stats.prompt_tokens = len(prompt_ids)
+        stats.finish_reason = "length"
+        sampler = Sampler(params)
+        history = list(prompt_ids)
+        try:
+            started = time.perf_counter()
+            logits = await prefill(session, prompt_ids)
+            stats.prefill_s = time.perf_counter() - started
+            if speculation is not None:
+                speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
+            started = time.perf_counter()
+            pending = [await self._sample(sampler, logits, history)]  # chosen, not yet yielded
+            while pending:
+                token = pending.pop(0)
+                if token in self.stop_ids and not ignore_eos:
+                    stats.finish_reason = "stop"
+                    break
+                history.append(token)
+                stats.new_tokens += 1
+                yield token
+                if self._at_limit(history, stats, max_new_tokens):
+                    break
+                if pending:  # accepted drafts: already in every stage's caches
+                    continue
+                budget = min(max_new_tokens - stats.new_tokens - 1, self.max_seq_len - len(history))
+                pending = await self._next_tokens(
+                    session, sampler, speculation, history, budget, stats
+                )
+                stats.decode_steps += 1
+                stats.decode_tokens += len(pending)
+                stats.decode_s = time.perf_counter() - started
+        finally:
+            await session.close()
+
+    async def _next_tokens(
+        self,
+        session: Session,
+        sampler: Sampler,
+        speculation: Speculation | None,
+        history: list[int],
+        budget: int,
+        stats: GenerationStats,
+    ) -> list[int]:
+        """The tokens one decode step chooses: one, or with drafting the accepted drafts and one."""
+        if speculation is not None:
+            return await speculative_round(session, speculation, history, sampler, budget, stats)
+        logits = await decode_one_token(session, history[-1], len(history) - 1)
+        return [await self._sample(sampler, logits, history)]
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise ContextError("the prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ContextError(
+                f"the prompt has {len(prompt_ids)} tokens, but the context holds "
+                f"{self.max_seq_len}; shorten it or raise --max-seq-len "
+                f"(the model allows up to {self.trained_positions})"
+            )
+
+    def _at_limit(self, history: list[int], stats: GenerationStats, max_new_tokens: int) -> bool:
+        if stats.new_tokens >= max_new_tokens:
+            return True
+        if len(history) >= self.max_seq_len:
+            log.warning("context full (%d tokens): stopping", self.max_seq_len)
+            return True
+        return False
+
+    async def _sample(self, sampler: Sampler, logits: torch.Tensor, history: list[int]) -> int:
+        if self.compute.offload:  # the HTTP API: other requests' events go on meanwhile
+            return await asyncio.to_thread(sampler, logits, history)
+        return sampler(logits, history)
+
+    def _speculation(self, settings: DraftSettings) -> Speculation | None:
+        if not settings.enabled:
+            return None
+        if settings.mode == "lookup":
+            drafter: Drafter = LookupDrafter()
+        elif self.draft_model is not None:
+            drafter = self.draft_model.drafter()
+        else:
+            raise ValueError("no draft model is loaded: start with --draft PATH, or use lookup")
+        model = settings.mode == "model"
+        offload = self.compute.offload and model  # lookup is too cheap for a thread
+        # Drafting the next round during this one's round trips pays where there are round
+        # trips; with every block here it would only compete with the verification for cores.
+        draft_ahead = model and self.scheduler.pipeline.remote_stages > 0
+        return Speculation(drafter, DraftController(settings.tokens), offload, draft_ahead)

@@ -1,0 +1,59 @@
+"""What a generation took: tokens, prefill and decode time, drafting, and each stage's share
+(`--stats` prints them; the API reports the counts as usage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cake.engine.stages import StageTimes
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0  # decode forwards (one round trip per remote stage each)
+    decode_tokens: int = 0  # tokens those forwards chose (more than one each with drafting)
+    drafted: int = 0  # speculative decoding: tokens proposed by the drafter ...
+    accepted: int = 0  # ... and accepted by the model
+    drafted_ahead: int = 0  # rounds whose draft was made during the previous round's trips
+    finish_reason: str = ""  # "stop" (an EOS token) or "length" (sample length or context)
+    stages: dict[str, StageTimes] = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def round_trips(self) -> int:
+        return sum(t.round_trips for t in self.stages.values())
+
+    def summary(self) -> str:
+        line = (
+            f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
+            f"prefill: {self.prefill_tok_s:.1f} tok/s, decode: {self.decode_tok_s:.1f} tok/s"
+        )
+        tokens = self.decode_tokens + 1 if self.prompt_tokens else 0
+        if self.round_trips and tokens:
+            line += f", round trips/token: {self.round_trips / tokens:.2f}"
+        if self.drafted:
+            line += (
+                f", drafted: {self.drafted}, accepted: {self.accepted} "
+                f"({self.accepted / self.drafted:.0%}), tokens/round trip: "
+                f"{self.decode_tokens / max(self.decode_steps, 1):.2f}"
+            )
+        return line
+
+    def stage_lines(self) -> list[str]:
+        steps = max(self.decode_tokens + 1, 1)
+        return [
+            f"stage {label}: compute {t.compute_s / steps * 1e3:.2f} ms/token, "
+            f"wire {t.wire_s / steps * 1e3:.2f} ms/token, {t.round_trips} round trips"
+            for label, t in self.stages.items()
+        ]
