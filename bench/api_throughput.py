@@ -59,7 +59,10 @@ def worker_layers(folder: Path, n_workers: int) -> dict[str, list[str]]:
 
 
 def start_api(
-    folder: Path, topology: Path | None, extra: list[str] | None = None
+    folder: Path,
+    topology: Path | None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, "-m", "cake.cli", "--model", str(folder), "--device", "cpu"]
     args += ["--topology", str(topology)] if topology else []
@@ -70,7 +73,7 @@ def start_api(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     found: list[str] = []
     ready = threading.Event()
