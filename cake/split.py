@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 from cake.errors import ModelFolderError
 from cake.host.progress import progress_bar
+from cake.host.sizes import format_size
 from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source
 from cake.model.config import LlamaConfig
 from cake.model.gguf import gguf_file_of
@@ -330,7 +331,7 @@ def _tensor_bytes(bundle_folder: Path) -> int:
 
 
 def _describe(bundle: Bundle, nbytes: int) -> str:
-    size = f"{nbytes / 2**20:.1f} MiB"
+    size = format_size(nbytes)
     if not bundle.blocks:
         return f"no blocks, {size}"
     return f"block{'s' if len(bundle.blocks) > 1 else ''} {format_blocks(bundle.blocks)}, {size}"

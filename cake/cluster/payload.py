@@ -36,6 +36,7 @@ import torch
 
 from cake.errors import ModelFolderError
 from cake.host.progress import progress_bar
+from cake.host.sizes import format_size
 from cake.model.checkpoint import open_checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import FLOAT_TYPES, INT4_TYPES, GGUFCheckpoint, cache_root, gguf_file_of
@@ -152,9 +153,9 @@ class ModelManifest:
         with progress_bar(missing or None, "hashing the model", unit="B") as bar:
             if missing:
                 log.info(
-                    "hashing %s (%.1f GiB) once, so workers can cache what they receive",
+                    "hashing %s (%s) once, so workers can cache what they receive",
                     gguf or folder,
-                    missing / 2**30,
+                    format_size(missing),
                 )
             for name, (dtype, shape, path, offset, nbytes) in stored.items():
                 key = f"tensor:{name}"
