@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -414,10 +413,11 @@ def main(**opts: object) -> None:
             raise ValueError("--model is required (only an empty worker starts without one)")
         topology, replanning = opts["topology"], None
         if opts["workers"] or opts["discover"]:
-            plan, topology, replanning = asyncio.run(_plan_cluster(opts))
+            cluster = asyncio.run(_plan_cluster(opts))
             if opts["plan_only"]:
-                sys.stdout.write(plan)
+                sys.stdout.write(cluster.plan_yaml)
                 return
+            topology, replanning = cluster.topology, cluster.replanning
         elif opts["plan_only"]:
             raise ValueError("--plan needs --workers or --discover (the workers to plan for)")
         if opts["api_address"]:
@@ -608,11 +608,10 @@ async def _run_empty_worker(opts: dict) -> None:
     )
 
 
-async def _plan_cluster(opts: dict) -> tuple[str, Any, Any]:
-    """--workers / --discover: measure, plan, push, assign. Returns the plan as topology.yml
-    text (what --plan prints), its Topology (None: every block on the master), and what the
-    master does when a worker is lost for good (plan again)."""
-    from cake.cluster.setup import ClusterOptions, plan_yaml, prepare_cluster, replanning
+async def _plan_cluster(opts: dict) -> Any:
+    """--workers / --discover: measure, plan, push, assign (see cake/cluster/assemble.py)."""
+    from cake.cluster.assemble import Discovery, assemble_cluster
+    from cake.cluster.setup import ClusterOptions
     from cake.wire.auth import client_tls
     from cake.wire.auth import cluster_key as parse_key
 
@@ -621,24 +620,8 @@ async def _plan_cluster(opts: dict) -> tuple[str, Any, Any]:
     key = parse_key(opts["cluster_key"])
     if key is None:
         raise ValueError("--workers and --discover need --cluster-key (or CAKE_CLUSTER_KEY)")
-    workers = [w.strip() for w in (opts["workers"] or "").split(",") if w.strip()]
-    if opts["discover"]:
-        from cake.wire.discovery import discover
-
-        found = await discover(
-            key, opts["discovery_timeout"], opts["min_workers"], port=opts["discovery_port"]
-        )
-        log.info("discovery found %d worker(s): %s", len(found), ", ".join(f.name for f in found))
-        workers += [f.address for f in found if f.address not in workers]
-
-        if opts["min_workers"] and len(found) < opts["min_workers"]:
-            raise ValueError(
-                f"--discover found {len(found)} worker(s) within {opts['discovery_timeout']:g}s, "
-                f"--min-workers is {opts['min_workers']}; start more empty workers with the same "
-                "--cluster-key, or raise --discovery-timeout"
-            )
     options = ClusterOptions(
-        workers=workers,
+        workers=[w.strip() for w in (opts["workers"] or "").split(",") if w.strip()],
         cluster_key=key,
         tls=client_tls(opts["tls_ca"]),
         device=opts["device"],
@@ -649,23 +632,12 @@ async def _plan_cluster(opts: dict) -> tuple[str, Any, Any]:
         connect_timeout=opts["connect_timeout"],
         retry_timeout=opts["retry_timeout"],
     )
-    plan = await prepare_cluster(opts["model"], options, plan_only=opts["plan_only"])
-    # A worker lost for good: plan again (with --discover, over the workers found again).
-    rediscover = _rediscovery(opts, key) if opts["discover"] else None
-    topology = plan.topology if plan.topology.nodes else None
-    return plan_yaml(plan), topology, replanning(opts["model"], options, rediscover)
-
-
-def _rediscovery(opts: dict, key: bytes) -> Callable[[], Awaitable[list[str]]]:
-    """--discover again, for a re-plan: the addresses of the workers that answer now."""
-
-    async def rediscover() -> list[str]:
-        from cake.wire.discovery import discover
-
-        found = await discover(key, opts["discovery_timeout"], None, port=opts["discovery_port"])
-        return [f.address for f in found]
-
-    return rediscover
+    discovery = (
+        Discovery(opts["discovery_timeout"], opts["min_workers"], opts["discovery_port"])
+        if opts["discover"]
+        else None
+    )
+    return await assemble_cluster(opts["model"], options, discovery, plan_only=opts["plan_only"])
 
 
 def _parse_size(value: str | None) -> int | None:
