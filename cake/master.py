@@ -31,7 +31,7 @@ from cake.decoding.draft import DraftModel, load_draft_model
 from cake.decoding.generate import Generator
 from cake.decoding.perplexity import DEFAULT_WINDOW, Perplexity, perplexity
 from cake.decoding.sampling import SamplingParams
-from cake.decoding.speculative import DraftSettings, parse_draft_tokens
+from cake.decoding.speculative import DraftSettings
 from cake.decoding.stats import GenerationStats
 from cake.engine.compute import MasterCompute
 from cake.engine.pipeline import Pipeline, Replanning
@@ -141,14 +141,7 @@ class Master:
     @classmethod
     async def open(cls, settings: MasterSettings) -> Master:
         """Open the model, connect the workers, load the master's part, wire the parts."""
-        drafting = DraftSettings(
-            mode="none"
-            if settings.draft is None
-            else "lookup"
-            if settings.draft == "lookup"
-            else "model",
-            tokens=parse_draft_tokens(settings.draft_tokens),
-        )
+        drafting = DraftSettings.from_options(settings.draft, settings.draft_tokens)
         model = open_model(settings.model)
         config = model.config
         tokenizer = model.tokenizer()

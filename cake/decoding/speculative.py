@@ -57,6 +57,12 @@ class DraftSettings:
                 f"draft tokens must be 1..{MAX_DRAFT_TOKENS} or 'auto', not {self.tokens}"
             )
 
+    @classmethod
+    def from_options(cls, draft: str | None, tokens: str | int | None) -> DraftSettings:
+        """--draft (none, "lookup" or a draft model's path) and --draft-tokens (N or auto)."""
+        mode = "none" if draft is None else "lookup" if draft == "lookup" else "model"
+        return cls(mode, parse_draft_tokens(tokens))
+
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
