@@ -17,17 +17,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 from cluster import cluster
 
+from cake.decoding.sampling import SamplingParams
+from cake.decoding.stats import GenerationStats
+from cake.engine.stages import StageRow
 from cake.faces.api import create_app, listen, model_id, server_for
 from cake.master import Master, MasterSettings
 from cake.worker import Worker
+
+T = TypeVar("T")
 
 API_KEY = "sekret-key"
 MAX_SEQ_LEN = 256  # the in-process workers of `cluster` hold 256 positions
@@ -97,6 +102,29 @@ class Server:
         """Run fn on the server's event loop (where its links and events live)."""
         self.loop.call_soon_threadsafe(fn)
 
+    def on_loop(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """`until(condition)` on the server's loop, where the sessions it looks at change."""
+        self.on_loop(until(condition, timeout), timeout + 5)
+
+    def greedy(self, prompt_ids: list[int], n: int, ignore_eos: bool = False) -> list[int]:
+        """Greedy token ids straight from the server's Master.generate (no HTTP, no stop
+        strings): what a request with temperature 0 should answer."""
+
+        async def run() -> list[int]:
+            params = SamplingParams(temperature=0)
+            return [t async for t in self.master.generate(prompt_ids, params, n, ignore_eos)]
+
+        return self.on_loop(run())
+
+    def master_sessions(self) -> int:
+        """Sessions open in the master's own stores (its local stages)."""
+        local = [stage for stage in self.master.pipeline.stages if not stage.remote]
+        return sum(len(stage.runner.store) for stage in local)
+
 
 @contextlib.contextmanager
 def api_in_thread(
@@ -121,7 +149,9 @@ def api_in_thread(
                 if layers:
                     # Last on the way out: let the workers' connection handlers see the close,
                     # rather than be cancelled mid-read when the loop ends.
-                    stack.push_async_callback(asyncio.sleep, 0.1)
+                    stack.push_async_callback(
+                        until, lambda: not any(w.links for w in workers.values())
+                    )
                     where, workers = await stack.enter_async_context(
                         cluster(folder, tmp_path, layers)
                     )
@@ -171,29 +201,89 @@ def api_in_thread(
 
 
 class ThrottledStage:
-    """Wraps a stage: waits for `gate` (if any) and `delay` seconds before each forward, and
-    counts forwards and the rows they carried; everything else is the stage's own."""
+    """Wraps a stage: waits for `gate` (if any; only for the forwards `hold(rows)` picks, if
+    given) and `delay` seconds before each forward, and counts forwards and the rows they
+    carried; everything else is the stage's own."""
 
-    def __init__(self, stage: Any, delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
-        self.stage, self.delay, self.gate = stage, delay, gate
-        self.forwards = self.in_flight = self.most_in_flight = 0
+    def __init__(
+        self,
+        stage: Any,
+        delay: float = 0.0,
+        gate: asyncio.Event | None = None,
+        hold: Callable[[Sequence[StageRow]], bool] | None = None,
+    ) -> None:
+        self.stage, self.delay, self.gate, self.hold = stage, delay, gate, hold
+        self.forwards = self.in_flight = self.most_in_flight = self.held = 0
         self.sessions_seen: list[set[str]] = []  # per forward, the sessions of its rows
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stage, name)
 
-    async def forward(self, rows: Any, hidden: Any) -> Any:
+    async def forward(self, rows: Sequence[StageRow], hidden: Any) -> Any:
         self.forwards += 1
         self.sessions_seen.append({row.session_id for row in rows})
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            if self.gate is not None:
-                await self.gate.wait()
-            await asyncio.sleep(self.delay)
+            if self.gate is not None and (self.hold is None or self.hold(rows)):
+                self.held += 1
+                try:
+                    await self.gate.wait()
+                finally:
+                    self.held -= 1
+            await asyncio.sleep(self.delay)  # a slow stage, not a synchronisation
             return await self.stage.forward(rows, hidden)
         finally:
             self.in_flight -= 1
+
+
+class FailingStage:
+    """Wraps a stage: once `arm`ed, lets `after` more forwards through, then raises `error` on
+    every forward until `disarm`ed (a worker lost for good after some tokens)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+        self.left: int | None = None  # forwards still let through; None: not armed
+        self.error: Exception | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stage, name)
+
+    def arm(self, after: int, error: Exception) -> None:
+        self.left, self.error = after, error
+
+    def disarm(self) -> None:
+        self.left, self.error = None, None
+
+    async def forward(self, rows: Sequence[StageRow], hidden: Any) -> Any:
+        if self.left is not None and self.error is not None:
+            if self.left == 0:
+                raise self.error
+            self.left -= 1
+        return await self.stage.forward(rows, hidden)
+
+
+class GenerationLog:
+    """Wraps `master.generate`: the GenerationStats of every generation the service starts
+    (prompt and new tokens, drafted and accepted tokens), in order."""
+
+    def __init__(self, master: Master) -> None:
+        self.stats: list[GenerationStats] = []
+        generate = master.generate
+
+        def logged(
+            prompt_ids: Sequence[int],
+            params: SamplingParams,
+            max_new_tokens: int,
+            ignore_eos: bool = False,
+            stats: GenerationStats | None = None,
+            draft: Any = None,
+        ) -> AsyncIterator[int]:
+            stats = GenerationStats() if stats is None else stats
+            self.stats.append(stats)
+            return generate(prompt_ids, params, max_new_tokens, ignore_eos, stats, draft)
+
+        master.generate = logged  # type: ignore[method-assign]
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
