@@ -4,30 +4,46 @@ clients send (content parts, max_completion_tokens, stop as string or list) work
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from api_server import API_KEY, MAX_SEQ_LEN, Server, ThrottledStage, api_in_thread, chat, post
 from api_server import wait_for as wait_until
 
+from cake.engine.session_store import kv_bytes_per_position
+from cake.faces.api.schemas import ApiDefaults
 from cake.master import Master
+from cake.model.config import LlamaConfig
+from cake.model.tokenizer import encode_chat
 
 SHAPE = {"message", "type", "param", "code"}
 AUTH = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
 HI = [{"role": "user", "content": "hi"}]
+LIMIT = 64 * 1024  # the body limit of `served`
 
 
 @pytest.fixture(scope="module")
 def served(tiny_llama: Path) -> Iterator[Server]:
     """The tiny model on the master alone, behind an API key, with a 64 KiB body limit."""
-    with api_in_thread(tiny_llama, api_key=API_KEY, max_body_bytes=64 * 1024) as server:
+    with api_in_thread(tiny_llama, api_key=API_KEY, max_body_bytes=LIMIT) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ignoring_eos(tiny_llama: Path) -> Iterator[Server]:
+    """The tiny model started as `cake-cli --api --ignore-eos`: an answer runs to its limit,
+    so its length is known exactly."""
+    with api_in_thread(
+        tiny_llama, api_key=API_KEY, defaults=ApiDefaults(ignore_eos=True)
+    ) as server:
         yield server
 
 
@@ -138,19 +154,27 @@ def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(served: Serve
     assert status == 413
     assert set(body["error"]) == SHAPE
 
-    # Chunked: no Content-Length, the limit is found while the body arrives.
+    # Chunked: no Content-Length, the limit is found while the body arrives. The body stops
+    # one byte past the limit (no last chunk): the server has read all that was sent when it
+    # answers, so it closes cleanly and the 413 is there to read.
     host, port = served.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    chunks = (big[i : i + 8192] for i in range(0, len(big), 8192))
-    try:
-        connection.request("POST", "/v1/chat/completions", chunks, AUTH, encode_chunked=True)
-        response = connection.getresponse()
+    head = "".join(f"{name}: {value}\r\n" for name, value in AUTH.items())
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            + head.encode()
+            + b"\r\n"
+        )
+        for _ in range(LIMIT // 8192):  # exactly the limit: still accepted
+            sock.sendall(b"2000\r\n" + b"x" * 8192 + b"\r\n")
+        sock.sendall(b"1\r\nx\r\n")  # one byte more
+        response = http.client.HTTPResponse(sock)
+        response.begin()
         assert response.status == 413
-        assert set(json.loads(response.read())["error"]) == SHAPE
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server answered and closed while the rest was still being sent
-    finally:
-        connection.close()
+        error = json.loads(response.read())["error"]
+    assert set(error) == SHAPE
+    assert error["code"] == "request_too_large"
+    assert str(LIMIT) in error["message"]
     status, _ = send(served, chat_body(served))
     assert status == 200  # and the server still serves
 
@@ -174,15 +198,47 @@ def test_what_real_clients_send_works(served: Server) -> None:
     )
     assert parts.choices[0].message.content == plain.choices[0].message.content
     assert parts.usage == plain.usage
-    # max_completion_tokens wins over max_tokens, as OpenAI's newer name
-    status, body = send(served, chat_body(served, max_tokens=2, max_completion_tokens=3,
-                                          temperature=0, ignore_eos=True))  # fmt: skip
-    assert status == 200
-    assert body["usage"]["completion_tokens"] <= 3
-    # stop as a string and as a list
-    for stop in ("\n", ["\n", "zzz"]):
-        status, body = send(served, chat_body(served, stop=stop, temperature=0))
-        assert status == 200, body
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"max_tokens": 3}, 3),
+        ({"max_completion_tokens": 3}, 3),
+        ({"max_tokens": 2, "max_completion_tokens": 3}, 3),  # the newer name wins ...
+        ({"max_tokens": 3, "max_completion_tokens": 2}, 2),  # ... larger or smaller
+    ],
+)
+def test_max_completion_tokens_wins_over_max_tokens(
+    ignoring_eos: Server, fields: dict, expected: int
+) -> None:
+    body = json.dumps({"messages": HI, "temperature": 0, **fields})
+    status, reply = send(ignoring_eos, body)
+    assert status == 200, reply
+    assert reply["usage"]["completion_tokens"] == expected
+    assert reply["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_as_a_string_or_a_list_cuts_the_text_before_it(ignoring_eos: Server) -> None:
+    """The text up to the stop string's first occurrence in the greedy text (from
+    Master.generate's tokens, no HTTP), and finish_reason "stop"."""
+    n, tokenizer = 24, ignoring_eos.master.tokenizer
+    messages = [{"role": "user", "content": "tell me a story"}]
+    prompt_ids = encode_chat(tokenizer, messages)
+    tokens = ignoring_eos.greedy(prompt_ids, n, ignore_eos=True)
+    full = tokenizer.decode(tokens, skip_special_tokens=True)
+    start = len(full) // 2  # a stop string from the middle, ending in a visible character
+    while not full[start + 1].strip():
+        start += 1
+    stop = full[start : start + 2]
+    expected = full[: full.index(stop)]
+    assert 0 < len(expected) < len(full) - len(stop)
+    for stops in (stop, ["never in the text", stop]):
+        body = json.dumps({"messages": messages, "temperature": 0, "max_tokens": n, "stop": stops})
+        status, reply = send(ignoring_eos, body)
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"] == expected
+        assert reply["choices"][0]["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 5e-324])
@@ -199,15 +255,17 @@ def test_a_tiny_temperature_samples_like_greedy(served: Server, temperature: flo
     assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 
-def test_omitted_max_tokens_is_cut_to_the_context(served: Server) -> None:
-    long_prompt = "hello " * 100  # ~100 tokens of 256: the default 256 would not fit
-    status, body = send(
-        served,
-        json.dumps({"messages": [{"role": "user", "content": long_prompt}], "temperature": 0}),
-    )
+def test_omitted_max_tokens_is_cut_to_the_context(ignoring_eos: Server) -> None:
+    """Without max_tokens the server's default (256) is cut to what the context has left: the
+    answer fills the context exactly, and says "length"."""
+    messages = [{"role": "user", "content": "hello " * 200}]
+    prompt_tokens = len(encode_chat(ignoring_eos.master.tokenizer, messages))
+    assert 0 < MAX_SEQ_LEN - prompt_tokens < ApiDefaults().max_tokens
+    status, body = send(ignoring_eos, json.dumps({"messages": messages, "temperature": 0}))
     assert status == 200, body
-    usage = body["usage"]
-    assert usage["prompt_tokens"] + usage["completion_tokens"] <= MAX_SEQ_LEN
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert body["usage"]["completion_tokens"] == MAX_SEQ_LEN - prompt_tokens
+    assert body["choices"][0]["finish_reason"] == "length"
 
 
 class RecordingTokenizer:
@@ -250,8 +308,6 @@ def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
     throttles: list[ThrottledStage] = []
 
     def hold(master: Master) -> None:
-        import asyncio
-
         gate.append(asyncio.Event())
         throttles.append(ThrottledStage(master.pipeline.stages[0], gate=gate[0]))
         master.pipeline.stages[0] = throttles[0]
@@ -309,6 +365,56 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(
         # the client hung up before any answer
         assert wait_until(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
         assert wait_until(lambda: not server.service.running, 2)
-        steps = throttles[0].forwards
-        time.sleep(0.2)  # a generation that went on would make more forwards meanwhile
-        assert throttles[0].forwards == steps < 100, "the generation went on"
+        # No request is running: the generation's task has ended, its forwards are all done.
+        assert throttles[0].forwards < 100, "the generation went on"
+
+
+def test_the_masters_own_kv_budget_refuses_a_long_prompt_with_503(tiny_llama: Path) -> None:
+    """The master runs every block, with a KV budget of one session at the full context. A
+    first request holds 3 of its 4 pages (its decode step waits at a gate); a second long
+    prompt needs 3 more: 503 kv_memory_full, naming --kv-memory. Once the first is done, the
+    same request is served."""
+    config = LlamaConfig.from_folder(tiny_llama)
+    per_position = kv_bytes_per_position(
+        config.n_layers, config.n_kv_heads, config.head_dim, torch.float32
+    )
+    one_session = MAX_SEQ_LEN * per_position
+    gate: list[asyncio.Event] = []
+    throttles: list[ThrottledStage] = []
+
+    def decoding(rows: Any) -> bool:
+        return any(row.start_pos > 0 for row in rows)
+
+    def hold_decode_steps(master: Master) -> None:
+        gate.append(asyncio.Event())
+        throttles.append(ThrottledStage(master.pipeline.stages[0], gate=gate[0], hold=decoding))
+        master.pipeline.stages[0] = throttles[0]
+
+    # Without batching each request steps on its own: a held decode step holds no other.
+    options = {"kv_memory": str(one_session), "batching": False}
+    long_prompt = [{"role": "user", "content": "hello " * 150}]  # 161 tokens: 3 pages of 64
+    with api_in_thread(
+        tiny_llama, prepare=hold_decode_steps, api_key=API_KEY, master_options=options
+    ) as server:
+        request = json.dumps({"messages": long_prompt, "max_tokens": 4, "temperature": 0})
+        first: list[tuple] = []
+        holder = threading.Thread(target=lambda: first.append(send(server, request)))
+        holder.start()
+        try:
+            server.until(lambda: throttles[0].held == 1)  # prefilled, its decode step held
+            assert server.master_sessions() == 1
+
+            status, refused = send(server, request)
+            assert status == 503, refused
+            assert set(refused["error"]) == SHAPE
+            assert refused["error"]["code"] == "kv_memory_full"
+            assert refused["error"]["type"] == "server_error"
+            assert "--kv-memory" in refused["error"]["message"]
+        finally:
+            server.call_soon(gate[0].set)
+            holder.join(30)
+        assert first and first[0][0] == 200, first
+        server.until(lambda: server.master_sessions() == 0)
+        status, served = send(server, request)
+        assert status == 200, served
+        assert served["usage"]["completion_tokens"] >= 1
