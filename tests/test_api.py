@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from api_server import (
     API_KEY,
     MAX_SEQ_LEN,
     ApiProcess,
+    GenerationLog,
     Server,
     ThrottledStage,
     api_in_thread,
@@ -37,6 +39,7 @@ from helpers import build_random_llama, llama3_tokenizer_path
 
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.sampling import SamplingParams
+from cake.decoding.stats import GenerationStats
 from cake.faces.api import model_id
 from cake.master import Master, MasterSettings
 from cake.model.detokenizer import StopFilter
@@ -261,6 +264,88 @@ def test_stop_string_cuts_the_text(served: Server, reference: Callable) -> None:
     assert raw.choices[0].finish_reason == "stop"
 
 
+def sse_payloads(server: Server, path: str, body: dict) -> list[str]:
+    """The `data:` payloads of a streamed response, in order, as sent (`[DONE]` included)."""
+    request = urllib.request.Request(
+        f"{server.url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = response.read().decode().split("\n\n")
+    assert events[-1] == ""  # every event ends with a blank line
+    assert all(event.startswith("data: ") for event in events[:-1]), events
+    return [event.removeprefix("data: ") for event in events[:-1]]
+
+
+def test_streamed_completion_ends_with_its_usage(served: Server, reference: Callable) -> None:
+    """/v1/completions with stream_options.include_usage: every chunk says usage null, the
+    last one before [DONE] has no choices and the exact counts."""
+    tokenizer, n = served.master.tokenizer, 16
+    prompt_ids = tokenizer.encode("Once upon a time")
+    tokens = reference(prompt_ids, n)
+    body = {"model": served.model, "prompt": "Once upon a time", "temperature": 0,
+            "max_tokens": n, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    *chunks, usage, done = sse_payloads(served, "/v1/completions", body)
+    assert done == "[DONE]"
+    chunks = [json.loads(chunk) for chunk in chunks]
+    assert all(chunk["usage"] is None for chunk in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tokenizer.decode(
+        tokens, skip_special_tokens=True
+    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == ("length" if len(tokens) == n else "stop")
+    last = json.loads(usage)
+    assert last["object"] == "text_completion"
+    assert last["id"] == chunks[0]["id"]
+    assert last["choices"] == []
+    assert last["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(tokens),
+        "total_tokens": len(prompt_ids) + len(tokens),
+    }
+    # Without include_usage: no usage anywhere.
+    del body["stream_options"]
+    *chunks, done = sse_payloads(served, "/v1/completions", body)
+    assert done == "[DONE]"
+    assert all("usage" not in json.loads(chunk) for chunk in chunks)
+
+
+def test_cake_draft_drafts_per_request(tiny_llama: Path) -> None:
+    """A server started with --draft lookup --draft-tokens 3: a request drafts by default,
+    and with cake_draft: "lookup" and N tokens per round; cake_draft: "none" does not. The
+    drafting is read from the master's GenerationStats of each request (drafted, accepted,
+    fewer decode steps than tokens), and every text is the one plain decoding gives."""
+    log: list[GenerationLog] = []
+    with api_in_thread(
+        tiny_llama,
+        prepare=lambda master: log.append(GenerationLog(master)),
+        master_options={"draft": "lookup", "draft_tokens": 3},
+    ) as server:
+        client, hi = server.client(), server.master.tokenizer.encode("hi")
+        # "hi" and 30 of the model's own greedy tokens: its text goes on to repeat itself, so
+        # lookup finds drafts, and some are right.
+        prompt = hi + server.greedy(hi, 30)
+
+        def complete(**extra: object) -> tuple[str, GenerationStats]:
+            reply = client.completions.create(
+                model=server.model, prompt=prompt, max_tokens=24, temperature=0, extra_body=extra
+            )
+            assert reply.usage.completion_tokens == log[0].stats[-1].new_tokens
+            return reply.choices[0].text, log[0].stats[-1]
+
+        plain, undrafted = complete(cake_draft="none")
+        assert undrafted.drafted == undrafted.accepted == 0
+        assert undrafted.decode_steps == undrafted.decode_tokens  # one token per step
+        for extra in ({}, {"cake_draft": "lookup", "cake_draft_tokens": 4}):
+            text, stats = complete(**extra)
+            assert text == plain
+            assert stats.drafted > 0, extra
+            assert 0 < stats.accepted <= stats.drafted, extra
+            assert stats.decode_steps < stats.decode_tokens, extra  # accepted drafts saved steps
+        assert len(log[0].stats) == 1 + 3  # server.greedy's, then the requests'
+
+
 @pytest.mark.parametrize(
     ("stops", "text", "expected"),
     [
@@ -470,9 +555,68 @@ def test_a_client_that_goes_away_frees_its_session(tiny_llama: Path, tmp_path: P
         stream.close()  # the client hangs up mid-stream
         assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
         assert wait_for(lambda: not server.service.running, 2)
-        steps = throttles[0].forwards
-        time.sleep(0.2)
-        assert throttles[0].forwards == steps < 100, "the generation went on"
+        # No request is running: the generation's task has ended, its forwards are all done.
+        assert throttles[0].forwards < 100, "the generation went on"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_client_gone_during_a_long_prefill_frees_its_session_everywhere(
+    tiny_llama: Path, tmp_path: Path, stream: bool
+) -> None:
+    """A 100-token prompt goes through in 7 steps of 16 positions. The client hangs up while
+    the second step waits at a gate: the session is then closed on both workers and on the
+    master (which runs block 3), the generation stops, and the next request gets its text."""
+    gate: list[asyncio.Event] = []
+    throttles: list[ThrottledStage] = []
+
+    def beyond_first_chunk(rows: Any) -> bool:
+        return any(row.start_pos > 0 for row in rows)
+
+    def hold(master: Master) -> None:
+        gate.append(asyncio.Event())
+        throttled = ThrottledStage(master.pipeline.stages[0], gate=gate[0], hold=beyond_first_chunk)
+        throttles.append(throttled)
+        master.pipeline.stages[0] = throttled
+
+    layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2"]}  # block 3: the master's
+    options = {"step_positions": 16}
+    with api_in_thread(tiny_llama, tmp_path, layers, hold, master_options=options) as server:
+        workers = server.workers.values()
+        prompt = [(7 * i) % 200 + 1 for i in range(100)]
+        body = json.dumps({"prompt": prompt, "max_tokens": 150, "temperature": 0,
+                           "stream": stream}).encode()  # fmt: skip
+        host, port = server.url.removeprefix("http://").split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                server.until(lambda: throttles[0].held == 1)  # 16 positions went through
+                assert [w.session_count for w in workers] == [1, 1]
+                assert server.master_sessions() == 1
+        finally:
+            server.call_soon(gate[0].set)  # the client is gone; the prefill may go on
+
+        server.until(lambda: all(w.session_count == 0 for w in workers))
+        server.until(lambda: server.master_sessions() == 0 and not server.service.running)
+        prefill_steps = -(-len(prompt) // 16)
+        # The prefill's other steps may run (the client's leaving is seen once the first
+        # token is out), the 150 tokens do not.
+        assert throttles[0].forwards < prefill_steps + 75, "the generation went on"
+
+        # The next request, the same prompt: its normal text.
+        expected = server.master.tokenizer.decode(
+            server.greedy(prompt, 8), skip_special_tokens=True
+        )
+        reply = server.client().completions.create(
+            model=server.model, prompt=prompt, temperature=0, max_tokens=8
+        )
+        assert reply.choices[0].text == expected
+        assert reply.usage.prompt_tokens == len(prompt)
+    assert all(w.session_count == 0 for w in workers)
 
 
 def test_max_concurrent_answers_429(tiny_llama: Path) -> None:
