@@ -244,3 +244,26 @@ def test_real_process_answers_paris(smollm2_dir: Path) -> None:
     match = STATS_LINE.match(last)
     assert match, process.stderr
     assert 0 < int(match[2]) < 32  # it stopped on its own end-of-turn token
+
+
+def test_kv_memory_too_small_is_one_clear_error_and_a_size_that_fits_works(
+    tiny_llama: Path,
+) -> None:
+    """--kv-memory below one session at the full context (4 blocks x 512 positions x 256
+    bytes = 512 KiB here): one line that names the option, the size and the fix, exit 1,
+    nothing on stdout. 1 MiB holds it: the answer, its 4 tokens."""
+    base = ["--model", str(tiny_llama), "--prompt", QUESTION, "--temperature", "0", "-n", "4"]
+    base += ["--ignore-eos", "--device", "cpu", "--max-seq-len", "512"]
+    result = run_cli(*base, "--kv-memory", "64K")
+    assert_fails(result, exit_code=1)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: --kv-memory 64.0 KiB cannot hold one session of 512 positions for blocks 0-3 "
+        "of the master (that needs 512.0 KiB): raise --kv-memory or lower --max-seq-len"
+    ], result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_cli(*base, "--kv-memory", "1MiB")
+    assert result.exit_code == 0, result.stderr
+    assert stats_of(result) == (CHAT_PROMPT_TOKENS, 4)
+    assert result.stdout.strip() and result.stdout.endswith("\n")  # the answer
