@@ -1,8 +1,10 @@
 """The chat page of `cake-cli --api`, in a real browser: Debian's Chromium driven by Playwright.
 
-One server for the module, as users run it: SmolLM2 split between a worker process (blocks
-0-14) and `python -m cake.cli --api 127.0.0.1:0 --api-key ...` (blocks 15-29 and the head).
-Run this file alone with `.venv/bin/python -m pytest tests/test_webchat.py -q`.
+The chat itself runs on one server for the module, as users run it: SmolLM2 split between a
+worker process (blocks 0-14) and `python -m cake.cli --api 127.0.0.1:0 --api-key ...` (blocks
+15-29 and the head). What the page shows when things go wrong (a refused key, an HTTP error,
+a stream that fails or is cut) runs on the tiny model's API in this process, whose stage a test
+can make fail. Run this file alone with `.venv/bin/python -m pytest tests/test_webchat.py -q`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_server import ApiProcess
+from api_server import ApiProcess, FailingStage, api_in_thread
+from api_server import Server as ThreadServer
 
 from cake.cluster.local_cluster import start_local_cluster
+from cake.errors import WorkerGone
 from cake.faces.webchat import KEY_TAG, chat_page, static_file
+from cake.model.tokenizer import encode_chat
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -36,6 +41,19 @@ CHROMIUM_ARGS = [
 ]
 API_KEY = "page-test-key"
 TIMEOUT_MS = 180_000  # a shared CI machine can be slow; nothing here is timed
+TINY_TIMEOUT_MS = 30_000  # the same, for the tiny model's answers
+
+
+def call(url: str, path: str, body: dict | None = None, key: str | None = API_KEY) -> Any:
+    request = urllib.request.Request(
+        url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
 
 
 @dataclass
@@ -45,15 +63,7 @@ class Server:
     lines: list[str]
 
     def call(self, path: str, body: dict | None = None, key: str | None = API_KEY) -> Any:
-        request = urllib.request.Request(
-            self.url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        if key is not None:
-            request.add_header("Authorization", f"Bearer {key}")
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read())
+        return call(self.url, path, body, key)
 
 
 @pytest.fixture(scope="module")
@@ -246,5 +256,156 @@ def test_chat_in_the_browser(server: Server, browser: Any) -> None:
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
     assert page.is_visible("#empty-hint")
+    page.close()
+    assert problems.seen == []
+
+
+# --- what the page shows when something goes wrong ---------------------------------------------
+
+
+@dataclass
+class TinyServer:
+    server: ThreadServer
+    stage: FailingStage
+
+
+@pytest.fixture(scope="module")
+def failing(tiny_llama: Path) -> Iterator[TinyServer]:
+    """The tiny model in this process, behind the key, its one stage wrapped so that a test
+    can make it fail for good after some tokens (as a worker lost for good does)."""
+    stages: list[FailingStage] = []
+
+    def wrap(master: Any) -> None:
+        stages.append(FailingStage(master.pipeline.stages[0]))
+        master.pipeline.stages[0] = stages[0]
+
+    with api_in_thread(tiny_llama, prepare=wrap, api_key=API_KEY) as server:
+        yield TinyServer(server, stages[0])
+
+
+def open_chat(browser: Any, url: str, key: str = API_KEY) -> tuple[Any, PageProblems]:
+    """A page with `key` given in its key dialog (the right one: its settings open)."""
+    page = browser.new_page()
+    page.set_default_timeout(TINY_TIMEOUT_MS)
+    problems = PageProblems(page)
+    page.goto(url + "/")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", key)
+    page.press("#key-input", "Enter")
+    if key == API_KEY:
+        page.wait_for_selector("#status .stage.up")
+        page.click("#settings-toggle")
+    return page, problems
+
+
+def ask(page: Any, question: str) -> None:
+    page.fill("#input", question)
+    page.press("#input", "Enter")
+    page.wait_for_selector(".message.assistant[data-done]")
+
+
+def error_note(page: Any) -> str:
+    return page.inner_text(".message.assistant .note.error")
+
+
+def refused_resources(problems: PageProblems) -> list[str]:
+    """Console errors other than the browser's own line for a refused request."""
+    return [seen for seen in problems.seen if "Failed to load resource" not in seen]
+
+
+@pytest.mark.slow
+def test_a_wrong_key_is_refused_on_the_page(failing: TinyServer, browser: Any) -> None:
+    """The status strip says the key was refused and the dialog asks again; a question sent
+    with a wrong key shows the API's 401 message, and the key dialog comes back."""
+    url = failing.server.url
+    page, problems = open_chat(browser, url, key="not-the-key")
+    page.wait_for_selector("#key-dialog[open] #key-error:visible")
+    assert page.inner_text("#key-error") == "That key was refused."
+    assert page.inner_text("#status-model") == "API key refused"
+
+    page.fill("#key-input", API_KEY)
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#status .stage.up")
+    assert not page.is_visible("#key-dialog")
+
+    page.evaluate("() => sessionStorage.setItem('cake-api-key', 'changed-since')")
+    ask(page, "hi")
+    assert page.get_attribute(".message.assistant", "data-done") == "error"
+    assert error_note(page) == "error: incorrect API key"
+    page.wait_for_selector("#key-dialog[open] #key-error:visible")
+    assert page.input_value("#input") == "hi"  # the question is back, to send again
+    page.close()
+    assert refused_resources(problems) == []
+
+
+@pytest.mark.slow
+def test_an_http_error_shows_the_apis_message(failing: TinyServer, browser: Any) -> None:
+    """A request the API answers 400 (more tokens than the context holds): the page shows the
+    message of OpenAI's error body, word for word, and keeps the question."""
+    page, problems = open_chat(browser, failing.server.url)
+    page.fill("#max-tokens", "1000")
+    question = "tell me a story"
+    messages = [{"role": "user", "content": question}]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        call(failing.server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 1000})
+    assert refused.value.code == 400
+    message = json.loads(refused.value.read())["error"]["message"]
+    assert "context holds 256 tokens" in message
+
+    ask(page, question)
+    assert page.get_attribute(".message.assistant", "data-done") == "error"
+    assert error_note(page) == f"error: {message}"
+    assert page.input_value("#input") == question
+    page.close()
+    assert refused_resources(problems) == []
+
+
+@pytest.mark.slow
+def test_an_error_mid_stream_shows_after_the_partial_answer(
+    failing: TinyServer, browser: Any
+) -> None:
+    """The stage fails for good after 6 forwards (the prompt's and 5 decode steps): the page
+    keeps the 6 tokens' text that came, then shows the error the stream ended with."""
+    server = failing.server
+    page, problems = open_chat(browser, server.url)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "50")
+    question = "tell me a story"
+    prompt_ids = encode_chat(server.master.tokenizer, [{"role": "user", "content": question}])
+    partial = server.master.tokenizer.decode(server.greedy(prompt_ids, 6), skip_special_tokens=True)
+    gone = "worker w2 (127.0.0.1:10128) did not come back within 0.5s (--retry-timeout)"
+    failing.stage.arm(after=6, error=WorkerGone(gone))
+    try:
+        ask(page, question)
+    finally:
+        failing.stage.disarm()
+    answer = ".message.assistant"
+    assert page.get_attribute(answer, "data-done") == "error"
+    rendered = page.evaluate("(text) => window.cakeMarkdown.render(text)", partial)
+    assert partial.strip() and page.inner_html(f"{answer} .body") == rendered
+    assert error_note(page) == f"error: {gone}"
+    order = page.eval_on_selector_all(f"{answer} > *", "nodes => nodes.map(n => n.className)")
+    assert order == ["body", "note error"]  # the error after the partial text
+    page.close()
+    assert problems.seen == []
+
+
+@pytest.mark.slow
+def test_a_stream_cut_without_its_end_is_an_error(failing: TinyServer, browser: Any) -> None:
+    """A body that stops with neither [DONE] nor an error event (the server went down, a proxy
+    cut it) is not a finished answer: the page says so after the text that came."""
+    page, problems = open_chat(browser, failing.server.url)
+    cut = "".join(
+        f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': piece}}]})}\n\n"
+        for piece in ("Half ", "an answer")
+    )
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=cut),
+    )
+    ask(page, "hi")
+    assert page.get_attribute(".message.assistant", "data-done") == "error"
+    assert page.inner_text(".message.assistant .body") == "Half an answer"
+    assert error_note(page) == "error: the connection closed before the answer was complete"
     page.close()
     assert problems.seen == []

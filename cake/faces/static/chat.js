@@ -167,8 +167,12 @@
         failure = await errorMessage(response);
         if (response.status === 401) askForKey(true);
       } else {
+        let complete = false; // the server ends every answer with [DONE], or an error event
         for await (const data of events(response)) {
-          if (data === "[DONE]") break;
+          if (data === "[DONE]") {
+            complete = true;
+            break;
+          }
           const chunk = JSON.parse(data);
           if (chunk.error) {
             failure = chunk.error.message;
@@ -186,6 +190,8 @@
             }
           }
         }
+        // A body that ends with neither (the server went down, a proxy cut it) is not an answer.
+        if (!complete && !failure) failure = "the connection closed before the answer was complete";
       }
     } catch (error) {
       if (error.name !== "AbortError") failure = String(error.message || error);
