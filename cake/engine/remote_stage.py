@@ -1,8 +1,9 @@
-"""The master's side of a worker: connection, reconnection and replay, and the stages it serves.
+"""A run of blocks on a worker, seen from the master: one round trip per step, and a replay
+after the worker was lost.
 
-`WorkerClient` keeps one `Channel` (cake/wire/channel.py: one connection with its own requests in
-flight, reader and heartbeat) to its worker, shared by the worker's stages and every session,
-and tracks the worker's phase (cake/wire/liveness.py): connected -> lost -> replaying -> connected.
+Its `WorkerClient` (cake/wire/worker_link.py) keeps one channel to the worker, shared by the
+worker's stages and every session, and tracks the worker's phase (cake/wire/liveness.py):
+connected -> lost -> replaying -> connected.
 
 A worker whose connection breaks, or that stops answering (a frozen process, a powered-off or
 partitioned host: caught by the heartbeat or a request's deadline), loses every session's KV
