@@ -21,6 +21,7 @@ from cake.model.tokenizer import (
     has_llama3_tokens,
     load_tokenizer,
     stop_token_ids,
+    token_id,
 )
 
 BEGIN_OF_TEXT = 128000
@@ -96,6 +97,12 @@ def test_expected_ids_come_from_the_vocabulary(llama3_tokenizer: Any) -> None:
 def test_llama3_tokenizer_has_special_tokens_but_no_template(llama3_tokenizer: Any) -> None:
     assert not getattr(llama3_tokenizer, "chat_template", None)
     assert has_llama3_tokens(llama3_tokenizer)
+
+
+def test_token_ids_are_looked_up_one_by_one(llama3_tokenizer: Any) -> None:
+    assert token_id(llama3_tokenizer, "<|eot_id|>") == EOT
+    assert token_id(llama3_tokenizer, "ĠFrance") == QUESTION_IDS[5]
+    assert token_id(llama3_tokenizer, "<|im_end|>") is None  # SmolLM2's, not Llama 3's
 
 
 def test_fallback_template_without_system_prompt(llama3_tokenizer: Any) -> None:
