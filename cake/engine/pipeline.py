@@ -22,6 +22,7 @@ hand-written topology there is no plan to redo: the loss ends those sessions, wi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,105 +104,32 @@ class Pipeline:
         """hidden (1, sum of the rows' lengths, C), the rows one after the other, through every
         stage; a row a stage refuses fails alone, a stage that fails for good fails every row
         it had."""
+        # The stages as the step starts: a re-plan meanwhile fails its rows (StagesReplaced),
+        # it does not change the stages the step's micro-batches are ordered on.
+        step = _Step(rows, list(self.stages))
         batches = _micro_batches(rows, self.micro_batch)
-        outcome = StepOutcome()
         starts = [0]
         for pieces in batches:
             starts.append(starts[-1] + sum(piece.length for piece in pieces))
+        slices = [hidden[:, start:stop] for start, stop in itertools.pairwise(starts)]
         if len(batches) == 1 or not self.overlap:
             results = [
-                await self._through_stages(rows, pieces, hidden[:, start:stop], outcome.failed)
-                for pieces, start, stop in zip(batches, starts, starts[1:], strict=False)
+                await step.through_stages(pieces, part)
+                for pieces, part in zip(batches, slices, strict=True)
             ]
         else:
-            results = await self._overlapped(rows, batches, starts, hidden, outcome.failed)
+            results = await step.overlapped(batches, slices)
         by_row: dict[int, list[torch.Tensor]] = {}
         for pieces, out in results:
             offset = 0
             for piece in pieces:
                 by_row.setdefault(piece.row, []).append(out[:, offset : offset + piece.length])
                 offset += piece.length
+        outcome = StepOutcome(failed=step.failed)
         for row, parts in by_row.items():
-            if row not in outcome.failed:
+            if row not in step.failed:
                 outcome.hidden[row] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return outcome
-
-    async def _overlapped(
-        self,
-        rows: Sequence[StepRow],
-        batches: list[list[_Piece]],
-        starts: list[int],
-        hidden: torch.Tensor,
-        failed: dict[int, Exception],
-    ) -> list[tuple[list[_Piece], torch.Tensor]]:
-        """Micro-batches as tasks: k enters stage i once k - 1 has left it (left[i][k - 1])."""
-        left = [[asyncio.Event() for _ in batches] for _ in self.stages]
-        tasks = [
-            asyncio.create_task(
-                self._through_stages(
-                    rows, pieces, hidden[:, starts[k] : starts[k + 1]], failed, (left, k)
-                )
-            )
-            for k, pieces in enumerate(batches)
-        ]
-        try:
-            return [await task for task in tasks]
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _through_stages(
-        self,
-        rows: Sequence[StepRow],
-        pieces: list[_Piece],
-        hidden: torch.Tensor,
-        failed: dict[int, Exception],
-        order: tuple[list[list[asyncio.Event]], int] | None = None,
-    ) -> tuple[list[_Piece], torch.Tensor]:
-        """One micro-batch through every stage: the pieces still alive and their hidden states."""
-        for i, stage in enumerate(self.stages):
-            if order is not None and order[1]:
-                await order[0][i][order[1] - 1].wait()
-            try:
-                pieces, hidden = await self._through_stage(stage, rows, pieces, hidden, failed)
-            finally:
-                if order is not None:
-                    order[0][i][order[1]].set()
-        return pieces, hidden
-
-    async def _through_stage(
-        self,
-        stage: Stage,
-        rows: Sequence[StepRow],
-        pieces: list[_Piece],
-        hidden: torch.Tensor,
-        failed: dict[int, Exception],
-    ) -> tuple[list[_Piece], torch.Tensor]:
-        alive = [piece for piece in pieces if piece.row not in failed]
-        if len(alive) < len(pieces):  # an earlier micro-batch failed some rows
-            hidden = _keep(hidden, pieces, alive)
-        if not alive:
-            return alive, hidden
-        stage_rows = [
-            StageRow(
-                rows[piece.row].session_id,
-                rows[piece.row].start_pos + piece.offset,
-                piece.length,
-                rows[piece.row].stage_times.setdefault(stage.label, StageTimes()),
-            )
-            for piece in alive
-        ]
-        try:
-            outcome = await stage.forward(stage_rows, hidden)
-        except Exception as exc:  # the stage is gone for good: every row it had fails
-            for piece in alive:
-                failed.setdefault(piece.row, exc)
-            return [], hidden[:, :0]
-        for index, exc in outcome.failed.items():
-            failed.setdefault(alive[index].row, exc)
-        kept = [piece for index, piece in enumerate(alive) if index not in outcome.failed]
-        return kept, outcome.hidden
 
     # ------------------------------------------------------------------ sessions
 
@@ -243,6 +171,78 @@ class Pipeline:
     async def close(self) -> None:
         for stage in self.stages:
             await stage.close()
+
+
+@dataclass
+class _Step:
+    """One step in flight: its rows, the stages it runs on, the rows that failed so far."""
+
+    rows: Sequence[StepRow]
+    stages: list[Stage]
+    failed: dict[int, Exception] = field(default_factory=dict)
+
+    async def overlapped(
+        self, batches: list[list[_Piece]], slices: list[torch.Tensor]
+    ) -> list[tuple[list[_Piece], torch.Tensor]]:
+        """Micro-batches as tasks: k enters stage i once k - 1 has left it (left[i][k - 1])."""
+        left = [[asyncio.Event() for _ in batches] for _ in self.stages]
+        tasks = [
+            asyncio.create_task(self.through_stages(pieces, part, (left, k)))
+            for k, (pieces, part) in enumerate(zip(batches, slices, strict=True))
+        ]
+        try:
+            return [await task for task in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def through_stages(
+        self,
+        pieces: list[_Piece],
+        hidden: torch.Tensor,
+        order: tuple[list[list[asyncio.Event]], int] | None = None,
+    ) -> tuple[list[_Piece], torch.Tensor]:
+        """One micro-batch through every stage: the pieces still alive and their hidden states.
+        order = (left, k): left[i][k] is set when micro-batch k leaves stage i."""
+        for i, stage in enumerate(self.stages):
+            if order is not None and order[1]:
+                await order[0][i][order[1] - 1].wait()
+            try:
+                pieces, hidden = await self.through_stage(stage, pieces, hidden)
+            finally:
+                if order is not None:
+                    order[0][i][order[1]].set()
+        return pieces, hidden
+
+    async def through_stage(
+        self, stage: Stage, pieces: list[_Piece], hidden: torch.Tensor
+    ) -> tuple[list[_Piece], torch.Tensor]:
+        alive = [piece for piece in pieces if piece.row not in self.failed]
+        if len(alive) < len(pieces):  # an earlier micro-batch failed some rows
+            hidden = _keep(hidden, pieces, alive)
+        if not alive:
+            return alive, hidden
+        rows = self.rows
+        stage_rows = [
+            StageRow(
+                rows[piece.row].session_id,
+                rows[piece.row].start_pos + piece.offset,
+                piece.length,
+                rows[piece.row].stage_times.setdefault(stage.label, StageTimes()),
+            )
+            for piece in alive
+        ]
+        try:
+            outcome = await stage.forward(stage_rows, hidden)
+        except Exception as exc:  # the stage is gone for good: every row it had fails
+            for piece in alive:
+                self.failed.setdefault(piece.row, exc)
+            return [], hidden[:, :0]
+        for index, exc in outcome.failed.items():
+            self.failed.setdefault(alive[index].row, exc)
+        kept = [piece for index, piece in enumerate(alive) if index not in outcome.failed]
+        return kept, outcome.hidden
 
 
 def _micro_batches(rows: Sequence[StepRow], limit: int) -> list[list[_Piece]]:
