@@ -63,6 +63,8 @@ async def cluster(
 async def generate(
     master: Master, prompt: str, n: int = N_TOKENS
 ) -> tuple[list[int], GenerationStats]:
+    """Greedy tokens (EOS ignored) from an open master, and the run's stats. For the tokens of a
+    model alone, see helpers.greedy_tokens."""
     stats = GenerationStats()
     ids = master.encode(prompt)
     tokens = [t async for t in master.generate(ids, GREEDY, n, ignore_eos=True, stats=stats)]
@@ -79,7 +81,7 @@ async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int
 
 @contextlib.contextmanager
 def workers_in_thread(
-    folder: Path, tmp_path: Path, layers: dict[str, list[str]]
+    folder: Path, tmp_path: Path, layers: dict[str, list[str]], **worker_options: Any
 ) -> Iterator[tuple[Path, dict[str, Worker]]]:
     """`cluster` served from a background thread's event loop, for a master in another
     process (or another loop): yields the topology.yml and the workers."""
@@ -88,7 +90,7 @@ def workers_in_thread(
 
     async def serve() -> None:
         try:
-            async with cluster(folder, tmp_path, layers) as (topology, workers):
+            async with cluster(folder, tmp_path, layers, **worker_options) as (topology, workers):
                 box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
                 box["cluster"] = topology, workers
                 ready.set()

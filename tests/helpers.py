@@ -5,10 +5,17 @@ Plain functions (no fixtures) so that test files and subprocess scripts can impo
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib.util
 import json
+import logging
 import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,3 +173,190 @@ def dequantized_folder(gguf_path: Path, target: Path) -> Path:
         if file.is_file() and file.name != POINTER_FILE:
             shutil.copy(file, target / file.name)
     return target
+
+
+# --- waiting on a condition ------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait on the event loop until `condition()` holds; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """`until` for a thread that has no event loop (polls, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.005)
+
+
+# --- greedy tokens of a model: the one helper ---------------------------------------------------
+
+# Keyed by (model folder, prompt, settings): the longest greedy run computed so far in this test
+# session. Greedy decoding with ignore_eos is prefix-stable (token i depends only on what came
+# before it), so a run of n tokens is the first n of any longer one.
+_GREEDY_RUNS: dict[tuple, list[int]] = {}
+_REFERENCE_RUNS: dict[tuple, list[int]] = {}
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _prompt_key(prompt: str | Sequence[int]) -> tuple:
+    return ("text", prompt) if isinstance(prompt, str) else ("ids", tuple(prompt))
+
+
+def _longest(cache: dict[tuple, list[int]], key: tuple, n: int, compute: Callable[[], list[int]]):
+    if len(cache.get(key, ())) < n:
+        cache[key] = compute()
+        assert len(cache[key]) == n, f"asked for {n} tokens, got {len(cache[key])}"
+    return list(cache[key][:n])
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    """asyncio.run, also from inside a running loop (then on a thread of its own)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def encode(model: Path, prompt: str) -> list[int]:
+    """The prompt's token ids as the master encodes it (chat template, or the Llama 3 one)."""
+    from cake.model.tokenizer import encode_prompt, load_tokenizer
+
+    if str(model) not in _TOKENIZERS:
+        _TOKENIZERS[str(model)] = load_tokenizer(model)
+    return encode_prompt(_TOKENIZERS[str(model)], prompt)
+
+
+class _LocalMaster:
+    """A master holding the whole model, open for the rest of the test session on an event loop
+    of its own (a thread): each new greedy run costs its generation only, not a Master.open."""
+
+    def __init__(self, model: Path, settings: dict[str, Any]) -> None:
+        from cake.master import Master, MasterSettings
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.master = self.run(Master.open(MasterSettings(model, **settings)))
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.run(self.master.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+_LOCAL_MASTERS: dict[tuple, _LocalMaster] = {}
+
+
+def close_local_masters() -> None:
+    """At the end of the test session (conftest.py)."""
+    while _LOCAL_MASTERS:
+        _LOCAL_MASTERS.popitem()[1].close()
+
+
+async def _greedy(master: Any, prompt: str | Sequence[int], n: int) -> list[int]:
+    from cake.decoding.sampling import SamplingParams
+
+    ids = master.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    params = SamplingParams(temperature=0)
+    return [t async for t in master.generate(ids, params, n, ignore_eos=True)]
+
+
+def greedy_tokens(
+    model: Path,
+    prompt: str | Sequence[int],
+    n: int,
+    topology: Any = None,
+    **settings: Any,
+) -> list[int]:
+    """The first `n` greedy token ids (EOS ignored) that cake's Master generates for `prompt`
+    (a text, encoded as the master does, or token ids), on the CPU in float32 unless
+    `settings` (MasterSettings fields) say otherwise.
+
+    Without a topology (the whole model on the master) each run is made once per test session
+    for a model, prompt and settings, by a master kept open for the session, and shared. With
+    one, a master is opened over it each time; its workers must not live on the caller's event
+    loop (processes, or `workers_in_thread`). Callable from a running event loop too.
+    """
+    from cake.master import Master, MasterSettings
+
+    settings = {"device": "cpu", "dtype": "f32", **settings}
+    if topology is not None:
+
+        async def over_the_topology() -> list[int]:
+            master = await Master.open(MasterSettings(model, topology, **settings))
+            try:
+                return await _greedy(master, prompt, n)
+            finally:
+                await master.close()
+
+        return _run_coroutine(over_the_topology())
+    key = (str(model), tuple(sorted(settings.items())))
+
+    def compute() -> list[int]:
+        if key not in _LOCAL_MASTERS:
+            _LOCAL_MASTERS[key] = _LocalMaster(model, settings)
+        local = _LOCAL_MASTERS[key]
+        return local.run(_greedy(local.master, prompt, n))
+
+    return _longest(_GREEDY_RUNS, (*key, _prompt_key(prompt)), n, compute)
+
+
+def reference_tokens(model: Path, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """The first `n` greedy token ids of transformers' LlamaForCausalLM (the design's reference)
+    for `prompt_ids`, EOS ignored, computed once per test session."""
+
+    def compute() -> list[int]:
+        from transformers import LlamaForCausalLM
+
+        reference = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        reference.generation_config.eos_token_id = None  # run the full length, mask nothing
+        with torch.inference_mode():
+            out = reference.generate(
+                torch.tensor([list(prompt_ids)]), do_sample=False, max_new_tokens=n, pad_token_id=0
+            )
+        return out[0, len(prompt_ids) :].tolist()
+
+    return _longest(_REFERENCE_RUNS, (str(model), tuple(prompt_ids)), n, compute)
+
+
+# --- the CLI in this process --------------------------------------------------------------------
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
+    """`cake-cli ARGS` through its click entry point in this process (click's CliRunner): no
+    interpreter start, no torch import. The result has exit_code, stdout and stderr apart.
+
+    Only a SystemExit may end the command (what `main` does for every error it reports); any
+    other exception is a bug and is raised here with its traceback. The CLI's logging goes to
+    the captured stderr, as it does to a process's.
+    """
+    from click.testing import CliRunner
+
+    from cake.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = []  # so that the CLI's logging.basicConfig writes to this run's stderr
+    try:
+        result = CliRunner().invoke(main, list(args), input=input, env=env)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, root.level = handlers, level
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from cluster import GREEDY
-from test_distributed import reference_tokens
+from helpers import encode, greedy_tokens, reference_tokens, run_cli, wait_until
 
 from cake.cluster.local_cluster import WorkerProcess
 from cake.cluster.measure import block_bytes
@@ -102,21 +100,11 @@ def block_names(blocks: range) -> set[str]:
     return {f"model.layers.{i}.{suffix}" for i in blocks for suffix in suffixes}
 
 
-async def _generate(
-    folder: Path, topology: object, prompt: str, **settings: object
-) -> tuple[list[int], list[int]]:
-    settings = {"dtype": "f32", **settings}
-    master = await Master.open(
-        MasterSettings(
-            folder, topology, device="cpu", max_seq_len=SEQ_LEN, cluster_key=KEY, **settings
-        )
-    )
-    try:
-        ids = master.encode(prompt)
-        tokens = [t async for t in master.generate(ids, GREEDY, N_TOKENS, ignore_eos=True)]
-        return tokens, ids
-    finally:
-        await master.close()
+def _greedy(folder: Path, topology: object, prompt: str, **settings: object) -> list[int]:
+    """Greedy tokens over the planned cluster (or, topology None, of the master alone)."""
+    if topology is not None:
+        settings["cluster_key"] = KEY
+    return greedy_tokens(folder, prompt, N_TOKENS, topology, max_seq_len=SEQ_LEN, **settings)
 
 
 @pytest.mark.slow
@@ -133,8 +121,8 @@ def test_two_empty_workers_plan_push_generate_and_reuse(tiny_llama: Path, tmp_pa
         ranges = {node.port: node.blocks for node in plan.topology.nodes}
         assert sorted(ranges.values()) == [(0, 1), (2, 3)]
         assert all(stats.bytes_sent > 0 for stats in plan.pushed.values())
-        tokens, prompt_ids = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
-        assert tokens == reference_tokens(tiny_llama, prompt_ids, N_TOKENS)
+        tokens = _greedy(tiny_llama, plan.topology, "hi")
+        assert tokens == reference_tokens(tiny_llama, encode(tiny_llama, "hi"), N_TOKENS)
         # Each cache holds exactly its worker's blocks: no embedding, head or other blocks.
         for port, cache in zip(ports, caches, strict=True):
             assert cached_tensors(cache) == block_names(range(*_span(ranges[port])))
@@ -143,33 +131,15 @@ def test_two_empty_workers_plan_push_generate_and_reuse(tiny_llama: Path, tmp_pa
         assert {n.port: n.blocks for n in again.topology.nodes} == ranges
         assert [stats.bytes_sent for stats in again.pushed.values()] == [0, 0]
         assert all(stats.items_cached > 0 for stats in again.pushed.values())
-        tokens_again, _ = asyncio.run(_generate(tiny_llama, again.topology, "hi"))
+        tokens_again = _greedy(tiny_llama, again.topology, "hi")
         assert tokens_again == tokens
-        # --plan prints the plan as a topology.yml (and nothing else on stdout).
-        printed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cake.cli",
-                "--model",
-                str(tiny_llama),
-                "--workers",
-                ",".join(f"127.0.0.1:{port}" for port in ports),
-                "--cluster-key",
-                KEY,
-                "--plan",
-                "--master-blocks",
-                "0",
-                "--device",
-                "cpu",
-                "--max-seq-len",
-                str(SEQ_LEN),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert printed.returncode == 0, printed.stderr
+        # --plan (cake-cli in this process) prints the plan as a topology.yml, alone on stdout.
+        printed = run_cli(
+            "--model", str(tiny_llama), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
+            "--cluster-key", KEY, "--plan", "--master-blocks", "0", "--device", "cpu",
+            "--max-seq-len", str(SEQ_LEN),
+        )  # fmt: skip
+        assert printed.exit_code == 0, printed.stderr
         pinned = parse_topology(printed.stdout)
         assert {node.port: node.blocks for node in pinned.nodes} == ranges
         assert "predicted decode" in printed.stdout  # in a comment on top
@@ -198,22 +168,23 @@ def test_quantized_and_gguf_models_push_what_the_worker_runs(
         float_bytes = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
         assert 0 < stats.bytes_sent < float_bytes / 4  # f32 in the folder, ~0.16 of it sent
         settings = {"dtype": "auto", "quantize": "int4"}
-        tokens, _ = asyncio.run(_generate(tiny_llama, plan.topology, "hi", **settings))
-        local, _ = asyncio.run(_generate(tiny_llama, None, "hi", **settings))
+        tokens = _greedy(tiny_llama, plan.topology, "hi", **settings)
+        local = _greedy(tiny_llama, None, "hi", **settings)
         assert tokens == local
         # A GGUF model: the same worker takes the new assignment, nothing is float on the wire.
         plan = asyncio.run(prepare_cluster(str(smollm2_gguf), options([worker.port], dtype="auto")))
         assert "serving blocks 0-29" in worker.log
         assert "int4 weights" in worker.log  # it timed the block as it will run it
-        gguf_tokens, _ = asyncio.run(
-            _generate(smollm2_gguf, plan.topology, "What is the capital of France?", dtype="auto")
-        )
-        local, _ = asyncio.run(
-            _generate(smollm2_gguf, None, "What is the capital of France?", dtype="auto")
-        )
+        question = "What is the capital of France?"
+        gguf_tokens = _greedy(smollm2_gguf, plan.topology, question, dtype="auto")
+        local = _greedy(smollm2_gguf, None, question, dtype="auto")
         assert gguf_tokens == local
     finally:
         worker.stop()
+
+
+def _bytes_on_disk(cache: Path) -> int:
+    return sum(path.stat().st_size for path in cache.rglob("*") if path.is_file())
 
 
 def _span(blocks: tuple[int, ...]) -> tuple[int, int]:
@@ -237,7 +208,8 @@ def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: 
             return  # after the crash: the resumed push
         before["sent"] += count
         if before["sent"] >= total // 2:
-            time.sleep(0.5)  # let the worker write what reached it
+            # Let the worker write some of what reached it to disk, then crash it.
+            wait_until(lambda: _bytes_on_disk(cache) >= total // 4, timeout=60)
             workers[-1].kill()
             # What survived, as the restarted worker will count it.
             model = payload.model
@@ -257,20 +229,21 @@ def test_interrupted_push_resumes_without_resending(tiny_llama: Path, tmp_path: 
         (stats,) = plan.pushed.values()
         assert stats.bytes_sent == before["sent"] + (total - before["held"])
         assert cached_tensors(cache) == block_names(range(4))
-        tokens, prompt_ids = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
-        assert tokens == reference_tokens(tiny_llama, prompt_ids, N_TOKENS)
+        tokens = _greedy(tiny_llama, plan.topology, "hi")
+        assert tokens == reference_tokens(tiny_llama, encode(tiny_llama, "hi"), N_TOKENS)
         # A worker that crashes and is restarted loads its last assignment from its cache, so
         # the same topology works again with no push and no new plan.
         workers[-1].kill()
         workers.append(empty_worker("w", cache, port))
         assert "serving blocks 0-3" in workers[-1].log
-        again, _ = asyncio.run(_generate(tiny_llama, plan.topology, "hi"))
+        again = _greedy(tiny_llama, plan.topology, "hi")
         assert again == tokens
     finally:
         for worker in workers:
             worker.stop()
 
 
+@pytest.mark.slow  # an empty worker process
 def test_empty_worker_ready_file_names_the_port_it_bound(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     worker = empty_worker("w", tmp_path / "cache", extra=("--ready-file", str(ready)))
@@ -285,6 +258,7 @@ def test_empty_worker_ready_file_names_the_port_it_bound(tmp_path: Path) -> None
         worker.stop()
 
 
+@pytest.mark.slow  # an empty worker process
 def test_worker_with_another_key_receives_nothing(tiny_llama: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     worker = empty_worker("w", cache, key="some-other-key")

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from cluster import N_TOKENS, cluster, generate, local_tokens
+from cluster import N_TOKENS, cluster, generate
+from helpers import encode, greedy_tokens, reference_tokens, run_cli, until
 
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.stats import GenerationStats
 from cake.errors import WorkerError
 from cake.master import Master, MasterSettings
-
-
-def reference_tokens(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with transformers' LlamaForCausalLM, no cache, no stopping."""
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    seq = list(prompt_ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(torch.tensor([seq]), use_cache=False).logits
-            seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt_ids) :]
-
 
 TOPOLOGIES = {
     "two workers": ({"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}, 2),
@@ -52,10 +36,9 @@ TOPOLOGIES = {
 @pytest.fixture(scope="module")
 def tiny_expected(tiny_llama: Path) -> dict[str, list[int]]:
     """Local greedy tokens for two prompts, checked once against transformers."""
-    expected = {p: asyncio.run(local_tokens(tiny_llama, p)) for p in ("hi", "tell me a story")}
-    master = asyncio.run(Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32")))
+    expected = {p: greedy_tokens(tiny_llama, p, N_TOKENS) for p in ("hi", "tell me a story")}
     for prompt, tokens in expected.items():
-        assert tokens == reference_tokens(tiny_llama, master.encode(prompt), N_TOKENS)
+        assert tokens == reference_tokens(tiny_llama, encode(tiny_llama, prompt), N_TOKENS)
     return expected
 
 
@@ -100,8 +83,8 @@ def test_two_masters_at_once_get_their_solo_output(
             finally:
                 for master in masters:
                     await master.close()
-            await asyncio.sleep(0.1)  # let the workers read the close messages
-            assert all(w.session_count == 0 for w in workers.values())
+            # The workers forget both sessions once they read the masters' close messages.
+            await until(lambda: all(w.session_count == 0 for w in workers.values()))
         assert results[0][0] == tiny_expected["hi"]
         assert results[1][0] == tiny_expected["tell me a story"]
 
@@ -154,7 +137,7 @@ def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> Non
     """Real weights, real worker processes: 2 uneven workers plus 2 blocks on the master."""
     topology = tmp_path / "topology.yml"
     prompt, n = "What is the capital of France?", 16
-    local = asyncio.run(local_tokens(smollm2_dir, prompt, n))
+    local = greedy_tokens(smollm2_dir, prompt, n)
     layers = {"w1": ["model.layers.0-9"], "w2": ["model.layers.10-27"]}
     workers = start_local_cluster(smollm2_dir, layers, topology)
     try:
@@ -170,11 +153,8 @@ def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> Non
                 await master.close()
 
         tokens, stats, prompt_ids = asyncio.run(run())
-        # The CLI end to end: stdout is exactly the local run's text.
+        # cake-cli (in this process) as the master: stdout is exactly the local run's text.
         args = [
-            sys.executable,
-            "-m",
-            "cake.cli",
             "--model",
             str(smollm2_dir),
             "--prompt",
@@ -186,17 +166,15 @@ def test_smollm2_over_worker_processes(smollm2_dir: Path, tmp_path: Path) -> Non
             "--device",
             "cpu",
         ]
-        remote_cli = subprocess.run(
-            [*args, "--topology", str(topology)], capture_output=True, text=True, timeout=120
-        )
-        local_cli = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        remote_cli = run_cli(*args, "--topology", str(topology))
+        local_cli = run_cli(*args)
     finally:
         for worker in workers:
             worker.stop()
     assert tokens == local
     assert tokens == reference_tokens(smollm2_dir, prompt_ids, n)
     assert stats.round_trips == 2 * (stats.decode_steps + 1)
-    assert remote_cli.returncode == 0, remote_cli.stderr
+    assert remote_cli.exit_code == 0, remote_cli.stderr
     assert remote_cli.stdout == local_cli.stdout
     assert "Paris" in remote_cli.stdout
     assert "round trips/token: 2.00" in remote_cli.stderr

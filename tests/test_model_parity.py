@@ -1,18 +1,17 @@
 """Our model against transformers' `LlamaForCausalLM` on random Llama 3-shaped checkpoints.
 
 float32 logits within 1e-4 over a prefill and 20 cached decode steps, greedy generation
-token-identical to `generate(do_sample=False)`, and cached decoding equal to uncached.
+token-identical to transformers' greedy decoding, and cached decoding equal to uncached.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_random_llama
+from helpers import build_random_llama, encode, greedy_tokens, reference_tokens
 from transformers import LlamaForCausalLM
 
 from cake.model.llama import Llama
@@ -160,16 +159,9 @@ def test_uncached_reference_agrees_with_our_decode_position(pair: Pair) -> None:
     torch.testing.assert_close(last, reference, atol=ATOL, rtol=0)
 
 
-def test_greedy_tokens_equal_transformers_generate(pair: Pair) -> None:
+def test_greedy_tokens_equal_transformers(pair: Pair) -> None:
     prompt = random_tokens(pair.vocab, 12, seed=5)
-    expected = pair.reference.generate(
-        prompt,
-        do_sample=False,
-        max_new_tokens=DECODE_STEPS,
-        min_new_tokens=DECODE_STEPS,
-        pad_token_id=0,
-    )[0, prompt.shape[1] :].tolist()
-    assert len(expected) == DECODE_STEPS
+    expected = reference_tokens(pair.folder, prompt[0].tolist(), DECODE_STEPS)
     assert ours_greedy(pair.ours, prompt, DECODE_STEPS) == expected
 
 
@@ -196,42 +188,11 @@ def test_partial_models_compose_to_the_whole(pair: Pair) -> None:
 # --- through the Master (needs a tokenizer in the folder) ------------------------------------
 
 
-def _master_greedy(folder: Path, prompt_ids: list[int], n_new: int) -> list[int]:
-    from cake.decoding.sampling import SamplingParams
-    from cake.master import Master, MasterSettings
-
-    async def run() -> list[int]:
-        master = await Master.open(
-            MasterSettings(folder, device="cpu", dtype="f32", max_seq_len=MAX_SEQ_LEN)
-        )
-        try:
-            params = SamplingParams(temperature=0.0)
-            return [t async for t in master.generate(prompt_ids, params, n_new, ignore_eos=True)]
-        finally:
-            await master.close()
-
-    return asyncio.run(run())
-
-
 @pytest.mark.parametrize("fixture_name", ["tiny_llama", "tiny_llama_tied"])
-def test_master_greedy_equals_transformers_generate(
+def test_master_greedy_equals_transformers(
     fixture_name: str, request: pytest.FixtureRequest
 ) -> None:
-    from transformers import AutoTokenizer
-
     folder: Path = request.getfixturevalue(fixture_name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    from cake.model.tokenizer import encode_prompt
-
-    prompt_ids = encode_prompt(tokenizer, "Tell me a story about a dragon.")
-    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    # No EOS: both sides run the full length (ignore_eos on ours), with nothing masked on theirs.
-    reference.generation_config.eos_token_id = None
-    expected = reference.generate(
-        torch.tensor([prompt_ids]),
-        do_sample=False,
-        max_new_tokens=DECODE_STEPS,
-        pad_token_id=0,
-    )[0, len(prompt_ids) :].tolist()
-    assert len(expected) == DECODE_STEPS
-    assert _master_greedy(folder, prompt_ids, DECODE_STEPS) == expected
+    prompt_ids = encode(folder, "Tell me a story about a dragon.")
+    expected = reference_tokens(folder, prompt_ids, DECODE_STEPS)
+    assert greedy_tokens(folder, prompt_ids, DECODE_STEPS, max_seq_len=MAX_SEQ_LEN) == expected

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from cluster import GREEDY, cluster
+from helpers import greedy_tokens, reference_tokens
 
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.decoding.stats import GenerationStats
@@ -20,35 +20,14 @@ CHUNK = 16  # 5 chunks: 16, 16, 16, 16, 6
 N = 10
 
 
-def reference_tokens(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with transformers' LlamaForCausalLM, no cache."""
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    seq = list(prompt_ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    return seq[len(prompt_ids) :]
-
-
 async def greedy(master: Master, stats: GenerationStats | None = None) -> list[int]:
     return [t async for t in master.generate(PROMPT, GREEDY, N, ignore_eos=True, stats=stats)]
 
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama: Path) -> list[int]:
-    """The local, single-chunk greedy text, checked against transformers."""
-
-    async def local() -> list[int]:
-        master = await Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32"))
-        try:
-            assert master.pipeline.micro_batch >= len(PROMPT)
-            return await greedy(master)
-        finally:
-            await master.close()
-
-    tokens = asyncio.run(local())
+    """The local greedy text, checked against transformers (the prompt in one forward)."""
+    tokens = greedy_tokens(tiny_llama, PROMPT, N)
     assert tokens == reference_tokens(tiny_llama, PROMPT, N)
     return tokens
 
@@ -97,6 +76,7 @@ def test_chunked_prompt_over_workers_equals_local(
     assert max(frames) == CHUNK  # no request carried more than one chunk
 
 
+@pytest.mark.slow  # a worker process, killed and restarted
 def test_worker_lost_mid_prefill_is_replayed(
     tiny_llama: Path, expected: list[int], tmp_path: Path
 ) -> None:

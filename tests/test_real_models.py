@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import reference_tokens
 from transformers import LlamaForCausalLM
 
 from cake.decoding.sampling import SamplingParams
@@ -33,11 +34,7 @@ def master(smollm2_dir: Path) -> Master:
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir: Path) -> LlamaForCausalLM:
-    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    # Both sides must run the full length: ours with ignore_eos, theirs with no EOS at all
-    # (min_new_tokens would mask EOS instead, which changes the argmax where EOS would win).
-    model.generation_config.eos_token_id = None
-    return model
+    return LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
 def generate(
@@ -80,14 +77,10 @@ def test_prefill_logits_match_transformers(smollm2_dir: Path, reference: LlamaFo
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_greedy_tokens_equal_transformers_for_32_tokens(
-    master: Master, reference: LlamaForCausalLM
-) -> None:
+def test_greedy_tokens_equal_transformers_for_32_tokens(master: Master, smollm2_dir: Path) -> None:
+    # Both sides run the full length: ours with ignore_eos, the reference with no EOS at all.
     prompt_ids = master.encode("Write a short poem about the sea.")
-    with torch.inference_mode():
-        expected = reference.generate(
-            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=32, pad_token_id=0
-        )[0, len(prompt_ids) :].tolist()
+    expected = reference_tokens(smollm2_dir, prompt_ids, 32)
     tokens, stats = generate(master, prompt_ids, 32, ignore_eos=True)
     assert len(expected) == 32
     assert stats.new_tokens == 32

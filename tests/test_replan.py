@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from cluster import GREEDY
+from helpers import reference_tokens, run_cli
 from test_cluster_setup import KEY, SEQ_LEN, cached_tensors, empty_worker, options
-from test_distributed import reference_tokens
 
 from cake.cluster.measure import block_bytes
 from cake.cluster.setup import prepare_cluster, replanning
@@ -115,6 +115,7 @@ def test_lost_worker_is_planned_around_and_sessions_resume(
             worker.stop()
 
 
+@pytest.mark.slow  # an empty worker process, killed
 def test_without_a_plan_of_its_own_a_lost_worker_ends_the_generation(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
@@ -199,30 +200,22 @@ def test_resumed_steps_run_again_as_they_ran() -> None:
     assert calls[-1] == ([10], 7, Output.LAST_LOGITS)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cake.cli", *args, "--device", "cpu"]
-
-
 @pytest.mark.slow
 def test_cli_quantized_push_gives_the_local_quantized_text(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    """`cake-cli --workers … --quantize int4` end to end: the worker holds int4 tensors, and
-    the text is the one `cake-cli --quantize int4` prints alone."""
+    """`cake-cli --workers … --quantize int4` end to end (the master in this process, the
+    worker a process): the worker holds int4 tensors, and the text is the one
+    `cake-cli --quantize int4` prints alone."""
     cache = tmp_path / "cache"
     worker = empty_worker("w", cache)
     try:
         common = ["--model", str(tiny_llama), "--quantize", "int4", "--prompt", "hi", "-n", "8"]
-        common += ["--ignore-eos", "--temperature", "0"]
+        common += ["--ignore-eos", "--temperature", "0", "--device", "cpu"]
         cluster_args = ["--workers", f"127.0.0.1:{worker.port}", "--cluster-key", KEY]
-        pushed = subprocess.run(
-            _cli(*common, *cluster_args, "--master-blocks", "0"),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        alone = subprocess.run(_cli(*common), capture_output=True, text=True, timeout=300)
-        assert pushed.returncode == 0, pushed.stderr
+        pushed = run_cli(*common, *cluster_args, "--master-blocks", "0")
+        alone = run_cli(*common)
+        assert pushed.exit_code == 0, pushed.stderr
         assert pushed.stdout == alone.stdout and pushed.stdout.strip()
         held = cached_tensors(cache)
         assert "model.layers.0.self_attn.q_proj.weight.q" in held
@@ -240,14 +233,15 @@ def test_cli_replans_a_gguf_cluster_around_a_lost_worker(
     and prints the same text as a run without the loss."""
     workers = [empty_worker(f"w{i}", tmp_path / f"cache{i}") for i in range(2)]
     addresses = ",".join(f"127.0.0.1:{w.port}" for w in workers)
-    command = _cli(
+    args = [
         "--model", str(smollm2_gguf), "--workers", addresses, "--cluster-key", KEY,
         "--prompt", "Tell me a long story about a dragon.", "-n", "160", "--ignore-eos",
-        "--temperature", "0", "--retry-timeout", "2",
-    )  # fmt: skip
+        "--temperature", "0", "--retry-timeout", "2", "--device", "cpu",
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "cake.cli", *args]
     try:
-        clean = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert clean.returncode == 0, clean.stderr
+        clean = run_cli(*args)  # the run without a loss, in this process
+        assert clean.exit_code == 0, clean.stderr
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert run.stdout is not None
         head = b""

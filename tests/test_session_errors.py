@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster import GREEDY, cluster, local_tokens
+from cluster import GREEDY, cluster
+from helpers import greedy_tokens
 
 from cake.decoding.stats import GenerationStats
 from cake.errors import WorkerError
@@ -41,7 +42,7 @@ def channels(master: Master) -> list[object]:
 
 
 def test_context_full_fails_only_its_session(tiny_llama: Path, tmp_path: Path) -> None:
-    expected = asyncio.run(local_tokens(tiny_llama, SHORT, N))
+    expected = greedy_tokens(tiny_llama, SHORT, N)
 
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, LAYERS) as (topology, workers):
@@ -72,7 +73,7 @@ def test_context_full_fails_only_its_session(tiny_llama: Path, tmp_path: Path) -
 def test_out_of_memory_names_the_worker_and_what_did_not_fit(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    expected = asyncio.run(local_tokens(tiny_llama, SHORT, N))
+    expected = greedy_tokens(tiny_llama, SHORT, N)
 
     async def run() -> None:
         async with cluster(tiny_llama, tmp_path, LAYERS) as (topology, workers):

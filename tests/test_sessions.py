@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from cluster import GREEDY, cluster
+from helpers import greedy_tokens, until
 
 from cake.engine.session_store import (
     SessionStore,
@@ -194,16 +195,6 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
     long_b = [(i * 104729) % 120000 + 1000 for i in range(300)]
     short = [128000, 9906, 1917]
 
-    async def solo(*prompts: list[int]) -> list[list[int]]:
-        master = await Master.open(MasterSettings(tiny_llama, device="cpu", dtype="f32"))
-        try:
-            results = []
-            for ids in prompts:
-                results.append([t async for t in master.generate(ids, GREEDY, 8, True)])
-            return results
-        finally:
-            await master.close()
-
     async def main() -> tuple[list[int], list[int]]:
         async with cluster(tiny_llama, tmp_path, layers, kv_memory=300 * 1024) as (topology, ws):
             master = await Master.open(
@@ -221,14 +212,14 @@ def test_full_budget_refuses_one_session_and_the_others_go_on(
                     await anext(master.generate(long_b, GREEDY, 8, ignore_eos=True))
                 other = [t async for t in master.generate(short, GREEDY, 8, ignore_eos=True)]
                 tokens += [t async for t in first]
-                await asyncio.sleep(0.1)  # let the workers read the close messages
-                assert all(w.store.reserved_bytes == 0 for w in ws.values())
+                # Every session's budget comes back once the workers read the close messages.
+                await until(lambda: all(w.store.reserved_bytes == 0 for w in ws.values()))
             finally:
                 await master.close()
             return tokens, other
 
     tokens, other = asyncio.run(main())
-    assert [tokens, other] == asyncio.run(solo(long_a, short))
+    assert [tokens, other] == [greedy_tokens(tiny_llama, ids, 8) for ids in (long_a, short)]
 
 
 def rss_bytes(pid: int) -> int:
@@ -276,7 +267,7 @@ def test_32_short_sessions_raise_a_worker_rss_by_what_they_use(
         try:
             await session("warm-up")  # thread pools and allocator arenas: not sessions' memory
             await client.close_session("warm-up")
-            await asyncio.sleep(0.2)
+            await until(lambda: "session warm-up closed" in worker.log)
             before = rss_bytes(worker.proc.pid)
             for i in range(32):
                 await session(f"s{i}")

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import GREEDY, local_tokens
+from cluster import GREEDY
+from helpers import greedy_tokens
 
 from cake.cluster.local_cluster import WorkerProcess, worker_command
 from cake.decoding.stats import GenerationStats
@@ -22,6 +23,8 @@ from cake.master import Master, MasterSettings
 from cake.wire.liveness import LivenessSettings
 
 N = 30
+
+pytestmark = pytest.mark.slow  # worker processes, frozen with SIGSTOP
 LIVENESS = LivenessSettings.for_heartbeat_timeout(1.0)  # small, so the tests stay fast
 
 
@@ -117,7 +120,7 @@ async def generate_with_stall(
 
 
 def test_short_stall_gives_the_same_text(workers: Workers) -> None:
-    expected = asyncio.run(local_tokens(workers.model, "hi", N))
+    expected = greedy_tokens(workers.model, "hi", N)
     tokens, stats = asyncio.run(
         asyncio.wait_for(generate_with_stall(workers, stall_s=3.0, retry_timeout=30), 120)
     )

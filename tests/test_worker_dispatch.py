@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from cluster import cluster, generate, local_tokens
+from cluster import N_TOKENS, cluster, generate
+from helpers import greedy_tokens
 
 from cake.engine.worker_requests import INLINE_MAX_POSITIONS
 from cake.master import Master, MasterSettings
@@ -35,8 +36,7 @@ def test_every_dispatch_gives_the_local_tokens(
 ) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # auto: decode inline, prefill offloaded
 
-    async def main() -> tuple[list[int], list[int], list[tuple[int, str]]]:
-        expected = await local_tokens(tiny_llama, PROMPT)
+    async def main() -> tuple[list[int], list[tuple[int, str]]]:
         layers = {"w1": ["model.layers.0-1"], "w2": ["model.layers.2-3"]}
         async with cluster(tiny_llama, tmp_path, layers, compute=compute) as (topology, workers):
             seen = _record_threads(workers["w1"])
@@ -49,10 +49,10 @@ def test_every_dispatch_gives_the_local_tokens(
                 tokens, _ = await generate(master, PROMPT)
             finally:
                 await master.close()
-        return expected, tokens, seen
+        return tokens, seen
 
-    expected, tokens, seen = asyncio.run(main())
-    assert tokens == expected
+    tokens, seen = asyncio.run(main())
+    assert tokens == greedy_tokens(tiny_llama, PROMPT, N_TOKENS)
     prefill, decode = seen[0], seen[1:]
     assert prefill[0] > INLINE_MAX_POSITIONS and all(n == 1 for n, _ in decode)
     loop_thread = threading.main_thread().name  # asyncio.run's loop runs on this thread
