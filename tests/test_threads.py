@@ -1,4 +1,8 @@
-"""The thread-waiting policy: spin alone, sleep beside other stages, the option overrides."""
+"""The thread-waiting policy: spin alone, sleep beside other stages, the option overrides.
+
+The machine's load is pinned in every test (idle unless a test says otherwise), so that no
+result depends on how busy the machine running the tests is: a rule that wrongly fell through
+to the load would otherwise pass whenever the machine happened to be busy."""
 
 from __future__ import annotations
 
@@ -8,12 +12,20 @@ import sys
 
 import pytest
 
+from cake.host import threads
 from cake.host.network import is_this_host
 from cake.host.threads import choose_wait_policy
 
 ELSEWHERE = "192.0.2.7"  # TEST-NET-1: documentation only, never an address of this machine
 CLEAN: dict[str, str] = {}  # an environment without OMP_WAIT_POLICY or CAKE_COLOCATED
 IDLE = (0.1, 2)  # (1-minute load average, cores): nothing else running
+BUSY = (3.0, 2)
+
+
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a test passes no load, the policy measures it: it finds an idle machine."""
+    monkeypatch.setattr(threads, "machine_load", lambda: IDLE)
 
 
 def test_explicit_option_wins_over_everything() -> None:
@@ -43,7 +55,7 @@ def test_local_master_spins() -> None:
 
 
 def test_a_busy_machine_sleeps() -> None:
-    policy = choose_wait_policy("auto", mode="master", env=CLEAN, load=(3.0, 2))
+    policy = choose_wait_policy("auto", mode="master", env=CLEAN, load=BUSY)
     assert policy.wait == "sleep"
     assert "load average 3.0 on 2 cores" in policy.reason
 
@@ -119,35 +131,78 @@ def test_bad_option() -> None:
         choose_wait_policy("busy", mode="master", env=CLEAN)
 
 
+# The CLI in a process of its own (it must choose before torch loads, and this one has torch):
+# the real click entry point parses the arguments, then stops and reports right after choosing,
+# with the machine's load pinned as given.
+CLI_POLICY = """
+import json, os, sys
+from cake import cli
+from cake.host import threads
+
+threads.machine_load = lambda: tuple(json.loads(os.environ["TEST_LOAD"]))
+choose = cli._setup_threads
+
+def choose_then_report(opts):
+    choose(opts)
+    print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+    sys.exit(0)
+
+cli._setup_threads = choose_then_report
+cli.main(sys.argv[1:], prog_name="cake-cli")
+"""
+
+
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "load", "expected"),
     [
-        (["--thread-wait", "spin"], "ACTIVE"),
-        (["--thread-wait", "sleep"], "PASSIVE"),
-        (["--topology", "{topology}"], "PASSIVE"),
-        (["--mode", "worker", "--address", "127.0.0.1:5000"], "PASSIVE"),
-        (["--mode", "worker", "--address", "0.0.0.0:5000", "--colocated", "1"], "PASSIVE"),
-        (["--mode", "worker", "--address", "0.0.0.0:5000", "--thread-wait", "spin"], "ACTIVE"),
+        ([], IDLE, "ACTIVE"),  # a master alone on an idle machine spins
+        ([], BUSY, "PASSIVE"),  # ... and sleeps on a busy one
+        (["--thread-wait", "spin"], BUSY, "ACTIVE"),
+        (["--thread-wait", "sleep"], IDLE, "PASSIVE"),
+        (["--topology", "{topology}"], IDLE, "PASSIVE"),  # a worker on this host
+        (["--api", "127.0.0.1:0"], IDLE, "PASSIVE"),
+        (["--workers", "127.0.0.1:5000"], IDLE, "PASSIVE"),
+        (["--workers", "192.0.2.7:5000"], IDLE, "ACTIVE"),
+        (["--mode", "worker", "--address", "127.0.0.1:5000"], IDLE, "PASSIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000"], IDLE, "ACTIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000", "--colocated"], IDLE, "PASSIVE"),
+        (["--mode", "worker", "--address", "0.0.0.0:5000"], BUSY, "PASSIVE"),
+        (
+            ["--mode", "worker", "--address", "0.0.0.0:5000", "--thread-wait", "spin"],
+            BUSY,
+            "ACTIVE",
+        ),
+    ],
+    ids=[
+        "master alone, idle",
+        "master alone, busy",
+        "spin forced, busy",
+        "sleep forced, idle",
+        "worker on this host",
+        "api",
+        "--workers on this host",
+        "--workers elsewhere",
+        "worker on loopback",
+        "worker alone, idle",
+        "worker colocated",
+        "worker alone, busy",
+        "worker spin forced, busy",
     ],
 )
-def test_cli_sets_the_policy_before_torch_loads(tmp_path, args: list[str], expected: str) -> None:
-    """The CLI process exports its choice before anything imports torch (libgomp reads it then)."""
+def test_cli_sets_the_policy_before_torch_loads(
+    tmp_path, args: list[str], load: tuple[float, int], expected: str
+) -> None:
+    """cake-cli exports its choice before anything imports torch (libgomp reads it then)."""
     topology = tmp_path / "topology.yml"
     topology.write_text("w1:\n  host: '127.0.0.1:1'\n  layers: ['model.layers.0']\n")
     args = [a.format(topology=topology) for a in args]
-    code = (
-        "import os, sys\n"
-        "from cake import cli\n"
-        "opts = dict(mode='master', thread_wait='auto', api_address=None, colocated=False,\n"
-        "            topology=None, name=None, address=None, threads=None)\n"
-        f"argv = {args!r}\n"
-        "for flag, value in zip(argv[::2], argv[1::2]):\n"
-        "    opts[flag.removeprefix('--').replace('-', '_')] = value\n"
-        "cli._setup_threads(opts)\n"
-        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)\n"
-    )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "TEST_LOAD": str(list(load))}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", CLI_POLICY, "--model", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
-    assert out.stdout.split() == [expected, "False"]
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected, "False"], out.stderr
