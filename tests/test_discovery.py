@@ -7,18 +7,27 @@ made-up worker. Only the first may be found.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from cake.cluster.local_cluster import WorkerProcess
 from cake.topology import parse_topology
-from cake.wire.discovery import announcement, check_announcement, check_probe, probe
+from cake.wire.discovery import (
+    Found,
+    announcement,
+    check_announcement,
+    check_probe,
+    discover,
+    probe,
+)
 
 KEY = "discovery-test-key"
 SUBNET = "10.231.77"
@@ -35,6 +44,74 @@ def test_probe_and_answer_need_the_key() -> None:
     assert check_announcement(b"k", os.urandom(32), answer) is None  # a replayed old answer
     assert check_announcement(b"k", nonce, b"\xff" * 40) is None
     assert check_probe(b"k", b"") is None
+
+
+class Answerer(asyncio.DatagramProtocol):
+    """A UDP peer on loopback that answers each probe with the datagrams `answers(nonce)`: what
+    workers, replayers and forgers send back. Counts the probes it answered."""
+
+    def __init__(self, answers: Callable[[bytes], list[bytes]]) -> None:
+        self.answers, self.answered = answers, 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        nonce = check_probe(KEY.encode(), data)
+        assert nonce is not None and self.transport is not None
+        for answer in self.answers(nonce):
+            self.transport.sendto(answer, addr)
+        self.answered += 1
+
+
+def _tampered(datagram: bytes, **changes: object) -> bytes:
+    """An announcement with fields changed after its MAC was made."""
+    return msgpack.packb({**msgpack.unpackb(datagram), **changes})
+
+
+def test_discover_refuses_replayed_and_forged_announcements() -> None:
+    """discover() itself, on loopback. A worker's announcement is captured in one round; in the
+    next, every probe is answered with that announcement again (a replay: right key, old
+    nonce), one made with a guessed key, ones whose name or port was changed under the MAC, and
+    one honest answer. Only the honest worker is found."""
+    key = KEY.encode()
+
+    async def discover_from(answers: Callable[[bytes], list[bytes]], **kw: object):  # type: ignore[no-untyped-def]
+        transport, answerer = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: Answerer(answers), local_addr=("127.0.0.1", 0)
+        )
+        port = transport.get_extra_info("sockname")[1]
+        try:
+            found = await discover(key, port=port, targets=["127.0.0.1"], **kw)  # type: ignore[arg-type]
+        finally:
+            transport.close()
+        return found, answerer.answered
+
+    captured: list[bytes] = []
+
+    def honest(nonce: bytes) -> list[bytes]:
+        captured.append(announcement(key, nonce, "w1", 10128))
+        return captured[-1:]
+
+    def replayed_forged_and_honest(nonce: bytes) -> list[bytes]:
+        made = announcement(key, nonce, "w3", 10300)
+        return [
+            captured[0],
+            announcement(b"a guessed key", nonce, "evil", 6666),
+            _tampered(made, name="w4"),
+            _tampered(made, port=10400),
+            announcement(key, nonce, "w2", 10200),
+        ]
+
+    first, _ = asyncio.run(discover_from(honest, timeout=10, min_workers=1))
+    assert first == [Found("w1", "127.0.0.1", 10128)]
+    # min_workers=2: were any wrong answer taken, discover() would stop early with two.
+    found, answered = asyncio.run(
+        discover_from(replayed_forged_and_honest, timeout=1, min_workers=2)
+    )
+    assert answered >= 1  # the wrong answers did reach discover()
+    assert found == [Found("w2", "127.0.0.1", 10200)]
 
 
 def _ip(*args: str) -> None:
