@@ -1,5 +1,8 @@
 """Worker loss: killed mid-generation and restarted (same text, nothing printed twice), gone for
-good (a clear error, the text so far kept), restarted while the master is idle (picked up)."""
+good (a clear error, the text so far kept), restarted while the master is idle (picked up).
+
+Real worker processes, killed with SIGKILL as a crash would: every test here is `slow`. Each
+test starts its own workers, since each kills one."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import GREEDY, local_tokens
+from cluster import GREEDY
 from cluster import ProcessCluster as Cluster
+from helpers import greedy_tokens
 
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.stats import GenerationStats
@@ -20,6 +24,8 @@ from cake.errors import WorkerError
 from cake.master import Master, MasterSettings
 
 N = 40
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -39,7 +45,7 @@ async def open_master(cluster: Cluster, retry_timeout: float = 60) -> Master:
 
 
 def test_worker_killed_and_restarted_mid_generation(two_workers: Cluster) -> None:
-    expected = asyncio.run(local_tokens(two_workers.model, "hi", N))
+    expected = greedy_tokens(two_workers.model, "hi", N)
     restarted = threading.Thread()
 
     async def run() -> tuple[list[int], GenerationStats]:
@@ -68,7 +74,6 @@ def test_worker_killed_and_restarted_mid_generation(two_workers: Cluster) -> Non
     assert stats.round_trips == 2 * (stats.decode_steps + 1) + 10
 
 
-@pytest.mark.slow
 def test_quantized_blocks_replay_to_the_same_text(smollm2_gguf: Path, tmp_path: Path) -> None:
     """The demo GGUF's int4 kernels round a many-row product unlike one row at a time, so a
     replay must send each forward as it was first sent: replayed in 512-position chunks, this
@@ -137,6 +142,9 @@ def test_worker_restarted_while_idle_is_picked_up(two_workers: Cluster) -> None:
 
 
 def test_cli_keeps_the_text_so_far_when_a_worker_is_lost(tiny_llama: Path, tmp_path: Path) -> None:
+    """The only worker is killed for good once the text is streaming: cake-cli ends with the
+    named error, and what it printed is exactly the unfaulted greedy text's first tokens (as the
+    CLI prints a cut run: the text of the tokens so far, then a newline)."""
     topology = tmp_path / "topology.yml"
     (worker,) = start_local_cluster(
         tiny_llama,
@@ -170,6 +178,7 @@ def test_cli_keeps_the_text_so_far_when_a_worker_is_lost(tiny_llama: Path, tmp_p
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        bufsize=0,  # unbuffered: communicate() below reads the pipe itself, past any buffer
     )
     try:
         first = master.stdout.read(1)  # text is streaming: the generation is under way
@@ -179,15 +188,35 @@ def test_cli_keeps_the_text_so_far_when_a_worker_is_lost(tiny_llama: Path, tmp_p
         master.kill()
         worker.stop()
     assert master.returncode == 1
-    assert first and len(first + rest) > 1
     assert f"worker w1 at 127.0.0.1:{port} did not come back within 1s" in stderr.decode()
+    printed = (first + rest).decode()
+    assert _tokens_printed(tiny_llama, "hi", printed) >= 1, printed
+
+
+def _tokens_printed(model: Path, prompt: str, printed: str) -> int:
+    """m such that `printed` is the text of the unfaulted greedy run's first m tokens and a
+    newline (how the CLI ends a cut run); fails if there is no such m. (The worker is killed
+    right after the first byte: a few tokens at most get out, far fewer than the 500 the
+    model's context holds.)"""
+    from cake.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    tokens = greedy_tokens(model, prompt, 500)
+    texts: list[str] = []
+    for m in range(len(tokens) + 1):
+        texts.append(tokenizer.decode(tokens[:m], skip_special_tokens=True) + "\n")
+        if len(texts[-1]) > len(printed) + 8:
+            break
+    matches = [m for m, text in enumerate(texts) if text == printed]
+    assert matches, f"printed {printed!r}: not the start of the unfaulted text {texts[-1]!r}"
+    return max(matches)
 
 
 def test_worker_killed_during_batched_steps(two_workers: Cluster) -> None:
     """Three sessions batched through two worker processes; w2 is killed mid-generation and
     restarted: every session in the batch is replayed and gets its solo text."""
     prompts = ["hi", "tell me more", "why"]
-    expected = [asyncio.run(local_tokens(two_workers.model, p, N)) for p in prompts]
+    expected = [greedy_tokens(two_workers.model, p, N) for p in prompts]
     restarted = threading.Thread()
 
     async def run() -> list[list[int]]:
