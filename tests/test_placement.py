@@ -6,8 +6,18 @@ import itertools
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cake.cluster.placement import MASTER, PlacementError, StageCost, objective, place
+from cake.cluster.placement import (
+    MASTER,
+    PlacementError,
+    StageCost,
+    cost_of_ranges,
+    keep_or_replace,
+    objective,
+    place,
+)
 
 
 def _brute_force(stages: list[StageCost], n_layers: int) -> float:
@@ -128,3 +138,52 @@ def test_what_the_workers_hold_is_kept_unless_clearly_worse() -> None:
     best = place(stages(2.0), 8)
     ranges, kept = keep_or_replace(stages(2.0), 8, best, held)
     assert kept is None and len(ranges["b"]) < 4
+
+
+@st.composite
+def cluster_costs(draw: st.DrawFn) -> tuple[list[StageCost], int]:
+    """A master and up to 6 workers with random block times, round trips and capacities."""
+    n_layers = draw(st.integers(1, 40))
+    times = st.floats(0.01, 50.0, allow_nan=False, allow_infinity=False)
+    capacity = st.integers(0, n_layers + 3)
+    workers = [
+        StageCost(f"w{i}", draw(times), draw(st.floats(0.0, 20.0)), draw(capacity))
+        for i in range(draw(st.integers(0, 6)))
+    ]
+    master = StageCost(MASTER, draw(times), 0.0, draw(capacity))
+    stages = [master, *workers]
+    # The master may come anywhere in the list: the plan still puts its blocks last.
+    stages.insert(draw(st.integers(0, len(workers))), stages.pop(0))
+    return stages, n_layers
+
+
+@settings(max_examples=300, deadline=None)
+@given(cluster_costs())
+def test_every_placement_is_valid(case: tuple[list[StageCost], int]) -> None:
+    """Whatever the costs: the ranges are contiguous, cover every block once and in order,
+    workers in the order given and the master last, within every stage's capacity; the counts
+    are the ranges' lengths; and the plan's cost is what cost_of_ranges says of its ranges."""
+    stages, n_layers = case
+    if sum(min(s.capacity, n_layers) for s in stages) < n_layers:
+        with pytest.raises(PlacementError, match="do not fit"):
+            place(stages, n_layers)
+        return
+    plan = place(stages, n_layers)
+    assert len(plan.counts) == len(stages)
+    covered = [block for _, blocks in plan.ranges for block in blocks]
+    assert covered == list(range(n_layers))  # contiguous, every block once, in order
+    for _, blocks in plan.ranges:
+        assert len(blocks) >= 1 and blocks.step == 1
+    for stage, count in zip(stages, plan.counts, strict=True):
+        assert 0 <= count <= stage.capacity
+        held = [blocks for s, blocks in plan.ranges if s is stage]
+        assert [len(blocks) for blocks in held] == ([count] if count else [])
+    names = [stage.name for stage, _ in plan.ranges]
+    workers = [s.name for s in stages if s.name != MASTER]
+    assert [n for n in names if n != MASTER] == [n for n in workers if n in names]
+    assert MASTER not in names[:-1]  # the master's blocks, if any, come last
+    worker_ranges = {stage.name: blocks for stage, blocks in plan.ranges if stage.name != MASTER}
+    assert cost_of_ranges(stages, n_layers, worker_ranges) == pytest.approx(plan.cost_ms)
+    # What keep_or_replace hands on is a valid plan too: the held ranges or the best ones.
+    ranges, kept = keep_or_replace(stages, n_layers, plan, worker_ranges)
+    assert (ranges, kept) == (worker_ranges, None)
