@@ -7,12 +7,12 @@ import asyncio
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from cluster import cluster, generate, local_tokens
+from cluster import N_TOKENS, cluster, generate, workers_in_thread
+from helpers import greedy_tokens, run_cli, until
 
 import cake
 from cake.cluster.local_cluster import start_local_cluster, start_workers
@@ -59,7 +59,7 @@ async def open_and_generate(folder: Path, topology: Path, **options: object) -> 
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama: Path) -> list[int]:
-    return asyncio.run(local_tokens(tiny_llama, "hi"))
+    return greedy_tokens(tiny_llama, "hi", N_TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -95,42 +95,21 @@ def test_cluster_key_handshake(
 
 
 def test_wrong_key_from_the_cli_prints_no_text(tiny_llama: Path, tmp_path: Path) -> None:
-    topology = tmp_path / "topology.yml"
-    workers = start_local_cluster(
-        tiny_llama,
-        {"w1": ["model.layers.0-3"]},
-        topology,
-        extra=("--device", "cpu", "--cluster-key", "right"),
-    )
-    try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cake.cli",
-                "--model",
-                str(tiny_llama),
-                "--topology",
-                str(topology),
-                "--prompt",
-                "hi",
-                "-n",
-                "4",
-                "--device",
-                "cpu",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "CAKE_CLUSTER_KEY": "wrong"},
+    """cake-cli (in this process) with CAKE_CLUSTER_KEY set wrong: one error, no text."""
+    with workers_in_thread(
+        tiny_llama, tmp_path, {"w1": ["model.layers.0-3"]}, cluster_key=b"right"
+    ) as (topology, _):
+        result = run_cli(
+            *("--model", str(tiny_llama), "--topology", str(topology), "--prompt", "hi"),
+            *("-n", "4", "--device", "cpu"),
+            env={"CAKE_CLUSTER_KEY": "wrong"},
         )
-    finally:
-        workers[0].stop()
-    assert result.returncode != 0
+    assert result.exit_code == 1
     assert result.stdout == ""
     assert "cluster key mismatch" in result.stderr
 
 
+@pytest.mark.slow
 def test_worker_on_a_public_address_without_key_warns(tiny_llama: Path, tmp_path: Path) -> None:
     topology = tmp_path / "topology.yml"
     topology.write_text(yaml.safe_dump({"w1": {"host": "0.0.0.0:1", "layers": ["model.layers.0"]}}))
@@ -227,19 +206,11 @@ def test_tls_checks_the_host_name(tiny_llama: Path, expected: list[int], tmp_pat
     with_cluster(tiny_llama, tmp_path, check, tls=server_tls(str(cert), str(key)))
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cake.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-
-
+@pytest.mark.slow
 def test_tls_and_cluster_key_through_the_cli(tiny_llama: Path, tmp_path: Path) -> None:
-    """Worker and master processes with --tls-cert/--tls-key/--tls-ca and CAKE_CLUSTER_KEY:
-    the text is the local run's; without --tls-ca the master is refused with the hint."""
+    """Worker processes with --tls-cert/--tls-key and CAKE_CLUSTER_KEY, cake-cli as the master
+    (in this process) with --tls-ca and the same key: the text is the local run's; without
+    --tls-ca the master is refused with the hint."""
     cert, key = make_certificate(tmp_path, "worker")
     topology = tmp_path / "topology.yml"
     env = {**os.environ, "CAKE_CLUSTER_KEY": "k3y"}
@@ -253,17 +224,18 @@ def test_tls_and_cluster_key_through_the_cli(tiny_llama: Path, tmp_path: Path) -
     )
     generate = ("--model", str(tiny_llama), "--prompt", "hi", "--temperature", "0", "-n", "8")
     generate += ("--ignore-eos", "--device", "cpu")
+    key = {"CAKE_CLUSTER_KEY": "k3y"}
     try:
-        remote = cli(*generate, "--topology", str(topology), "--tls-ca", str(cert), env=env)
-        plain = cli(*generate, "--topology", str(topology), env=env)
+        remote = run_cli(*generate, "--topology", str(topology), "--tls-ca", str(cert), env=key)
+        plain = run_cli(*generate, "--topology", str(topology), env=key)
     finally:
         for worker in workers:
             worker.stop()
-    local = cli(*generate)
-    assert remote.returncode == 0, remote.stderr
+    local = run_cli(*generate)
+    assert remote.exit_code == 0, remote.stderr
     assert remote.stdout == local.stdout and remote.stdout.strip()
     assert "round trips/token: 2.00" in remote.stderr
-    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.exit_code == 1 and plain.stdout == ""
     assert "pass --tls-ca" in plain.stderr
 
 
@@ -393,20 +365,13 @@ def test_too_many_unauthenticated_connections_are_refused(
     async def check(topology: Path, workers: dict) -> None:
         port, worker = port_of(topology), workers["w1"]
         silent = [await stranger(port), await stranger(port)]  # connect, say nothing
-        for _ in range(500):
-            if worker.unauthenticated == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert worker.unauthenticated == 2
+        await until(lambda: worker.unauthenticated == 2)
         third = await stranger(port)
         reply = await refusal(third)
         assert reply.code == "handshake_busy" and "try again" in reply.message
         for link in silent:
             await link.wait_closed()
-        for _ in range(500):  # their handshakes end as they close
-            if worker.unauthenticated == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: worker.unauthenticated == 0)  # their handshakes end as they close
         assert await open_and_generate(tiny_llama, topology, cluster_key="k") == expected
 
     async def run() -> None:
@@ -416,32 +381,164 @@ def test_too_many_unauthenticated_connections_are_refused(
     asyncio.run(run())
 
 
-UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
-UNSAFE_MODULES = {"pickle", "cPickle", "marshal", "shelve", "dill"}
+# Modules whose loading runs code from the data, and calls that do.
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle"}
+UNSAFE_NAMES = {
+    "builtins.eval",
+    "builtins.exec",
+    "builtins.compile",
+    "builtins.__import__",
+    "torch.load",
+    "torch.serialization.load",
+    "torch.jit.load",
+    "yaml.load",
+    "yaml.load_all",
+    "yaml.unsafe_load",
+    "yaml.unsafe_load_all",
+    "yaml.full_load",
+    "yaml.full_load_all",
+}
+BUILTINS = {name.removeprefix("builtins.") for name in UNSAFE_NAMES if name.startswith("builtins.")}
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """`a.b.c` for a chain of attributes on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+def _is_unsafe(qualified: str) -> bool:
+    return qualified in UNSAFE_NAMES or qualified.split(".")[0] in UNSAFE_MODULES
+
+
+def unsafe_uses(source: str) -> list[str]:
+    """Where `source` imports an unsafe module or names an unsafe function, however it was
+    imported: `import pickle as p; p.loads`, `from torch import load as l; l(...)`,
+    `getattr(torch, "load")`, `importlib.import_module("pickle")`, `builtins.eval` ...
+
+    Each name is resolved through the file's imports (at any depth) to the dotted name it
+    stands for; a bare eval/exec/compile/__import__ is the builtin."""
+    tree = ast.parse(source)
+    aliases: dict[str, str] = {}  # a name bound by an import -> the dotted name it stands for
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    aliases[alias.asname] = alias.name
+                else:
+                    aliases[alias.name.split(".")[0]] = alias.name.split(".")[0]
+                if _is_unsafe(alias.name):
+                    problems.append(f"{node.lineno}: imports {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                qualified = f"{node.module}.{alias.name}"
+                aliases[alias.asname or alias.name] = qualified
+                if _is_unsafe(qualified):
+                    problems.append(f"{node.lineno}: imports {qualified}")
+
+    def resolve(dotted: str) -> str:
+        head, _, rest = dotted.partition(".")
+        if head in aliases:
+            head = aliases[head]
+        elif head in BUILTINS:
+            head = f"builtins.{head}"
+        return f"{head}.{rest}" if rest else head
+
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name | ast.Attribute) and id(node) not in inner:
+            dotted = _dotted(node)
+            if dotted is not None and _is_unsafe(resolve(dotted)):
+                problems.append(f"{node.lineno}: uses {dotted} ({resolve(dotted)})")
+        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+            # getattr(module, "name") names module.name
+            func, (owner, name) = node.func, node.args[:2]
+            if (
+                isinstance(func, ast.Name)
+                and func.id == "getattr"
+                and isinstance(name, ast.Constant)
+                and isinstance(name.value, str)
+                and (dotted := _dotted(owner)) is not None
+                and _is_unsafe(f"{resolve(dotted)}.{name.value}")
+            ):
+                problems.append(f"{node.lineno}: getattr {resolve(dotted)}.{name.value}")
+        if isinstance(node, ast.Call) and node.args:
+            # importlib.import_module("pickle") and __import__("pickle")
+            dotted, first = _dotted(node.func), node.args[0]
+            if (
+                dotted is not None
+                and resolve(dotted) in ("importlib.import_module", "builtins.__import__")
+                and isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+                and _is_unsafe(first.value)
+            ):
+                problems.append(f"{node.lineno}: imports {first.value} by name")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import pickle\npickle.loads(b'')",
+        "import pickle as p\np.loads(b'')",
+        "from pickle import loads as l\nl(b'')",
+        "from pickle import *",
+        "import marshal as m",
+        "import torch\ntorch.load('x')",
+        "import torch as t\nt.load('x')",
+        "from torch import load\nload('x')",
+        "from torch import load as fetch\nfetch('x')",
+        "import torch.serialization as s\ns.load('x')",
+        "from torch.serialization import load as l\nl('x')",
+        "import torch\nf = torch.load\nf('x')",
+        "import torch\ngetattr(torch, 'load')('x')",
+        "import torch.jit\ntorch.jit.load('x')",
+        "import yaml as y\ny.load('x')",
+        "from yaml import unsafe_load\nunsafe_load('x')",
+        "eval('1')",
+        "exec('x = 1')",
+        "compile('1', 'f', 'eval')",
+        "__import__('os')",
+        "import builtins\nbuiltins.eval('1')",
+        "import builtins as b\nb.exec('1')",
+        "from builtins import eval as e\ne('1')",
+        "import importlib\nimportlib.import_module('pickle')",
+        "def f():\n    import pickle as p\n    return p.loads(b'')",
+    ],
+)
+def test_the_unsafe_code_check_sees_through_aliases(source: str) -> None:
+    assert unsafe_uses(source), f"not caught:\n{source}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import torch\ntorch.save({}, 'x')\ntorch.compile(f)",
+        "import re\nre.compile('x')",
+        "import json\njson.loads('1')",
+        "import yaml\nyaml.safe_load('x')",
+        "from safetensors.torch import load_file\nload_file('x')",
+        "model.eval()",
+        "import torch as t\nt.nn.Module().eval()",
+        "def load(x): ...\nload(1)",
+    ],
+)
+def test_the_unsafe_code_check_passes_safe_code(source: str) -> None:
+    assert unsafe_uses(source) == []
 
 
 def test_no_code_deserialisation_in_the_package() -> None:
-    """Nothing in cake may deserialise code: no pickle, torch.load, eval/exec, yaml.load."""
-    problems = []
-    for path in Path(cake.__file__).parent.rglob("*.py"):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            where = f"{path.name}:{getattr(node, 'lineno', '?')}"
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                if any(n.split(".")[0] in UNSAFE_MODULES for n in names):
-                    problems.append(f"{where} imports {names}")
-            elif isinstance(node, ast.Call):
-                func = node.func
-                if isinstance(func, ast.Name) and func.id in UNSAFE_CALLS:
-                    problems.append(f"{where} calls {func.id}")
-                if isinstance(func, ast.Attribute):
-                    owner = func.value.id if isinstance(func.value, ast.Name) else ""
-                    if (owner, func.attr) in {
-                        ("torch", "load"),
-                        ("yaml", "load"),
-                        ("yaml", "unsafe_load"),
-                        ("yaml", "full_load"),
-                    }:
-                        problems.append(f"{where} calls {owner}.{func.attr}")
+    """Nothing in cake may deserialise code: no pickle, torch.load, eval/exec, yaml.load, under
+    any alias."""
+    problems = [
+        f"{path.relative_to(Path(cake.__file__).parent)}:{problem}"
+        for path in sorted(Path(cake.__file__).parent.rglob("*.py"))
+        for problem in unsafe_uses(path.read_text())
+    ]
     assert problems == []
