@@ -1,5 +1,7 @@
 """A live worker process fed hostile bytes and messages: each gets an error reply where one is
-possible and its connection closes; the worker keeps serving everyone else correctly."""
+possible; a peer that breaks the protocol loses its connection, a request the worker refuses
+leaves the connection (which a master's other sessions share) serving; and the worker keeps
+serving everyone else correctly."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
-from cluster import generate, local_tokens
+from cluster import N_TOKENS, generate
+from helpers import greedy_tokens
 
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster
 from cake.master import Master, MasterSettings
@@ -22,6 +25,7 @@ from cake.wire.protocol import (
     Forward,
     FrameDecoder,
     Hello,
+    Ping,
     encode_frame,
     fingerprint_config,
     tensor_to_wire,
@@ -85,10 +89,19 @@ def forward(
     return frame(message)
 
 
+PING = encode_frame(Ping(id=99).to_wire())
+
+
 def exchange(
-    port: int, payload: bytes, hello: bytes | None, wait: float = 15.0, half_close: bool = False
+    port: int,
+    payload: bytes,
+    hello: bytes | None,
+    wait: float = 15.0,
+    half_close: bool = False,
+    until: Callable[[list[dict]], bool] | None = None,
 ) -> tuple[list[dict], bool]:
-    """Send (hello +) payload; read replies until the worker closes or `wait` passes."""
+    """Send (hello +) payload; read replies until the worker closes, `until(replies)` holds
+    (the connection is then still open), or `wait` passes. (replies, closed by the worker)."""
     decoder = FrameDecoder()
     replies: list[dict] = []
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
@@ -100,19 +113,21 @@ def exchange(
         sock.sendall(payload)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
-        closed = False
         try:
-            while True:
+            while until is None or not until(replies):
                 chunk = sock.recv(1 << 16)
                 if not chunk:
-                    closed = True
-                    break
+                    return replies, True
                 replies.extend(decoder.feed(chunk))
         except TimeoutError:
-            closed = False
+            return replies, False
         except ConnectionResetError:  # closed with unread bytes still in its buffer
-            closed = True
-    return replies, closed
+            return replies, True
+    return replies, False
+
+
+def answered_ping(replies: list[dict]) -> bool:
+    return any(r["type"] == "pong" for r in replies) and any(r["type"] == "error" for r in replies)
 
 
 def tensor(dtype: str = "f32", shape=(1, 1, HIDDEN), data: bytes | None = None) -> dict:
@@ -136,54 +151,86 @@ def forward_with(**fields: object) -> bytes:
     return frame(message)
 
 
-CASES: dict[str, tuple[Callable[[], bytes], bool, str | None]] = {
-    # name: (payload, send hello first, expected error fragment; None = closed, no reply)
-    "random bytes": (lambda: random.Random(0).randbytes(4096), False, "exceeds the limit"),
-    "no hello first": (lambda: forward(), False, "expected 'hello' first"),
-    "length prefix of 4 GB": (lambda: b"\xff\xff\xff\xff" + b"\0" * 16, True, "exceeds the limit"),
-    "msgpack list, not a map": (lambda: raw_frame(msgpack.packb([1, 2, 3])), True, "map"),
-    "not msgpack at all": (lambda: raw_frame(b"\xc1\xc1\xc1"), True, "not valid msgpack"),
-    "unknown message type": (lambda: frame({"type": "launch"}), True, "unknown message type"),
-    "field of the wrong type": (lambda: forward_with(blocks="abc"), True, "'blocks'"),
-    "missing field": (lambda: frame({"type": "forward", "id": 1}), True, "missing field"),
-    "wrong dtype": (lambda: forward_with(hidden=tensor("i64")), True, "not allowed"),
+# A peer that breaks the protocol (bytes that are no frame, a message that is no message) loses
+# its connection after the error reply. A well-formed request the worker refuses (an unknown
+# session, a block it does not serve, ...) gets an error reply with its id, and the connection
+# serves on: a master's other sessions share it.
+CLOSES, SERVES_ON = True, False
+
+CASES: dict[str, tuple[Callable[[], bytes], bool, str | None, bool]] = {
+    # name: (payload, send hello first, expected error fragment, closes the connection)
+    "random bytes": (lambda: random.Random(0).randbytes(4096), False, "exceeds the limit", CLOSES),
+    "no hello first": (lambda: forward(), False, "expected 'hello' first", CLOSES),
+    "length prefix of 4 GB": (
+        lambda: b"\xff\xff\xff\xff" + b"\0" * 16,
+        True,
+        "exceeds the limit",
+        CLOSES,
+    ),
+    "msgpack list, not a map": (lambda: raw_frame(msgpack.packb([1, 2, 3])), True, "map", CLOSES),
+    "not msgpack at all": (lambda: raw_frame(b"\xc1\xc1\xc1"), True, "not valid msgpack", CLOSES),
+    "unknown message type": (
+        lambda: frame({"type": "launch"}),
+        True,
+        "unknown message type",
+        CLOSES,
+    ),
+    "field of the wrong type": (lambda: forward_with(blocks="abc"), True, "'blocks'", CLOSES),
+    "missing field": (lambda: frame({"type": "forward", "id": 1}), True, "missing field", CLOSES),
+    "wrong dtype": (lambda: forward_with(hidden=tensor("i64")), True, "not allowed", CLOSES),
     "bytes do not match shape": (
         lambda: forward_with(hidden=tensor(data=b"\0" * 12)),
         True,
         "needs 256 bytes",
+        CLOSES,
     ),
     "huge shape": (
         lambda: forward_with(hidden=tensor(shape=(1, 10**6, HIDDEN), data=b"")),
         True,
         "exceeds the limit",
+        CLOSES,
     ),
-    "hidden size of another model": (lambda: forward(hidden_size=32), True, "must be (1, T, 64)"),
-    "unknown session": (lambda: forward(start_pos=5), True, "unknown"),
-    "block it does not serve": (lambda: forward(blocks=(4, 5)), True, "does not serve"),
-    "negative position": (lambda: forward(start_pos=-3), True, "start_pos"),
-    "positions past the context": (
-        lambda: forward(tokens=40) + forward(start_pos=40, tokens=40),
-        True,
-        "do not fit",
-    ),
+    "negative position": (lambda: forward(start_pos=-3), True, "start_pos", CLOSES),
     "a worker's message from a master": (
         lambda: frame({"type": "pong", "id": 1}),
         True,
         "does not send",
+        CLOSES,
+    ),
+    "hidden size of another model": (
+        lambda: forward(hidden_size=32),
+        True,
+        "must be (1, T, 64)",
+        SERVES_ON,
+    ),
+    "unknown session": (lambda: forward(start_pos=5), True, "unknown", SERVES_ON),
+    "block it does not serve": (lambda: forward(blocks=(4, 5)), True, "does not serve", SERVES_ON),
+    "positions past the context": (
+        lambda: forward(tokens=40) + forward(start_pos=40, tokens=40),
+        True,
+        "do not fit",
+        SERVES_ON,
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_input_gets_an_error_and_a_closed_connection(
+def test_hostile_input_gets_an_error_and_only_a_protocol_error_closes(
     name: str, worker: WorkerProcess, hello: bytes
 ) -> None:
-    make_payload, send_hello, error = CASES[name]
-    replies, closed = exchange(worker.port, make_payload(), hello if send_hello else None)
+    make_payload, send_hello, error, closes = CASES[name]
+    if closes:
+        replies, closed = exchange(worker.port, make_payload(), hello if send_hello else None)
+        assert closed, f"the worker kept the connection open after {name}"
+    else:  # a ping after the request: its pong says the connection still serves
+        replies, closed = exchange(worker.port, make_payload() + PING, hello, until=answered_ping)
+        assert not closed, f"the worker closed the connection after {name}"
+        assert {"type": "pong", "id": 99} in replies, replies
     errors = [r for r in replies if r["type"] == "error"]
-    assert closed, f"the worker kept the connection open after {name}"
     assert errors, f"no error reply for {name}: {replies}"
     assert error in errors[-1]["message"]
+    if not closes:
+        assert errors[-1]["id"] == 1  # the refused request's id: its session alone fails
 
 
 def test_truncated_frame_closes_quietly(worker: WorkerProcess, hello: bytes) -> None:
@@ -192,6 +239,7 @@ def test_truncated_frame_closes_quietly(worker: WorkerProcess, hello: bytes) -> 
     assert closed
 
 
+@pytest.mark.slow  # waits out the worker's --idle-timeout
 def test_idle_connection_is_closed(worker: WorkerProcess, hello: bytes) -> None:
     replies, closed = exchange(worker.port, b"", hello, wait=10)
     assert closed and replies == []
@@ -199,7 +247,7 @@ def test_idle_connection_is_closed(worker: WorkerProcess, hello: bytes) -> None:
 
 def test_session_limit_refuses_the_third_session(worker: WorkerProcess, hello: bytes) -> None:
     payload = forward(session="a") + forward(session="b") + forward(session="c")
-    replies, _ = exchange(worker.port, payload, hello, wait=6)
+    replies, _ = exchange(worker.port, payload, hello, until=lambda replies: len(replies) == 3)
     assert sorted(r["type"] for r in replies) == ["error", "result", "result"]
     (error,) = [r for r in replies if r["type"] == "error"]
     assert error["code"] == "too_many_sessions"
@@ -209,8 +257,11 @@ def test_session_limit_refuses_the_third_session(worker: WorkerProcess, hello: b
 def test_worker_still_serves_correctly_after_all_that(
     worker: WorkerProcess, hello: bytes, tiny_llama: Path
 ) -> None:
-    for make_payload, send_hello, _ in CASES.values():
-        exchange(worker.port, make_payload(), hello if send_hello else None)
+    for make_payload, send_hello, _, closes in CASES.values():
+        if closes:
+            exchange(worker.port, make_payload(), hello if send_hello else None)
+        else:
+            exchange(worker.port, make_payload() + PING, hello, until=answered_ping)
 
     async def run() -> list[int]:
         master = await Master.open(
@@ -223,6 +274,6 @@ def test_worker_still_serves_correctly_after_all_that(
         finally:
             await master.close()
 
-    assert asyncio.run(run()) == asyncio.run(local_tokens(tiny_llama, "hi"))
+    assert asyncio.run(run()) == greedy_tokens(tiny_llama, "hi", N_TOKENS)
     assert worker.proc.poll() is None
     assert "Traceback" not in worker.log
