@@ -39,11 +39,11 @@ def test_bad_max_memory() -> None:
 
 
 def test_unreachable_worker_is_named(tiny_llama: Path) -> None:
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
-    result = run_cli(
-        "--model", str(tiny_llama), "--workers", address, "--cluster-key", "k",
-        "--connect-timeout", "2",
-    )  # fmt: skip
+    with socket.socket() as held:  # bound but not listening, for the whole run: refused
+        held.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        result = run_cli(
+            "--model", str(tiny_llama), "--workers", address, "--cluster-key", "k",
+            "--connect-timeout", "2",
+        )  # fmt: skip
     assert_fails(result, address, "is an empty worker running there?", exit_code=1)
