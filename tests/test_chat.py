@@ -144,6 +144,7 @@ def test_raw_prompt_refuses_a_system_prompt(llama3_tokenizer: Any) -> None:
         encode_prompt(llama3_tokenizer, QUESTION, SYSTEM_PROMPT, raw=True)
 
 
+@pytest.mark.slow  # SmolLM2's tokenizer: the real artefact, built from its GGUF file
 def test_model_template_is_used_when_the_tokenizer_has_one(smollm2_tokenizer: Any) -> None:
     assert smollm2_tokenizer.chat_template
     ids = encode_prompt(smollm2_tokenizer, QUESTION)
@@ -189,6 +190,7 @@ def test_eot_is_a_stop_token_even_if_no_config_names_it(
     assert {END_OF_TEXT, EOT} <= ids
 
 
+@pytest.mark.slow  # SmolLM2's tokenizer
 def test_stop_tokens_of_smollm2(smollm2_dir: Path, smollm2_tokenizer: Any) -> None:
     im_end = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = stop_token_ids(smollm2_dir, LlamaConfig.from_folder(smollm2_dir), smollm2_tokenizer)
@@ -228,6 +230,7 @@ def test_stream_pieces_concatenate_to_the_full_decode(llama3_tokenizer: Any, tex
     assert not [p for p in pieces if "\ufffd" in p]
 
 
+@pytest.mark.slow  # SmolLM2's tokenizer
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_stream_on_smollm2_tokenizer(smollm2_tokenizer: Any, text: str) -> None:
     ids = smollm2_tokenizer.encode(text, add_special_tokens=False)
@@ -297,7 +300,7 @@ def long_output(tokenizer: Any, n: int, seed: int) -> list[int]:
     return ids[:n]
 
 
-@pytest.mark.parametrize("which", ["llama3", "smollm2"])
+@pytest.mark.parametrize("which", ["llama3", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_stream_of_thousands_of_tokens_is_exact_and_linear(
     request: pytest.FixtureRequest, which: str
 ) -> None:

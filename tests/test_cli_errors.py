@@ -1,6 +1,11 @@
-"""Errors, not tracebacks: every failure a user can cause ends the real CLI (a subprocess) with
-one `error:` line on stderr, nothing on stdout and exit status 1; a reader that closes stdout
-early ends it quietly."""
+"""Errors, not tracebacks: every failure a user can cause ends cake-cli with one `error:` line
+on stderr, nothing on stdout and exit status 1; a reader that closes stdout early ends it
+quietly.
+
+The CLI runs through its click entry point in this process (helpers.run_cli: only a SystemExit
+may end it, any other exception fails the test with its traceback), except where the process
+itself is the point: stdout a full disk or a pipe closed early, a disk full under split_main's
+own open() (those run as real processes, and are `slow`)."""
 
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers import run_cli
 
 CLI = [sys.executable, "-m", "cake.cli"]
 SPLIT = [sys.executable, "-c", "from cake.cli import split_main; split_main()"]
@@ -24,8 +31,9 @@ def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, **kwargs)
 
 
-def assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 1, result.stderr
+def assert_one_error_line(result: Any, *needles: str) -> str:
+    """`result`: a finished subprocess, or helpers.run_cli's result."""
+    assert getattr(result, "returncode", getattr(result, "exit_code", None)) == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
@@ -45,7 +53,7 @@ def model_copy(tiny_llama: Path, tmp_path: Path) -> Path:
 def test_truncated_safetensors(model_copy: Path) -> None:
     weights = model_copy / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
-    result = run([*CLI, "--model", str(model_copy), "-n", "2"])
+    result = run_cli("--model", str(model_copy), "-n", "2")
     assert_one_error_line(result, str(weights), "truncated or corrupt")
 
 
@@ -54,7 +62,7 @@ def test_corrupt_safetensors_header(model_copy: Path) -> None:
     data = bytearray(weights.read_bytes()[:4096])
     data[8:40] = b"\xff" * 32  # the JSON header, now invalid UTF-8
     weights.write_bytes(bytes(data))
-    result = run([*CLI, "--model", str(model_copy), "-n", "2"])
+    result = run_cli("--model", str(model_copy), "-n", "2")
     assert_one_error_line(result, str(weights), "truncated or corrupt")
 
 
@@ -75,7 +83,7 @@ def test_invalid_config_json(model_copy: Path, name: str) -> None:
     change, needle = CONFIG_CHANGES[name]
     path = model_copy / "config.json"
     path.write_text(change(json.loads(path.read_text())))
-    result = run([*CLI, "--model", str(model_copy), "-n", "2"])
+    result = run_cli("--model", str(model_copy), "-n", "2")
     assert_one_error_line(result, "config.json", needle)
 
 
@@ -96,10 +104,11 @@ def test_every_invalid_config_is_a_model_folder_error(model_copy: Path, name: st
 def test_model_path_neither_folder_nor_gguf(tmp_path: Path) -> None:
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\0" * 16)
-    result = run([*CLI, "--model", str(path)])
+    result = run_cli("--model", str(path))
     assert_one_error_line(result, str(path), "not a folder and not a .gguf file")
 
 
+@pytest.mark.slow  # a real process whose stdout is /dev/full
 def test_full_disk_on_stdout(tiny_llama: Path) -> None:
     with open("/dev/full", "w") as full:
         result = subprocess.run(
@@ -145,6 +154,7 @@ FULL_DISK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real process, its open() replaced
 def test_full_disk_while_splitting(tiny_llama: Path, tmp_path: Path) -> None:
     topology = tmp_path / "topology.yml"
     topology.write_text("w1:\n  host: '127.0.0.1:1'\n  layers: ['model.layers.0-1']\n")
@@ -163,14 +173,15 @@ def test_worker_port_in_use_fails_before_loading(tiny_llama: Path, tmp_path: Pat
         port = taken.getsockname()[1]
         topology = tmp_path / "topology.yml"
         topology.write_text(f"w1:\n  host: '127.0.0.1:{port}'\n  layers: ['model.layers.0-1']\n")
-        result = run(
-            [*CLI, "--model", str(tiny_llama), "--mode", "worker", "--name", "w1",
-             "--topology", str(topology)]
+        result = run_cli(
+            "--model", str(tiny_llama), "--mode", "worker", "--name", "w1",
+            "--topology", str(topology),
         )  # fmt: skip
     assert_one_error_line(result, f"127.0.0.1:{port}", "Address already in use")
     assert "loading blocks" not in result.stderr  # found before the weights, not after
 
 
+@pytest.mark.slow  # a real process, its stdout a pipe closed early
 def test_a_reader_that_closes_stdout_early_ends_it_quietly(tiny_llama: Path) -> None:
     """`cake-cli … | head -c 1`: no traceback, no error line, no complaint at exit."""
     process = subprocess.Popen(

@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from cluster import cluster
+from helpers import run_cli
 
 from cake.decoding.perplexity import windows
 from cake.master import Master, MasterSettings
@@ -98,25 +97,18 @@ def test_over_workers_equals_local_and_transformers(tiny_llama: Path, tmp_path: 
     assert spread == pytest.approx(alone, rel=1e-5)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cake.cli", "--device", "cpu", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_cli_prints_perplexity_last(tiny_llama: Path, tmp_path: Path) -> None:
-    result = run_cli("--model", str(tiny_llama), "--perplexity", str(PROSE))
-    assert result.returncode == 0, result.stderr
+    """cake-cli --perplexity (in this process): the value last on stdout; a file too short for
+    one is one error line."""
+    result = run_cli("--device", "cpu", "--model", str(tiny_llama), "--perplexity", str(PROSE))
+    assert result.exit_code == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"perplexity: (\d+\.\d{4}) \((\d+) tokens\)", last)
     assert match, result.stdout
     assert int(match.group(2)) > 500  # one window of at most 1024 (the context is 512 here)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    result = run_cli("--model", str(tiny_llama), "--perplexity", str(empty))
-    assert result.returncode == 1
+    result = run_cli("--device", "cpu", "--model", str(tiny_llama), "--perplexity", str(empty))
+    assert result.exit_code == 1
     assert "perplexity needs at least 2" in result.stderr
     assert result.stdout == ""

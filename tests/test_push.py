@@ -171,6 +171,7 @@ def test_quantized_payload_is_what_the_worker_runs(
     assert [(i.name, i.sha256) for i in again] == [(i.name, i.sha256) for i in items]
 
 
+@pytest.mark.slow  # SmolLM2's GGUF file: the real artefact
 def test_gguf_payload_is_what_the_worker_runs(
     smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ import torch
 import yaml
 from api_server import api_in_thread  # the API server in a thread
 from cluster import GREEDY, ProcessCluster, cluster
+from helpers import greedy_tokens, run_cli
 
 from cake.decoding.draft import Draft, DraftModel, LookupDrafter
 from cake.decoding.sampling import Sampler, SamplingParams
@@ -37,7 +36,6 @@ from cake.wire.delay_proxy import ThreadedDelayProxy
 # are random, so rejections (and rollbacks) happen all the time as well.
 PROMPT = "one two three four five six one two three four five six one two three"
 N = 16
-PLAIN = DraftSettings("none")
 LOOKUP = DraftSettings("lookup")
 LOOKUP_4 = DraftSettings("lookup", 4)
 MODEL = DraftSettings("model")
@@ -75,7 +73,7 @@ def test_greedy_with_drafting_equals_plain_locally(tiny_llama: Path, tiny_llama_
     async def run() -> None:
         master = await open_master(tiny_llama, draft=str(tiny_llama_tied))
         try:
-            plain, _ = await tokens_of(master, PLAIN)
+            plain = greedy_tokens(tiny_llama, PROMPT, N, max_seq_len=256)
             for draft in (LOOKUP, MODEL_3):
                 tokens, stats = await tokens_of(master, draft)
                 assert tokens == plain, draft
@@ -98,7 +96,7 @@ def test_greedy_with_drafting_equals_plain_over_workers(tiny_llama: Path, tmp_pa
 
     async def run() -> None:
         local = await open_master(tiny_llama)
-        plain, _ = await tokens_of(local, PLAIN)
+        plain = greedy_tokens(tiny_llama, PROMPT, N, max_seq_len=256)
         itself = _itself(local)
         async with cluster(tiny_llama, tmp_path, TWO_WORKERS) as (topology, _):
             proxied = tmp_path / "proxied.yml"
@@ -143,6 +141,7 @@ def worker_processes(tiny_llama: Path, tmp_path: Path) -> Iterator[ProcessCluste
         processes.stop()
 
 
+@pytest.mark.slow  # worker processes, one killed and restarted
 def test_greedy_drafting_survives_a_worker_kill_and_restart(
     worker_processes: ProcessCluster, tiny_llama_tied: Path
 ) -> None:
@@ -157,7 +156,7 @@ def test_greedy_drafting_survives_a_worker_kill_and_restart(
             worker_processes.model, worker_processes.topology, draft=str(tiny_llama_tied)
         )
         try:
-            plain, _ = await tokens_of(master, PLAIN)
+            plain = greedy_tokens(worker_processes.model, PROMPT, N, max_seq_len=256)
             stats = GenerationStats()
             tokens: list[int] = []
             ids = master.encode(PROMPT)
@@ -189,6 +188,7 @@ def _probs(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+@pytest.mark.slow  # 20,000 draws, so that the frequencies are tight
 @pytest.mark.parametrize("draft_q", [None, [0.1, 0.6, 0.2, 0.1]])
 def test_rejection_rule_keeps_the_model_distribution(draft_q: list[float] | None) -> None:
     """On a 4-token vocabulary: whatever the draft proposes (a fixed guess, or a draw from its
@@ -402,26 +402,21 @@ def test_delay_proxy_keeps_order_and_delays_each_direction() -> None:
 
 
 def test_cli_draft_lookup_prints_the_plain_text_and_drafting_stats(tiny_llama: Path) -> None:
-    base = [sys.executable, "-m", "cake.cli", "--model", str(tiny_llama), "--device", "cpu"]
+    """cake-cli (in this process): --draft lookup prints the plain text, and its stats."""
+    base = ["--model", str(tiny_llama), "--device", "cpu"]
     base += ["--prompt", PROMPT, "--temperature", "0", "-n", "12", "--ignore-eos"]
-    runs = [
-        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for args in (base, [*base, "--draft", "lookup", "--draft-tokens", "3", "--stats"])
-    ]
-    (plain, _), (drafted, log) = (run.communicate(timeout=300) for run in runs)
-    assert [run.returncode for run in runs] == [0, 0], log
-    assert drafted == plain and plain.strip()
+    plain = run_cli(*base)
+    drafted = run_cli(*base, "--draft", "lookup", "--draft-tokens", "3", "--stats")
+    assert (plain.exit_code, drafted.exit_code) == (0, 0), drafted.stderr
+    assert drafted.stdout == plain.stdout and plain.stdout.strip()
+    log = drafted.stderr
     assert re.search(r"drafted: [1-9]\d*, accepted: \d+ \(\d+%\), tokens/round trip", log), log
 
 
 def test_cli_refuses_bad_draft_tokens(tiny_llama: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "cake.cli", "--model", str(tiny_llama), "--draft", "lookup",
-         "--draft-tokens", "lots"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 1
-    assert "error: draft tokens must be a whole number or 'auto', not 'lots'" in run.stderr
+    result = run_cli("--model", str(tiny_llama), "--draft", "lookup", "--draft-tokens", "lots")
+    assert result.exit_code == 1
+    assert "error: draft tokens must be a whole number or 'auto', not 'lots'" in result.stderr
 
 
 def test_api_cake_draft_field(tiny_llama: Path) -> None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import build_random_llama
+from helpers import build_random_llama, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -328,12 +326,6 @@ def test_failure_mid_write_leaves_output_as_it_was(
 # --- end to end: workers and master run from copies of the bundles alone ----------------------
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cake.cli", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 @pytest.mark.slow
 def test_bundles_run_without_the_original_model(tiny_llama: Path, tmp_path: Path) -> None:
     model = shutil.copytree(tiny_llama, tmp_path / "model")
@@ -362,19 +354,20 @@ def test_bundles_run_without_the_original_model(tiny_llama: Path, tmp_path: Path
         write_topology(bundles / "master" / "topology.yml", layers, ports)
         generate = ["--prompt", "hi", "--temperature", "0", "-n", "12", "--ignore-eos"]
         generate += ["--device", "cpu"]
-        split = cli(
+        # The master: cake-cli in this process (the workers are processes of their own).
+        split = run_cli(
             "--model",
             str(bundles / "master"),
             "--topology",
             str(bundles / "master" / "topology.yml"),
             *generate,
         )
-        local = cli("--model", str(tiny_llama), *generate)
+        local = run_cli("--model", str(tiny_llama), *generate)
     finally:
         for worker in workers:
             worker.stop()
-    assert split.returncode == 0, split.stderr
-    assert local.returncode == 0, local.stderr
+    assert split.exit_code == 0, split.stderr
+    assert local.exit_code == 0, local.stderr
     assert split.stdout == local.stdout
     assert split.stdout.strip()
     assert "round trips/token: 2.00" in split.stderr

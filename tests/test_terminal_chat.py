@@ -238,6 +238,7 @@ def test_chat_on_a_terminal(tmux: Callable[[str], Tmux], smollm2_dir: Path) -> N
     assert "Traceback" not in screen
 
 
+@pytest.mark.slow  # a real process on a terminal (tmux)
 def test_chat_needs_the_chat_template(tiny_llama: Path, tmux: Callable[[str], Tmux]) -> None:
     """--raw in a chat is refused with the way out, before the model loads."""
     env = f"PYTHONPATH={REPO} "

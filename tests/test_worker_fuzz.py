@@ -146,13 +146,30 @@ class WorkerModel:
             self.block_ends[forward.session, block] = end
 
 
-def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) -> None:
+# The full run: 1,500 random cases, ~5,000 messages (~300 computed, ~1,200 refused, ~4,000
+# unparsable in our runs); the quick loop's: 150 derandomized cases (from a fixed seed; what
+# hypothesis makes of them still varies with the run: 12 to 34 computed, 82 to 108 refused).
+RUNS = [
+    pytest.param(1500, False, (200, 500, 1000), marks=pytest.mark.slow, id="1500 random"),
+    pytest.param(150, True, (5, 25, 100), id="150 derandomized"),
+]
+
+
+@pytest.mark.parametrize(("examples", "derandomize", "at_least"), RUNS)
+def test_only_protocol_errors_escape_and_valid_requests_compute(
+    worker: Worker, examples: int, derandomize: bool, at_least: tuple[int, int, int]
+) -> None:
     """Whatever arrives, the only exception is a CakeError; every forward that the model of
     the worker above says is servable computes (right shape, finite), every other one is
     refused; and the run did see both, many times."""
     outcomes: Counter[str] = Counter()
 
-    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        derandomize=derandomize,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(any_message(), min_size=1, max_size=6))
     def fuzz(messages: list[dict]) -> None:
         worker.store.close_all()
@@ -188,7 +205,7 @@ def test_only_protocol_errors_escape_and_valid_requests_compute(worker: Worker) 
 
     fuzz()
     print(dict(outcomes))
-    # ~5,000 messages: ~300 computed, ~1,200 refused, ~4,000 unparsable in our runs
-    assert outcomes["computed"] >= 200
-    assert outcomes["refused"] >= 500
-    assert outcomes["unparsable"] >= 1000
+    computed, refused, unparsable = at_least
+    assert outcomes["computed"] >= computed
+    assert outcomes["refused"] >= refused
+    assert outcomes["unparsable"] >= unparsable
