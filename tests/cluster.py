@@ -14,7 +14,7 @@ import yaml
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.stats import GenerationStats
-from cake.master import Master, MasterSettings
+from cake.master import Master
 from cake.model.loader import load_llama
 from cake.topology import parse_topology
 from cake.worker import Worker
@@ -69,14 +69,6 @@ async def generate(
     ids = master.encode(prompt)
     tokens = [t async for t in master.generate(ids, GREEDY, n, ignore_eos=True, stats=stats)]
     return tokens, stats
-
-
-async def local_tokens(folder: Path, prompt: str, n: int = N_TOKENS) -> list[int]:
-    master = await Master.open(MasterSettings(folder, device="cpu", dtype="f32", max_seq_len=512))
-    try:
-        return (await generate(master, prompt, n))[0]
-    finally:
-        await master.close()
 
 
 @contextlib.contextmanager
