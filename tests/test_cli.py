@@ -197,6 +197,7 @@ STAGE_LINE = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_stats_lines_give_every_stage_its_round_trips(tiny_llama: Path, tmp_path: Path) -> None:
     """--stats, in a real process with two workers and a block left on the master: one line
     per stage in block order, each worker with one round trip per step (the prefill and each

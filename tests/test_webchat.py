@@ -118,6 +118,7 @@ def test_the_page_and_its_files_ship_in_the_package() -> None:
     assert "http://" not in page and "https://" not in page  # nothing from the internet
 
 
+@pytest.mark.slow
 def test_status_names_workers_only_with_the_key(server: Server) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         server.call("/v1/cake/status", key=None)
@@ -141,6 +142,7 @@ def test_status_names_workers_only_with_the_key(server: Server) -> None:
 # --- in the browser ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_markdown_is_rendered_and_never_injects_markup(server: Server, browser: Any) -> None:
     page = browser.new_page()
     problems = PageProblems(page)
@@ -166,6 +168,7 @@ def test_markdown_is_rendered_and_never_injects_markup(server: Server, browser: 
     assert problems.seen == []
 
 
+@pytest.mark.slow
 def test_chat_in_the_browser(server: Server, browser: Any) -> None:
     """Ask for the key, send with Enter (Shift+Enter is a new line), watch the answer stream in,
     stop a long answer, start a new chat; no console errors on the way."""
