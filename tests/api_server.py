@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 
 import openai
 from cluster import cluster
+from helpers import until
 
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.stats import GenerationStats
@@ -284,24 +284,6 @@ class GenerationLog:
             return generate(prompt_ids, params, max_new_tokens, ignore_eos, stats, draft)
 
         master.generate = logged  # type: ignore[method-assign]
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (on the event loop) until `condition()` holds; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def chat(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, **kw: Any) -> Any:

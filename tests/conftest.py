@@ -100,10 +100,11 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm2_dir(smollm2_gguf: Path) -> Path:
     """SmolLM2-135M-Instruct dequantized to float32 by transformers into a model folder: the
-    reference weights for f32 parity (cake itself never writes such a copy)."""
-    return dequantized_folder(smollm2_gguf, tmp_path_factory.mktemp("smollm2_f32"))
+    reference weights for f32 parity (cake itself never writes such a copy). Read only: it is
+    kept between runs (see `dequantized_folder`)."""
+    return dequantized_folder(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

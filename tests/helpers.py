@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -147,11 +149,45 @@ def build_random_llama(
     return folder
 
 
-def dequantized_folder(gguf_path: Path, target: Path) -> Path:
+def dequantized_folder(gguf_path: Path) -> Path:
     """A GGUF file's weights dequantized to float32 safetensors by transformers: an independent
     reference for cake's native GGUF reading, and the f32 weights the parity tests compare
-    against. Config and tokenizer files are those cake caches from the file's metadata (building
-    a tokenizer from GGUF metadata is the slow part; it is done once)."""
+    against. Config and tokenizer files are those cake caches from the file's metadata.
+
+    transformers takes ~30 s to read a GGUF file (most of it in gguf-py's field parsing and
+    name mapping, not the dequantization), so the folder is kept under
+    ~/.cache/cake-tests/dequantized, keyed by the file (name, size, mtime) and the versions of
+    transformers and gguf that wrote it; tests only read it."""
+    key = reference_key(gguf_path)
+    target = cache_root() / "dequantized" / key
+    if (target / "model.safetensors").is_file():
+        return target
+    staging = target.with_name(f"{key}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_dequantized(gguf_path, staging)
+    try:
+        staging.rename(target)  # whole or absent: a run killed midway leaves only a .partial
+    except OSError:  # another run finished it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cake-tests"
+
+
+def reference_key(gguf_path: Path) -> str:
+    from importlib.metadata import version
+
+    stat = gguf_path.stat()
+    identity = [gguf_path.name, stat.st_size, stat.st_mtime_ns]
+    identity += [version("transformers"), version("gguf"), torch.__version__]
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return f"{gguf_path.stem}-{digest}"
+
+
+def write_dequantized(gguf_path: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -162,7 +198,7 @@ def dequantized_folder(gguf_path: Path, target: Path) -> Path:
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
     tied = json.loads((metadata / "config.json").read_text())["tie_word_embeddings"]
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True)
     tensors = {
         key: value.contiguous()
         for key, value in model.state_dict().items()
@@ -172,7 +208,6 @@ def dequantized_folder(gguf_path: Path, target: Path) -> Path:
     for file in metadata.iterdir():
         if file.is_file() and file.name != POINTER_FILE:
             shutil.copy(file, target / file.name)
-    return target
 
 
 # --- waiting on a condition ------------------------------------------------------------------

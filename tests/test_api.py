@@ -33,9 +33,8 @@ from api_server import (
     api_in_thread,
     chat,
     post,
-    wait_for,
 )
-from helpers import build_random_llama, llama3_tokenizer_path
+from helpers import build_random_llama, llama3_tokenizer_path, wait_until
 
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.sampling import SamplingParams
@@ -524,7 +523,7 @@ def test_concurrent_streams_pipeline_real_compute_through_two_workers(
             return solo, together, log, solo_forwards
 
         solo, together, log, solo_forwards = asyncio.run(run())
-        assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()))
+        wait_until(lambda: all(w.session_count == 0 for w in server.workers.values()))
     assert together == solo
     assert len(set(solo)) == len(prompts)
     steps = 2 * len(prompts) * n  # every step of every stream, on both workers
@@ -553,8 +552,8 @@ def test_a_client_that_goes_away_frees_its_session(tiny_llama: Path, tmp_path: P
             next(chunks)
         assert all(w.session_count == 1 for w in server.workers.values())
         stream.close()  # the client hangs up mid-stream
-        assert wait_for(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
-        assert wait_for(lambda: not server.service.running, 2)
+        wait_until(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
+        wait_until(lambda: not server.service.running, 2)
         # No request is running: the generation's task has ended, its forwards are all done.
         assert throttles[0].forwards < 100, "the generation went on"
 
@@ -631,7 +630,7 @@ def test_max_concurrent_answers_429(tiny_llama: Path) -> None:
         first: list[Any] = []
         waiting = threading.Thread(target=lambda: first.append(chat(client, server.model, "hi", 4)))
         waiting.start()
-        assert wait_for(lambda: len(server.service.running) == 1)
+        wait_until(lambda: len(server.service.running) == 1)
         with pytest.raises(openai.RateLimitError, match="max-concurrent") as caught:
             chat(client, server.model, "hello", 4)
         assert caught.value.status_code == 429
@@ -639,7 +638,7 @@ def test_max_concurrent_answers_429(tiny_llama: Path) -> None:
         server.call_soon(gate[0].set)
         waiting.join(30)
         assert first and first[0].usage.completion_tokens >= 1
-        assert wait_for(lambda: not server.service.running)
+        wait_until(lambda: not server.service.running)
         assert chat(client, server.model, "hello", 4).usage.completion_tokens >= 1
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from api_server import API_KEY, MAX_SEQ_LEN, Server, ThrottledStage, api_in_thread, chat, post
-from api_server import wait_for as wait_until
+from helpers import wait_until
 
 from cake.engine.session_store import kv_bytes_per_position
 from cake.faces.api.schemas import ApiDefaults
@@ -318,7 +318,7 @@ def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
         held: list[tuple] = []
         first = threading.Thread(target=lambda: held.append(send(server, chat_body(server))))
         first.start()
-        assert wait_until(lambda: throttles[0].in_flight == 1)  # encoded, held at the gate
+        wait_until(lambda: throttles[0].in_flight == 1)  # encoded, held at the gate
         assert len(server.service.running) == 1
         encoded = len(recorder[0].encode_threads)
         too_long = [{"role": "user", "content": "hello " * 300}]
@@ -329,7 +329,7 @@ def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(
         server.call_soon(gate[0].set)
         first.join(30)
         assert held and held[0][0] == 200
-        assert wait_until(lambda: not server.service.running)
+        wait_until(lambda: not server.service.running)
         status, body = send(server, chat_body(server, messages=too_long))
         assert status == 400  # with room: encoded, then refused for its length
         loop_thread = server.loop_thread_name
@@ -360,11 +360,11 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            assert wait_until(lambda: throttles[0].forwards >= 3)
+            wait_until(lambda: throttles[0].forwards >= 3)
             assert all(w.session_count == 1 for w in server.workers.values())
         # the client hung up before any answer
-        assert wait_until(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
-        assert wait_until(lambda: not server.service.running, 2)
+        wait_until(lambda: all(w.session_count == 0 for w in server.workers.values()), 2)
+        wait_until(lambda: not server.service.running, 2)
         # No request is running: the generation's task has ended, its forwards are all done.
         assert throttles[0].forwards < 100, "the generation went on"
 
