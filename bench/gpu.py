@@ -22,7 +22,7 @@ import torch
 
 from bench.models import build_llama_1b_shape, find_llama3_tokenizer
 from bench.streamed import measure_streamed
-from cake.model.gguf import cache_root
+from cake.host.cache import cache_root
 
 log = logging.getLogger("bench")
 

@@ -21,8 +21,9 @@ import torch
 
 from cake.model.config import LlamaConfig
 from cake.model.kv_cache import Segment
+from cake.model.linear import build_projection
 from cake.model.loader import random_part
-from cake.model.quant import build_projection, quantize
+from cake.model.quant import quantize
 
 TOLERANCE = {"int8": 0.02, "int4": 0.02}  # relative error vs dequantized f32 (bf16 inputs)
 

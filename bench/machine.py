@@ -10,18 +10,9 @@ import time
 
 import torch
 
+from cake.model.kernels.probe import cpu_model
+
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far larger than any cache, so every pass streams from DRAM
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # The instruction-set features that decide which CPU kernels torch can use (bf16 dot products,

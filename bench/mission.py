@@ -30,7 +30,8 @@ from pathlib import Path
 
 from bench.gguf_writer import LLAMA_3_8B, write_random_q4_0_gguf
 from cake.cluster.local_cluster import start_local_cluster
-from cake.model.gguf import cache_root, resolve_model_path
+from cake.host.cache import cache_root
+from cake.model.gguf import resolve_model_path
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"

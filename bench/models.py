@@ -21,8 +21,9 @@ import torch
 
 from bench.split_memory import CONFIG as LLAMA_32_1B_CONFIG
 from bench.split_memory import block_shapes
+from cake.host.cache import cache_root
 from cake.model.demo import demo_gguf
-from cake.model.gguf import cache_root, resolve_model_path
+from cake.model.gguf import resolve_model_path
 
 log = logging.getLogger("bench")
 

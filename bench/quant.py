@@ -56,7 +56,7 @@ def run_child(model: str, dtype: str, quantize: str | None, tokens: int, threads
     from cake.decoding.sampling import SamplingParams
     from cake.decoding.stats import GenerationStats
     from cake.master import Master, MasterSettings
-    from cake.model.quant import QuantizedLinear
+    from cake.model.linear import QuantizedLinear
 
     baseline = _status("VmRSS")
     started = time.perf_counter()

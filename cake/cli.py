@@ -65,6 +65,21 @@ def _setup_threads(opts: dict) -> None:
         torch.set_num_threads(opts["threads"])
 
 
+def _setup_kernels(opts: dict) -> bool:
+    """--kernels: name the kernels to run, or (list) print what this machine has; True when
+    there is nothing more to do."""
+    from cake.model.kernels import probe
+
+    if opts["kernels"] != "list":
+        probe.use(str(opts["kernels"]))
+        return False
+    from cake.host.devices import resolve_device
+
+    for line in probe.report(resolve_device(str(opts["device"]))):
+        click.echo(line)
+    return True
+
+
 def _worker_hosts(workers: object) -> list[str]:
     """The hosts of --workers HOST:PORT,... (for the thread policy: workers on this host)."""
     if not isinstance(workers, str):
@@ -173,6 +188,15 @@ def _fail(message: str) -> None:
     default="auto",
     show_default=True,
     help="auto|cpu|cuda|cuda:N|mps. auto: CUDA, else MPS, else CPU.",
+)
+@click.option(
+    "--kernels",
+    default="auto",
+    show_default=True,
+    help="Kernels for quantized weights: auto (measured on this machine at the first load, "
+    "then remembered), or torch|avx2|dequant-gemm|fbgemm|dense to run that one wherever it "
+    "can (dense holds the weights dequantized: more memory); list: show the candidates here "
+    "and the measured choices, then exit.",
 )
 @click.option(
     "--max-seq-len",
@@ -403,6 +427,8 @@ def main(**opts: object) -> None:
     _setup_logging(bool(opts["verbose"]))
     try:
         _setup_threads(opts)
+        if _setup_kernels(opts):
+            return
         if opts["mode"] == "worker":
             if opts["model"] is None and opts["topology"] is None:
                 asyncio.run(_run_empty_worker(opts))

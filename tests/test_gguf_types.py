@@ -27,8 +27,9 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 
 from cake.model.gguf import POINTER_FILE, decode
+from cake.model.linear import describe
 from cake.model.loader import load_llama
-from cake.model.quant import CHUNK_ROWS, QuantizedTensor, describe
+from cake.model.quant import CHUNK_ROWS, QuantizedTensor
 
 QK_K = 256  # values per K-quant super-block
 BF16_UNIT = 2.0**-8  # most relative error of rounding to bf16 (8 significant bits: half an ulp)

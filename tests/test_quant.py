@@ -19,14 +19,9 @@ from cake.cli import main, split_main
 from cake.decoding.sampling import SamplingParams
 from cake.master import Master, MasterSettings
 from cake.model.gguf import GGUFCheckpoint, decode, resolve_model_path
+from cake.model.linear import QuantizedLinear, build_projection
 from cake.model.loader import load_llama
-from cake.model.quant import (
-    Quantization,
-    QuantizedLinear,
-    QuantizedTensor,
-    build_projection,
-    quantize,
-)
+from cake.model.quant import Quantization, QuantizedTensor, quantize
 
 CPU = torch.device("cpu")
 # Real prose for the quality checks (563 SmolLM2 tokens).
@@ -67,9 +62,10 @@ def test_int8_rows_are_the_dequantized_rows() -> None:
     torch.testing.assert_close(module.rows(ids), expected)
 
 
-def test_int4_refuses_shapes_it_cannot_pack() -> None:
+def test_int4_refuses_shapes_no_kernel_can_run(without_native_kernels: None) -> None:
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize(torch.randn(32, 48), "int4")
+    # torch's int4 kernel packs rows in sixteens; without cake's own kernels nothing runs this.
     with pytest.raises(ValueError, match="multiples of 16"):
         build_projection([torch.randn(24, 64)], "int4", CPU, torch.bfloat16)
 

@@ -18,8 +18,9 @@ from cake.host.threads import choose_wait_policy
 
 ELSEWHERE = "192.0.2.7"  # TEST-NET-1: documentation only, never an address of this machine
 CLEAN: dict[str, str] = {}  # an environment without OMP_WAIT_POLICY or CAKE_COLOCATED
-IDLE = (0.1, 2)  # (1-minute load average, cores): nothing else running
+IDLE = (0.1, 2)  # (cores other processes keep busy, cores): nothing else running
 BUSY = (3.0, 2)
+MEASURE_LOAD = threads.machine_load  # the real one (idle_machine stands in for it)
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,29 @@ def test_local_master_spins() -> None:
 def test_a_busy_machine_sleeps() -> None:
     policy = choose_wait_policy("auto", mode="master", env=CLEAN, load=BUSY)
     assert policy.wait == "sleep"
-    assert "load average 3.0 on 2 cores" in policy.reason
+    assert "other processes keep 3.0 of 2 cores busy" in policy.reason
+
+
+def test_the_load_measured_leaves_out_this_process_own_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process that spins through the whole window sees no load but its own: none. (The
+    1-minute load average would count the busy minute before it, its own included.)"""
+    busy_seconds = iter([100.0, 100.2])  # the machine: 0.2 CPU-seconds busy in the window
+    own_seconds = iter([5.0, 5.2])  # ... all of them this process's own
+    monkeypatch.setattr(threads, "_busy_seconds", lambda: next(busy_seconds))
+    monkeypatch.setattr(threads, "_own_cpu_seconds", lambda: next(own_seconds))
+    others, _ = MEASURE_LOAD(window_s=0.01)
+    assert others < 1e-9
+    busy_seconds = iter([100.0, 100.5])  # now someone else burnt 0.3 CPU-seconds in ~0.01 s
+    own_seconds = iter([5.0, 5.2])
+    others, _ = MEASURE_LOAD(window_s=0.01)
+    assert others > 1.0
+
+
+def test_the_load_is_measured_from_proc_stat() -> None:
+    others, cores = MEASURE_LOAD(window_s=0.05)
+    assert cores >= 1 and 0.0 <= others <= 64
 
 
 def test_master_with_remote_workers_spins() -> None:

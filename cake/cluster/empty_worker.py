@@ -38,12 +38,13 @@ from cake.cluster.measure import (
 )
 from cake.cluster.push import ModelCache
 from cake.errors import CakeError, Code, ModelFolderError
+from cake.host.cache import cache_root
 from cake.host.devices import DTYPE_NAMES, compute_dtype, resolve_device
 from cake.host.memory import device_memory
 from cake.host.signals import stop_signal
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig
-from cake.model.gguf import cache_root
+from cake.model.kernels.probe import activations_dtype
 from cake.model.opener import open_model
 from cake.topology import format_blocks, parse_address
 from cake.wire.auth import cluster_key as parse_key
@@ -248,7 +249,8 @@ class EmptyWorker:
             return ErrorMessage(
                 message=f"bad config: {exc}", code=Code.BAD_CONFIG.value, id=request.id
             )
-        dtype = compute_dtype(request.dtype, self.device, bool(request.quantize))
+        quantized = activations_dtype(self.device) if request.quantize else None
+        dtype = compute_dtype(request.dtype, self.device, quantized)
         free = self.offered_memory()
         need = block_bytes(config, dtype, request.positions, request.quantize)
         if need > free:

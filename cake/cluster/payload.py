@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from cake.errors import ModelFolderError
+from cake.host.cache import cache_root
 from cake.host.progress import progress_bar
 from cake.host.sizes import format_size
 from cake.model.checkpoint import open_checkpoint
 from cake.model.config import LlamaConfig
-from cake.model.gguf import FLOAT_TYPES, INT4_TYPES, GGUFCheckpoint, cache_root, gguf_file_of
+from cake.model.gguf import FLOAT_TYPES, INT4_TYPES, GGUFCheckpoint, gguf_file_of
 from cake.model.quant import Quantization
 from cake.wire.protocol import PUSH_FILES, PushOffer
 

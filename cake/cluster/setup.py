@@ -34,6 +34,7 @@ from cake.host.memory import device_memory, release_free_memory
 from cake.host.progress import progress_bar
 from cake.host.sizes import format_size
 from cake.model.config import LlamaConfig
+from cake.model.kernels.probe import activations_dtype
 from cake.model.opener import open_model
 from cake.model.quant import Quantization
 from cake.topology import Node, Topology, format_blocks, parse_address
@@ -202,7 +203,7 @@ def master_stage(config: LlamaConfig, options: ClusterOptions, scheme: str = "")
     """The master as a stage: its block time (linear weights `scheme`-quantized, if given), and
     the blocks its memory holds beside the embedding and the head."""
     device = resolve_device(options.device)
-    dtype = compute_dtype(options.dtype, device, bool(scheme))
+    dtype = compute_dtype(options.dtype, device, activations_dtype(device) if scheme else None)
     assert options.max_seq_len is not None
     timing = time_block(config, dtype, device, options.max_seq_len, scheme)
     tables = 1 if config.tie_word_embeddings else 2

@@ -89,11 +89,13 @@ def computes_bf16_natively(device: torch.device) -> bool:
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
 
 
-def compute_dtype(name: str, device: torch.device, quantized: bool) -> torch.dtype:
-    """The dtype blocks compute in: `auto` is bf16 for quantized weights (the quantized kernels
-    compute in bf16), else what resolve_dtype picks for the device."""
-    if name == "auto" and quantized:
-        return torch.bfloat16
+def compute_dtype(
+    name: str, device: torch.device, quantized: torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype blocks compute in: `auto` is `quantized` for quantized weights (what their
+    kernels take: cake.model.kernels.probe.activations_dtype), else what resolve_dtype picks."""
+    if name == "auto" and quantized is not None:
+        return quantized
     return resolve_dtype(name, device)
 
 

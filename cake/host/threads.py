@@ -13,10 +13,11 @@ barrier for its slowest thread, and a descheduled thread makes the others spin o
 slices (SmolLM2 decode 1.0 tok/s spinning vs 3.3 sleeping at a load average of 11 on 2 cores).
 
 So `--thread-wait auto` sleeps when this process shares its cores with other stages or the
-machine is already busy when it starts (1-minute load average at least half the cores it may
-use), and spins when it has them to itself; `spin` and `sleep` force the choice, and an
-OMP_WAIT_POLICY already in the environment is kept under `auto`, and so is GOMP_SPINCOUNT
-(libgomp's own bounded spin: that many spins, then sleep). libgomp reads these once, when torch
+machine is already busy when it starts (other processes keeping at least half the cores it may
+use busy, measured over 0.1 s with this process's own CPU time taken out), and spins when it has
+them to itself; `spin` and `sleep` force the choice, and an OMP_WAIT_POLICY already in the
+environment is kept under `auto`, and so is GOMP_SPINCOUNT (libgomp's own bounded spin: that
+many spins, then sleep). libgomp reads these once, when torch
 loads it, hence this module is torch-free and runs first. For the same reason it holds
 `one_malloc_arena`, which a worker calls before any thread starts (see there).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -40,7 +42,8 @@ COLOCATED_ENV = "CAKE_COLOCATED"
 _OMP_VALUE = {"spin": "ACTIVE", "sleep": "PASSIVE", "brief": None}  # brief: libgomp decides
 
 
-BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average this high per usable core: the machine is busy
+BUSY_LOAD_PER_CORE = 0.5  # other processes' load this high per usable core: the machine is busy
+LOAD_WINDOW_S = 0.1  # how long machine_load watches the other processes
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ def choose_wait_policy(
     option: --thread-wait (auto, spin or sleep); mode: "master" or "worker"; api: the HTTP API
     (concurrent generations in threads); colocated: the worker was told other stages share its
     cores (--colocated or CAKE_COLOCATED); topology_hosts: the workers' hosts in the topology,
-    this worker's own included; own_host: the host a worker listens on; load: (1-minute load
-    average, usable cores), measured here when not given.
+    this worker's own included; own_host: the host a worker listens on; load: (cores other
+    processes keep busy, usable cores), measured here when not given (machine_load).
     """
     env = os.environ if env is None else env
     if option not in WAIT_CHOICES:
@@ -107,21 +110,55 @@ def choose_wait_policy(
     load_average, cores = machine_load() if load is None else load
     if load_average >= BUSY_LOAD_PER_CORE * cores:
         return WaitPolicy(
-            "sleep", f"the machine is busy (load average {load_average:.1f} on {cores} cores)"
+            "sleep",
+            f"the machine is busy (other processes keep {load_average:.1f} of {cores} cores busy)",
         )
     return WaitPolicy("spin", "no other stage on this host, and the machine is idle")
 
 
-def machine_load() -> tuple[float, int]:
-    """(1-minute load average, cores this process may run on); (0, 1) where unknown."""
+def machine_load(window_s: float = LOAD_WINDOW_S) -> tuple[float, int]:
+    """(cores other processes keep busy now, cores this process may run on); (0, cores) where
+    unknown.
+
+    Measured over `window_s` from /proc/stat's busy time minus this process's own CPU time, not
+    from the 1-minute load average: that average remembers the last minute, so a benchmark that
+    starts cake right after another cake run saw its own previous run as someone else's load and
+    slept where spinning was 6% faster.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        return os.getloadavg()[0], cores
-    except (AttributeError, OSError):
+    before = _busy_seconds()
+    if before is None:
         return 0.0, cores
+    own_before, started = _own_cpu_seconds(), time.monotonic()
+    time.sleep(window_s)
+    after = _busy_seconds()
+    if after is None:
+        return 0.0, cores
+    elapsed = max(time.monotonic() - started, 1e-6)
+    others = (after - before) - (_own_cpu_seconds() - own_before)
+    return max(others / elapsed, 0.0), cores
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes spent busy since boot (/proc/stat); None where unreadable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def topology_hosts(path: str | None) -> list[str]:

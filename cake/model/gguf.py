@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from cake.errors import ModelFolderError
+from cake.host.cache import cache_root
 from cake.model.quant import CHUNK_ROWS, KERNEL_DTYPE, QuantizedTensor, pack_nibbles, quantize
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,6 @@ def hf_name(gguf_name: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # The model folder: config and tokenizer from the metadata, cached; weights stay in the file.
-
-
-def cache_root() -> Path:
-    root = os.environ.get("CAKE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cake"
-    )
-    return Path(root)
 
 
 def metadata_folder(gguf_path: str | os.PathLike) -> Path:

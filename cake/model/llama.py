@@ -17,6 +17,7 @@ from torch import nn
 
 from cake.host.devices import weight_layout_in_out
 from cake.model.config import LlamaConfig
+from cake.model.kernels import fused
 from cake.model.kv_cache import KVCache, Segment, SessionCache
 
 
@@ -27,6 +28,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        done = fused.rms_norm(x, self.weight, self.eps)  # f32 on the CPU: one native call
+        if done is not None:
+            return done
         # Normalise in float32 and scale in the input dtype, as the reference does, so that
         # bf16/f16 results match it bit for bit where possible.
         dtype = x.dtype
@@ -135,14 +139,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv(x)
+        rotated = fused.rope_in_place(qkv, self.n_heads + self.n_kv_heads, self.head_dim, cos, sin)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         # q is a strided view of the fused output; lay it out densely for SDPA (cheap: T*nh*hd).
         q = q.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2).contiguous()
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, nh, T, hd); k, v: (B, n_kv, T, hd)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        if not rotated:
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         keys, values = cache.update(start_pos, k, v)  # (B, n_kv, start_pos + T, hd)
         y = F.scaled_dot_product_attention(
             q,
@@ -173,12 +180,15 @@ class Attention(nn.Module):
         assert self.qkv is not None and self.out is not None, "call Llama.pack() first"
         _, total, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv(x)
+        rotated = fused.rope_in_place(qkv, self.n_heads + self.n_kv_heads, self.head_dim, cos, sin)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(1, total, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(1, total, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(1, total, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)  # (1, nh, total, hd)
-        k = apply_rope(k, cos, sin)  # (1, n_kv, total, hd)
+        if not rotated:
+            q = apply_rope(q, cos, sin)  # (1, nh, total, hd)
+            k = apply_rope(k, cos, sin)  # (1, n_kv, total, hd)
         outputs = []
         for segment in segments:
             rows = slice(segment.offset, segment.offset + segment.length)

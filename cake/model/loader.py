@@ -18,6 +18,8 @@ from cake.host.memory import release_free_memory
 from cake.host.progress import progress
 from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
+from cake.model.kernels.probe import activations_dtype
+from cake.model.linear import build_projection, describe, kernels_of
 from cake.model.llama import (
     EMBEDDING,
     FINAL_NORM,
@@ -34,8 +36,6 @@ from cake.model.quant import (
     Quantization,
     QuantizedTensor,
     Weight,
-    build_projection,
-    describe,
     quantize,
 )
 
@@ -47,13 +47,13 @@ def activation_dtype(
     config: LlamaConfig,
     quantization: Quantization | None,
 ) -> torch.dtype:
-    """--dtype for a part: `auto` is bf16 when its weights are quantized (given --quantize, or
-    stored quantized: a GGUF or a quantized bundle), because the quantized kernels compute in
-    bf16; otherwise devices.resolve_dtype decides (devices.compute_dtype)."""
+    """--dtype for a part: `auto` is what the quantized kernels take when its weights are
+    quantized (given --quantize, or stored quantized: a GGUF or a quantized bundle; see
+    kernels.probe.activations_dtype); otherwise devices.resolve_dtype decides."""
     quantized = name == "auto" and (
         quantization is not None or open_checkpoint(folder, config).is_quantized
     )
-    return compute_dtype(name, device, quantized)
+    return compute_dtype(name, device, activations_dtype(device) if quantized else None)
 
 
 def load_llama(
@@ -190,12 +190,14 @@ def embedding_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
 def _build_head(
     weight: Weight, scheme: str | None, serves_rows: bool, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
-    return build_projection([head_weight(weight, scheme, serves_rows)], None, device, dtype)
+    return build_projection(
+        [head_weight(weight, scheme, serves_rows)], None, device, dtype, serves_rows=serves_rows
+    )
 
 
 def describe_part(model: Llama) -> str:
     """What each kind of weight in a loaded part runs as, for the load log:
-    'blocks int4/g32, head int8, activations bf16'."""
+    'blocks int4/g32, head int8, activations bf16; kernels int4/g32 avx2'."""
     kinds: dict[str, None] = {}
     for block in model.model.layers.values():
         for module in (block.self_attn.qkv, block.self_attn.out, block.mlp.gate_up, block.mlp.down):
@@ -208,4 +210,12 @@ def describe_part(model: Llama) -> str:
     if model.model.embed_tokens is not None:
         parts.append(f"embedding {describe(model.model.embed_tokens)}")
     parts.append(f"activations {str(model.dtype).removeprefix('torch.')}")
-    return ", ".join(parts)
+    kernels = describe_kernels(model)
+    return ", ".join(parts) + (f"; kernels {kernels}" if kernels else "")
+
+
+def describe_kernels(model: Llama) -> str:
+    """The kernels its quantized weights run, per format: 'int4/g32 avx2 decode, dequant-gemm
+    prefill; int8 avx2' ('' for a float part)."""
+    found = kernels_of([model])
+    return "; ".join(f"{kind} {kernels}" for kind, kernels in found.items())

@@ -1,7 +1,8 @@
-"""Quantized weights: int8 per output channel, int4 in groups; one linear module that packs them.
+"""Quantized weights: int8 per output channel, int4 in groups (the data; the modules that run
+them are in cake/model/linear.py, their kernels in cake/model/kernels/).
 
 A `QuantizedTensor` is the device-independent form of one (out, in) weight, the form GGUF
-blocks decode into, split bundles store and `QuantizedLinear` packs for its device:
+blocks decode into, split bundles store and the kernels read or pack for their device:
 
 - int8:  q int8 (out, in), scales (out,);                 w[o, i] = q[o, i] * scale[o]
 - int4:  q uint8 (out, in/2), two values per byte (column 2j in the low nibble, 2j+1 in the
@@ -9,11 +10,8 @@ blocks decode into, split bundles store and `QuantizedLinear` packs for its devi
          + zero[o, g] with g = i // group.                  (the convention of torch's int4
                                                              kernels, so nothing is re-derived)
 
-Scales and zeros are bf16: the CPU and CUDA kernels take them in the activations' dtype, and
-these kernels are fast only with bf16 activations (f32 ones run 10-40x slower on the CPU).
-So a `QuantizedLinear` always computes in bf16 and casts its input and output when the stage
-runs in another dtype (see `forward`); a quantized stage defaults to bf16, where the casts are
-no-ops (devices.stage_dtype).
+Scales and zeros are bf16: torch's CPU and CUDA kernels take them in the activations' dtype
+(and are fast only with bf16 activations), and cake's own kernels read them as stored.
 """
 
 from __future__ import annotations
@@ -22,11 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-from cake.model.llama import (
-    Projection,
-)
 
 SCHEMES = ("int8", "int4")
 
@@ -156,6 +149,9 @@ class QuantizedTensor:
         )
 
 
+Weight = torch.Tensor | QuantizedTensor  # a checkpoint weight, float or already quantized
+
+
 def quantize(
     weight: torch.Tensor, scheme: str, group_size: int = DEFAULT_GROUP_SIZE
 ) -> QuantizedTensor:
@@ -198,174 +194,6 @@ def _quantize_rows(weight: torch.Tensor, scheme: str, group_size: int) -> Quanti
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
     """uint8 (out, in) holding 0..15 -> uint8 (out, in/2): column 2j low nibble, 2j+1 high."""
     return values[:, 0::2] | (values[:, 1::2] << 4)
-
-
-class QuantizedLinear(nn.Module):
-    """y = x @ W.T for a quantized W (one weight, or several fused along the output).
-
-    Owns its packing: the constructor lays the weight out for `device`'s kernel.
-      CPU   int8: aten._weight_int8pack_mm (int8 (out, in), bf16 scales)
-      CPU   int4: aten._weight_int4pack_mm_for_cpu (packed by _convert_weight_to_int4pack_for_cpu)
-      CUDA  int4: aten._weight_int4pack_mm (packed by _convert_weight_to_int4pack), sm80+
-      CUDA  int8: aten._weight_int8pack_mm where this torch build has it
-    Anything else is refused with a clear error when the model loads.
-    """
-
-    def __init__(self, weight: QuantizedTensor, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-        check_supported(weight.scheme, device, weight.group_size)
-        self.scheme, self.group_size = weight.scheme, weight.group_size
-        self.out_features, self.in_features = weight.shape
-        self.dtype = dtype  # the stage's activations: what forward returns, rows() too
-        if weight.scheme == "int8":
-            self.register_buffer("q", weight.q.to(device))
-            self.register_buffer("scales", weight.scales.to(device, KERNEL_DTYPE))
-        else:
-            assert weight.zeros is not None
-            self.register_buffer("q", _pack_int4(weight, device))
-            # (in/group, out, 2): the kernels' layout of scales and zeros.
-            scales_and_zeros = torch.stack([weight.scales, weight.zeros], dim=-1).transpose(0, 1)
-            self.register_buffer(
-                "scales_and_zeros", scales_and_zeros.to(device, KERNEL_DTYPE).contiguous()
-            )
-
-    def describe(self) -> str:
-        return "int8" if self.scheme == "int8" else f"int4/g{self.group_size}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (..., in) -> (..., out). The kernels take 2-D bf16 input; in a bf16 stage the casts
-        # are no-ops, in an f32 stage they cost two small copies per call.
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
-        if self.scheme == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scales)
-        elif self.q.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.q, self.group_size, self.scales_and_zeros
-            )
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(
-                x2, self.q, self.group_size, self.scales_and_zeros
-            )
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows of W (a tied head doubles as the embedding table): int8 only."""
-        if self.scheme != "int8":
-            raise ValueError("an int4 weight cannot serve as an embedding table (rows)")
-        return (self.q[ids].to(torch.float32) * self.scales[ids, None].float()).to(self.dtype)
-
-
-def _pack_int4(weight: QuantizedTensor, device: torch.device) -> torch.Tensor:
-    out, cols = weight.shape
-    if out % 16:
-        raise ValueError(
-            f"int4 needs output sizes that are multiples of 16 (this weight has {out} rows); "
-            "use --quantize int8 for this model"
-        )
-    if device.type == "cpu":
-        # The CPU op takes int32 (out, in) values 0..15. Packed in row chunks (multiples of its
-        # 64-row blocks, so the chunks concatenate to the packing of the whole): an int32 copy of
-        # a whole matrix would be 8x its int4 bytes.
-        return torch.cat(
-            [
-                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    weight.rows(slice(start, start + CHUNK_ROWS)).unpacked().to(torch.int32), 2
-                )
-                for start in range(0, out, CHUNK_ROWS)
-            ]
-        )
-    # CUDA: uint8 (out, in/2) with column 2j in the HIGH nibble, then the op's own tiling.
-    values = weight.unpacked()
-    swapped = ((values[:, 0::2] << 4) | values[:, 1::2]).to(device)
-    return torch.ops.aten._convert_weight_to_int4pack(swapped, _inner_k_tiles(cols))
-
-
-def _inner_k_tiles(cols: int) -> int:
-    for tiles in (8, 4, 2):
-        if cols % (tiles * 16) == 0:
-            return tiles
-    raise ValueError(f"int4 on CUDA needs the input size ({cols}) to be a multiple of 32")
-
-
-def check_supported(
-    scheme: str, device: torch.device, group_size: int = DEFAULT_GROUP_SIZE
-) -> None:
-    """Raise a ValueError naming the fix when `device` has no kernel for `scheme`."""
-    if device.type == "cpu":
-        return
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if scheme == "int4" and major < 8:
-            raise ValueError(
-                f"--quantize int4 on {device} needs an sm80+ GPU (Ampere or newer); this one is "
-                f"sm{major}{minor}: use --quantize int8 or run without --quantize"
-            )
-        if scheme == "int4" and group_size not in (32, 64, 128, 256):
-            raise ValueError(f"int4 on CUDA takes group sizes 32-256, not {group_size}")
-        return
-    raise ValueError(
-        f"quantized weights ({scheme}) run on the CPU and on CUDA GPUs only, not on "
-        f"{device.type}; run without --quantize (and not from a GGUF file) on this device"
-    )
-
-
-class ConcatProjection(nn.Module):
-    """Several projections whose outputs are concatenated: a fused q|k|v whose parts a GGUF file
-    stores in different formats (Q4_K_M files keep some v weights in Q6_K)."""
-
-    def __init__(self, parts: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-        self.out_features = sum(p.out_features for p in parts)
-
-    def describe(self) -> str:
-        return "+".join(describe(p) for p in self.parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
-
-
-Weight = torch.Tensor | QuantizedTensor
-
-
-def build_projection(
-    parts: Sequence[Weight],
-    quantize_to: str | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    group_size: int = DEFAULT_GROUP_SIZE,
-) -> nn.Module:
-    """The final module for one (possibly fused) projection, built from its checkpoint weights.
-
-    Float weights are quantized to `quantize_to` (or kept dense in `dtype` when None); weights
-    that are already quantized (GGUF, quantized bundles) are used as they are. Parts quantized
-    differently cannot share one kernel call, so they run side by side (ConcatProjection).
-    """
-    quantized = [
-        part
-        if isinstance(part, QuantizedTensor) or quantize_to is None
-        else quantize(part, quantize_to, group_size)
-        for part in parts
-    ]
-    if all(isinstance(p, torch.Tensor) for p in quantized):
-        return Projection([p.to(device=device, dtype=dtype) for p in quantized])
-    kinds = {
-        (p.scheme, p.group_size) if isinstance(p, QuantizedTensor) else None for p in quantized
-    }
-    if len(kinds) == 1:
-        return QuantizedLinear(QuantizedTensor.cat(quantized), device, dtype)
-    return ConcatProjection(
-        [build_projection([p], None, device, dtype, group_size) for p in quantized]
-    )
-
-
-def describe(module: nn.Module) -> str:
-    """What a projection module runs: 'int8', 'int4/g32', 'bf16', ..."""
-    if isinstance(module, (QuantizedLinear, ConcatProjection)):
-        return module.describe()
-    weight = getattr(module, "weight", None)
-    return str(weight.dtype).removeprefix("torch.") if weight is not None else "?"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,163 @@
+"""The projection modules a block is built of: dense, quantized, or parts of both.
+
+`QuantizedLinear` runs one quantized weight (or several fused along the output) through the
+kernels chosen for it on this machine (cake/model/kernels/probe.py): one for decode-shaped
+inputs (a few rows), one for prefill-shaped ones, both reading the same packed copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cake.model.kernels.probe import DECODE_ROWS, choose
+from cake.model.llama import Projection
+from cake.model.quant import DEFAULT_GROUP_SIZE, QuantizedTensor, Weight, quantize
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T for a quantized W, through the kernels chosen for its format and shape.
+
+    serves_rows: W doubles as the embedding table (a tied head), so the kept layout must hand
+    out rows (`rows`): int8 only.
+    """
+
+    def __init__(
+        self,
+        weight: QuantizedTensor,
+        device: torch.device,
+        dtype: torch.dtype,
+        serves_rows: bool = False,
+    ) -> None:
+        super().__init__()
+        check_supported(weight.scheme, device, weight.group_size)
+        self.scheme, self.group_size = weight.scheme, weight.group_size
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype  # the stage's activations: what forward returns, rows() too
+        self.choice = choose(weight.scheme, weight.shape, weight.group_size, device, serves_rows)
+        self.decode_kernel, self.prefill_kernel = self.choice.decode, self.choice.prefill
+        packed = self.decode_kernel.pack(weight, device)
+        self.packed: dict = {}
+        for name, value in packed.items():
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(name, value)
+            else:
+                self.packed[name] = value
+
+    def _packed(self) -> dict:
+        # Buffers are looked up again on each call, so .to(device) and friends stay honest.
+        return {**self.packed, **dict(self.named_buffers(recurse=False))}
+
+    def describe(self) -> str:
+        return "int8" if self.scheme == "int8" else f"int4/g{self.group_size}"
+
+    def kernels(self) -> str:
+        return self.choice.describe()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        kernel = self.decode_kernel if x2.shape[0] <= DECODE_ROWS else self.prefill_kernel
+        y = kernel.run(self._packed(), x2)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows of W (a tied head doubles as the embedding table): int8 only."""
+        packed = self._packed()
+        if "weight" in packed:  # the dense kernel keeps the dequantized weight
+            return packed["weight"][ids].to(self.dtype)
+        if self.scheme != "int8" or "q" not in packed:
+            raise ValueError("an int4 weight cannot serve as an embedding table (rows)")
+        q, scales = packed["q"], packed["scales"]
+        return (q[ids].to(torch.float32) * scales[ids, None].float()).to(self.dtype)
+
+
+def check_supported(
+    scheme: str, device: torch.device, group_size: int = DEFAULT_GROUP_SIZE
+) -> None:
+    """Raise a ValueError naming the fix when `device` has no kernel for `scheme`."""
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if scheme == "int4" and major < 8:
+            raise ValueError(
+                f"--quantize int4 on {device} needs an sm80+ GPU (Ampere or newer); this one is "
+                f"sm{major}{minor}: use --quantize int8 or run without --quantize"
+            )
+        if scheme == "int4" and group_size not in (32, 64, 128, 256):
+            raise ValueError(f"int4 on CUDA takes group sizes 32-256, not {group_size}")
+        return
+    raise ValueError(
+        f"quantized weights ({scheme}) run on the CPU and on CUDA GPUs only, not on "
+        f"{device.type}; run without --quantize (and not from a GGUF file) on this device"
+    )
+
+
+class ConcatProjection(nn.Module):
+    """Several projections whose outputs are concatenated: a fused q|k|v whose parts a GGUF file
+    stores in different formats (Q4_K_M files keep some v weights in Q6_K)."""
+
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(p.out_features for p in parts)
+
+    def describe(self) -> str:
+        return "+".join(describe(p) for p in self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def build_projection(
+    parts: Sequence[Weight],
+    quantize_to: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    serves_rows: bool = False,
+) -> nn.Module:
+    """The final module for one (possibly fused) projection, built from its checkpoint weights.
+
+    Float weights are quantized to `quantize_to` (or kept dense in `dtype` when None); weights
+    that are already quantized (GGUF, quantized bundles) are used as they are. Parts quantized
+    differently cannot share one kernel call, so they run side by side (ConcatProjection).
+    """
+    quantized = [
+        part
+        if isinstance(part, QuantizedTensor) or quantize_to is None
+        else quantize(part, quantize_to, group_size)
+        for part in parts
+    ]
+    if all(isinstance(p, torch.Tensor) for p in quantized):
+        return Projection([p.to(device=device, dtype=dtype) for p in quantized])
+    kinds = {
+        (p.scheme, p.group_size) if isinstance(p, QuantizedTensor) else None for p in quantized
+    }
+    if len(kinds) == 1:
+        return QuantizedLinear(QuantizedTensor.cat(quantized), device, dtype, serves_rows)
+    return ConcatProjection(
+        [build_projection([p], None, device, dtype, group_size) for p in quantized]
+    )
+
+
+def describe(module: nn.Module) -> str:
+    """What a projection module runs: 'int8', 'int4/g32', 'bf16', ..."""
+    if isinstance(module, (QuantizedLinear, ConcatProjection)):
+        return module.describe()
+    weight = getattr(module, "weight", None)
+    return str(weight.dtype).removeprefix("torch.") if weight is not None else "?"
+
+
+def kernels_of(modules: Sequence[nn.Module]) -> dict[str, str]:
+    """{format: kernels} over the quantized modules among `modules` (for the load log and
+    --stats): {'int4/g32': 'avx2 decode, dequant-gemm prefill', 'int8': 'avx2'}."""
+    found: dict[str, str] = {}
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, QuantizedLinear):
+                found.setdefault(sub.describe(), sub.kernels())
+    return found
