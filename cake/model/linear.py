@@ -64,14 +64,21 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows of W (a tied head doubles as the embedding table): int8 only."""
+        """Dequantized rows of W (a tied head doubles as the embedding table), from a layout
+        that keeps them (kernels whose `serves_rows` is set)."""
         packed = self._packed()
         if "weight" in packed:  # the dense kernel keeps the dequantized weight
             return packed["weight"][ids].to(self.dtype)
-        if self.scheme != "int8" or "q" not in packed:
-            raise ValueError("an int4 weight cannot serve as an embedding table (rows)")
+        if not self.decode_kernel.serves_rows or "q" not in packed:
+            raise ValueError(f"{self.decode_kernel.name} keeps no embedding rows (rows)")
         q, scales = packed["q"], packed["scales"]
-        return (q[ids].to(torch.float32) * scales[ids, None].float()).to(self.dtype)
+        if self.scheme == "int8":
+            return (q[ids].to(torch.float32) * scales[ids, None].float()).to(self.dtype)
+        flat = ids.reshape(-1)
+        picked = QuantizedTensor(
+            "int4", q[flat], scales[flat], packed["zeros"][flat], self.group_size
+        )
+        return picked.dequantize(self.dtype).reshape(*ids.shape, self.in_features)
 
 
 def check_supported(

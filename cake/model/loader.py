@@ -18,7 +18,7 @@ from cake.host.memory import release_free_memory
 from cake.host.progress import progress
 from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
-from cake.model.kernels.probe import activations_dtype
+from cake.model.kernels.probe import activations_dtype, can_serve_rows
 from cake.model.linear import build_projection, describe, kernels_of
 from cake.model.llama import (
     EMBEDDING,
@@ -172,11 +172,14 @@ def random_part(
     return model
 
 
-def head_weight(weight: Weight, scheme: str | None, serves_rows: bool) -> Weight:
+def head_weight(
+    weight: Weight, scheme: str | None, serves_rows: bool, int4_rows: bool = False
+) -> Weight:
     """What the LM head is made of: int8 when quantizing (see Quantization); a stored int4 head
-    stays int4 unless it must also hand out embedding rows (tied), which only int8 does."""
+    stays int4 unless it must also hand out embedding rows (tied) and no int4 kernel here keeps
+    a layout that can (int4_rows: cake's own kernels read int4 as stored, torch's repack it)."""
     if isinstance(weight, QuantizedTensor):
-        if weight.scheme == "int4" and serves_rows:
+        if weight.scheme == "int4" and serves_rows and not int4_rows:
             return weight.to_int8()
         return weight
     return quantize(weight, "int8") if scheme else weight
@@ -190,8 +193,13 @@ def embedding_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
 def _build_head(
     weight: Weight, scheme: str | None, serves_rows: bool, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
+    int4_rows = isinstance(weight, QuantizedTensor) and can_serve_rows(weight, device)
     return build_projection(
-        [head_weight(weight, scheme, serves_rows)], None, device, dtype, serves_rows=serves_rows
+        [head_weight(weight, scheme, serves_rows, int4_rows)],
+        None,
+        device,
+        dtype,
+        serves_rows=serves_rows,
     )
 
 

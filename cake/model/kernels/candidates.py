@@ -44,7 +44,7 @@ class Kernel:
     device_type: ClassVar[str] = "cpu"
     layout: ClassVar[str]
     trades_memory: ClassVar[bool] = False  # chosen only when named with --kernels
-    serves_rows: ClassVar[bool] = True  # keeps what rows() (a tied embedding) needs
+    serves_rows: ClassVar[bool] = True  # its layout hands out rows (a tied embedding table)
 
     def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
         """Why this kernel cannot run a weight of this shape here; None if it can."""
@@ -89,6 +89,7 @@ def _needs_native(shape: tuple[int, int]) -> str | None:
 
 class TorchInt4Cpu(Kernel):
     name, scheme, layout = "torch", "int4", "torch-int4pack-cpu"
+    serves_rows = False  # its own tiling: rows cannot be read back cheaply
 
     def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
         return (
@@ -126,6 +127,7 @@ class TorchInt4Cpu(Kernel):
 
 class TorchInt4Cuda(Kernel):
     name, scheme, device_type, layout = "torch", "int4", "cuda", "torch-int4pack-cuda"
+    serves_rows = False
 
     def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
         if shape[0] % 16:

@@ -37,7 +37,7 @@ from cake.model.quant import KERNEL_DTYPE, QuantizedTensor
 log = logging.getLogger("cake.kernels")
 
 DECODE_ROWS = 16  # inputs with more rows than this take the prefill kernel
-PROBE_PREFILL_ROWS = 64
+PROBE_PREFILL_ROWS = 128  # a prefill step: engine.scheduler.DEFAULT_STEP_POSITIONS
 PROBE_MAX_OUT = 4096  # larger weights are timed on this many of their rows (time is linear)
 ACCURACY_BOUND = 0.03  # relative L2 error against the f32 product of the same stored weights
 REPEATS = 5
@@ -113,6 +113,13 @@ def choose(
         "kernels for %s on %s: %s (measured: %s)", key, device.type, choice.describe(), timings
     )
     return choice
+
+
+def can_serve_rows(weight: QuantizedTensor, device: torch.device) -> bool:
+    """Whether a kernel that runs `weight` here (without trading memory) keeps a layout that
+    hands out its rows as an embedding table."""
+    usable = _usable(weight.scheme, weight.shape, weight.group_size, device.type, True)
+    return any(not k.trades_memory for k in usable)
 
 
 def _usable(
