@@ -75,9 +75,8 @@ class QuantizedLinear(nn.Module):
         if self.scheme == "int8":
             return (q[ids].to(torch.float32) * scales[ids, None].float()).to(self.dtype)
         flat = ids.reshape(-1)
-        picked = QuantizedTensor(
-            "int4", q[flat], scales[flat], packed["zeros"][flat], self.group_size
-        )
+        zeros = packed["zeros"][flat] if "zeros" in packed else torch.zeros_like(scales[flat])
+        picked = QuantizedTensor("int4", q[flat], scales[flat], zeros, self.group_size)
         return picked.dequantize(self.dtype).reshape(*ids.shape, self.in_features)
 
 

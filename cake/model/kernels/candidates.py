@@ -61,13 +61,22 @@ class Kernel:
 
 
 def _cake_int4(weight: QuantizedTensor, device: torch.device) -> Packed:
+    """The weight as stored; zeros dropped when all are zero (Q4_0: a tenth of the bytes a
+    decode step reads)."""
     assert weight.zeros is not None
-    return {
+    packed: Packed = {
         "q": weight.q.to(device).contiguous(),
         "scales": weight.scales.to(device, KERNEL_DTYPE).contiguous(),
-        "zeros": weight.zeros.to(device, KERNEL_DTYPE).contiguous(),
         "group_size": weight.group_size,
     }
+    if bool(weight.zeros.any()):
+        packed["zeros"] = weight.zeros.to(device, KERNEL_DTYPE).contiguous()
+    return packed
+
+
+def _zeros_pointer(packed: Packed) -> int | None:
+    zeros = packed.get("zeros")
+    return None if zeros is None else zeros.data_ptr()
 
 
 def _cake_int8(weight: QuantizedTensor, device: torch.device) -> Packed:
@@ -176,11 +185,11 @@ class Avx2Int4(Kernel):
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
         x = x.to(torch.float32).contiguous()
-        q, scales, zeros = packed["q"], packed["scales"], packed["zeros"]
+        q, scales = packed["q"], packed["scales"]
         (rows, cols), out = x.shape, q.shape[0]
         y = torch.empty(rows, out, dtype=torch.float32)
         lib.cake_int4_linear(
-            x.data_ptr(), rows, cols, q.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            x.data_ptr(), rows, cols, q.data_ptr(), scales.data_ptr(), _zeros_pointer(packed),
             out, packed["group_size"], y.data_ptr(), native.threads(),
         )  # fmt: skip
         return y
@@ -197,12 +206,12 @@ class DequantGemmInt4(Kernel):
 
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
-        q, scales, zeros = packed["q"], packed["scales"], packed["zeros"]
+        q, scales, zeros = packed["q"], packed["scales"], _zeros_pointer(packed)
         group = packed["group_size"]
 
         def dequantize(start: int, end: int, tile: torch.Tensor) -> None:
             lib.cake_int4_dequantize(
-                q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), tile.shape[1], group,
+                q.data_ptr(), scales.data_ptr(), zeros, tile.shape[1], group,
                 start, end, tile.data_ptr(), native.threads(),
             )  # fmt: skip
 

@@ -4,6 +4,7 @@
 // int4 weights are cake's QuantizedTensor layout, used as stored (no repacking):
 //   q      uint8 (N, K/2): column 2j in the low nibble, 2j+1 in the high one, values 0..15
 //   scales bf16  (N, K/G), zeros bf16 (N, K/G):  w[n, k] = (q - 8) * scale + zero
+// zeros may be null: all zero (symmetric formats such as GGUF's Q4_0), a tenth fewer bytes.
 // Activations are quantized per block of 32 to 16-bit precision (int4: two int8 parts, see
 // QuantRow; int8: int16 values), a relative error of ~2e-5, below bf16's 4e-3. Plain int8
 // activations, as llama.cpp's Q8_0, erred by 1-2% on SmolLM2's real hidden states and flipped
@@ -32,6 +33,8 @@ int cake_cpu_has_avx2() {
 }
 
 }  // extern "C"
+
+static const int64_t PREFETCH_BYTES = 4096;  // how far ahead of the weight bytes being read
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -125,8 +128,13 @@ static inline void dot_row(const uint8_t* q, const uint16_t* sc, const uint16_t*
     int64_t blocks = K / 32, blk = 0;
     if (G32) {
         for (; blk + 8 <= blocks; blk += 8) {
+            // The hardware prefetcher alone left ~15% of the bandwidth unused here (AVX2
+            // EPYC, weights streamed from DRAM); 4 KiB ahead measured best of 1-16 KiB.
+            _mm_prefetch((const char*)(q + blk * 16 + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char*)(q + blk * 16 + PREFETCH_BYTES + 64), _MM_HINT_T0);
             __m256 s8 = load_bf16x8(sc + blk);
-            __m256 m8 = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s8, load_bf16x8(zr + blk));
+            __m256 z8 = zr ? load_bf16x8(zr + blk) : _mm256_setzero_ps();
+            __m256 m8 = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s8, z8);
             __m256 d8[B];
             for (int b = 0; b < B; ++b) {
                 d8[b] = _mm256_mul_ps(s8, _mm256_loadu_ps(x[b].scale + blk));
@@ -151,9 +159,10 @@ static inline void dot_row(const uint8_t* q, const uint16_t* sc, const uint16_t*
         __m256i v = single ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(q + blk * 16)))
                            : _mm256_loadu_si256((const __m256i*)(q + blk * 16));
         float sa = bf16_to_f32(sc[blk / per_group]);
-        float ma = bf16_to_f32(zr[blk / per_group]) - 8.f * sa;
+        float ma = (zr ? bf16_to_f32(zr[blk / per_group]) : 0.f) - 8.f * sa;
         float sb = single ? 0.f : bf16_to_f32(sc[(blk + 1) / per_group]);
-        float mb = single ? 0.f : bf16_to_f32(zr[(blk + 1) / per_group]) - 8.f * sb;
+        float zb = single || !zr ? 0.f : bf16_to_f32(zr[(blk + 1) / per_group]);
+        float mb = zb - 8.f * sb;
         for (int b = 0; b < B; ++b) {
             float da = sa * x[b].scale[blk], db = single ? 0.f : sb * x[b].scale[blk + 1];
             __m256 d = _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da));
@@ -194,7 +203,7 @@ void cake_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* q,
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* qn = q + n * (K / 2);
         const uint16_t* sn = scales + n * groups;
-        const uint16_t* zn = zeros + n * groups;
+        const uint16_t* zn = zeros ? zeros + n * groups : nullptr;
         int64_t m = 0;
         float out[4];
         for (; m + 4 <= M; m += 4) {
@@ -227,7 +236,7 @@ void cake_int4_dequantize(const uint8_t* q, const uint16_t* scales, const uint16
         float* o = out + (n - r0) * K;
         for (int64_t g = 0; g < groups; ++g) {
             float s = bf16_to_f32(scales[n * groups + g]);
-            float z = bf16_to_f32(zeros[n * groups + g]) - 8.f * s;
+            float z = (zeros ? bf16_to_f32(zeros[n * groups + g]) : 0.f) - 8.f * s;
             __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
             for (int64_t c = g * G; c < (g + 1) * G; c += 16) {
                 // 8 bytes -> 16 values: low nibble = column c+2j, high = c+2j+1.
@@ -263,6 +272,7 @@ static inline void dot_row_int8(const int8_t* w, int64_t K, const int16_t* const
     __m256 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < K / 32; ++blk) {
+        if (blk % 2 == 0) _mm_prefetch((const char*)(w + blk * 32 + PREFETCH_BYTES), _MM_HINT_T0);
         __m256i v = _mm256_loadu_si256((const __m256i*)(w + blk * 32));
         __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
         __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
