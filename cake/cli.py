@@ -538,6 +538,9 @@ async def _run_master(settings: Any, opts: dict) -> None:
             if decoder.ids and not out.gone:
                 out.write(decoder.finish() + "\n")
         if opts["show_stats"]:
+            kernels = master.local_kernels()
+            if kernels:
+                click.echo(f"kernels on the master: {kernels}", err=True)
             for line in stats.stage_lines():
                 log.info(line)
         click.echo(stats.summary(), err=True)

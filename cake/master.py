@@ -40,7 +40,7 @@ from cake.engine.stage_builder import StageBuilder, StageSettings
 from cake.engine.stages import StageHealth
 from cake.model.config import LlamaConfig, architecture_of
 from cake.model.llama import Llama
-from cake.model.loader import describe_part
+from cake.model.loader import describe_kernels, describe_part
 from cake.model.opener import Compute, OpenedModel, open_model
 from cake.model.tokenizer import encode_prompt, stop_token_ids
 from cake.topology import Run, Topology, format_blocks, load_topology
@@ -232,6 +232,10 @@ class Master:
     async def health(self) -> list[StageHealth]:
         """Every stage and whether it can serve now."""
         return await self.pipeline.health()
+
+    def local_kernels(self) -> str:
+        """The kernels this process's quantized weights run ('' when all are float)."""
+        return describe_kernels(self.ends)
 
     async def close(self) -> None:
         await self.scheduler.close()

@@ -33,7 +33,7 @@ from cake.host.signals import stop_signal
 from cake.host.sizes import format_size
 from cake.model.config import architecture_of
 from cake.model.llama import Llama
-from cake.model.loader import describe_part
+from cake.model.loader import describe_kernels, describe_part
 from cake.model.opener import open_model
 from cake.topology import format_blocks, load_topology, parse_address
 from cake.wire.auth import cluster_key as parse_key
@@ -113,6 +113,7 @@ class Worker:
             dtype=DTYPE_NAMES[self.dtype],
             max_seq_len=self.max_seq_len,
             kv_memory=self.store.budget_bytes,
+            kernels=describe_kernels(self.model),
         )
 
     async def handle_connection(

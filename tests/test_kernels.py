@@ -352,3 +352,31 @@ def test_without_native_kernels_a_tied_int4_head_becomes_int8(without_native_ker
     assert not probe.can_serve_rows(w, CPU)
     assert head_weight(w, None, serves_rows=True, int4_rows=False).scheme == "int8"
     assert head_weight(w, None, serves_rows=False).scheme == "int4"
+
+
+def test_a_quantized_worker_names_its_kernels_in_the_handshake(tiny_llama: Path) -> None:
+    from cake.model.loader import load_llama
+    from cake.model.quant import Quantization
+    from cake.worker import Worker
+
+    part = load_llama(tiny_llama, [0, 1], quantization=Quantization("int8"), max_seq_len=16)
+    welcome = Worker("w", part, max_seq_len=16).welcome()
+    assert welcome.kernels.startswith("int8 ")
+    from cake.wire.protocol import parse_message
+
+    assert parse_message(welcome.to_wire()) == welcome  # the field travels
+    float_part = load_llama(tiny_llama, [0], max_seq_len=16)
+    assert Worker("w", float_part, max_seq_len=16).welcome().kernels == ""
+
+
+@pytest.mark.slow
+def test_stats_names_the_kernels_on_the_master(smollm2_gguf: Path) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "cake.cli", "--model", str(smollm2_gguf), "--prompt", "Hi"]
+    command += ["-n", "2", "--temperature", "0", "--stats", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("kernels on the master: "))
+    assert "int4/g32 " in line and "int8 " in line

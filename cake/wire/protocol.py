@@ -47,7 +47,7 @@ if sys.byteorder != "little":  # pragma: no cover - every CPU/CUDA/MPS host we t
         "cake.wire.protocol needs a little-endian host: the wire format is little-endian"
     )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Welcome says which kernels the worker runs
 
 # Largest frame body a FrameDecoder accepts by default. A prefill of 8k tokens x 8192 hidden in
 # float32 is 256 MiB of hidden state, so 512 MiB leaves room for that plus the msgpack envelope.
@@ -570,6 +570,7 @@ class Welcome(_Message):
     # Its session store's limits, so a master can refuse a mismatch before generating:
     max_seq_len: int = 0  # positions one session may hold (worker --max-seq-len); 0 = unknown
     kv_memory: int = 0  # bytes all sessions' KV caches may take (worker --kv-memory); 0 = unknown
+    kernels: str = ""  # the kernels its quantized weights run, for the master's log; "" = none
 
     def _check(self) -> None:
         _check_blocks(self.blocks)

@@ -143,11 +143,12 @@ class WorkerClient:
         self.welcome = welcome
         self.phase.connected()
         log.info(
-            "connected to %s: blocks %s on %s (%s)",
+            "connected to %s: blocks %s on %s (%s)%s",
             self.label,
             format_blocks(welcome.blocks),
             welcome.device,
             welcome.dtype,
+            f", kernels {welcome.kernels}" if welcome.kernels else "",
         )
         return welcome
 
