@@ -45,10 +45,16 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer(name, value)
             else:
                 self.packed[name] = value
+        self._all: dict | None = None  # packed values and buffers, gathered once per layout
 
     def _packed(self) -> dict:
-        # Buffers are looked up again on each call, so .to(device) and friends stay honest.
-        return {**self.packed, **dict(self.named_buffers(recurse=False))}
+        if self._all is None:
+            self._all = {**self.packed, **dict(self.named_buffers(recurse=False))}
+        return self._all
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self._all = None  # .to(), .half(), ... replace the buffers: gather them again
+        return super()._apply(fn, recurse)
 
     def describe(self) -> str:
         return "int8" if self.scheme == "int8" else f"int4/g{self.group_size}"

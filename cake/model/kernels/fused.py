@@ -18,9 +18,10 @@ from cake.model.kernels import native, probe
 def _usable(*tensors: torch.Tensor) -> bool:
     if probe.named() == "torch" or native.library() is None:
         return False
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
+    for t in tensors:  # a loop, not all(genexpr): this runs a few times per block and step
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
