@@ -380,3 +380,16 @@ def test_stats_names_the_kernels_on_the_master(smollm2_gguf: Path) -> None:
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stderr.splitlines() if x.startswith("kernels on the master: "))
     assert "int4/g32 " in line and "int8 " in line
+
+
+@needs_native
+def test_fused_silu_mul_matches_torch() -> None:
+    gate_up = torch.randn(2, 3, 2 * 100) * 6  # large negative and positive gates too
+    gate, up = gate_up.split([100, 100], dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(fused.silu_mul(gate_up, 100), expected, rtol=1e-5, atol=1e-6)
+    extreme = torch.tensor([[-200.0, -90.0, 0.0, 90.0, 200.0, 1.0, -1.0, 3.0] * 2 + [1.0] * 16])
+    gate, up = extreme.split([16, 16], dim=-1)
+    torch.testing.assert_close(
+        fused.silu_mul(extreme, 16), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6
+    )

@@ -402,3 +402,44 @@ void cake_rope(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_
 }
 
 }  // extern "C"
+
+// --- SiLU(gate) * up for a fused gate|up output --------------------------------------------
+
+// e^x for 8 floats (Cephes' single-precision polynomial: relative error ~1e-7; x clamped to
+// the range where e^x is a finite float).
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+extern "C" {
+
+// out (rows, inner) = silu(gu[:, :inner]) * gu[:, inner:], silu(g) = g / (1 + e^-g).
+void cake_silu_mul(const float* gu, int64_t rows, int64_t inner, float* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* g = gu + r * 2 * inner;
+        const float* u = g + inner;
+        float* o = out + r * inner;
+        int64_t i = 0;
+        for (; i + 8 <= inner; i += 8) {
+            __m256 vg = _mm256_loadu_ps(g + i);
+            __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), vg)));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(vg, denom), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < inner; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+}  // extern "C"

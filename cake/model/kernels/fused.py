@@ -1,5 +1,5 @@
-"""Small f32 operations of a block in one native call each (cpu_avx2.cpp): RMSNorm, and the
-rotary embedding of q and k in place in the fused q|k|v output.
+"""Small f32 operations of a block in one native call each (cpu_avx2.cpp): RMSNorm, the rotary
+embedding of q and k in place in the fused q|k|v output, and SwiGLU's silu(gate) * up.
 
 On the CPU a torch operator costs a few microseconds however small its tensor, and a decode
 step of a small model is mostly such operators: RMSNorm as written in the reference is six of
@@ -49,3 +49,13 @@ def rope_in_place(
         cos.data_ptr(), sin.data_ptr(), cos.shape[0],
     )  # fmt: skip
     return True
+
+
+def silu_mul(gate_up: torch.Tensor, inner: int) -> torch.Tensor | None:
+    """silu(gate) * up from a fused (..., 2 * inner) gate|up output; None: use torch."""
+    if not _usable(gate_up):
+        return None
+    out = gate_up.new_empty(*gate_up.shape[:-1], inner)
+    rows = gate_up.numel() // (2 * inner)
+    native.library().cake_silu_mul(gate_up.data_ptr(), rows, inner, out.data_ptr())
+    return out

@@ -53,6 +53,8 @@ _SIGNATURES = {
     "cake_rms_norm": ([_PTR, _I64, _I64, _PTR, ctypes.c_float, _PTR], None),
     # x, rows, row_stride, heads, hd, cos, sin, table_rows
     "cake_rope": ([_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64], None),
+    # gate|up, rows, inner, out
+    "cake_silu_mul": ([_PTR, _I64, _I64, _PTR], None),
 }
 
 
