@@ -149,7 +149,3 @@ def threads() -> int:
     """The thread count torch uses here (OpenMP's per-thread setting may differ in a thread
     started by asyncio, so it is passed to every call)."""
     return torch.get_num_threads()
-
-
-def ptr(tensor: torch.Tensor) -> int:
-    return tensor.data_ptr()
