@@ -93,6 +93,16 @@ def _needs_native(shape: tuple[int, int]) -> str | None:
     return f"the input size ({shape[1]}) is not a multiple of 32" if shape[1] % 32 else None
 
 
+class CakeKernel(Kernel):
+    """cake's own kernels (cpu_avx2.cpp), on cake's layouts: the QuantizedTensor as stored."""
+
+    def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
+        return _needs_native(shape)
+
+    def pack(self, weight: QuantizedTensor, device: torch.device) -> Packed:
+        return _cake_int4(weight, device) if self.scheme == "int4" else _cake_int8(weight, device)
+
+
 # --- int4 ------------------------------------------------------------------------------------
 
 
@@ -173,14 +183,8 @@ def _scales_and_zeros(weight: QuantizedTensor, device: torch.device) -> torch.Te
     return both.to(device, KERNEL_DTYPE).contiguous()
 
 
-class Avx2Int4(Kernel):
+class Avx2Int4(CakeKernel):
     name, scheme, layout = "avx2", "int4", "cake-int4"
-
-    def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
-        return _needs_native(shape)
-
-    def pack(self, weight: QuantizedTensor, device: torch.device) -> Packed:
-        return _cake_int4(weight, device)
 
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
@@ -195,14 +199,8 @@ class Avx2Int4(Kernel):
         return y
 
 
-class DequantGemmInt4(Kernel):
+class DequantGemmInt4(CakeKernel):
     name, scheme, layout = "dequant-gemm", "int4", "cake-int4"
-
-    def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
-        return _needs_native(shape)
-
-    def pack(self, weight: QuantizedTensor, device: torch.device) -> Packed:
-        return _cake_int4(weight, device)
 
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
@@ -237,14 +235,8 @@ class TorchInt8Cuda(TorchInt8):
     device_type = "cuda"
 
 
-class Avx2Int8(Kernel):
+class Avx2Int8(CakeKernel):
     name, scheme, layout = "avx2", "int8", "cake-int8"
-
-    def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
-        return _needs_native(shape)
-
-    def pack(self, weight: QuantizedTensor, device: torch.device) -> Packed:
-        return _cake_int8(weight, device)
 
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
@@ -259,14 +251,8 @@ class Avx2Int8(Kernel):
         return y
 
 
-class DequantGemmInt8(Kernel):
+class DequantGemmInt8(CakeKernel):
     name, scheme, layout = "dequant-gemm", "int8", "cake-int8"
-
-    def unusable(self, shape: tuple[int, int], group_size: int) -> str | None:
-        return _needs_native(shape)
-
-    def pack(self, weight: QuantizedTensor, device: torch.device) -> Packed:
-        return _cake_int8(weight, device)
 
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
