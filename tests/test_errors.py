@@ -128,3 +128,25 @@ def test_a_worker_refusal_arrives_with_its_code(tiny_llama: Path, tmp_path: Path
                 await link.wait_closed()
 
     asyncio.run(run())
+
+
+def test_a_connection_reset_as_it_opens_is_a_lost_link_not_an_os_error() -> None:
+    """A worker that dies while the master reconnects can leave the new socket closed before
+    the Link sets its options: EBADF there escaped the reconnect loop as a bare OSError and
+    ended the CLI ('error: [Errno 9] Bad file descriptor'). The Link must still be built; its
+    first read or write reports the loss."""
+    import errno
+    import socket as socket_module
+
+    class ClosedSocket:
+        family = socket_module.AF_INET
+
+        def setsockopt(self, *args: object) -> None:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    class Writer:
+        def get_extra_info(self, name: str) -> object:
+            return ClosedSocket() if name == "socket" else None
+
+    link = Link(asyncio.StreamReader(), Writer(), "peer")  # type: ignore[arg-type]
+    assert link.peer == "peer"

@@ -88,8 +88,12 @@ class Link:
         self._send_lock = asyncio.Lock()  # one frame at a time from concurrent tasks
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(sock)
+            # A peer that reset the connection as it was accepted leaves a closed descriptor:
+            # setsockopt then fails (EBADF). The first read or write reports the loss as a
+            # LinkError, which reconnecting handles; raised here, the OSError escaped it.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _keepalive(sock)
 
     def set_frame_limit(self, max_frame_bytes: int) -> None:
         """Change the largest frame accepted (and sent) from the next frame on: small before
