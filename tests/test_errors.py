@@ -148,5 +148,7 @@ def test_a_connection_reset_as_it_opens_is_a_lost_link_not_an_os_error() -> None
         def get_extra_info(self, name: str) -> object:
             return ClosedSocket() if name == "socket" else None
 
-    link = Link(asyncio.StreamReader(), Writer(), "peer")  # type: ignore[arg-type]
-    assert link.peer == "peer"
+    async def build() -> Link:  # a StreamReader belongs to a running loop
+        return Link(asyncio.StreamReader(), Writer(), "peer")  # type: ignore[arg-type]
+
+    assert asyncio.run(build()).peer == "peer"
