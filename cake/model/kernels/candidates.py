@@ -129,19 +129,10 @@ class TorchInt4Cpu(Kernel):
                 for start in range(0, out, step)
             ]
         )
-        return {
-            "q": q,
-            "scales_and_zeros": _scales_and_zeros(weight, device),
-            "group_size": weight.group_size,
-        }
+        return _torch_int4(q, weight, device)
 
     def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(KERNEL_DTYPE).contiguous(),
-            packed["q"],
-            packed["group_size"],
-            packed["scales_and_zeros"],
-        )
+        return _run_torch_int4(torch.ops.aten._weight_int4pack_mm_for_cpu, packed, x)
 
 
 class TorchInt4Cuda(Kernel):
@@ -161,26 +152,33 @@ class TorchInt4Cuda(Kernel):
         swapped = ((values[:, 0::2] << 4) | values[:, 1::2]).to(device)
         cols = weight.shape[1]
         tiles = next(t for t in (8, 4, 2) if cols % (t * 16) == 0)
-        return {
-            "q": torch.ops.aten._convert_weight_to_int4pack(swapped, tiles),
-            "scales_and_zeros": _scales_and_zeros(weight, device),
-            "group_size": weight.group_size,
-        }
-
-    def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm(
-            x.to(KERNEL_DTYPE).contiguous(),
-            packed["q"],
-            packed["group_size"],
-            packed["scales_and_zeros"],
+        return _torch_int4(
+            torch.ops.aten._convert_weight_to_int4pack(swapped, tiles), weight, device
         )
 
+    def run(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+        return _run_torch_int4(torch.ops.aten._weight_int4pack_mm, packed, x)
 
-def _scales_and_zeros(weight: QuantizedTensor, device: torch.device) -> torch.Tensor:
-    """(in/group, out, 2): torch's int4 kernels' layout of scales and zeros."""
+
+def _torch_int4(q: torch.Tensor, weight: QuantizedTensor, device: torch.device) -> Packed:
+    """torch's int4 layout: its tiled q, and scales and zeros as (in/group, out, 2)."""
     assert weight.zeros is not None
     both = torch.stack([weight.scales, weight.zeros], dim=-1).transpose(0, 1)
-    return both.to(device, KERNEL_DTYPE).contiguous()
+    return {
+        "q": q,
+        "scales_and_zeros": both.to(device, KERNEL_DTYPE).contiguous(),
+        "group_size": weight.group_size,
+    }
+
+
+def _run_torch_int4(op: Any, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+    """torch's int4 matrix product (CPU or CUDA op): bf16 activations."""
+    return op(
+        x.to(KERNEL_DTYPE).contiguous(),
+        packed["q"],
+        packed["group_size"],
+        packed["scales_and_zeros"],
+    )
 
 
 class Avx2Int4(CakeKernel):
