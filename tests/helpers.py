@@ -371,6 +371,25 @@ def reference_tokens(model: Path, prompt_ids: Sequence[int], n: int) -> list[int
 # --- the CLI in this process --------------------------------------------------------------------
 
 
+def greedy_answer(model: Path, quantize: str | None, prompt: str, raw: bool = False) -> str:
+    """The text of 16 greedy tokens from a Master opened afresh (so the kernel choice and the
+    cache are the test's own): chat-templated, or `raw`."""
+    from cake.decoding.sampling import SamplingParams
+    from cake.master import Master, MasterSettings
+
+    async def run() -> str:
+        settings = MasterSettings(model, device="cpu", max_seq_len=256, quantize=quantize)
+        master = await Master.open(settings)
+        try:
+            ids = master.encode(prompt, raw=raw)
+            tokens = [t async for t in master.generate(ids, SamplingParams(temperature=0), 16)]
+            return master.tokenizer.decode(tokens, skip_special_tokens=True)
+        finally:
+            await master.close()
+
+    return _run_coroutine(run())
+
+
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
     """`cake-cli ARGS` through its click entry point in this process (click's CliRunner): no
     interpreter start, no torch import. The result has exit_code, stdout and stderr apart.

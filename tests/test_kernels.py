@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import greedy_answer
 
 from cake.cli import main
 from cake.model.kernels import candidates, fused, native, probe
@@ -172,6 +173,51 @@ def test_a_kernel_outside_the_accuracy_bound_is_left_out(monkeypatch: pytest.Mon
     monkeypatch.setattr(probe, "candidates", lambda scheme, device_type: kernels)
     choice = probe.choose("int4", (144, 160), 32, CPU)
     assert choice.decode.name != "wrong-but-fast"
+
+
+def torch_always_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measurement as on a CPU where torch's bf16 kernels beat cake's everywhere."""
+
+    def timed(kernel: Kernel, packed: Packed, x: torch.Tensor, device: torch.device) -> float:
+        return 1.0 if kernel.name == "torch" else 100.0
+
+    monkeypatch.setattr(probe, "_time_us", timed)
+
+
+@needs_native
+def test_the_head_takes_a_kernel_that_keeps_logits_exact(
+    monkeypatch: pytest.MonkeyPatch, isolated_cache: Path
+) -> None:
+    """torch's kernels round activations and outputs to bf16 (~2e-3): fine inside the blocks,
+    but the head's logits are compared with each other, so it takes a kernel within
+    LOGITS_BOUND even where torch's is faster."""
+    torch_always_fastest(monkeypatch)
+    body = probe.choose("int8", (512, 256), 0, CPU)
+    head = probe.choose("int8", (512, 256), 0, CPU, serves_rows=True, logits=True)
+    assert body.decode.name == "torch"
+    assert head.decode.name in ("avx2", "dequant-gemm"), head
+    assert head.prefill.name in ("avx2", "dequant-gemm"), head
+    remembered = json.loads(probe.choices_file().read_text())
+    assert any(key.endswith("rows logits") for entries in remembered.values() for key in entries)
+
+
+def test_a_head_with_no_exact_kernel_takes_the_accurate_ones(
+    without_native_kernels: None, isolated_cache: Path
+) -> None:
+    """Without cake's kernels only torch's bf16 kernel is left: the head still runs."""
+    assert probe.choose("int8", (512, 256), 0, CPU, logits=True).decode.name == "torch"
+
+
+@needs_native
+@pytest.mark.slow
+def test_the_demo_answers_where_torch_kernels_win_the_measurement(
+    smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch, isolated_cache: Path
+) -> None:
+    """Seen in CI on another CPU: torch's int8 kernel measured fastest for the demo's tied head,
+    and the f32 stage's logits rounded to bf16 turned "Paris" into "L'Étoile, la
+    Marseillaise"."""
+    torch_always_fastest(monkeypatch)
+    assert "Paris" in greedy_answer(smollm2_gguf, None, "What is the capital of France?")
 
 
 def test_a_named_kernel_runs_where_it_can(caplog: pytest.LogCaptureFixture) -> None:

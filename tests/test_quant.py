@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +12,10 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from helpers import greedy_answer
 from transformers import LlamaForCausalLM
 
 from cake.cli import main, split_main
-from cake.decoding.sampling import SamplingParams
-from cake.master import Master, MasterSettings
 from cake.model.gguf import GGUFCheckpoint, decode, resolve_model_path
 from cake.model.linear import QuantizedLinear, build_projection
 from cake.model.loader import load_llama
@@ -206,24 +204,9 @@ def test_quantized_top1_tokens_agree_with_f32(prose_run: ProseRun, variant: str)
     assert on_confident >= 0.99, (variant, on_confident)
 
 
-def answer(model: Path, quantize: str | None, prompt: str, raw: bool = False) -> str:
-    async def run() -> str:
-        master = await Master.open(
-            MasterSettings(model, device="cpu", max_seq_len=256, quantize=quantize)
-        )
-        try:
-            ids = master.encode(prompt, raw=raw)
-            tokens = [t async for t in master.generate(ids, SamplingParams(temperature=0), 16)]
-            return master.tokenizer.decode(tokens, skip_special_tokens=True)
-        finally:
-            await master.close()
-
-    return asyncio.run(run())
-
-
 @pytest.mark.slow
 def test_gguf_runs_natively_and_writes_no_weights(smollm2_gguf: Path, isolated_cache: Path) -> None:
-    text = answer(smollm2_gguf, None, "What is the capital of France?")
+    text = greedy_answer(smollm2_gguf, None, "What is the capital of France?")
     assert "Paris" in text, text
     cached = [p for p in isolated_cache.rglob("*") if p.is_file()]
     assert any(p.name == "gguf.json" for p in cached)
@@ -237,7 +220,7 @@ def test_gguf_runs_natively_and_writes_no_weights(smollm2_gguf: Path, isolated_c
 def test_quantized_smollm2_completes_sensibly(smollm2_dir: Path, scheme: str) -> None:
     # A completion, not the chat question: at 4 bits this 135M model answers the chat form
     # with French landmarks instead of the city (its perplexity is checked above).
-    text = answer(smollm2_dir, scheme, "The capital of France is", raw=True)
+    text = greedy_answer(smollm2_dir, scheme, "The capital of France is", raw=True)
     assert text.startswith(" Paris"), text
 
 

@@ -21,7 +21,9 @@ class QuantizedLinear(nn.Module):
     """y = x @ W.T for a quantized W, through the kernels chosen for its format and shape.
 
     serves_rows: W doubles as the embedding table (a tied head), so the kept layout must hand
-    out rows (`rows`): int8 only.
+    out rows (`rows`).
+    logits: W is the LM head, whose outputs are compared with each other to pick a token, so
+    its kernel is held to probe.LOGITS_BOUND where one meets it.
     """
 
     def __init__(
@@ -30,13 +32,16 @@ class QuantizedLinear(nn.Module):
         device: torch.device,
         dtype: torch.dtype,
         serves_rows: bool = False,
+        logits: bool = False,
     ) -> None:
         super().__init__()
         check_supported(weight.scheme, device, weight.group_size)
         self.scheme, self.group_size = weight.scheme, weight.group_size
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype  # the stage's activations: what forward returns, rows() too
-        self.choice = choose(weight.scheme, weight.shape, weight.group_size, device, serves_rows)
+        self.choice = choose(
+            weight.scheme, weight.shape, weight.group_size, device, serves_rows, logits
+        )
         self.decode_kernel, self.prefill_kernel = self.choice.decode, self.choice.prefill
         packed = self.decode_kernel.pack(weight, device)
         self.packed: dict = {}
@@ -131,6 +136,7 @@ def build_projection(
     dtype: torch.dtype,
     group_size: int = DEFAULT_GROUP_SIZE,
     serves_rows: bool = False,
+    logits: bool = False,
 ) -> nn.Module:
     """The final module for one (possibly fused) projection, built from its checkpoint weights.
 
@@ -150,7 +156,7 @@ def build_projection(
         (p.scheme, p.group_size) if isinstance(p, QuantizedTensor) else None for p in quantized
     }
     if len(kinds) == 1:
-        return QuantizedLinear(QuantizedTensor.cat(quantized), device, dtype, serves_rows)
+        return QuantizedLinear(QuantizedTensor.cat(quantized), device, dtype, serves_rows, logits)
     return ConcatProjection(
         [build_projection([p], None, device, dtype, group_size) for p in quantized]
     )

@@ -200,6 +200,7 @@ def _build_head(
         device,
         dtype,
         serves_rows=serves_rows,
+        logits=True,
     )
 
 
