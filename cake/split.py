@@ -37,7 +37,7 @@ from cake.host.sizes import format_size
 from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source
 from cake.model.config import LlamaConfig
 from cake.model.gguf import gguf_file_of
-from cake.model.llama import HEAD, checkpoint_shapes
+from cake.model.layout import HEAD, checkpoint_shapes
 from cake.model.opener import open_model
 from cake.model.quant import Quantization
 from cake.model.transcode import write_transcoded

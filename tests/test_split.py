@@ -22,7 +22,7 @@ from cake.errors import ModelFolderError
 from cake.model.checkpoint import INDEX_FILE, Checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import resolve_model_path
-from cake.model.llama import EMBEDDING, HEAD
+from cake.model.layout import EMBEDDING, HEAD
 from cake.model.loader import load_llama
 from cake.split import SHARD_FILE, split_model
 from cake.topology import TopologyError, load_topology

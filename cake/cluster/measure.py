@@ -7,6 +7,7 @@ model's config with random weights, so no weights need to be on the device to ti
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -52,17 +53,19 @@ QUANTIZED_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / 32}
 def block_bytes(
     config: LlamaConfig, dtype: torch.dtype, max_seq_len: int, quantization: str = ""
 ) -> int:
-    """Weights of one block (linear ones `quantization`, if given) plus one session's KV cache
-    for it, in `dtype`."""
-    c = config
-    linear = (
-        c.hidden_size * c.head_dim * (c.n_heads * 2 + c.n_kv_heads * 2)  # q, o, k, v
-        + 3 * c.hidden_size * c.intermediate_size  # gate, up, down
-    )
+    """Weights of the largest block (linear ones `quantization`, if given; a mixture-of-experts
+    block with all its experts) plus one session's KV cache for it, in `dtype`."""
+    from cake.model.layout import block_shapes, is_linear_weight
+
     per_weight = QUANTIZED_BYTES_PER_WEIGHT.get(quantization, dtype.itemsize)
-    norms = 2 * c.hidden_size
-    cache = 2 * c.n_kv_heads * c.head_dim * max_seq_len
-    return int(linear * per_weight) + (norms + cache) * dtype.itemsize
+    largest = 0
+    for block in range(config.n_layers):
+        shapes = block_shapes(config, block)
+        linear = sum(math.prod(s) for name, s in shapes.items() if is_linear_weight(name))
+        other = sum(math.prod(s) for name, s in shapes.items() if not is_linear_weight(name))
+        largest = max(largest, int(linear * per_weight) + other * dtype.itemsize)
+    cache = 2 * config.n_kv_heads * config.head_dim * max_seq_len
+    return largest + cache * dtype.itemsize
 
 
 def time_block(

@@ -234,7 +234,7 @@ def _write_json(path: Path, version: int, data: dict) -> None:
 
 def block_tensor_names(config: LlamaConfig, blocks: Sequence[int]) -> list[str]:
     """The checkpoint names of `blocks`' tensors."""
-    from cake.model.llama import checkpoint_shapes
+    from cake.model.layout import checkpoint_shapes
 
     return list(checkpoint_shapes(config, blocks, with_embedding=False, with_head=False))
 

@@ -20,10 +20,7 @@ from safetensors import SafetensorError, safe_open
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint, gguf_file_of
-from cake.model.llama import (
-    EMBEDDING,
-    HEAD,
-)
+from cake.model.layout import EMBEDDING, HEAD
 from cake.model.quant import (
     QuantizedTensor,
     Weight,

@@ -16,21 +16,13 @@ from cake.errors import ModelFolderError
 from cake.host.devices import compute_dtype
 from cake.host.memory import release_free_memory
 from cake.host.progress import progress
+from cake.model.assemble import as_float, build_block, norm
 from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.kernels.probe import activations_dtype, can_serve_rows
+from cake.model.layout import EMBEDDING, FINAL_NORM, HEAD, checkpoint_shapes
 from cake.model.linear import build_projection, describe, kernels_of
-from cake.model.llama import (
-    EMBEDDING,
-    FINAL_NORM,
-    HEAD,
-    NORMS,
-    PROJECTIONS,
-    Block,
-    Llama,
-    RMSNorm,
-    checkpoint_shapes,
-)
+from cake.model.llama import Block, Llama
 from cake.model.quant import (
     DEFAULT_GROUP_SIZE,
     Quantization,
@@ -100,28 +92,22 @@ def load_llama(
                 )
         return [tensors[name] for name in names]
 
-    def norm(name: str) -> RMSNorm:
-        (weight,) = checkpoint.load([name], dtype, device).values()
-        return RMSNorm(weight, config.rms_norm_eps)
+    def floats(names: list[str]) -> list[torch.Tensor]:
+        return [as_float(w, dtype, device) for w in checkpoint.load(names, dtype, device).values()]
+
+    def project(weights: list[Weight]) -> nn.Module:
+        return build_projection(weights, scheme, device, dtype, group)
 
     layers: dict[int, Block] = {}
     for i in progress(sorted(blocks), "loading blocks", unit="block"):
-        prefix = f"model.layers.{i}."
-        projections = {
-            module: build_projection(
-                read([f"{prefix}{part}.weight" for part in parts]), scheme, device, dtype, group
-            )
-            for module, parts in PROJECTIONS.items()
-        }
-        norms = {name: norm(f"{prefix}{name}.weight").weight for name in NORMS}
-        layers[i] = Block(config, projections, norms)
+        layers[i] = build_block(config, i, read, floats, project)
         release_free_memory()
     head = embedding = final_norm = None
     tied = with_head and head_source(config, checkpoint) == EMBEDDING
     if with_head:
         (weight,) = read([HEAD], {HEAD: head_source(config, checkpoint)})
         head = _build_head(weight, scheme, tied and with_embedding, device, dtype)
-        final_norm = norm(FINAL_NORM)
+        final_norm = norm(config, floats([FINAL_NORM])[0])
     if with_embedding and not (tied and head is not None):
         (weight,) = read([EMBEDDING])
         table = embedding_weight(weight, dtype).to(device)
@@ -148,24 +134,22 @@ def random_part(
     shapes = checkpoint_shapes(config, blocks, with_embedding=False, with_head=False)
     scheme = quantization.scheme if quantization else None
     group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
-    layers: dict[int, Block] = {}
-    for i in blocks:
-        prefix = f"model.layers.{i}."
-        projections = {
-            module: build_projection(
-                [
-                    torch.randn(shapes[f"{prefix}{part}.weight"], generator=generator) * 0.02
-                    for part in parts
-                ],
-                scheme,
-                device,
-                dtype,
-                group,
-            )
-            for module, parts in PROJECTIONS.items()
-        }
-        norms = {name: torch.ones(config.hidden_size, dtype=dtype, device=device) for name in NORMS}
-        layers[i] = Block(config, projections, norms)
+
+    def random(names: list[str]) -> list[Weight]:
+        return [torch.randn(shapes[name], generator=generator) * 0.02 for name in names]
+
+    def floats(names: list[str]) -> list[torch.Tensor]:
+        # Norms at one (Gemma's offset form: zero), biases and routers small and random.
+        return [
+            (torch.full(shapes[n], 1.0 - config.norm_offset) if n.endswith("norm.weight") else
+             torch.randn(shapes[n], generator=generator) * 0.02).to(device=device, dtype=dtype)
+            for n in names
+        ]  # fmt: skip
+
+    def project(weights: list[Weight]) -> nn.Module:
+        return build_projection(weights, scheme, device, dtype, group)
+
+    layers = {i: build_block(config, i, random, floats, project) for i in blocks}
     model = Llama(config, layers, dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)
@@ -209,7 +193,7 @@ def describe_part(model: Llama) -> str:
     'blocks int4/g32, head int8, activations bf16; kernels int4/g32 avx2'."""
     kinds: dict[str, None] = {}
     for block in model.model.layers.values():
-        for module in (block.self_attn.qkv, block.self_attn.out, block.mlp.gate_up, block.mlp.down):
+        for module in block.projections():
             kinds[describe(module)] = None
     parts = []
     if kinds:

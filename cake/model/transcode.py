@@ -27,13 +27,11 @@ from safetensors.torch import save_file
 from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source, open_checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint
-from cake.model.llama import EMBEDDING, HEAD, PROJECTIONS, checkpoint_shapes
+from cake.model.layout import EMBEDDING, HEAD, checkpoint_shapes, is_linear_weight
 from cake.model.loader import embedding_weight, head_weight
 from cake.model.quant import DEFAULT_GROUP_SIZE, Quantization, QuantizedTensor, Weight, quantize
 
 log = logging.getLogger(__name__)
-
-LINEAR_PARTS = tuple(f"{part}.weight" for parts in PROJECTIONS.values() for part in parts)
 
 
 def flatten(name: str, weight: Weight) -> dict[str, torch.Tensor]:
@@ -82,7 +80,7 @@ def stored_form(
     scheme = quantization.scheme if quantization else None
     group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
     (weight,) = checkpoint.load([name], None).values()
-    if name.endswith(LINEAR_PARTS):
+    if is_linear_weight(name):
         if isinstance(weight, torch.Tensor) and scheme:
             weight = quantize(weight, scheme, group)
     elif name == HEAD or (name == EMBEDDING and tied):

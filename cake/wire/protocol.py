@@ -1040,6 +1040,7 @@ _ARCHITECTURE_FIELDS = (
     "rope_parameters",
     "tie_word_embeddings",
     "model_type",
+    "cake_family_options",  # what a family changes in the block (config.architecture_of)
 )
 
 
