@@ -49,17 +49,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_inv_freq(config: LlamaConfig, local: bool = False, context: int = 0) -> torch.Tensor:
+def rope_inv_freq(config: LlamaConfig, local: bool = False, long: bool = False) -> torch.Tensor:
     """Inverse frequencies (rotary_dim/2,) of the global layers' RoPE, with its scaling; `local`:
-    the sliding-window layers' own plain RoPE (Gemma 3). `context`: the positions a session
-    holds, which picks LongRoPE's short or long factors (long past the original context, as
-    llama.cpp does for its context size)."""
+    the sliding-window layers' own plain RoPE (Gemma 3). `long`: LongRoPE's long factors (for a
+    sequence past the original context) instead of its short ones."""
     dim = config.rotary_dim or config.head_dim
     theta = config.local_rope_theta if local and config.local_rope_theta else config.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     scaling = None if local else config.rope_scaling
     if scaling is not None and config.rope_type == "longrope":
-        long = context > scaling["original_max_position_embeddings"]
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"])
         return 1.0 / (factors * theta**exponents)
     inv_freq = 1.0 / (theta**exponents)
@@ -95,7 +93,13 @@ def rope_attention_factor(config: LlamaConfig, local: bool = False) -> float:
 
 class RotaryTables:
     """cos/sin for every position up to `max_seq_len`, computed once: (max_seq_len, rotary_dim).
-    `local`: the sliding-window layers' tables (Gemma 3)."""
+    `local`: the sliding-window layers' tables (Gemma 3).
+
+    LongRoPE (Phi-3) has two sets of factors: a forward whose sequence reaches past the original
+    context (its last position + 1 > original_max_position_embeddings) rotates with the long
+    ones, any other with the short ones, as transformers does. So the choice depends on the
+    positions of a forward only, not on a process's --max-seq-len: master and workers agree.
+    """
 
     def __init__(
         self,
@@ -105,20 +109,46 @@ class RotaryTables:
         dtype: torch.dtype,
         local: bool = False,
     ) -> None:
-        inv_freq = rope_inv_freq(config, local, max_seq_len)
-        positions = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # (S, rd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, rd)
         factor = rope_attention_factor(config, local)
-        self.cos = (emb.cos() * factor).to(device=device, dtype=dtype)
-        self.sin = (emb.sin() * factor).to(device=device, dtype=dtype)
+        scaling = None if local else config.rope_scaling
+        self.long_from: int | None = None  # forwards ending past this position use `long`
+        if scaling is not None and config.rope_type == "longrope":
+            self.long_from = int(scaling["original_max_position_embeddings"])
+        self.cos, self.sin = self._tables(config, max_seq_len, local, False, factor, device, dtype)
+        self.long = None
+        if self.long_from is not None and max_seq_len > self.long_from:
+            self.long = self._tables(config, max_seq_len, local, True, factor, device, dtype)
         self.max_seq_len = max_seq_len
 
+    @staticmethod
+    def _tables(
+        config: LlamaConfig,
+        max_seq_len: int,
+        local: bool,
+        long: bool,
+        factor: float,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(config, local, long))  # (S, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, rd)
+        cos, sin = emb.cos() * factor, emb.sin() * factor
+        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+    def _for(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.long is not None and self.long_from is not None and end > self.long_from:
+            return self.long
+        return self.cos, self.sin
+
     def at(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            self.cos[start_pos : start_pos + length],
-            self.sin[start_pos : start_pos + length],
-        )
+        cos, sin = self._for(start_pos + length)
+        return cos[start_pos : start_pos + length], sin[start_pos : start_pos + length]
+
+    def rows(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (total, rd) for the rows of several sessions, each at its own positions."""
+        parts = [self.at(s.start_pos, s.length) for s in segments]
+        return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -531,12 +561,8 @@ class Llama(nn.Module):
         if len(segments) == 1:
             only = segments[0]
             return self.run_blocks(hidden, only.start_pos, only.cache, blocks)
-        positions = torch.cat(
-            [torch.arange(s.start_pos, s.start_pos + s.length) for s in segments]
-        ).to(self.device)  # (total,)
         for i in blocks:
-            tables = self._tables(i)
-            cos, sin = tables.cos[positions], tables.sin[positions]  # (total, rd)
+            cos, sin = self._tables(i).rows(segments)  # (total, rd)
             hidden = self.model.layers[str(i)].forward_segments(hidden, segments, i, cos, sin)
         return hidden
 
