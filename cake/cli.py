@@ -509,7 +509,7 @@ def _generation(opts: dict) -> Any:
 
 
 async def _run_master(settings: Any, opts: dict) -> None:
-    from cake.decoding.stats import GenerationStats
+    from cake.decoding.stats import GenerationStats, describe_expert_load
     from cake.master import Master
     from cake.model.detokenizer import StreamDecoder
 
@@ -541,6 +541,8 @@ async def _run_master(settings: Any, opts: dict) -> None:
             kernels = master.local_kernels()
             if kernels:
                 click.echo(f"kernels on the master: {kernels}", err=True)
+            for label, rows in master.expert_load().items():
+                click.echo(f"experts on {label}: {describe_expert_load(rows)}", err=True)
             for line in stats.stage_lines():
                 log.info(line)
         click.echo(stats.summary(), err=True)

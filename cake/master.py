@@ -233,6 +233,17 @@ class Master:
         """Every stage and whether it can serve now."""
         return await self.pipeline.health()
 
+    def expert_load(self) -> dict[str, list[int]]:
+        """Stage label -> rows each expert of its mixture-of-experts blocks took since this
+        master started (stages with dense blocks left out)."""
+        found: dict[str, list[int]] = {}
+        for stage in self.pipeline.stages:
+            load = stage.expert_load()
+            if load:
+                old = found.get(stage.label, [0] * len(load))
+                found[stage.label] = [a + b for a, b in zip(old, load, strict=True)]
+        return found
+
     def local_kernels(self) -> str:
         """The kernels this process's quantized weights run ('' when all are float)."""
         return describe_kernels(self.ends)

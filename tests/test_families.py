@@ -7,6 +7,7 @@ rows and speculative verification equal plain decoding."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import yaml
 from cluster import GREEDY, cluster
 from families import FAMILIES, build_family, reference_model
-from helpers import greedy_tokens
+from helpers import greedy_tokens, run_cli
 
 from cake.decoding.draft import DraftModel
 from cake.decoding.speculative import DraftSettings
@@ -316,3 +317,42 @@ def test_speculative_verification_equals_plain_decoding(family: Family) -> None:
     tokens, stats = asyncio.run(drafted())
     assert tokens == plain
     assert stats.accepted == stats.drafted > 0 and stats.decode_steps < stats.decode_tokens
+
+
+def test_expert_load_counts_every_routed_row_on_each_stage(family: Family, tmp_path: Path) -> None:
+    """--stats' load balance: each stage's counts, the workers' from their replies, sum to the
+    rows it computed times k times its sparse blocks."""
+    moe(family)
+    ids = prompt(9, 10).tolist()[0]
+    config = family.config
+
+    async def run() -> dict[str, list[int]]:
+        async with cluster(family.folder, tmp_path, TWO_WORKERS) as (topology, _):
+            settings = MasterSettings(
+                family.folder, topology, device="cpu", dtype="f32", max_seq_len=CONTEXT
+            )
+            master = await Master.open(settings)
+            try:
+                assert len([t async for t in master.generate(ids, GREEDY, 5, True)]) == 5
+                return master.expert_load()
+            finally:
+                await master.close()
+
+    load = asyncio.run(run())
+    rows = len(ids) + 5 - 1  # the prompt, then each new token but the last
+    assert load.keys() == {"w1", "w2"}
+    for label, blocks in (("w1", range(2)), ("w2", range(2, 4))):
+        sparse = sum(config.is_sparse(i) for i in blocks)
+        assert len(load[label]) == config.n_experts
+        assert sum(load[label]) == rows * config.experts_per_token * sparse, label
+
+
+def test_stats_shows_the_expert_load_balance(family: Family) -> None:
+    moe(family)
+    result = run_cli(
+        "--model", str(family.folder), "--prompt", "Hi", "-n", "3", "--temperature", "0",
+        "--stats", "--device", "cpu", "--max-seq-len", str(CONTEXT),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("experts on master: "))
+    assert re.search(rf"\d+ of {family.config.n_experts} experts used; busiest #\d+ with ", line)

@@ -57,3 +57,19 @@ class GenerationStats:
             f"wire {t.wire_s / steps * 1e3:.2f} ms/token, {t.round_trips} round trips"
             for label, t in self.stages.items()
         ]
+
+
+def describe_expert_load(rows: list[int]) -> str:
+    """One stage's expert load balance for --stats: '7 of 8 experts used; busiest #3 with 21%
+    of routed rows, idlest #5 with 0% (an even load is 12.5% each)'."""
+    total = sum(rows)
+    if not total:
+        return f"{len(rows)} experts, none routed to yet"
+    used = sum(1 for count in rows if count)
+    busiest = max(range(len(rows)), key=rows.__getitem__)
+    idlest = min(range(len(rows)), key=rows.__getitem__)
+    return (
+        f"{used} of {len(rows)} experts used; busiest #{busiest} with "
+        f"{rows[busiest] / total:.1%} of routed rows, idlest #{idlest} with "
+        f"{rows[idlest] / total:.1%} (an even load is {1 / len(rows):.1%} each)"
+    )

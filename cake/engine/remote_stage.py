@@ -78,6 +78,10 @@ class RemoteStage:
         self.remote = True
         self.inputs: dict[str, SessionInputs] = {}
         self.retired = False  # a re-plan replaced this stage: its requests fail, none retry
+        self.expert_rows: list[int] = []  # rows each expert took, from the worker's replies
+
+    def expert_load(self) -> list[int]:
+        return list(self.expert_rows)
 
     def _key(self, session_id: str) -> tuple[int, str]:
         """This stage's caches of a session, as the worker's phase tracks them."""
@@ -155,6 +159,12 @@ class RemoteStage:
                 for index, why in zip(result.failed, result.errors, strict=True)
             }
         compute = result.compute_us / 1e6
+        if result.experts:
+            if len(self.expert_rows) != len(result.experts):
+                self.expert_rows = [0] * len(result.experts)
+            self.expert_rows = [
+                a + b for a, b in zip(self.expert_rows, result.experts, strict=True)
+            ]
         wire = max(elapsed - compute, 0.0)
         offset = 0
         for index, row in enumerate(rows):

@@ -81,6 +81,11 @@ class Stage(Protocol):
 
     async def health(self) -> StageHealth: ...
 
+    def expert_load(self) -> list[int]:
+        """Rows each expert of the stage's mixture-of-experts blocks took so far (expert i at
+        index i, summed over its blocks); empty for dense blocks."""
+        ...
+
     async def retire(self) -> None:
         """A re-plan replaces this stage: what is in flight ends with StagesReplaced, and its
         resources go (a worker's connection closes, so the worker can take a new assignment)."""
@@ -106,6 +111,10 @@ class LocalStage:
 
     def _key(self, session_id: str) -> tuple[int, str]:
         return (self.blocks.start, session_id)
+
+    def expert_load(self) -> list[int]:
+        load = self.runner.model.expert_load(self.blocks)
+        return [] if load is None else load.tolist()
 
     async def forward(self, rows: Sequence[StageRow], hidden: torch.Tensor) -> StageOutcome:
         started = time.perf_counter()

@@ -169,6 +169,19 @@ class WorkerRequests:
         finally:
             self._offloaded -= 1
 
+    def counting_experts(self, run: Callable[[], T]) -> tuple[T, tuple[int, ...]]:
+        """`run`'s result and the rows each expert of this worker's mixture-of-experts blocks
+        took in it (empty for a dense model). Measured around the run itself, on the thread
+        that computes: forwards compute one at a time (runs_inline), so no other counts mix in.
+        """
+        before = self.runner.model.expert_load()
+        result = run()
+        if before is None:
+            return result, ()
+        after = self.runner.model.expert_load()
+        assert after is not None
+        return result, tuple((after - before).tolist())
+
     def runs_inline(self, positions: int) -> bool:
         """Whether a forward of `positions` rows computes on the event loop or offloaded."""
         if self.compute_mode != "auto":
@@ -182,13 +195,14 @@ class WorkerRequests:
         try:
             try:
                 async with claim.session.lock:
-                    hidden, compute_us = await self.run_forward(
-                        lambda: self.run_request(claim, request), request.hidden.shape[1]
+                    (hidden, compute_us), experts = await self.run_forward(
+                        lambda: self.counting_experts(lambda: self.run_request(claim, request)),
+                        request.hidden.shape[1],
                     )
             finally:
                 self.runner.release([claim])  # the store may evict or close it again
             reply: Result | ErrorMessage = Result(
-                id=request.id, hidden=hidden, compute_us=compute_us
+                id=request.id, hidden=hidden, compute_us=compute_us, experts=experts
             )
         except Exception as exc:  # a failure of ours: say so for this request, keep serving
             reply = self.failure(request, exc, "computing")
@@ -209,8 +223,9 @@ class WorkerRequests:
                 async with contextlib.AsyncExitStack() as locks:
                     for _, claim in claims:  # distinct sessions: ForwardBatch checks it
                         await locks.enter_async_context(claim.session.lock)
-                    hidden, compute_us = await self.run_forward(
-                        lambda: self.run_batch(request, claims), request.hidden.shape[1]
+                    (hidden, compute_us), experts = await self.run_forward(
+                        lambda: self.counting_experts(lambda: self.run_batch(request, claims)),
+                        request.hidden.shape[1],
                     )
             finally:
                 self.runner.release([claim for _, claim in claims])
@@ -221,6 +236,7 @@ class WorkerRequests:
                 codes=tuple(exc.code.value for _, exc in refused),
                 errors=tuple(str(exc) for _, exc in refused),
                 compute_us=compute_us,
+                experts=experts,
             )
         except Exception as exc:  # a failure of ours: say so for this request, keep serving
             reply = self.failure(request, exc, "computing")

@@ -566,6 +566,16 @@ class Llama(nn.Module):
             hidden = self.model.layers[str(i)].forward_segments(hidden, segments, i, cos, sin)
         return hidden
 
+    def expert_load(self, blocks: Sequence[int] | None = None) -> torch.Tensor | None:
+        """Rows each expert took since load, summed over this part's mixture-of-experts blocks
+        (those of `blocks`, if given): (n_experts,), or None where none is sparse."""
+        counts = [
+            mlp.routed
+            for i in (self.blocks if blocks is None else blocks)
+            if isinstance(mlp := self.model.layers[str(i)].mlp, SparseMoE)
+        ]
+        return torch.stack(counts).sum(0).cpu() if counts else None
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, T, vocab), in float32."""
         assert self.head_proj is not None and self.model.norm is not None, "no head here"

@@ -613,6 +613,12 @@ class Result(_Message):
     id: int
     hidden: torch.Tensor  # (batch, seq_len, hidden_size)
     compute_us: int = 0  # the worker's time in tensor work, so the master can split wire time
+    # Rows each expert took in this forward, summed over the worker's mixture-of-experts
+    # blocks (expert i at index i); empty for a dense model. The master's --stats load balance.
+    experts: tuple[int, ...] = ()
+
+    def _check(self) -> None:
+        _check_expert_rows(self.experts)
 
 
 # Most sessions one batched forward may carry: a bound on the per-row work a frame can ask for.
@@ -684,10 +690,20 @@ class BatchResult(_Message):
     codes: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
     compute_us: int = 0
+    experts: tuple[int, ...] = ()  # as Result's
 
     def _check(self) -> None:
         if not len(self.failed) == len(self.codes) == len(self.errors):
             raise ValueError("fields 'failed', 'codes' and 'errors' must have the same length")
+        _check_expert_rows(self.experts)
+
+
+MAX_EXPERTS = 1024  # more than any released model has (Qwen3-MoE and DeepSeek: 128-256)
+
+
+def _check_expert_rows(rows: tuple[int, ...]) -> None:
+    if len(rows) > MAX_EXPERTS or any(count < 0 for count in rows):
+        raise ValueError(f"field 'experts' must hold at most {MAX_EXPERTS} counts >= 0")
 
 
 @_message
