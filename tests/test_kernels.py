@@ -181,7 +181,29 @@ def torch_always_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
     def timed(kernel: Kernel, packed: Packed, x: torch.Tensor, device: torch.device) -> float:
         return 1.0 if kernel.name == "torch" else 100.0
 
-    monkeypatch.setattr(probe, "_time_us", timed)
+    monkeypatch.setattr(probe, "_time_once_us", timed)
+
+
+@needs_native
+def test_a_burst_of_load_elsewhere_slows_every_candidate_alike(
+    monkeypatch: pytest.MonkeyPatch, isolated_cache: Path
+) -> None:
+    """The candidates take turns: a busy spell as long as REPEATS timed runs costs each of them
+    two or three runs, not one of them all of its runs (timed one kernel after another, this
+    spell would fall on all of avx2's runs; on a loaded machine that once made dequant-gemm the
+    decode choice)."""
+    speed = {"avx2": 3.0, "torch": 5.0, "dequant-gemm": 50.0}
+    calls = []
+
+    def timed(kernel: Kernel, packed: Packed, x: torch.Tensor, device: torch.device) -> float:
+        calls.append(kernel.name)
+        busy = probe.REPEATS < len(calls) <= 2 * probe.REPEATS
+        return speed[kernel.name] + (1000.0 if busy else 0.0)
+
+    monkeypatch.setattr(probe, "_time_once_us", timed)
+    choice = probe.choose("int4", (256, 512), 32, CPU)
+    assert choice.decode.name == "avx2", choice.timings_us
+    assert calls[:3] == ["torch", "avx2", "dequant-gemm"]  # round robin
 
 
 @needs_native
