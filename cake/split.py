@@ -118,6 +118,11 @@ def split_model(
     opened = open_model(model_path)
     folder, config = opened.folder, opened.config
     topo.check_fits(config.n_layers)
+    # A model named by its hub id: only the shards these bundles copy are fetched.
+    opened.fetch(
+        {block for name in names for block in _bundle_blocks(topo, config, name)},
+        with_ends=MASTER in names,
+    )
     quantization = Quantization(quantize) if quantize else None
     if quantization or gguf_file_of(folder):
         # Tensors change form (quantized, or decoded from GGUF blocks): block by block.
