@@ -343,15 +343,15 @@ def test_a_missing_or_gated_repository_or_no_network_is_one_clear_line(
     assert_one_error_line(
         result,
         "cake-test/no-such-model: no such local folder or file, and the Hugging Face hub",
-        "has no model repository cake-test/no-such-model",
-        "set HF_TOKEN",
+        "has no model repository cake-test/no-such-model you may read: check the name",
+        "HF_TOKEN",
     )
 
     hub.add("cake-test/gated", folder_files(model_folder), token="hf_granted")
     for token in (None, "hf_other"):
         if token:
             monkeypatch.setenv("HF_TOKEN", token)
-        with pytest.raises(ModelFolderError, match="cake-test/gated is gated: accept its"):
+        with pytest.raises(ModelFolderError, match="a gated repository: accept its conditions"):
             open_model("cake-test/gated")
     monkeypatch.setenv("HF_TOKEN", "hf_granted")
     assert open_model("cake-test/gated").config.n_layers == 4

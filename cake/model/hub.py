@@ -230,14 +230,14 @@ def _explain(
     revision = revision or "main"
     if isinstance(exc, GatedRepoError):
         return ModelFolderError(
-            f"{name}: {name.repo_id} is gated: accept its conditions at "
+            f"{name}: a gated repository: accept its conditions at "
             f"{constants.ENDPOINT}/{name.repo_id} and set HF_TOKEN to a token of that account"
         )
     if isinstance(exc, RepositoryNotFoundError):
         return ModelFolderError(
             f"{name}: no such local folder or file, and {hub} has no model repository "
-            f"{name.repo_id} that this token may read: check the name, or set HF_TOKEN for a "
-            "private one"
+            f"{name.repo_id} you may read: check the name; a private one needs HF_TOKEN set to "
+            "a token that may read it"
         )
     if isinstance(exc, RevisionNotFoundError):
         return ModelFolderError(
