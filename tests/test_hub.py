@@ -7,6 +7,7 @@ shows what each process fetched: config, tokenizer and index, then only the shar
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from test_cli_errors import assert_one_error_line
 
 from cake.cluster.local_cluster import start_local_cluster
+from cake.cluster.setup import ClusterOptions, prepare_cluster
 from cake.errors import ModelFolderError
 from cake.faces.api import model_id
 from cake.model.hub import HubName, fetch_model, gguf_file, hub_name
@@ -243,6 +245,15 @@ def test_split_fetches_only_the_shards_of_its_bundles(hub: FakeHub, tmp_path: Pa
     assert shards_fetched(hub) == [BACK]
     stored = load_file(bundles["w"] / "model-00001-of-00001.safetensors")
     assert {name.split(".")[2] for name in stored} == {"2", "3"}
+
+
+def test_a_master_that_pushes_to_empty_workers_fetches_every_shard(hub: FakeHub) -> None:
+    """It hashes every tensor and sends the workers theirs: all shards, before any worker is
+    asked anything (here there is none to ask)."""
+    options = ClusterOptions(workers=[], cluster_key=b"k" * 32, device="cpu", dtype="f32")
+    with pytest.raises(ValueError, match="no workers to plan for"):
+        asyncio.run(prepare_cluster(REPO, options))
+    assert sorted(shards_fetched(hub)) == [ENDS, FRONT, BACK]
 
 
 def test_a_revision_pins_every_file_to_one_commit(hub: FakeHub, model_folder: Path) -> None:
