@@ -195,10 +195,13 @@ def _repo_files(name: HubName) -> list[str]:
         try:
             info = HfApi().model_info(name.repo_id, revision=name.revision)
             return [sibling.rfilename for sibling in info.siblings or ()]
-        except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
+        except (RevisionNotFoundError, HFValidationError) as exc:
             raise _explain(name, exc, "the file list", name.revision) from None
-        except Exception as exc:  # no network, a proxy, the hub down: the cache decides, as
-            unreachable = exc  # huggingface_hub's own downloads do; named if it cannot help
+        # No network, the hub down, no access (a gated or private repository): whatever kept
+        # it from answering, the cache decides, as in huggingface_hub's own downloads; the
+        # cause is named if the cache cannot help.
+        except Exception as exc:
+            unreachable = exc
     try:
         return [file.path for file in get_cached_repo_tree(name.repo_id, revision=name.revision)]
     except CachedRepoTreeNotFoundError:
