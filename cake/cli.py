@@ -96,8 +96,10 @@ def _fail(message: str) -> None:
 @click.option(
     "--model",
     default=None,
-    help="Hugging Face model folder, or a .gguf file. Left out in worker mode: an empty worker "
-    "that a master measures, pushes tensors to and assigns blocks.",
+    help="Hugging Face model folder, a .gguf file, or a hub name ORG/NAME[@REVISION] (fetched "
+    "into the hub's cache: only the shards this process runs) or ORG/NAME:QUANT (that .gguf "
+    "file of the repository). Left out in worker mode: an empty worker that a master "
+    "measures, pushes tensors to and assigns blocks.",
 )
 @click.option(
     "--mode",
@@ -407,8 +409,8 @@ def _fail(message: str) -> None:
     default=None,
     metavar="lookup|PATH",
     help="Speculative decoding: 'lookup' drafts from the prompt and text so far; PATH is a small "
-    "draft model (folder or .gguf) with the same tokenizer, run on the master. Same output, "
-    "fewer round trips.",
+    "draft model (folder, .gguf or hub name, as --model) with the same tokenizer, run on the "
+    "master. Same output, fewer round trips.",
 )
 @click.option(
     "--draft-tokens",
@@ -684,7 +686,12 @@ def _parse_size(value: str | None) -> int | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--model-path", required=True, help="Hugging Face model folder, or a .gguf file.")
+@click.option(
+    "--model-path",
+    required=True,
+    help="Hugging Face model folder, a .gguf file, or a hub name (as cake-cli's --model; only "
+    "the shards the bundles hold are fetched).",
+)
 @click.option(
     "--topology",
     required=True,

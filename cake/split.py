@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 from cake.errors import ModelFolderError
 from cake.host.progress import progress_bar
 from cake.host.sizes import format_size
-from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source
+from cake.model.checkpoint import INDEX_FILE, MODEL_FILES, Checkpoint, head_source
 from cake.model.config import LlamaConfig
 from cake.model.gguf import gguf_file_of
 from cake.model.layout import HEAD, checkpoint_shapes
@@ -48,15 +48,6 @@ log = logging.getLogger(__name__)
 MASTER = "master"  # the master bundle's folder name
 SHARD_FILE = "model-00001-of-00001.safetensors"
 TOPOLOGY_FILE = "topology.yml"
-# Copied into every bundle when the source has them; config.json is always there.
-EXTRA_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
 
 # safetensors dtype -> bytes per element. Bundles order their tensors by element size (largest
 # first), as safetensors itself does, so every tensor's data stays aligned to its element size.
@@ -127,6 +118,11 @@ def split_model(
     opened = open_model(model_path)
     folder, config = opened.folder, opened.config
     topo.check_fits(config.n_layers)
+    # A model named by its hub id: only the shards these bundles copy are fetched.
+    opened.fetch(
+        {block for name in names for block in _bundle_blocks(topo, config, name)},
+        with_ends=MASTER in names,
+    )
     quantization = Quantization(quantize) if quantize else None
     if quantization or gguf_file_of(folder):
         # Tensors change form (quantized, or decoded from GGUF blocks): block by block.
@@ -192,7 +188,7 @@ def plan_bundles(
                 "does not list it; the checkpoint is incomplete or not this config's model"
             )
         if file not in headers:
-            headers[file] = read_header(folder / file)
+            headers[file] = read_header(checkpoint.path(file))
         tensor = headers[file].get(name)
         if tensor is None:
             raise ModelFolderError(
@@ -356,7 +352,7 @@ def _write_bundle(
             "weight_map": dict.fromkeys(sorted(weight_map), SHARD_FILE),
         }
         (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    for name in ("config.json", *EXTRA_FILES):
+    for name in MODEL_FILES:  # those the source has; config.json always
         if (folder / name).is_file():
             shutil.copyfile(folder / name, target / name)
     (target / TOPOLOGY_FILE).write_text(bundle.topology_yaml, encoding="utf-8")

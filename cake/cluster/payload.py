@@ -195,8 +195,9 @@ def _stored_tensors(folder: Path, gguf: Path | None) -> StoredTensors:
     from cake.split import read_header
 
     stored: StoredTensors = {}
-    for file in Checkpoint(folder).files:
-        for name, tensor in read_header(folder / file).items():
+    checkpoint = Checkpoint(folder)
+    for file in checkpoint.files:
+        for name, tensor in read_header(checkpoint.path(file)).items():
             stored[name] = (
                 tensor.dtype,
                 tensor.shape,

@@ -478,6 +478,7 @@ async def prepare_cluster(
     """Plan (and unless `plan_only`, push and assign); the control connections are closed.
     `skip_unreachable`: plan over the workers that answer (see plan_cluster)."""
     opened = open_model(model)
+    opened.fetch(range(opened.config.n_layers), with_ends=True)  # the manifest hashes them all
     folder, config = opened.folder, opened.config
     if options.max_seq_len is None:
         options.max_seq_len = opened.context(None)

@@ -176,7 +176,7 @@ class ModelDrafter:
 def load_draft_model(
     path: str | Path, target_tokenizer: Any, target_vocab_size: int, compute: Compute
 ) -> DraftModel:
-    """Load a draft model (folder or GGUF) whole, as the master computes (`compute`: its
+    """Load a draft model (folder, GGUF or hub name) whole, as the master computes (`compute`: its
     device, dtype and context, no --quantize); refuse one whose vocabulary differs."""
     draft = open_model(path)
     config = draft.config

@@ -20,16 +20,25 @@ from safetensors import SafetensorError, safe_open
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint, gguf_file_of
-from cake.model.layout import EMBEDDING, HEAD
+from cake.model.layout import EMBEDDING, FINAL_NORM, HEAD
 from cake.model.quant import (
     QuantizedTensor,
     Weight,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
 SINGLE_FILE = "model.safetensors"
+# A model folder's files besides its weights: config, generation config, tokenizer. A bundle
+# copies those present (cake/split.py); a model named by its hub id fetches them (hub.py).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 # A quantized weight `X.weight` is stored in a bundle as `X.weight.q` (I8, or U8 holding two
@@ -63,9 +72,6 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ModelFolderError(f"{index}: not a safetensors index ({exc})") from None
-            for shard in set(weight_map.values()):
-                if not (self.folder / shard).is_file():
-                    raise ModelFolderError(f"{index} names {shard}, which is not in {self.folder}")
             return dict(weight_map)
         files = [self.folder / SINGLE_FILE] if (self.folder / SINGLE_FILE).is_file() else []
         files = files or sorted(self.folder.glob("*.safetensors"))
@@ -90,6 +96,27 @@ class Checkpoint:
     @property
     def files(self) -> list[str]:
         return sorted(set(self.file_of.values()))
+
+    def path(self, file: str) -> Path:
+        """Where one of `files` is. An index may name shards that are not here: a model named
+        by its hub id fetches only the shards of the part it loads (see files_of_part)."""
+        path = self.folder / file
+        if not path.is_file():
+            raise ModelFolderError(
+                f"{self.folder / INDEX_FILE} names {file}, which is not in {self.folder}"
+            )
+        return path
+
+    def files_of_part(self, blocks: Iterable[int], with_ends: bool) -> list[str]:
+        """The files that hold the tensors of `blocks` (`model.layers.{i}.*`) and, with_ends,
+        of the embedding, the final norm and the head: all that loading that part reads."""
+        ends = (EMBEDDING, FINAL_NORM, HEAD) if with_ends else ()
+        # A block's tensors, and an end stored as itself or as NAME.q / .scales / .zeros.
+        prefixes = (*(f"model.layers.{i}." for i in blocks), *(f"{name}." for name in ends))
+        files = {
+            file for name, file in self.file_of.items() if name in ends or name.startswith(prefixes)
+        }
+        return sorted(files)
 
     def load(
         self,
@@ -124,7 +151,7 @@ class Checkpoint:
         # safetensors can place tensors on CUDA directly; anything else goes through the CPU.
         open_device = str(device) if device.type == "cuda" else "cpu"
         for file, entries in by_file.items():
-            with open_safetensors(self.folder / file, open_device) as f:
+            with open_safetensors(self.path(file), open_device) as f:
                 for entry in entries:
                     tensor = f.get_tensor(entry)
                     if entry not in wanted.values():  # part of a quantized weight: as stored

@@ -92,8 +92,9 @@ def metadata_folder(gguf_path: str | os.PathLike) -> Path:
     path = Path(gguf_path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    # Not "gguf/": cake before 0.2 kept f32 conversions there under the same names.
-    return cache_root() / "gguf-metadata" / f"{path.stem}-{key}"
+    # Not "gguf/": cake before 0.2 kept f32 conversions there under the same names. Named
+    # after the path given: a file fetched from the hub resolves to a blob named by its hash.
+    return cache_root() / "gguf-metadata" / f"{Path(gguf_path).stem}-{key}"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -104,13 +105,13 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         return path
     if not path.exists():
         raise ModelFolderError(
-            f"{path}: no such model folder or file; --model takes a Hugging Face model folder "
-            "or a .gguf file"
+            f"{path}: no such model folder or file; --model takes a Hugging Face model folder, "
+            "a .gguf file or a model's hub name (ORG/NAME)"
         )
     if path.suffix.lower() != ".gguf":
         raise ModelFolderError(
             f"{path}: not a folder and not a .gguf file; --model takes a Hugging Face model "
-            "folder or a .gguf file"
+            "folder, a .gguf file or a model's hub name (ORG/NAME)"
         )
     target = metadata_folder(path)
     if (target / POINTER_FILE).is_file():

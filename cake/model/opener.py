@@ -6,15 +6,20 @@ blocks a master assigned, from the folder it pushed), `cake-split-model` (only t
 config), the cluster planner and a draft model.
 
     model = open_model("path/to/folder-or.gguf")       folder + config (a GGUF: its metadata)
+    model = open_model("ORG/NAME")                     the same, from the hub (cake/model/hub.py)
     compute = model.compute("auto", "auto", "int4")    device, dtype, quantization, context
     part = model.load(compute, blocks, with_ends=True) the modules, in their final form
+
+A model named by its hub id is fetched as it is needed: its config and tokenizer when opened,
+the shards that hold a part's tensors when that part is loaded (`fetch`), so a worker never
+fetches what it does not run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +27,10 @@ from typing import Any
 import torch
 
 from cake.host.devices import resolve_device
+from cake.model.checkpoint import Checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import resolve_model_path
+from cake.model.hub import HubShards, fetch_model, hub_name
 from cake.model.llama import Llama
 from cake.model.loader import activation_dtype, load_llama
 from cake.model.quant import Quantization
@@ -50,7 +57,8 @@ class OpenedModel:
 
     folder: Path
     config: LlamaConfig
-    name: str  # as the user named it: the folder's name, or the .gguf file's
+    name: str  # as the user named it: the folder's name, the .gguf file's, or ORG/NAME[:QUANT]
+    shards: HubShards | None = None  # a hub model's shards, fetched as parts need them
 
     def compute(
         self,
@@ -80,9 +88,17 @@ class OpenedModel:
             )
         return max_seq_len
 
+    def fetch(self, blocks: Iterable[int], with_ends: bool = False) -> None:
+        """Make the files that hold `blocks` (and, with_ends, the embedding, the final norm and
+        the head) local: a hub model fetches the shards that hold them, once, into the hub's
+        cache; a folder or a .gguf file has them all."""
+        if self.shards is not None:
+            self.shards.fetch(Checkpoint(self.folder).files_of_part(blocks, with_ends))
+
     def load(self, compute: Compute, blocks: Sequence[int], with_ends: bool = False) -> Llama:
         """`blocks` (and with_ends, the embedding, the final norm and the head), built in their
         final form on the compute device."""
+        self.fetch(blocks, with_ends)
         return load_llama(
             self.folder,
             blocks,
@@ -100,7 +116,13 @@ class OpenedModel:
 
 
 def open_model(model: str | os.PathLike) -> OpenedModel:
-    """A Hugging Face model folder or a .gguf file (its config and tokenizer are read into a
-    cached folder once); ModelFolderError says what is wrong with either."""
-    folder = resolve_model_path(model)
-    return OpenedModel(folder, LlamaConfig.from_folder(folder), Path(model).name)
+    """A Hugging Face model folder, a .gguf file (its config and tokenizer are read into a
+    cached folder once), or a hub name ORG/NAME[@REVISION][:QUANT] that is no local path;
+    ModelFolderError says what is wrong with any of them."""
+    name = hub_name(model)
+    if name is None:
+        folder = resolve_model_path(model)
+        return OpenedModel(folder, LlamaConfig.from_folder(folder), Path(model).name)
+    path, shards = fetch_model(name)
+    folder = resolve_model_path(path)
+    return OpenedModel(folder, LlamaConfig.from_folder(folder), name.model_id, shards)

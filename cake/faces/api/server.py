@@ -15,6 +15,7 @@ from cake.faces.api.routes import create_app
 from cake.faces.api.schemas import ApiDefaults
 from cake.host.network import listen_socket
 from cake.master import Master, MasterSettings
+from cake.model.hub import hub_name
 from cake.topology import parse_address
 
 log = logging.getLogger("cake.faces.api")
@@ -23,7 +24,11 @@ GRACEFUL_SHUTDOWN_S = 5.0  # then uvicorn cancels the streams still open
 
 
 def model_id(model: str | Path) -> str:
-    """The name clients use: the model folder's name (a .gguf file's name without suffix)."""
+    """The name clients use: the model folder's name (a .gguf file's name without suffix), or
+    a hub name's ORG/NAME[:QUANT]."""
+    name = hub_name(model)
+    if name is not None:
+        return name.model_id
     path = Path(model).resolve()
     return path.stem if path.suffix.lower() == ".gguf" else path.name
 
