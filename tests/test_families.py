@@ -7,6 +7,7 @@ rows and speculative verification equal plain decoding."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -356,3 +357,63 @@ def test_stats_shows_the_expert_load_balance(family: Family) -> None:
     assert result.exit_code == 0, result.stderr
     line = next(x for x in result.stderr.splitlines() if x.startswith("experts on master: "))
     assert re.search(rf"\d+ of {family.config.n_experts} experts used; busiest #\d+ with ", line)
+
+
+# Each family's chat format, as its published tokenizer_config.json spells it (shortened to the
+# turns used here), and the end-of-turn token its generation_config.json names.
+CHAT_TEMPLATES = {
+    "chatml": (  # Qwen2.5, Qwen3, Qwen3-MoE
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    "gemma": (
+        "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == "
+        "'assistant' else m['role']) + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        "<|begin_of_text|><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    ),
+    "mistral": (  # Mistral, Mixtral
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}{% endfor %}",
+        "<|begin_of_text|>[INST] Hi there [/INST]",
+    ),
+    "phi": (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
+        "<|user|>\nHi there<|end|>\n<|assistant|>\n",
+    ),
+}
+TEMPLATE_OF = {
+    "mistral": "mistral",
+    "mixtral": "mistral",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "qwen3_moe": "chatml",
+    "gemma3_text": "gemma",
+    "phi3": "phi",
+}
+
+
+def test_chat_template_and_stop_tokens_come_from_the_tokenizer(
+    family: Family, tmp_path: Path
+) -> None:
+    from cake.model.tokenizer import encode_prompt, load_tokenizer, stop_token_ids
+
+    folder = tmp_path / "model"
+    shutil.copytree(family.folder, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    template, expected = CHAT_TEMPLATES[TEMPLATE_OF[family.name]]
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "chat_template": template})
+    )
+    generation = json.loads((folder / "generation_config.json").read_text())
+    end_of_turn = 128042  # a reserved special token of the Llama 3 vocabulary
+    (folder / "generation_config.json").write_text(
+        json.dumps({**generation, "eos_token_id": [end_of_turn]})
+    )
+    tokenizer = load_tokenizer(folder)
+    ids = encode_prompt(tokenizer, "Hi there")
+    assert tokenizer.decode(ids) == expected
+    assert end_of_turn in stop_token_ids(folder, family.config, tokenizer)
