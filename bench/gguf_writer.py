@@ -1,4 +1,6 @@
-"""Random-weight Llama models written straight as Q4_0 GGUF files (never in float).
+"""Random-weight models written straight as Q4_0 GGUF files (never in float): the Llama-3-8B
+shape (arch `llama`) and the Qwen3-30B-A3B shape (arch `qwen3moe`, its experts in llama.cpp's
+3-D tensors).
 
 Each Q4_0 block is 32 random 4-bit values and one f16 scale chosen so that the weights have
 a standard deviation of about 0.02 (Llama's initialisation). The file carries the Llama 3
@@ -13,6 +15,7 @@ memory measurements, where it changes nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -47,6 +50,22 @@ def random_q4_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     blocks[:, :2] = np.frombuffer(Q4_0_SCALE.tobytes(), dtype=np.uint8)
     blocks[:, 2:] = rng.integers(0, 256, size=(blocks.shape[0], 16), dtype=np.uint8)
     return blocks.reshape(rows, -1)
+
+
+QWEN3_30B_A3B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "vocab_size": 151936,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+}
 
 
 def _tokenizer_metadata(writer: GGUFWriter, vocab_size: int) -> None:
@@ -112,15 +131,81 @@ def write_random_q4_0_gguf(path: Path, config: dict, seed: int = 0) -> Path:
     plan.append(("output_norm.weight", (hidden,), False))
     if not c.get("tie_word_embeddings"):
         plan.append(("output.weight", (c["vocab_size"], hidden), True))
+    _write(writer, partial, path, plan, seed)
+    return path
+
+
+def write_random_qwen3moe_q4_0_gguf(path: Path, config: dict, seed: int = 0) -> Path:
+    """A Qwen3-MoE model of `config`'s shape as a Q4_0 GGUF at `path` (atomically): attention and
+    experts Q4_0 (the experts of a block in three 3-D tensors, as llama.cpp stores them), the
+    router and norms f32 (the router random, so that tokens spread over the experts)."""
+    c = config
+    hidden, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim, experts, inner = c["head_dim"], c["num_experts"], c["moe_intermediate_size"]
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    writer = GGUFWriter(str(partial), "qwen3moe")
+    writer.add_name(path.stem)
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_context_length(c["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(inner * c["num_experts_per_tok"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(c["rope_theta"])
+    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(c["num_experts_per_tok"])
+    writer.add_expert_feed_forward_length(inner)
+    writer.add_vocab_size(c["vocab_size"])
+    writer.add_file_type(2)  # MOSTLY_Q4_0
+    _tokenizer_metadata(writer, c["vocab_size"])
+    plan: list[tuple[str, tuple[int, ...], bool]] = [
+        ("token_embd.weight", (c["vocab_size"], hidden), True)
+    ]
+    for i in range(c["num_hidden_layers"]):
+        plan += [
+            (f"blk.{i}.attn_norm.weight", (hidden,), False),
+            (f"blk.{i}.attn_q.weight", (heads * head_dim, hidden), True),
+            (f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden), True),
+            (f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden), True),
+            (f"blk.{i}.attn_output.weight", (hidden, heads * head_dim), True),
+            (f"blk.{i}.attn_q_norm.weight", (head_dim,), False),
+            (f"blk.{i}.attn_k_norm.weight", (head_dim,), False),
+            (f"blk.{i}.ffn_norm.weight", (hidden,), False),
+            (f"blk.{i}.ffn_gate_inp.weight", (experts, hidden), False),
+            (f"blk.{i}.ffn_gate_exps.weight", (experts, inner, hidden), True),
+            (f"blk.{i}.ffn_up_exps.weight", (experts, inner, hidden), True),
+            (f"blk.{i}.ffn_down_exps.weight", (experts, hidden, inner), True),
+        ]
+    plan += [
+        ("output_norm.weight", (hidden,), False),
+        ("output.weight", (c["vocab_size"], hidden), True),
+    ]
+    _write(writer, partial, path, plan, seed)
+    return path
+
+
+def _write(
+    writer: GGUFWriter,
+    partial: Path,
+    path: Path,
+    plan: list[tuple[str, tuple[int, ...], bool]],
+    seed: int,
+) -> None:
+    """The tensors of `plan` (name, torch-order shape, Q4_0?): Q4_0 random, f32 ones for norms,
+    f32 random (std 0.02) for other float matrices (a router)."""
     for name, shape, quantized in plan:
         if quantized:
-            rows, cols = shape
-            nbytes = rows * cols // 32 * Q4_0_BLOCK_BYTES
+            *outer, cols = shape
+            nbytes = math.prod(outer) * cols // 32 * Q4_0_BLOCK_BYTES
+            stored = (*outer, cols // 32 * Q4_0_BLOCK_BYTES)
             writer.add_tensor_info(
-                name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes, GGMLQuantizationType.Q4_0
+                name, stored, np.dtype(np.uint8), nbytes, GGMLQuantizationType.Q4_0
             )
         else:
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4)
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), math.prod(shape) * 4)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -128,12 +213,17 @@ def write_random_q4_0_gguf(path: Path, config: dict, seed: int = 0) -> Path:
         rng = np.random.default_rng(seed)
         for _name, shape, quantized in plan:
             if quantized:
-                writer.write_tensor_data(random_q4_0(*shape, rng))
-            else:
+                *outer, cols = shape
+                rows = random_q4_0(math.prod(outer), cols, rng)
+                writer.write_tensor_data(rows.reshape(*outer, -1))
+            elif len(shape) == 1:
                 writer.write_tensor_data(np.ones(shape, dtype=np.float32))
+            else:
+                writer.write_tensor_data(
+                    (rng.standard_normal(shape) * WEIGHT_STD).astype(np.float32)
+                )
         writer.close()
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return path

@@ -417,3 +417,21 @@ def test_chat_template_and_stop_tokens_come_from_the_tokenizer(
     ids = encode_prompt(tokenizer, "Hi there")
     assert tokenizer.decode(ids) == expected
     assert end_of_turn in stop_token_ids(folder, family.config, tokenizer)
+
+
+def test_placement_counts_a_sparse_block_with_all_its_experts(family: Family) -> None:
+    """Every expert must be in memory, routed to or not: a block's bytes for placement and the
+    budget are its weights with all experts (and the largest block's, where some are dense)."""
+    from cake.cluster.measure import block_bytes
+
+    moe(family)
+    c = family.config
+    attention = c.hidden_size * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    experts = c.n_experts * 3 * c.hidden_size * c.expert_intermediate_size
+    norms = 2 * c.hidden_size + c.n_experts * c.hidden_size  # norms and the router: float
+    norms += 2 * c.head_dim if c.qk_norm else 0
+    cache = 2 * c.n_kv_heads * c.head_dim * CONTEXT
+    f32 = torch.float32.itemsize
+    assert block_bytes(c, torch.float32, CONTEXT) == (attention + experts + norms + cache) * f32
+    int8 = block_bytes(c, torch.float32, CONTEXT, "int8")
+    assert int8 == attention + experts + (norms + cache) * f32
