@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
+from cake.model.gguf import gguf_file_of
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,13 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
+        gguf = gguf_file_of(Path(folder)) if os.path.isdir(folder) else None
+        if gguf is not None and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            raise ModelFolderError(
+                f"{gguf}: the file has no tokenizer (no tokenizer.ggml.* metadata), which the "
+                "master needs; use a GGUF file converted with its tokenizer (llama.cpp's "
+                "convert_hf_to_gguf.py writes it), or a Hugging Face model folder"
+            ) from exc
         raise ModelFolderError(
             f"{folder}: cannot load the tokenizer ({exc}); the model folder needs its tokenizer "
             "files (tokenizer.json, tokenizer_config.json)"

@@ -2,7 +2,9 @@
 
 Nothing is converted to a float copy. The package, by concept:
 - folder.py: the cached metadata folder (config.json, tokenizer) a GGUF file stands for;
-- header.py: the file's header walk (tensor infos, where their bytes lie);
+- config.py: the metadata as a Hugging Face config, per architecture, the way llama.cpp reads it;
+- header.py: the file's header walk (metadata values, tensor infos, where their bytes lie);
+- names.py: llama.cpp's tensor names and stored conventions per architecture;
 - checkpoint.py: `GGUFCheckpoint`, the tensors under their Hugging Face names;
 - blocks.py: what each GGUF tensor type becomes (int4, int8 or float).
 """

@@ -1,7 +1,7 @@
 """The metadata folder a GGUF file stands for: its config and tokenizer, cached once.
 
-What is cached is small: the file's config and tokenizer (read from its metadata with
-transformers, once) as config.json, generation_config.json and tokenizer files in
+What is cached is small: config.json (cake's reading of the metadata, config.py),
+generation_config.json and the tokenizer files (converted by transformers) in
 `$CAKE_CACHE_DIR/gguf-metadata/<name>-<key>/` (default `~/.cache/cake`), keyed by the file's
 absolute path, size and modification time, plus `gguf.json` naming the file. The weights are
 read from the GGUF file itself (checkpoint.py) whenever a model part is loaded.
@@ -19,17 +19,24 @@ from pathlib import Path
 
 from cake.errors import ModelFolderError
 from cake.host.cache import cache_root
+from cake.model.config import LlamaConfig
+from cake.model.gguf.config import config_from_gguf
+from cake.model.gguf.header import read_header
 
 log = logging.getLogger(__name__)
 
 POINTER_FILE = "gguf.json"  # in the metadata folder: which GGUF file holds the weights
+TOKENIZER_KEY = "tokenizer.ggml.model"  # a file with a tokenizer names its kind here
+# Part of the cache key: a folder written by an older reading of the metadata is not reused.
+METADATA_VERSION = 2
 
 
 def metadata_folder(gguf_path: str | os.PathLike) -> Path:
     """Where this GGUF file's config and tokenizer are cached (whether or not they are yet)."""
     path = Path(gguf_path).resolve()
     stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    identity = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|v{METADATA_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     # Not "gguf/": cake before 0.2 kept f32 conversions there under the same names.
     return cache_root() / "gguf-metadata" / f"{path.stem}-{key}"
 
@@ -59,29 +66,23 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 
 def write_metadata_folder(gguf_path: Path, target: Path) -> None:
-    """config.json, generation_config.json and tokenizer files from the GGUF's metadata."""
-    import transformers
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as exc:  # transformers raises many types for unreadable/unsupported files
-        raise ModelFolderError(f"{gguf_path}: cannot read this GGUF file ({exc})") from exc
-    data = config.to_dict()
-    if data.get("model_type") != "llama":
-        raise ModelFolderError(
-            f"{gguf_path}: a {data.get('model_type')!r} model; cake runs Llama models only"
-        )
-    data.pop("quantization_config", None)
-    data["architectures"] = ["LlamaForCausalLM"]
+    """config.json (config.py's reading of the metadata), generation_config.json, and the
+    tokenizer files where the file carries a tokenizer."""
+    header = read_header(gguf_path)
+    config = config_from_gguf(header)
+    LlamaConfig.from_dict(config, source=str(gguf_path))  # refuse what cannot run, now
+    generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        (staging / "config.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
-        generation = transformers.GenerationConfig.from_model_config(config)
-        generation.to_json_file(str(staging / "generation_config.json"))
-        tokenizer.save_pretrained(str(staging))
+        (staging / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if TOKENIZER_KEY in header.metadata:
+            write_tokenizer(gguf_path, staging)
+        else:
+            log.warning(
+                "%s has no tokenizer (no %s): only workers can run it", gguf_path, TOKENIZER_KEY
+            )
         pointer = {"gguf": str(gguf_path.resolve())}
         (staging / POINTER_FILE).write_text(json.dumps(pointer) + "\n", encoding="utf-8")
         if target.exists():  # another process finished first: keep theirs
@@ -91,6 +92,25 @@ def write_metadata_folder(gguf_path: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_tokenizer(gguf_path: Path, target: Path) -> None:
+    """The tokenizer the file describes, converted by transformers (gpt2 byte-level BPE: Llama 3,
+    Qwen, SmolLM2; llama SentencePiece: Llama 2, Mistral, Phi-3; Gemma's), saved as tokenizer
+    files. Built from the tokenizer metadata alone: AutoTokenizer would parse the whole file a
+    second time for a config it does not need (60 s for Llama 3's vocabulary, against 5)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name
+        )
+    except Exception as exc:  # transformers raises many types for a tokenizer it cannot build
+        raise ModelFolderError(
+            f"{gguf_path}: cannot convert its tokenizer ({TOKENIZER_KEY} = "
+            f"{read_header(gguf_path).metadata.get(TOKENIZER_KEY)!r}) with transformers ({exc})"
+        ) from exc
+    tokenizer.save_pretrained(str(target))
 
 
 def gguf_file_of(folder: Path) -> Path | None:
