@@ -20,12 +20,16 @@ LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    gguf = gguf_file_of(Path(folder)) if os.path.isdir(folder) else None
+    # A GGUF file's tokenizer loads as transformers converted it from the file (gguf/folder.py):
+    # AutoTokenizer would rebuild it as the class its config's model_type names, and Qwen2's,
+    # say, brings its own pre-tokenizer whatever the file's says.
+    loader = AutoTokenizer if gguf is None else PreTrainedTokenizerFast
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return loader.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
-        gguf = gguf_file_of(Path(folder)) if os.path.isdir(folder) else None
         if gguf is not None and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
             raise ModelFolderError(
                 f"{gguf}: the file has no tokenizer (no tokenizer.ggml.* metadata), which the "

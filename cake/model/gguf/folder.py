@@ -22,6 +22,7 @@ from cake.host.cache import cache_root
 from cake.model.config import LlamaConfig
 from cake.model.gguf.config import config_from_gguf
 from cake.model.gguf.header import read_header
+from cake.model.gguf.names import tensor_index
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def write_metadata_folder(gguf_path: Path, target: Path) -> None:
     tokenizer files where the file carries a tokenizer."""
     header = read_header(gguf_path)
     config = config_from_gguf(header)
-    LlamaConfig.from_dict(config, source=str(gguf_path))  # refuse what cannot run, now
+    LlamaConfig.from_dict(config, source=str(gguf_path))  # refuse what cannot run, now ...
+    tensor_index(gguf_path)  # ... tensors included
     generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
