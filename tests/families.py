@@ -158,13 +158,20 @@ def reference_model(folder: Path) -> Any:
     return model
 
 
-def build_family(folder: Path, family: str, seed: int = 0, shard: bool = False) -> Path:
+def build_family(
+    folder: Path,
+    family: str,
+    seed: int = 0,
+    shard: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
     """A random checkpoint of `family` in `folder`, with the real Llama 3.2 tokenizer files (the
-    vocabulary is sized to it), written by transformers itself."""
+    vocabulary is sized to it unless `overrides` sets vocab_size), written by transformers
+    itself. `overrides`: config fields set over the family's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = family_config(family)
+    data = {**family_config(family), **(overrides or {})}
     (folder / "config.json").write_text(json.dumps(data))
     config = AutoConfig.from_pretrained(folder)
     torch.manual_seed(seed)

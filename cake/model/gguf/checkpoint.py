@@ -1,0 +1,98 @@
+"""The tensors of a GGUF file under their Hugging Face names, each read from its own bytes.
+
+Tensor bytes are read with plain file reads, not through gguf's memory map: mapped pages that
+were read stay counted in the process's resident memory, which would double a worker's
+footprint. Which tensor is where comes from names.py (a 3-D expert tensor is indexed as one
+tensor per expert); what its bytes become from blocks.py; here the stored conventions are undone
+(names.py says which architecture has which):
+- q_proj and k_proj rows are put back in Hugging Face order from llama.cpp's RoPE order (a
+  permutation of whole rows, so quantized rows move unchanged; transformers does the same);
+- Gemma's norm weights, stored as 1 + w, become w (the block adds its offset back, in float32:
+  (1 + w) - 1 is exact for the weights norms hold, so the scale is the stored one bit for bit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cake.errors import ModelFolderError
+from cake.model.gguf.blocks import FLOAT_TYPES, decode
+from cake.model.gguf.header import read_header
+from cake.model.gguf.names import NORMS_PLUS_ONE, ROPE_PERMUTED, tensor_index
+from cake.model.quant import QuantizedTensor
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF file, under their Hugging Face names; loads only those asked for,
+    each decoded from its own bytes (blocks.py says what each type becomes)."""
+
+    def __init__(self, path: str | os.PathLike, n_heads: int, n_kv_heads: int) -> None:
+        self.path = Path(path)
+        self.folder = self.path  # for messages
+        self.entries = tensor_index(self.path)
+        arch = read_header(self.path).architecture
+        permuted = arch in ROPE_PERMUTED
+        self.heads = (
+            {"self_attn.q_proj": n_heads, "self_attn.k_proj": n_kv_heads} if permuted else {}
+        )
+        self.norms_plus_one = arch in NORMS_PLUS_ONE
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    @property
+    def files(self) -> list[str]:
+        return [self.path.name]
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(kind not in FLOAT_TYPES for kind, *_ in self.entries.values())
+
+    def type_of(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def load(
+        self,
+        names: Iterable[str],
+        dtype: torch.dtype | None,
+        device: torch.device | str = "cpu",
+        sources: dict[str, str] | None = None,
+    ) -> dict[str, torch.Tensor | QuantizedTensor]:
+        """Float tensors in `dtype` on `device`; quantized ones as QuantizedTensor on the CPU."""
+        sources = sources or {}
+        out: dict[str, torch.Tensor | QuantizedTensor] = {}
+        with open(self.path, "rb") as file:
+            for name in names:
+                stored = sources.get(name, name)
+                if stored not in self.entries:
+                    raise ModelFolderError(
+                        f"tensor {stored!r} (needed for {name!r}) is not in {self.path}"
+                    )
+                kind, shape, offset, nbytes = self.entries[stored]
+                file.seek(offset)
+                raw = np.frombuffer(file.read(nbytes), dtype=np.uint8)
+                if raw.size != nbytes:
+                    raise ModelFolderError(f"{self.path}: truncated in tensor {stored!r}")
+                tensor = self._as_stored_by_hugging_face(stored, decode(raw, kind, shape))
+                if isinstance(tensor, torch.Tensor):
+                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                out[name] = tensor
+        return out
+
+    def _as_stored_by_hugging_face(
+        self, name: str, tensor: torch.Tensor | QuantizedTensor
+    ) -> torch.Tensor | QuantizedTensor:
+        if self.norms_plus_one and name.endswith("norm.weight"):
+            return tensor.dequantize() - 1 if isinstance(tensor, QuantizedTensor) else tensor - 1
+        module = name.rsplit(".", 1)[0].split(".", 3)[-1]  # "self_attn.q_proj"
+        heads = self.heads.get(module)
+        if heads is None:
+            return tensor
+        out = tensor.shape[0]
+        order = torch.arange(out).reshape(heads, out // heads // 2, 2).transpose(1, 2).reshape(-1)
+        return tensor.rows(order) if isinstance(tensor, QuantizedTensor) else tensor[order]
