@@ -88,9 +88,13 @@ def decode_int4(raw: np.ndarray, kind: str, out: int, cols: int) -> QuantizedTen
         qs = supers[:, 16:].reshape(-1, 4, 32)
         values = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(groups, 32)
         return _int4(values, d, zero, out, cols)
-    # Q4_0/Q4_1: a block's low nibbles are values 0-15, its high nibbles values 16-31.
-    values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)  # (groups, 32)
-    return _int4(values, d, zero, out, cols)
+    # Q4_0/Q4_1: byte j holds value j (low nibble) and value j + 16 (high nibble); cake's byte
+    # j holds values 2j and 2j + 1. Moved byte-wise, never unpacked to one value per byte
+    # (that took 12 of the 30 s a Qwen3-30B-A3B block of 128 experts took to read).
+    even, odd = nibbles[:, 0::2], nibbles[:, 1::2]  # values 2k, 2k + 1 (low) and +16 (high)
+    packed = np.concatenate([(even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=1)
+    q = torch.from_numpy(np.ascontiguousarray(packed)).reshape(out, cols // 2)
+    return _int4_from_packed(q, d, zero, out, cols)
 
 
 def _q4k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +110,12 @@ def _int4(
     values: np.ndarray, scale: np.ndarray, zero: np.ndarray, out: int, cols: int
 ) -> QuantizedTensor:
     q = pack_nibbles(torch.from_numpy(np.ascontiguousarray(values)).reshape(out, cols))
+    return _int4_from_packed(q, scale, zero, out, cols)
+
+
+def _int4_from_packed(
+    q: torch.Tensor, scale: np.ndarray, zero: np.ndarray, out: int, cols: int
+) -> QuantizedTensor:
     scales = torch.from_numpy(scale).reshape(out, cols // 32).to(KERNEL_DTYPE)
     zeros = torch.from_numpy(zero).reshape(out, cols // 32).to(KERNEL_DTYPE)
     return QuantizedTensor("int4", q, scales, zeros, 32)
