@@ -109,6 +109,9 @@ def write_random_q4_0_gguf(path: Path, config: dict, seed: int = 0) -> Path:
     writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
     writer.add_vocab_size(c["vocab_size"])
     writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_file_type(2)  # MOSTLY_Q4_0
     _tokenizer_metadata(writer, c["vocab_size"])
 

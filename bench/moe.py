@@ -1,16 +1,17 @@
 """Issue 22's mixture-of-experts measurement: decode speed follows the active parameters.
 
-    python -m bench.moe [--blocks 4] [--quantize int4] [--steps 32] [--rounds 5]
+    python -m bench.moe [--blocks 2] [--steps 32] [--rounds 5]
 
-Two random-weight models of Qwen3-30B-A3B's block shape (hidden 2048, 32 query and 4 KV heads of
-128, rope 1e6), `--blocks` blocks each, quantized alike:
-- moe: its router and 128 experts of 768 (8 routed per token), as published;
-- dense: the same attention and one MLP of 8 x 768 = 6144, so a token reads the same number of
-  active weights (the routed experts' and the attention's) in both.
-Both are built in this process (cake/model/loader.random_part, no checkpoint), then timed
-round-robin over `--rounds` rounds: decode steps after a 64-token prompt, the fastest round of
-each. Prints the markdown table (tok/s through the blocks, ratio moe / dense; the goal is
->= 0.6) and writes bench/results/moe.json.
+Two random-weight models written once as Q4_0 GGUF files (bench.gguf_writer, never in float)
+into the cake cache, `--blocks` blocks each, of Qwen3-30B-A3B's block shape (hidden 2048, 32
+query and 4 KV heads of 128):
+- moe: its router and 128 experts of 768 (8 routed per token), as published (arch qwen3moe);
+- dense: the same attention and one MLP of 8 x 768 = 6144 (arch llama), so a token reads the
+  same number of weights in both.
+Both are loaded as cake loads any GGUF (int4, the measured kernels), then timed round-robin over
+`--rounds` rounds: decode steps after a 64-token prompt, the fastest round of each. Prints the
+markdown table (tok/s through the blocks, ratio moe / dense; the goal is >= 0.6) and writes
+bench/results/moe.json.
 """
 
 from __future__ import annotations
@@ -22,44 +23,37 @@ from pathlib import Path
 
 import torch
 
+from bench.gguf_writer import QWEN3_30B_A3B, write_random_q4_0_gguf, write_random_qwen3moe_q4_0_gguf
 from bench.machine import cpu_label, machine_info
+from cake.host.cache import cache_root
 from cake.model.config import LlamaConfig
-from cake.model.loader import random_part
-from cake.model.quant import Quantization
+from cake.model.opener import open_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = 64
 
-QWEN3_30B_A3B = {  # the published config.json's shape fields
-    "model_type": "qwen3_moe",
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "moe_intermediate_size": 768,
-    "norm_topk_prob": True,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "vocab_size": 151936,
-    "max_position_embeddings": 40960,
-}
 
-
-def configs(blocks: int) -> dict[str, LlamaConfig]:
+def write_models(blocks: int) -> dict[str, Path]:
+    """The two GGUF files (written once)."""
+    folder = cache_root() / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
     moe = {**QWEN3_30B_A3B, "num_hidden_layers": blocks}
-    dense = {k: v for k, v in moe.items() if not k.startswith(("num_experts", "moe_", "norm_topk"))}
-    dense.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
-    dense["intermediate_size"] = moe["num_experts_per_tok"] * moe["moe_intermediate_size"]
-    return {
-        "moe": LlamaConfig.from_dict(moe, "Qwen3-30B-A3B shape"),
-        "dense": LlamaConfig.from_dict(dense, "dense, same active parameters"),
+    dense = {
+        **{k: moe[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads")},
+        **{k: moe[k] for k in ("head_dim", "vocab_size", "rms_norm_eps", "rope_theta")},
+        "num_hidden_layers": blocks,
+        "intermediate_size": moe["num_experts_per_tok"] * moe["moe_intermediate_size"],
+        "max_position_embeddings": 4096,
     }
+    paths = {
+        "moe": folder / f"qwen3-30b-a3b-shape-{blocks}-blocks-q4_0.gguf",
+        "dense": folder / f"dense-same-active-{blocks}-blocks-q4_0.gguf",
+    }
+    if not paths["moe"].is_file():
+        write_random_qwen3moe_q4_0_gguf(paths["moe"], moe)
+    if not paths["dense"].is_file():
+        write_random_q4_0_gguf(paths["dense"], dense)
+    return paths
 
 
 def active_weights(config: LlamaConfig) -> int:
@@ -85,21 +79,16 @@ def decode_seconds(part, config: LlamaConfig, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--quantize", default="int4", choices=["int4", "int8"])
+    parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    quantization = Quantization(args.quantize)
-    models = configs(args.blocks)
-    parts = {}
-    for name, config in models.items():
-        started = time.perf_counter()
-        parts[name] = random_part(
-            config, list(range(args.blocks)), torch.float32, torch.device("cpu"), quantization,
-            max_seq_len=PROMPT + args.steps + 1,
-        )  # fmt: skip
-        print(f"built {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    models, parts = {}, {}
+    for name, path in write_models(args.blocks).items():
+        opened = open_model(path)
+        compute = opened.compute("cpu", "auto", None, PROMPT + args.steps + 1)
+        models[name] = opened.config
+        parts[name] = opened.load(compute, list(range(args.blocks)))
     best = dict.fromkeys(models, float("inf"))
     for _ in range(args.rounds):
         for name, part in parts.items():
@@ -117,7 +106,7 @@ def main() -> None:
     machine = machine_info(torch.get_num_threads())
     lines = [
         f"Machine: {cpu_label(machine)}, torch {machine['torch']}. {args.blocks} blocks of "
-        f"the Qwen3-30B-A3B shape, {args.quantize}, "
+        f"the Qwen3-30B-A3B shape, Q4_0 GGUF (int4), "
         f"f32 activations, decode after a {PROMPT}-token prompt, best of {args.rounds} rounds "
         f"of {args.steps} steps.",
         "",
