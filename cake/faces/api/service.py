@@ -35,12 +35,14 @@ class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int  # tokens generated, up to a stop string's cut
+    cached_tokens: int = 0  # of the prompt's, reused from the prefix cache
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 
@@ -101,7 +103,7 @@ class Generation:
                 if text:
                     self.events.put_nowait(text)
             reason = "stop" if decoder.stopped else stats.finish_reason
-            self.events.put_nowait(Finished(reason, prompt_tokens, count))
+            self.events.put_nowait(Finished(reason, prompt_tokens, count, stats.cached_tokens))
         except Exception as exc:
             self.events.put_nowait(exc)
         finally:
