@@ -173,7 +173,12 @@ class Generator:
         match = self.prefixes.lookup(prompt_ids, session.epoch)
         if match is None:
             return 0
-        if await session.start_from(match.entry, match.length):
+        # A session that holds all the entry's tokens makes the entry redundant: it takes the
+        # entry's caches on every stage instead of a copy (no other request forks it now).
+        move = match.length == len(match.entry.tokens)
+        if move:
+            self.prefixes.remove(match.entry.session_id)
+        if await session.start_from(match.entry, match.length, move):
             return match.length
         # A stage lost it (evicted there, a restarted worker): no later request finds it.
         self.prefixes.remove(match.entry.session_id)
