@@ -58,6 +58,12 @@ def check_grammar(spec: GrammarSpec, tokenizer: Any) -> None:
     _compiler_for(tokenizer).compiled(spec)
 
 
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The bytes `token` stands for (a special token: its text), whatever kind of tokenizer:
+    what logprobs report. llguidance's tokenizer knows them (a byte-level BPE's "Ġ" is b" ")."""
+    return _compiler_for(tokenizer).lltokenizer.decode_bytes([token])
+
+
 class GrammarMatcher:
     """One generation's place in its grammar: each row of a batched step has its own."""
 
