@@ -72,7 +72,7 @@ class GrammarMatcher:
         # One bit per token, as llguidance writes it (not through llguidance.torch, whose
         # import compiles a kernel with torch.compile: seconds, for a mask numpy unpacks).
         self._bitmask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
-        self._stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long)
+        self._stop_ids = np.array(sorted(stop_ids), dtype=np.int64)
 
     @classmethod
     def start(cls, spec: GrammarSpec, tokenizer: Any, stop_ids: Collection[int]) -> GrammarMatcher:
@@ -93,17 +93,16 @@ class GrammarMatcher:
         Masking before the sampler's temperature, top-k and top-p keeps greedy and sampled
         draws alike inside the grammar: top-k counts only allowed tokens."""
         self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        allowed = torch.from_numpy(bits.astype(np.bool_))
         logits = logits.float().cpu()
-        width = min(len(allowed), len(logits))
-        keep = torch.zeros(len(logits), dtype=torch.bool)
-        keep[:width] = allowed[:width]
-        stops = self._stop_ids[self._stop_ids < len(logits)]
-        keep[stops] = self._matcher.is_accepting()  # the grammar may end here, or not
-        if not keep.any():
+        width = min(self._bitmask.size * 32, len(logits))
+        bits = np.unpackbits(self._bitmask.view(np.uint8), count=width, bitorder="little")
+        allowed = np.zeros(len(logits), dtype=np.bool_)  # a padded head's extra tokens: refused
+        allowed[:width] = bits.view(np.bool_)
+        # A stop token where the grammar may end (and nowhere else).
+        allowed[self._stop_ids[self._stop_ids < len(logits)]] = self._matcher.is_accepting()
+        if not allowed.any():
             raise GrammarError(f"the grammar allows no token here: {self._matcher.get_error()}")
-        return logits.masked_fill(~keep, float("-inf"))
+        return logits.where(torch.from_numpy(allowed), float("-inf"))
 
     def advance(self, token: int) -> None:
         """Consume the chosen token (a stop token ends the generation and is not consumed)."""

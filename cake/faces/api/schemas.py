@@ -82,7 +82,36 @@ class ResponseFormat(BaseModel):
                 param="response_format",
             )
         schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        if self.json_schema.strict:
+            schema = closed_objects(schema)
         return GrammarSpec("json_schema", json.dumps(schema))
+
+
+# Where a JSON schema holds subschemas: keyword -> whether it holds one, a list, or a mapping.
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAPPING = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` in which every object schema that does not say
+    `additionalProperties` has it false: OpenAI's strict mode, where an object has exactly its
+    listed properties (a document without extra properties is valid for the original too)."""
+    schema = json.loads(json.dumps(schema))  # a copy to change in place
+    todo: list[Any] = [schema]
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        is_object = node.get("type") == "object" or isinstance(node.get("properties"), dict)
+        if is_object and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        todo.extend(node[key] for key in _ONE if key in node)
+        todo.extend(sub for key in _LIST if isinstance(node.get(key), list) for sub in node[key])
+        todo.extend(
+            sub for key in _MAPPING if isinstance(node.get(key), dict) for sub in node[key].values()
+        )
+    return schema
 
 
 class GenerationRequest(BaseModel):
