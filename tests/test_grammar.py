@@ -148,3 +148,33 @@ def test_logprobs_are_the_log_softmax_of_the_raw_logits() -> None:
     assert token_logprobs(logits, 3, top=0).top == ()
     with pytest.raises(ValueError, match=r"0\.\.20"):
         token_logprobs(logits, 3, top=21)
+
+
+def test_strict_closes_the_objects_that_say_nothing() -> None:
+    """response_format's strict: true, as OpenAI's: an object without additionalProperties
+    has exactly its properties; one that says, and allOf's parts, are left as they are."""
+    from cake.faces.api.schemas import closed_objects
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"properties": {"type": "string"}}},
+            "b": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            "c": {"type": "array", "items": {"properties": {"x": {}}}},
+        },
+        "additionalProperties": True,
+        "allOf": [{"type": "object"}],
+        "$defs": {"d": {"type": "object"}},
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is True
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["a"]["properties"] == {"properties": {"type": "string"}}
+    assert closed["properties"]["b"]["anyOf"] == [
+        {"type": "object", "additionalProperties": False},
+        {"type": "null"},
+    ]
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["allOf"] == [{"type": "object"}]
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema["properties"]["a"]  # a copy was changed

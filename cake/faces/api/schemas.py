@@ -87,9 +87,10 @@ class ResponseFormat(BaseModel):
         return GrammarSpec("json_schema", json.dumps(schema))
 
 
-# Where a JSON schema holds subschemas: keyword -> whether it holds one, a list, or a mapping.
+# Where a JSON schema holds subschemas: one, a list, or a mapping of them. Not allOf's parts:
+# each would close the object to the others' properties.
 _ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
-_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_LIST = ("anyOf", "oneOf", "prefixItems")
 _MAPPING = ("properties", "$defs", "definitions", "patternProperties")
 
 
