@@ -178,3 +178,23 @@ def test_strict_closes_the_objects_that_say_nothing() -> None:
     assert closed["allOf"] == [{"type": "object"}]
     assert closed["$defs"]["d"]["additionalProperties"] is False
     assert "additionalProperties" not in schema["properties"]["a"]  # a copy was changed
+
+
+@pytest.mark.slow  # reading Llama 3's tokenizer and building llguidance's for it: ~3 s
+def test_a_hugging_face_folders_tokenizer_works_as_the_ggufs(llama3_tokenizer_dir: Path) -> None:
+    """The demo GGUF's tokenizer above; here the real Llama 3.2 tokenizer of a model folder."""
+    from cake.decoding.grammar import token_bytes
+    from cake.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(llama3_tokenizer_dir)
+    eos = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    matcher = GrammarMatcher.start(GrammarSpec("json_schema", json.dumps(SCHEMA)), tokenizer, {eos})
+    document = {"n": 7, "kind": "dog", "ok": True, "tag": "ab", "list": [1, 2], "maybe": None}
+    ids = tokenizer.encode(json.dumps(document), add_special_tokens=False)
+    assert b"".join(token_bytes(tokenizer, t) for t in ids).decode() == json.dumps(document)
+    logits = torch.zeros(128256)
+    for token in ids:
+        allowed = matcher.constrain(logits)
+        assert torch.isfinite(allowed[token]) and torch.isinf(allowed[eos])
+        matcher.advance(token)
+    assert matcher.done

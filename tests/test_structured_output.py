@@ -707,3 +707,38 @@ def test_a_grammar_with_logprobs_reports_the_unconstrained_distribution(
         expected,
         ids,
     )
+
+
+def test_constrained_and_logprobs_requests_decode_without_drafts(
+    smol: tuple[Server, GenerationLog],
+) -> None:
+    """cake_draft is ignored where a grammar or logprobs are asked: one token per step, the
+    same text as without drafting; a plain request with the same cake_draft does draft."""
+    server, log = smol
+    schema = SCHEMAS[7][1]
+    plain = ask(server, "a book with its author", schema, temperature=0)
+    drafted = ask(
+        server, "a book with its author", schema, temperature=0, extra_body={"cake_draft": "lookup"}
+    )
+    assert log.stats[-1].drafted == 0
+    assert log.stats[-1].decode_steps == log.stats[-1].decode_tokens
+    assert drafted.choices[0].message.content == plain.choices[0].message.content
+    client = server.client()
+    messages = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    client.chat.completions.create(
+        model=server.model,
+        messages=messages,
+        max_tokens=40,
+        temperature=0,
+        logprobs=True,
+        extra_body={"cake_draft": "lookup"},
+    )
+    assert log.stats[-1].drafted == 0
+    client.chat.completions.create(
+        model=server.model,
+        messages=messages,
+        max_tokens=40,
+        temperature=0,
+        extra_body={"cake_draft": "lookup"},
+    )
+    assert log.stats[-1].drafted > 0  # lookup drafting does draft here: the checks above can fail
