@@ -160,8 +160,8 @@ class Generator:
         alternatives (0..20) in `stats.logprobs`.
         """
         stats = stats if stats is not None else GenerationStats()
-        constrained = grammar is not None or logprobs is not None
-        speculation = None if constrained else self._speculation(draft or self.drafting)
+        one_token_a_step = grammar is not None or logprobs is not None
+        speculation = None if one_token_a_step else self._speculation(draft or self.drafting)
         self._check_prompt(prompt_ids)
         matcher = await self._matcher(grammar) if grammar is not None else None
         choose = _Choice(self.stop_ids, matcher, logprobs, stats)
@@ -178,8 +178,7 @@ class Generator:
             if speculation is not None:
                 speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
             started = time.perf_counter()
-            # chosen, not yet yielded
-            pending = [await self._sample(sampler, logits, history, choose)]
+            pending = [await self._sample(sampler, logits, history, choose)]  # not yet yielded
             while pending:
                 token = pending.pop(0)
                 if token in self.stop_ids and (not ignore_eos or matcher is not None):
