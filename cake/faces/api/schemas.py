@@ -8,12 +8,13 @@ newer name of `max_tokens`; `stop` is a string or a list.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from cake.decoding.sampling import SamplingParams
 from cake.faces.api.errors import ApiError
+from cake.faces.api.tool_schemas import MessageToolCall, ToolChoiceField, ToolDefinition
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # what OpenAI uses when a request names none
 MAX_STOP_STRINGS = 16
@@ -27,16 +28,27 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     # "developer" is what newer OpenAI clients send in place of "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant's turn of tool calls
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's result: of which call
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only for an assistant's tool calls)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
 
     def as_template_message(self) -> dict[str, str]:
-        content = (
-            self.content
-            if isinstance(self.content, str)
-            else "".join(part.text for part in self.content)
-        )
+        content = self.text()
         role = "system" if self.role == "developer" else self.role
         message = {"role": role, "content": content}
         return {**message, "name": self.name} if self.name else message
@@ -99,15 +111,21 @@ class GenerationRequest(BaseModel):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoiceField | None = None
+    parallel_tool_calls: bool = True
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.tools:
-            raise ApiError(400, "tools (function calling) are not supported", param="tools")
+    def uses_tools(self) -> bool:
+        """Tools offered, or tool calls in the history: the conversation goes through
+        tool_chat.py."""
+        return (
+            bool(self.tools)
+            or self.tool_choice is not None
+            or any(message.tool_calls or message.role == "tool" for message in self.messages)
+        )
 
 
 class CompletionRequest(GenerationRequest):

@@ -35,6 +35,7 @@ class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int  # tokens generated, up to a stop string's cut
+    stop: str | None = None  # the stop string that ended it, if one did
 
     def usage(self) -> dict[str, int]:
         return {
@@ -101,7 +102,8 @@ class Generation:
                 if text:
                     self.events.put_nowait(text)
             reason = "stop" if decoder.stopped else stats.finish_reason
-            self.events.put_nowait(Finished(reason, prompt_tokens, count))
+            stop = decoder.stop_filter.matched
+            self.events.put_nowait(Finished(reason, prompt_tokens, count, stop))
         except Exception as exc:
             self.events.put_nowait(exc)
         finally:
@@ -157,6 +159,10 @@ class Service:
     async def _on_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_thread, fn, *args)
+
+    async def on_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Tokenizer work of a caller's own (a conversation with tools, say), on its thread."""
+        return await self._on_tokenizer_thread(fn, *args)
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template applied as the CLI does for --prompt."""
