@@ -84,7 +84,7 @@ def opening_start(text: str, at_output_start: bool, openers: Sequence[str]) -> S
         return Start(never=True)
     stripped = text.lstrip()
     if any(stripped.startswith(opener) for opener in openers):
-        return Start(at=len(text) - len(stripped))
+        return Start(at=0)  # the whitespace before goes with the call
     if not stripped or any(opener.startswith(stripped) for opener in openers):
         return Start(hold=len(text))
     return Start(never=True)

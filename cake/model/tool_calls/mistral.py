@@ -48,7 +48,7 @@ class Mistral(ToolCallFormat):
         # The marker as the special token the model was trained to write, where it is one.
         token = special_tokens.get(TOOL_CALLS)
         marker = lark_string(TOOL_CALLS) if token is None else f"<[{token}]>"
-        calls = 'call ("," call)*' if parallel else "call"
+        calls = 'call (", " call)*' if parallel else "call"
         return (
             "\n".join([f'start: {marker} "[" {calls} "]"', *call_rules(tools, "arguments")]) + "\n"
         )
