@@ -315,6 +315,14 @@ def _fail(message: str) -> None:
     help="HTTP API: most requests generating at once (more get HTTP 429).",
 )
 @click.option(
+    "--prefix-cache/--no-prefix-cache",
+    default=True,
+    show_default=True,
+    help="Keep finished conversations' KV caches (under --kv-memory, least recently used "
+    "evicted first) so a prompt that starts the same way computes only the rest: the next "
+    "turn of a chat, an agent's growing history, a shared system prompt.",
+)
+@click.option(
     "--batching/--no-batching",
     default=True,
     show_default=True,
@@ -490,6 +498,7 @@ def _master_settings(opts: dict, topology: object, replanning: object, **serving
         draft_tokens=opts["draft_tokens"],
         round_trip_per_block=opts["debug_round_trip_per_block"],
         replanning=replanning,
+        prefix_cache=opts["prefix_cache"],
     )
     return MasterSettings.serving(**options, **serving) if serving else MasterSettings(**options)
 

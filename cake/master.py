@@ -35,6 +35,7 @@ from cake.decoding.speculative import DraftSettings
 from cake.decoding.stats import GenerationStats
 from cake.engine.compute import MasterCompute
 from cake.engine.pipeline import Pipeline, Replanning
+from cake.engine.prefix_cache import PrefixCache
 from cake.engine.scheduler import DEFAULT_STEP_POSITIONS, StepScheduler
 from cake.engine.stage_builder import StageBuilder, StageSettings
 from cake.engine.stages import StageHealth
@@ -81,6 +82,7 @@ class MasterSettings:
     batching: bool = True  # concurrent sessions share steps
     batch_groups: int | None = None  # groups stepping on their own; None: one per remote stage
     step_positions: int | None = None  # most prompt positions of one session per step
+    prefix_cache: bool = True  # keep finished sessions to reuse their prefix (--no-prefix-cache)
 
     @classmethod
     def serving(cls, **options: Any) -> MasterSettings:
@@ -197,6 +199,7 @@ class Master:
             master_compute,
             drafting,
             draft_model,
+            PrefixCache() if settings.prefix_cache else None,
         )
         return cls(model, compute, tokenizer, ends, pipeline, scheduler, generator)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from cake.engine.block_runner import BlockRunner
 from cake.engine.session_store import SessionStore, kv_budget
 from cake.engine.worker_requests import WorkerRequests
+from cake.errors import CakeError, Code
 from cake.host.devices import DTYPE_NAMES
 from cake.host.network import check_can_listen, is_loopback
 from cake.host.signals import stop_signal
@@ -38,7 +39,16 @@ from cake.model.opener import open_model
 from cake.topology import format_blocks, load_topology, parse_address
 from cake.wire.auth import cluster_key as parse_key
 from cake.wire.auth import server_tls
-from cake.wire.protocol import Hello, Welcome, fingerprint_config, session_frame_limit
+from cake.wire.protocol import (
+    ErrorMessage,
+    ForkSession,
+    Hello,
+    Message,
+    SessionForked,
+    Welcome,
+    fingerprint_config,
+    session_frame_limit,
+)
 from cake.wire.transport import Link
 from cake.wire.worker_connection import serve_connection
 
@@ -93,7 +103,8 @@ class Worker:
 
     @property
     def session_count(self) -> int:
-        return len(self.store)
+        """Sessions a master is using now (cached prefixes not counted)."""
+        return len(self.store) - self.store.cached_count()
 
     @property
     def session_frame_bytes(self) -> int:
@@ -127,9 +138,35 @@ class Worker:
         blocks."""
         await serve_connection(self, reader, writer, accepted)
 
-    def close_session(self, conn: int, session_id: str) -> None:
-        if self.store.close((conn, session_id)):
+    def close_session(self, conn: int, session_id: str, keep: bool = False) -> None:
+        if keep:
+            if self.store.retain((conn, session_id)):
+                log.info("connection %d: session %s kept as a cached prefix", conn, session_id)
+        elif self.store.close((conn, session_id)):
             log.info("connection %d: session %s closed", conn, session_id)
+
+    def fork_session(self, conn: int, request: ForkSession) -> Message:
+        """A new session from a cached prefix (SessionStore.fork): its reply, or an error for
+        that request alone (the master then computes the prefix again)."""
+        try:
+            session = self.store.fork(
+                (conn, request.parent), (conn, request.session), request.length, request.parent
+            )
+        except CakeError as exc:
+            log.info("connection %d: fork of %s refused: %s", conn, request.parent, exc)
+            return ErrorMessage(message=str(exc), code=exc.code.value, id=request.id)
+        except Exception as exc:  # e.g. no memory for the copy: that request only
+            log.warning("connection %d: fork of %s failed: %s", conn, request.parent, exc)
+            self.store.close((conn, request.session))
+            return ErrorMessage(message=str(exc), code=Code.OUT_OF_MEMORY.value, id=request.id)
+        log.info(
+            "connection %d: session %s opened from %d cached positions of %s",
+            conn,
+            request.session,
+            session.length,
+            request.parent,
+        )
+        return SessionForked(id=request.id, length=session.length)
 
     def drop_connection(self, conn: int) -> None:
         """The connection ended: its sessions' caches go with it."""

@@ -121,9 +121,11 @@ class Server:
         return self.on_loop(run())
 
     def master_sessions(self) -> int:
-        """Sessions open in the master's own stores (its local stages)."""
+        """Sessions in use in the master's own stores (its local stages; cached prefixes
+        not counted)."""
         local = [stage for stage in self.master.pipeline.stages if not stage.remote]
-        return sum(len(stage.runner.store) for stage in local)
+        stores = [stage.runner.store for stage in local]
+        return sum(len(store) - store.cached_count() for store in stores)
 
 
 @contextlib.contextmanager

@@ -298,6 +298,9 @@ def test_streamed_completion_ends_with_its_usage(served: Server, reference: Call
     assert last["object"] == "text_completion"
     assert last["id"] == chunks[0]["id"]
     assert last["choices"] == []
+    # The server's earlier requests began the same way: part of the prompt came from its cache.
+    cached = last["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached < len(prompt_ids)
     assert last["usage"] == {
         "prompt_tokens": len(prompt_ids),
         "completion_tokens": len(tokens),

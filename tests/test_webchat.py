@@ -256,6 +256,9 @@ def test_chat_in_the_browser(server: Server, browser: Any) -> None:
     page.wait_for_function(
         "() => document.querySelectorAll('.message.assistant[data-done=finished]').length === 2"
     )
+    # The earlier turns came from the server's prefix cache, and the status strip says so.
+    cached = re.search(r"cached (\d+) tokens", page.inner_text("#status-speed"))
+    assert cached and int(cached.group(1)) > 20, page.inner_text("#status-speed")
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
     assert page.is_visible("#empty-hint")

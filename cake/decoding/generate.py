@@ -27,6 +27,7 @@ from cake.decoding.sampling import Sampler, SamplingParams
 from cake.decoding.speculative import DraftController, DraftSettings, Speculation
 from cake.decoding.stats import GenerationStats
 from cake.engine.compute import MasterCompute
+from cake.engine.prefix_cache import CachedPrefix, PrefixCache
 from cake.engine.scheduler import StepScheduler
 from cake.engine.session import Output, Session
 from cake.errors import ContextError
@@ -44,9 +45,10 @@ class GenerationOptions:
     ignore_eos: bool = False
 
 
-async def prefill(session: Session, prompt_ids: Sequence[int]) -> torch.Tensor:
-    """The prompt at positions 0..; logits (vocab,) after its last token."""
-    return await session.forward(prompt_ids, 0)
+async def prefill(session: Session, prompt_ids: Sequence[int], cached: int = 0) -> torch.Tensor:
+    """The prompt's positions from `cached` on (those before are a cached prefix the session
+    started from); logits (vocab,) after its last token."""
+    return await session.forward(prompt_ids[cached:], cached)
 
 
 async def decode_one_token(session: Session, token: int, position: int) -> torch.Tensor:
@@ -92,8 +94,10 @@ class Generator:
         compute: MasterCompute,
         drafting: DraftSettings,
         draft_model: DraftModel | None = None,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.prefixes = prefixes  # finished sessions kept for reuse (None: --no-prefix-cache)
         self.stop_ids = frozenset(stop_ids)
         self.max_seq_len = max_seq_len
         self.trained_positions = trained_positions  # for the context error's hint
@@ -124,12 +128,15 @@ class Generator:
         stats.finish_reason = "length"
         sampler = Sampler(params)
         history = list(prompt_ids)
+        keep = False  # whether the session's caches stay as a cached prefix when it ends
         try:
             started = time.perf_counter()
-            logits = await prefill(session, prompt_ids)
+            stats.cached_tokens = await self._start_from_cache(session, prompt_ids)
+            logits = await prefill(session, prompt_ids, stats.cached_tokens)
             stats.prefill_s = time.perf_counter() - started
             if speculation is not None:
-                speculation.controller.observe_prefill(len(prompt_ids), stats.prefill_s)
+                computed = len(prompt_ids) - stats.cached_tokens
+                speculation.controller.observe_prefill(computed, stats.prefill_s)
             started = time.perf_counter()
             pending = [await self._sample(sampler, logits, history)]  # chosen, not yet yielded
             while pending:
@@ -151,8 +158,37 @@ class Generator:
                 stats.decode_steps += 1
                 stats.decode_tokens += len(pending)
                 stats.decode_s = time.perf_counter() - started
+            keep = True
+        except GeneratorExit:  # the caller stopped early (a stop string): the caches are whole
+            keep = True
+            raise
         finally:
-            await session.close()
+            await self._end_session(session, keep)
+
+    async def _start_from_cache(self, session: Session, prompt_ids: Sequence[int]) -> int:
+        """Start the new session from the cached prefix sharing the most of the prompt (see
+        cake/engine/prefix_cache.py): the prompt positions it holds (0: none, compute all)."""
+        if self.prefixes is None:
+            return 0
+        match = self.prefixes.lookup(prompt_ids, session.epoch)
+        if match is None:
+            return 0
+        if await session.start_from(match.entry, match.length):
+            return match.length
+        # A stage lost it (evicted there, a restarted worker): no later request finds it.
+        self.prefixes.remove(match.entry.session_id)
+        await self.scheduler.pipeline.close_session(match.entry.session_id)
+        return 0
+
+    async def _end_session(self, session: Session, keep: bool) -> None:
+        """Close the session everywhere, or keep it as a cached prefix (closing those the
+        prefix cache lets go of to make room)."""
+        prefixes = self.prefixes
+        if not await session.close(keep=keep and prefixes is not None) or prefixes is None:
+            return
+        entry = CachedPrefix(session.id, session.tokens, session.forwards, session.epoch)
+        for session_id in prefixes.add(entry):
+            await self.scheduler.pipeline.close_session(session_id)
 
     async def _next_tokens(
         self,

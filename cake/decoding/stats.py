@@ -11,6 +11,7 @@ from cake.engine.stages import StageTimes
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, taken from a cached prefix (not computed)
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -24,7 +25,8 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -35,8 +37,9 @@ class GenerationStats:
         return sum(t.round_trips for t in self.stages.values())
 
     def summary(self) -> str:
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         line = (
-            f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
+            f"prompt tokens: {self.prompt_tokens}{cached}, new tokens: {self.new_tokens}, "
             f"prefill: {self.prefill_tok_s:.1f} tok/s, decode: {self.decode_tok_s:.1f} tok/s"
         )
         tokens = self.decode_tokens + 1 if self.prompt_tokens else 0

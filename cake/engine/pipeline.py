@@ -31,7 +31,7 @@ import torch
 
 from cake.engine.stage_builder import StageBuilder
 from cake.engine.stages import Stage, StageHealth, StageRow, StageTimes
-from cake.errors import WorkerError
+from cake.errors import CakeError, WorkerError
 from cake.topology import Topology, format_blocks
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,30 @@ class Pipeline:
         for stage in self.stages:
             await stage.rollback(session_id, length)
 
-    async def close_session(self, session_id: str) -> None:
-        for stage in self.stages:
+    async def fork_session(self, session_id: str, parent_id: str, length: int) -> bool:
+        """Open the session on every stage from the cached `parent_id`'s first `length`
+        positions, all stages at once; False (and the session closed again wherever it was
+        opened) if any stage no longer holds that prefix or cannot serve now: the caller then
+        computes the prefix as for a new session."""
+        stages = list(self.stages)
+        outcomes = await asyncio.gather(
+            *(stage.fork_session(session_id, parent_id, length) for stage in stages),
+            return_exceptions=True,
+        )
+        refusals = [o for o in outcomes if isinstance(o, BaseException)]
+        if not refusals:
+            return True
+        for refusal in refusals:
+            if not isinstance(refusal, CakeError):
+                raise refusal  # a bug of ours, not a refusal
+        log.info("cached prefix %s not used: %s", parent_id[:8], refusals[0])
+        for stage in stages:
             await stage.close_session(session_id)
+        return False
+
+    async def close_session(self, session_id: str, keep: bool = False) -> None:
+        for stage in self.stages:
+            await stage.close_session(session_id, keep)
 
     async def health(self) -> list[StageHealth]:
         return [await stage.health() for stage in self.stages]

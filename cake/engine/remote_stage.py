@@ -204,10 +204,24 @@ class RemoteStage:
         if inputs is not None:
             inputs.truncate(length)
 
-    async def close_session(self, session_id: str) -> None:
-        self.inputs.pop(session_id, None)
+    async def fork_session(self, session_id: str, parent_id: str, length: int) -> None:
+        """The worker copies the cached parent's first `length` positions; the replay log
+        starts as the parent's, cut there, so a replay after a loss rebuilds the prefix too."""
+        parent = self.inputs.get(parent_id)
+        if parent is None or parent.length < length:
+            raise WorkerError(f"{self.client.label}: no inputs of the cached prefix to replay")
+        await self._send([], lambda: self.client.fork_session(session_id, parent_id, length))
+        inputs = self.inputs[session_id] = SessionInputs(list(parent.chunks), parent.length)
+        inputs.truncate(length)
+        self.client.phase.session_current(self._key(session_id))
+
+    async def close_session(self, session_id: str, keep: bool = False) -> None:
+        # A kept session's inputs stay: sessions forked from it replay them after a loss.
+        # It is not tracked for replay itself: a worker that lost it refuses the next fork.
+        if not keep:
+            self.inputs.pop(session_id, None)
         self.client.phase.session_closed(self._key(session_id))
-        await self.client.close_session(session_id)
+        await self.client.close_session(session_id, keep)
 
     async def close(self) -> None:
         self.inputs.clear()

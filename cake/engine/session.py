@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # annotations only: no import at run time
     import torch
 
     from cake.engine.pipeline import Pipeline
+    from cake.engine.prefix_cache import CachedPrefix
     from cake.engine.stages import StageTimes
 
 MAX_RESUMES = 3  # re-plans one step may wait for before it gives up (each lost another worker)
@@ -96,19 +97,47 @@ class Session:
                 await self._pipeline.recover(exc, self.epoch)
         raise WorkerError(f"gave up after {MAX_RESUMES} re-plans in one step")
 
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The tokens at positions 0..length-1 of the caches."""
+        return tuple(self._fed)
+
+    @property
+    def forwards(self) -> tuple[int, ...]:
+        """Positions each forward fed, in order (their sum is `length`)."""
+        return tuple(self._forwards)
+
+    async def start_from(self, prefix: CachedPrefix, length: int) -> bool:
+        """Open this new session on every stage as a copy of the cached `prefix`'s first
+        `length` positions (cake/engine/prefix_cache.py); False if a stage no longer holds it
+        (nothing is opened then: the session starts empty, as usual)."""
+        if self._fed:
+            raise ValueError("only a new session starts from a cached prefix")
+        if prefix.epoch != self._pipeline.epoch or self.stale:
+            return False
+        if not await self._pipeline.fork_session(self.id, prefix.session_id, length):
+            return False
+        self._fed = list(prefix.tokens[:length])
+        self._forwards = list(prefix.forwards)
+        self._truncate(length)
+        return True
+
     async def rollback(self, length: int) -> None:
         """Keep positions 0..length-1 only, here and on every stage."""
         self._truncate(length)
         await self._pipeline.rollback(self.id, length)
 
-    async def close(self) -> None:
+    async def close(self, keep: bool = False) -> bool:
         """Leave the scheduler (once no step in flight carries this session), then free the
-        session's caches on every stage."""
+        session's caches on every stage, or with `keep` keep them there as a cached prefix
+        (unless the stages were replaced meanwhile). Whether they were kept."""
         if self.closed:
-            return
+            return False
         self.closed = True
         await self._steps.leave(self.id)
-        await self._pipeline.close_session(self.id)
+        keep = keep and not self.stale and bool(self._fed)
+        await self._pipeline.close_session(self.id, keep)
+        return keep
 
     def _record(self, tokens: Sequence[int], start_pos: int) -> None:
         self._truncate(start_pos)

@@ -11,7 +11,11 @@ and this store owns every session's lifetime in this process:
   throws away rejected drafts this way; a forward that starts earlier does it implicitly);
 * **close** when the master is done, or with the connection that owned it;
 * **evict** sessions left idle longer than `idle_timeout_s`, oldest first, when room is short
-  and whenever a session opens.
+  and whenever a session opens;
+* **retain** a finished session as a cached prefix (the master's prefix cache,
+  cake/engine/prefix_cache.py): it is never written again, new sessions **fork** from it (a
+  copy of its first positions), and when room or a session slot is short, cached sessions go
+  first, least recently used, before anything is refused.
 
 Memory is counted in whole pages of positions (`page`, 64 by default), the unit the caches grow
 by, so what the store reserves is exactly what the caches allocate once written, and a 5-token
@@ -79,6 +83,7 @@ class Session:
     length: int = 0  # positions 0..length-1 are written, or being written by a claimed forward
     capacity: int = 0  # positions reserved under the budget (whole pages)
     busy: int = 0  # claimed forwards not yet released: never evicted while > 0
+    cached: bool = False  # finished, kept as a prefix to fork from: evicted first (LRU)
     # block -> positions 0..end-1 of that block's cache claimed so far: a forward through some
     # of the session's blocks (a worker serving two runs) must not skip positions of any.
     block_ends: dict[int, int] = field(default_factory=dict)
@@ -156,12 +161,17 @@ class SessionStore:
 
     # ------------------------------------------------------------------ lifetime
 
+    def cached_count(self) -> int:
+        return sum(session.cached for session in self._sessions.values())
+
     def open(self, key: Hashable, blocks: Sequence[int] | None = None) -> Session:
         """A new, empty session (no memory yet) for `blocks` (default: all of this store's)."""
         with self._lock:
             if key in self._sessions:
                 raise ValueError(f"session {key!r} is already open")
             self.evict_idle()
+            if self.max_sessions is not None and len(self._sessions) >= self.max_sessions:
+                self._evict_cached(lambda: len(self._sessions) < self.max_sessions)
             if self.max_sessions is not None and len(self._sessions) >= self.max_sessions:
                 raise CakeError(
                     Code.TOO_MANY_SESSIONS,
@@ -264,6 +274,53 @@ class SessionStore:
             session.length = length
             session.last_used = time.monotonic()
 
+    def retain(self, key: Hashable) -> bool:
+        """Keep a finished session as a cached prefix (see the module docstring); False if it
+        was not open."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                return False
+            session.cached = True
+            session.last_used = time.monotonic()
+            return True
+
+    def fork(self, parent_key: Hashable, key: Hashable, length: int, label: str) -> Session:
+        """Open session `key` holding a copy of positions 0..length-1 of the cached session
+        `parent_key`, under the budget; its next forward starts at `length`. A CakeError when
+        the parent is not held (evicted, closed, a restart) or room is short."""
+        with self._lock:
+            parent = self._sessions.get(parent_key)
+            if parent is None or not parent.cached:
+                raise CakeError(
+                    Code.UNKNOWN_SESSION,
+                    f"the cached prefix {label} is not held by {self.owner} (evicted to make "
+                    "room, closed, or the worker restarted)",
+                )
+            held = min((parent.block_ends.get(b, 0) for b in parent.blocks), default=0)
+            if length > min(held, parent.length):
+                raise CakeError(
+                    Code.BAD_POSITION,
+                    f"the cached prefix {label} holds {min(held, parent.length)} positions on "
+                    f"{self.owner}, not the {length} asked for",
+                )
+            parent.busy += 1  # not evicted to make room for its own copy
+            try:
+                session = self.open(key, parent.blocks)
+                try:
+                    self._reserve(session, length)
+                except CakeError:
+                    self.close(key)
+                    raise
+            finally:
+                parent.busy -= 1
+            session.length = length
+            session.block_ends = dict.fromkeys(session.blocks, length)
+            parent.last_used = session.last_used = time.monotonic()
+            for block, cache in session.caches.items():
+                cache.copy_prefix(parent.caches[block], length)
+            return session
+
     def close(self, key: Hashable) -> bool:
         """Free a session's caches; False if it was not open."""
         with self._lock:
@@ -300,6 +357,19 @@ class SessionStore:
                 self.close(key)
             return stale
 
+    def _evict_cached(self, enough: Callable[[], bool]) -> None:
+        """Close cached prefixes, least recently used first, until `enough()` (or none is
+        left that no forward or fork is using)."""
+        with self._lock:
+            cached = sorted(
+                (s for s in self._sessions.values() if s.cached and not s.busy),
+                key=lambda s: s.last_used,
+            )
+            for session in cached:
+                if enough():
+                    return
+                self.close(session.key)
+
     # ------------------------------------------------------------------ memory
 
     def _bytes(self, session: Session, positions: int) -> int:
@@ -312,6 +382,8 @@ class SessionStore:
             return
         if self.reserved_bytes + extra > self.budget_bytes:
             self.evict_idle()
+        if self.reserved_bytes + extra > self.budget_bytes:
+            self._evict_cached(lambda: self.reserved_bytes + extra <= self.budget_bytes)
         if self.reserved_bytes + extra > self.budget_bytes:
             others = len(self._sessions) - 1
             raise CakeError(

@@ -77,7 +77,16 @@ class Stage(Protocol):
         drafts). The next forward starts at `length`; nothing beyond it is attended again."""
         ...
 
-    async def close_session(self, session_id: str) -> None: ...
+    async def fork_session(self, session_id: str, parent_id: str, length: int) -> None:
+        """Open the session with a copy of the cached `parent_id`'s positions 0..length-1
+        (cake/engine/prefix_cache.py); a CakeError or WorkerError when the stage no longer
+        holds that prefix (the master then computes it again)."""
+        ...
+
+    async def close_session(self, session_id: str, keep: bool = False) -> None:
+        """The master is done with the session: free its caches, or with `keep` keep them as
+        a cached prefix that later sessions fork from."""
+        ...
 
     async def health(self) -> StageHealth: ...
 
@@ -160,8 +169,14 @@ class LocalStage:
         if session is not None:
             store.rollback(session, length)
 
-    async def close_session(self, session_id: str) -> None:
-        self.runner.store.close(self._key(session_id))
+    async def fork_session(self, session_id: str, parent_id: str, length: int) -> None:
+        self.runner.store.fork(self._key(parent_id), self._key(session_id), length, parent_id[:8])
+
+    async def close_session(self, session_id: str, keep: bool = False) -> None:
+        if keep:
+            self.runner.store.retain(self._key(session_id))
+        else:
+            self.runner.store.close(self._key(session_id))
 
     async def health(self) -> StageHealth:
         return StageHealth(self.label, self.blocks, up=True)

@@ -60,6 +60,17 @@ class KVCache:
             v[:, :, :keep] = self.v[:, :, :keep]
         self.k, self.v = k, v
 
+    def copy_prefix(self, source: KVCache, length: int) -> None:
+        """Hold a copy of `source`'s positions 0..length-1 (a session forked from a cached
+        prefix): one copy of what is kept, never shared, so neither cache sees the other's
+        later writes."""
+        if source.k is None or source.v is None or source.capacity < length:
+            raise ValueError(f"the source cache holds fewer than {length} positions")
+        self._grow(length, keep=0)
+        assert self.k is not None and self.v is not None
+        self.k[:, :, :length] = source.k[:, :, :length]
+        self.v[:, :, :length] = source.v[:, :, :length]
+
     def update(
         self, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

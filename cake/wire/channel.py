@@ -20,12 +20,22 @@ from collections.abc import Callable
 
 from cake.errors import WorkerLost
 from cake.wire.liveness import LinkClock, LivenessSettings, Lost, SendPing
-from cake.wire.protocol import BatchResult, ErrorMessage, Message, Ping, Pong, ProtocolError, Result
+from cake.wire.protocol import (
+    BatchResult,
+    ErrorMessage,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Result,
+    SessionForked,
+)
 from cake.wire.transport import Link, LinkError
 
 log = logging.getLogger(__name__)
 
-REPLIES = (Result, BatchResult, ErrorMessage)  # what answers a request (by its id)
+# what answers a request (by its id)
+REPLIES = (Result, BatchResult, SessionForked, ErrorMessage)
 
 
 class Channel:

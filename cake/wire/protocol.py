@@ -47,7 +47,7 @@ if sys.byteorder != "little":  # pragma: no cover - every CPU/CUDA/MPS host we t
         "cake.wire.protocol needs a little-endian host: the wire format is little-endian"
     )
 
-PROTOCOL_VERSION = 2  # 2: Welcome says which kernels the worker runs
+PROTOCOL_VERSION = 3  # 2: Welcome says which kernels the worker runs; 3: cached prefixes
 
 # Largest frame body a FrameDecoder accepts by default. A prefill of 8k tokens x 8192 hidden in
 # float32 is 256 MiB of hidden state, so 512 MiB leaves room for that plus the msgpack envelope.
@@ -394,6 +394,7 @@ _FIELD_KINDS: dict[Any, _FieldKind] = {
     int: _FieldKind(_is_int, "an int"),
     str: _FieldKind(lambda value: isinstance(value, str), "a str"),
     bytes: _FieldKind(lambda value: isinstance(value, bytes), "bytes"),
+    bool: _FieldKind(lambda value: isinstance(value, bool), "a bool"),
     int | None: _FieldKind(lambda value: value is None or _is_int(value), "an int or nil"),
     tuple[int, ...]: _FieldKind(
         lambda value: isinstance(value, list | tuple) and all(_is_int(item) for item in value),
@@ -441,10 +442,10 @@ class _Message:
     """Base of the message dataclasses: field checks, ``to_wire`` and tensor-aware ``==``.
 
     Field annotations drive both directions; the supported kinds are those of _FIELD_KINDS:
-    ``int``, ``str``, ``bytes``, ``int | None``, ``tuple[int, ...]`` and ``tuple[str, ...]``
-    (lists on the wire) and ``torch.Tensor`` (a tensor dict on the wire). Constructing a
-    message with bad values raises ``ValueError`` naming the field; :func:`parse_message`
-    turns that into :class:`ProtocolError`.
+    ``int``, ``str``, ``bytes``, ``bool``, ``int | None``, ``tuple[int, ...]`` and
+    ``tuple[str, ...]`` (lists on the wire) and ``torch.Tensor`` (a tensor dict on the wire).
+    Constructing a message with bad values raises ``ValueError`` naming the field;
+    :func:`parse_message` turns that into :class:`ProtocolError`.
     """
 
     TYPE: ClassVar[str]
@@ -708,10 +709,44 @@ def _check_expert_rows(rows: tuple[int, ...]) -> None:
 
 @_message
 class CloseSession(_Message):
-    """master -> worker: free the KV caches of ``session`` (no reply)."""
+    """master -> worker: the master is done with ``session`` (no reply). Its KV caches are
+    freed, or with ``keep`` kept as a cached prefix: never written again, a source for
+    ForkSession, and the first to go (least recently used) when the budget is short."""
 
     TYPE: ClassVar[str] = "close_session"
     session: str
+    keep: bool = False
+
+
+@_message
+class ForkSession(_Message):
+    """master -> worker: open ``session`` with a copy of positions 0..length-1 of the cached
+    ``parent`` (a finished session kept with CloseSession(keep)), so its first forward starts
+    at ``length`` instead of recomputing that prefix. Answered with SessionForked, or with an
+    error (``unknown_session`` when the worker no longer holds the parent)."""
+
+    TYPE: ClassVar[str] = "fork_session"
+    id: int
+    session: str
+    parent: str
+    length: int
+
+    def _check(self) -> None:
+        _check_session_id(self.session)
+        _check_session_id(self.parent, "parent")
+        if self.session == self.parent:
+            raise ValueError("fields 'session' and 'parent' must differ")
+        if self.length < 1:
+            raise ValueError(f"field 'length' must be >= 1, got {self.length}")
+
+
+@_message
+class SessionForked(_Message):
+    """worker -> master: ForkSession ``id`` is done; the session holds ``length`` positions."""
+
+    TYPE: ClassVar[str] = "session_forked"
+    id: int
+    length: int
 
 
 @_message
@@ -984,6 +1019,8 @@ Message = (
     | ForwardBatch
     | BatchResult
     | CloseSession
+    | ForkSession
+    | SessionForked
     | ErrorMessage
     | Ping
     | Pong

@@ -28,9 +28,11 @@ from cake.wire.protocol import (
     HANDSHAKE_MAX_FRAME_BYTES,
     CloseSession,
     ErrorMessage,
+    ForkSession,
     Forward,
     ForwardBatch,
     Hello,
+    Message,
     Ping,
     Pong,
     ProtocolError,
@@ -75,7 +77,11 @@ class ConnectionHost(Protocol):
 
     def welcome(self) -> Welcome: ...
 
-    def close_session(self, conn: int, session_id: str) -> None: ...
+    def close_session(self, conn: int, session_id: str, keep: bool = False) -> None: ...
+
+    def fork_session(self, conn: int, request: ForkSession) -> Message:
+        """Answer a ForkSession: SessionForked, or an error for that request alone."""
+        ...
 
     def drop_connection(self, conn: int) -> None:
         """The connection ended: its sessions' caches go with it."""
@@ -173,7 +179,9 @@ async def _serve_requests(
         if isinstance(message, Forward | ForwardBatch):
             await host.requests.accept(conn, link, message, tasks)
         elif isinstance(message, CloseSession):
-            host.close_session(conn, message.session)
+            host.close_session(conn, message.session, message.keep)
+        elif isinstance(message, ForkSession):  # in wire order: before the session's forwards
+            await link.send(host.fork_session(conn, message))
         elif isinstance(message, Ping):
             await link.send(Pong(id=message.id))
         else:

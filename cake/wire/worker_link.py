@@ -30,10 +30,12 @@ from cake.wire.protocol import (
     BatchResult,
     CloseSession,
     ErrorMessage,
+    ForkSession,
     Forward,
     ForwardBatch,
     Message,
     Result,
+    SessionForked,
     Welcome,
 )
 from cake.wire.retry import retry
@@ -231,8 +233,18 @@ class WorkerClient:
         assert isinstance(reply, BatchResult)
         return reply
 
+    async def fork_session(self, session: str, parent: str, length: int) -> None:
+        """Open `session` on the worker as a copy of the cached `parent`'s first `length`
+        positions (see ForkSession). WorkerError if the worker no longer holds the parent."""
+
+        def request(request_id: int) -> ForkSession:
+            return ForkSession(id=request_id, session=session, parent=parent, length=length)
+
+        reply = await self._request(request, 1)  # a copy of caches: about a decode step
+        assert isinstance(reply, SessionForked)
+
     async def _request(
-        self, request: Callable[[int], Forward | ForwardBatch], positions: int
+        self, request: Callable[[int], Forward | ForwardBatch | ForkSession], positions: int
     ) -> Message:
         """The reply to `request` on the current connection; an error reply as WorkerError."""
         channel = self._live_channel()
@@ -243,12 +255,13 @@ class WorkerClient:
             raise WorkerError(f"{self.label} failed a request: {reply.message}")
         return reply
 
-    async def close_session(self, session: str) -> None:
-        """Free the session's caches on the worker; while it is not up they went already."""
+    async def close_session(self, session: str, keep: bool = False) -> None:
+        """Free the session's caches on the worker, or with `keep` keep them as a cached
+        prefix; while it is not up they went already."""
         channel = self._live_channel()
         if channel is not None:
             with contextlib.suppress(LinkError):
-                await channel.send(CloseSession(session=session))
+                await channel.send(CloseSession(session=session, keep=keep))
 
     async def close(self) -> None:
         self.closed = True

@@ -35,13 +35,15 @@ class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int  # tokens generated, up to a stop string's cut
+    cached_tokens: int = 0  # of the prompt's, reused from the prefix cache
     stop: str | None = None  # the stop string that ended it, if one did
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 
@@ -103,7 +105,8 @@ class Generation:
                     self.events.put_nowait(text)
             reason = "stop" if decoder.stopped else stats.finish_reason
             stop = decoder.stop_filter.matched
-            self.events.put_nowait(Finished(reason, prompt_tokens, count, stop))
+            finished = Finished(reason, prompt_tokens, count, stats.cached_tokens, stop)
+            self.events.put_nowait(finished)
         except Exception as exc:
             self.events.put_nowait(exc)
         finally:

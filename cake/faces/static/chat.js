@@ -229,7 +229,11 @@
     const tokens = usage.completion_tokens;
     // From the first token on: the prompt's prefill is not the answer's speed.
     const rate = tokens > 1 && seconds > 0 ? (tokens - 1) / seconds : 0;
-    $("status-speed").textContent = `last answer: ${tokens} tokens, ${rate.toFixed(1)} tok/s`;
+    // The prompt's tokens the server took from its prefix cache (the earlier turns).
+    const details = usage.prompt_tokens_details;
+    const cached = details && details.cached_tokens ? `, cached ${details.cached_tokens} tokens` : "";
+    $("status-speed").textContent =
+      `last answer: ${tokens} tokens, ${rate.toFixed(1)} tok/s${cached}`;
   }
 
   function stop() {
