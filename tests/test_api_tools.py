@@ -201,8 +201,8 @@ HOSTILE = [
         {"messages": [*ASK, {"role": "tool", "tool_call_id": "call_x", "content": "hi"}]},
         "messages.1",
     ),
-    ({"messages": [*ASK, {"role": "tool", "content": "hi"}]}, "messages.1"),
-    ({"messages": [{"role": "assistant", "content": None}]}, "messages.0"),
+    ({"messages": [*ASK, {"role": "tool", "content": "hi"}]}, "messages.1.tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages.0.content"),
 ]
 
 

@@ -17,7 +17,7 @@ from fastapi import Request
 
 from cake.faces.api.errors import generation_error
 from cake.faces.api.responses import collect, sse
-from cake.faces.api.schemas import ChatRequest
+from cake.faces.api.schemas import ChatMessage, ChatRequest
 from cake.faces.api.service import Event, Finished, Generation
 from cake.faces.api.tool_chat import (
     ToolChat,
@@ -27,6 +27,7 @@ from cake.faces.api.tool_chat import (
     checked_tool,
     checked_tools,
 )
+from cake.faces.api.tool_schemas import MessageToolCall
 from cake.model.tool_calls import Piece, ToolCall, ToolChoice
 
 
@@ -56,7 +57,7 @@ def openai_tool_chat(body: ChatRequest) -> ToolChat:
     return ToolChat(messages, tools, checked_choice(wanted, tools, "tool_choice"), "messages")
 
 
-def template_message(message: Any) -> dict[str, Any]:
+def template_message(message: ChatMessage) -> dict[str, Any]:
     """A chat message as chat templates take it: a call's arguments as an object."""
     rendered: dict[str, Any] = message.as_template_message()
     if message.tool_calls:
@@ -73,7 +74,7 @@ def template_message(message: Any) -> dict[str, Any]:
     return rendered
 
 
-def arguments(call: Any) -> dict[str, Any]:
+def arguments(call: MessageToolCall) -> dict[str, Any]:
     """A history call's arguments (a JSON text of an object), or the text itself as the one
     argument where it is not one: what the model wrote once is shown to it again."""
     try:

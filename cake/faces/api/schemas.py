@@ -8,9 +8,9 @@ newer name of `max_tokens`; `stop` is a string or a list.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from cake.decoding.sampling import SamplingParams
 from cake.faces.api.errors import ApiError
@@ -29,18 +29,27 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     # "developer" is what newer OpenAI clients send in place of "system".
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None  # None: an assistant's turn of tool calls
-    name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
-    tool_call_id: str | None = None  # a tool's result: of which call
+    # (checked after role and tool_calls, whose values they need; so named in a 400)
+    tool_call_id: str | None = Field(None, validate_default=True)  # a tool's result: of which call
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+    name: str | None = None
 
-    @model_validator(mode="after")
-    def _complete(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (null only for an assistant's tool calls)")
-        if self.role == "tool" and not self.tool_call_id:
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        return self
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _has_content(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not (
+            info.data.get("role") == "assistant" and info.data.get("tool_calls")
+        ):
+            raise ValueError("content is required (null only for an assistant's tool calls)")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):
