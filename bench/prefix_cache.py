@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.machine import cpu_label, machine_info
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.sampling import SamplingParams
@@ -38,10 +40,10 @@ THINGS = ["river", "bridge", "market", "tower", "garden", "harbour", "library", 
 
 
 def document(n_tokens: int, round_index: int) -> str:
-    """A made-up inventory, about `n_tokens` long (~12 tokens a line), new for each round so
+    """A made-up inventory, about `n_tokens` long (~22 tokens a line), new for each round so
     that no round finds another's conversation in the cache."""
     lines = []
-    for i in range(n_tokens // 12):
+    for i in range(n_tokens // 22):
         color, thing = COLORS[(i * 7 + round_index) % 8], THINGS[(i * 3) % 8]
         lines.append(f"Entry {i}: the {color} {thing} number {i * 37 % 1000} opened in {1900 + i}.")
     return "\n".join(lines)
@@ -108,7 +110,7 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    info = machine_info()
+    info = machine_info(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         topology = Path(tmp) / "topology.yml"
         layers = {"w1": ["model.layers.0-14"], "w2": ["model.layers.15-29"]}

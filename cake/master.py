@@ -29,6 +29,7 @@ import torch
 
 from cake.decoding.draft import DraftModel, load_draft_model
 from cake.decoding.generate import Generator
+from cake.decoding.grammar import GrammarSpec
 from cake.decoding.perplexity import DEFAULT_WINDOW, Perplexity, perplexity
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.speculative import DraftSettings
@@ -199,6 +200,7 @@ class Master:
             master_compute,
             drafting,
             draft_model,
+            tokenizer,
             PrefixCache() if settings.prefix_cache else None,
         )
         return cls(model, compute, tokenizer, ends, pipeline, scheduler, generator)
@@ -214,9 +216,21 @@ class Master:
         ignore_eos: bool = False,
         stats: GenerationStats | None = None,
         draft: DraftSettings | None = None,
+        *,
+        grammar: GrammarSpec | None = None,
+        logprobs: int | None = None,
     ) -> AsyncIterator[int]:
         """New token ids as they are chosen (see Generator.generate)."""
-        return self.generator.generate(prompt_ids, params, max_new_tokens, ignore_eos, stats, draft)
+        return self.generator.generate(
+            prompt_ids,
+            params,
+            max_new_tokens,
+            ignore_eos,
+            stats,
+            draft,
+            grammar=grammar,
+            logprobs=logprobs,
+        )
 
     async def perplexity(
         self, token_ids: Sequence[int], window: int = DEFAULT_WINDOW

@@ -150,7 +150,11 @@ class Worker:
         that request alone (the master then computes the prefix again)."""
         try:
             session = self.store.fork(
-                (conn, request.parent), (conn, request.session), request.length, request.parent
+                (conn, request.parent),
+                (conn, request.session),
+                request.length,
+                request.parent,
+                request.move,
             )
         except CakeError as exc:
             log.info("connection %d: fork of %s refused: %s", conn, request.parent, exc)
@@ -160,11 +164,12 @@ class Worker:
             self.store.close((conn, request.session))
             return ErrorMessage(message=str(exc), code=Code.OUT_OF_MEMORY.value, id=request.id)
         log.info(
-            "connection %d: session %s opened from %d cached positions of %s",
+            "connection %d: session %s opened from %d cached positions of %s (%s)",
             conn,
             request.session,
             session.length,
             request.parent,
+            "moved" if request.move else "copied",
         )
         return SessionForked(id=request.id, length=session.length)
 

@@ -279,10 +279,11 @@ class GenerationLog:
             ignore_eos: bool = False,
             stats: GenerationStats | None = None,
             draft: Any = None,
+            **options: Any,  # grammar, logprobs
         ) -> AsyncIterator[int]:
             stats = GenerationStats() if stats is None else stats
             self.stats.append(stats)
-            return generate(prompt_ids, params, max_new_tokens, ignore_eos, stats, draft)
+            return generate(prompt_ids, params, max_new_tokens, ignore_eos, stats, draft, **options)
 
         master.generate = logged  # type: ignore[method-assign]
 

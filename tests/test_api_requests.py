@@ -92,7 +92,15 @@ BAD_CHAT_FIELDS = [
     ({"stop": "x" * 1000}, "stop"),
     ({"stop": 5}, "stop"),
     ({"n": 3}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 5}, "logprobs"),  # chat's is a boolean; top_logprobs says how many
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+        "response_format",
+    ),
     ({"tools": [{"type": "function"}]}, "tools.0.function"),
 ]
 

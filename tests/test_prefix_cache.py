@@ -112,6 +112,18 @@ def test_fork_copies_the_prefix_and_the_copies_never_mix(part) -> None:
     assert store.keys() == ["parent", "child"]
 
 
+def test_a_fork_that_holds_the_whole_prefix_takes_its_caches(part) -> None:
+    store = SessionStore(part, range(4), CONTEXT, budget_bytes=1 << 30, page=16)
+    fill(store, "turn1", 40)
+    store.retain("turn1")
+    parent = store.get("turn1")
+    assert parent is not None
+    reserved, keys = store.reserved_bytes, parent.caches[2].k
+    turn2 = store.fork("turn1", "turn2", 38, "turn1", move=True)
+    assert store.keys() == ["turn2"] and store.reserved_bytes == reserved
+    assert turn2.caches[2].k is keys and turn2.length == 38 and not turn2.cached
+
+
 def test_cached_prefixes_go_first_when_room_or_slots_run_short(part) -> None:
     page_bytes = 16 * 4 * 256  # 16 positions over 4 blocks at 256 B
     store = SessionStore(

@@ -16,6 +16,7 @@ from test_cluster_setup import KEY, SEQ_LEN, cached_tensors, empty_worker, optio
 
 from cake.cluster.measure import block_bytes
 from cake.cluster.setup import prepare_cluster, replanning
+from cake.decoding.stats import GenerationStats
 from cake.engine.pipeline import Replanning
 from cake.errors import WorkerGone
 from cake.master import Master, MasterSettings
@@ -97,7 +98,12 @@ def test_lost_worker_is_planned_around_and_sessions_resume(
                 return tokens
 
             outputs = await asyncio.gather(*(generate(i) for i in range(len(prompts))))
-            return list(outputs), ids, master, planned
+            # The next turn forks the first session, kept on the new stages it finished on.
+            follow = [*ids[0], *outputs[0], 13]
+            stats = GenerationStats()
+            after = [t async for t in master.generate(follow, GREEDY, N_TOKENS, True, stats)]
+            assert stats.cached_tokens == len(ids[0]) + N_TOKENS - 1
+            return [*outputs, after], [*ids, follow], master, planned
         finally:
             await master.close()
 

@@ -7,6 +7,12 @@ Each step is a short function, so the loop reads as the list of what happens:
     speculative_round(session, ...)             one position plus drafted ones, verified at once
     Generator.generate(...)                     the loop: sample, yield, stop, next step
 
+A generation with a grammar (cake/decoding/grammar.py) masks each position's logits to the
+tokens the grammar allows before the draw, and ends ("stop") once the grammar is complete; one
+that asks for logprobs records them beside its tokens (GenerationStats.logprobs). Both decode
+one token per step: speculative decoding is off for them (a drafted token's mask and logprobs
+would need the matcher advanced along the draft, and undone on a rejection).
+
 Every forward goes through the session (cake/engine/session.py), so through the one step
 scheduler: a generation's steps are batched with whatever else the master runs, and a
 verification row carries its drafted positions like any other row.
@@ -19,10 +25,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from cake.decoding.draft import Drafter, DraftModel, LookupDrafter
+from cake.decoding.grammar import GrammarMatcher, GrammarSpec
+from cake.decoding.logprobs import token_logprobs
 from cake.decoding.sampling import Sampler, SamplingParams
 from cake.decoding.speculative import DraftController, DraftSettings, Speculation
 from cake.decoding.stats import GenerationStats
@@ -82,6 +91,32 @@ async def speculative_round(
     return await speculation.round(_Verifier(session), history, sampler, budget, stats)
 
 
+class _Choice:
+    """One position's draw for a generation: the grammar's mask before it, the matcher advanced
+    and the logprobs recorded after it. A plain generation's draw is the sampler's alone."""
+
+    def __init__(
+        self,
+        stop_ids: frozenset[int],
+        matcher: GrammarMatcher | None,
+        logprobs: int | None,
+        stats: GenerationStats,
+    ) -> None:
+        self.stop_ids = stop_ids
+        self.matcher = matcher
+        self.logprobs = logprobs
+        self.stats = stats
+
+    def __call__(self, sampler: Sampler, logits: torch.Tensor, history: Sequence[int]) -> int:
+        allowed = logits if self.matcher is None else self.matcher.constrain(logits)
+        token = sampler(allowed, history)
+        if self.matcher is not None and token not in self.stop_ids:
+            self.matcher.advance(token)
+        if self.logprobs is not None:
+            self.stats.logprobs.append(token_logprobs(logits, token, self.logprobs))
+        return token
+
+
 class Generator:
     """Tokens from a model's logits, for every caller of one master (CLI, API, chat)."""
 
@@ -94,6 +129,7 @@ class Generator:
         compute: MasterCompute,
         drafting: DraftSettings,
         draft_model: DraftModel | None = None,
+        tokenizer: Any = None,
         prefixes: PrefixCache | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -104,6 +140,7 @@ class Generator:
         self.compute = compute
         self.drafting = drafting  # what a generation drafts with unless told otherwise
         self.draft_model = draft_model
+        self.tokenizer = tokenizer  # what a grammar is compiled for
 
     async def generate(
         self,
@@ -113,15 +150,25 @@ class Generator:
         ignore_eos: bool = False,
         stats: GenerationStats | None = None,
         draft: DraftSettings | None = None,
+        *,
+        grammar: GrammarSpec | None = None,
+        logprobs: int | None = None,
     ) -> AsyncIterator[int]:
-        """Yield new token ids (stop tokens are not yielded) until EOS or a length limit.
+        """Yield new token ids (stop tokens are not yielded) until EOS, the grammar's end or a
+        length limit.
 
         `draft` (default: the master's) turns on speculative decoding: same greedy text, same
-        sampling distribution, fewer round trips (see cake/decoding/speculative.py).
+        sampling distribution, fewer round trips (see cake/decoding/speculative.py); not with
+        `grammar` or `logprobs`. `grammar`: the text must match it (GrammarError if it cannot
+        be compiled). `logprobs`: record each token's log-probability and that many top
+        alternatives (0..20) in `stats.logprobs`.
         """
         stats = stats if stats is not None else GenerationStats()
-        speculation = self._speculation(draft or self.drafting)
+        one_token_a_step = grammar is not None or logprobs is not None
+        speculation = None if one_token_a_step else self._speculation(draft or self.drafting)
         self._check_prompt(prompt_ids)
+        matcher = await self._matcher(grammar) if grammar is not None else None
+        choose = _Choice(self.stop_ids, matcher, logprobs, stats)
         session = self.scheduler.open_session()
         stats.stages = session.stage_times
         stats.prompt_tokens = len(prompt_ids)
@@ -138,22 +185,26 @@ class Generator:
                 computed = len(prompt_ids) - stats.cached_tokens
                 speculation.controller.observe_prefill(computed, stats.prefill_s)
             started = time.perf_counter()
-            pending = [await self._sample(sampler, logits, history)]  # chosen, not yet yielded
+            pending = [await self._sample(sampler, logits, history, choose)]  # not yet yielded
             while pending:
                 token = pending.pop(0)
-                if token in self.stop_ids and not ignore_eos:
+                if token in self.stop_ids and (not ignore_eos or matcher is not None):
                     stats.finish_reason = "stop"
+                    del stats.logprobs[stats.new_tokens :]  # the stop token's, never yielded
                     break
                 history.append(token)
                 stats.new_tokens += 1
                 yield token
+                if matcher is not None and matcher.done:
+                    stats.finish_reason = "stop"
+                    break
                 if self._at_limit(history, stats, max_new_tokens):
                     break
                 if pending:  # accepted drafts: already in every stage's caches
                     continue
                 budget = min(max_new_tokens - stats.new_tokens - 1, self.max_seq_len - len(history))
                 pending = await self._next_tokens(
-                    session, sampler, speculation, history, budget, stats
+                    session, sampler, speculation, history, budget, stats, choose
                 )
                 stats.decode_steps += 1
                 stats.decode_tokens += len(pending)
@@ -173,7 +224,12 @@ class Generator:
         match = self.prefixes.lookup(prompt_ids, session.epoch)
         if match is None:
             return 0
-        if await session.start_from(match.entry, match.length):
+        # A session that holds all the entry's tokens makes the entry redundant: it takes the
+        # entry's caches on every stage instead of a copy (no other request forks it now).
+        move = match.length == len(match.entry.tokens)
+        if move:
+            self.prefixes.remove(match.entry.session_id)
+        if await session.start_from(match.entry, match.length, move):
             return match.length
         # A stage lost it (evicted there, a restarted worker): no later request finds it.
         self.prefixes.remove(match.entry.session_id)
@@ -198,12 +254,13 @@ class Generator:
         history: list[int],
         budget: int,
         stats: GenerationStats,
+        choose: _Choice,
     ) -> list[int]:
         """The tokens one decode step chooses: one, or with drafting the accepted drafts and one."""
         if speculation is not None:
             return await speculative_round(session, speculation, history, sampler, budget, stats)
         logits = await decode_one_token(session, history[-1], len(history) - 1)
-        return [await self._sample(sampler, logits, history)]
+        return [await self._sample(sampler, logits, history, choose)]
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if not prompt_ids:
@@ -223,10 +280,23 @@ class Generator:
             return True
         return False
 
-    async def _sample(self, sampler: Sampler, logits: torch.Tensor, history: list[int]) -> int:
+    async def _sample(
+        self, sampler: Sampler, logits: torch.Tensor, history: list[int], choose: _Choice
+    ) -> int:
         if self.compute.offload:  # the HTTP API: other requests' events go on meanwhile
-            return await asyncio.to_thread(sampler, logits, history)
-        return sampler(logits, history)
+            return await asyncio.to_thread(choose, sampler, logits, history)
+        return choose(sampler, logits, history)
+
+    async def _matcher(self, grammar: GrammarSpec) -> GrammarMatcher:
+        """The generation's matcher (compiling the grammar if no request did yet: up to a few
+        hundred ms, so on a thread where the event loop serves others)."""
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer to compile a grammar for")
+        if self.compute.offload:
+            return await asyncio.to_thread(
+                GrammarMatcher.start, grammar, self.tokenizer, self.stop_ids
+            )
+        return GrammarMatcher.start(grammar, self.tokenizer, self.stop_ids)
 
     def _speculation(self, settings: DraftSettings) -> Speculation | None:
         if not settings.enabled:

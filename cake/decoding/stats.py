@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cake.decoding.logprobs import TokenLogprobs
 from cake.engine.stages import StageTimes
 
 
@@ -20,7 +21,10 @@ class GenerationStats:
     drafted: int = 0  # speculative decoding: tokens proposed by the drafter ...
     accepted: int = 0  # ... and accepted by the model
     drafted_ahead: int = 0  # rounds whose draft was made during the previous round's trips
-    finish_reason: str = ""  # "stop" (an EOS token) or "length" (sample length or context)
+    finish_reason: str = ""  # "stop" (an EOS token, or a grammar complete) or "length"
+    # With `logprobs` asked of the generation: one entry per yielded token, in order, appended
+    # before the token is yielded (so a consumer reads logprobs[i] as it gets token i).
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     stages: dict[str, StageTimes] = field(default_factory=dict)
 
     @property

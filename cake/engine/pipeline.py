@@ -137,14 +137,16 @@ class Pipeline:
         for stage in self.stages:
             await stage.rollback(session_id, length)
 
-    async def fork_session(self, session_id: str, parent_id: str, length: int) -> bool:
+    async def fork_session(
+        self, session_id: str, parent_id: str, length: int, move: bool = False
+    ) -> bool:
         """Open the session on every stage from the cached `parent_id`'s first `length`
-        positions, all stages at once; False (and the session closed again wherever it was
-        opened) if any stage no longer holds that prefix or cannot serve now: the caller then
-        computes the prefix as for a new session."""
+        positions (`move`: taking the parent's caches), all stages at once; False (and the
+        session closed again wherever it was opened) if any stage no longer holds that prefix
+        or cannot serve now: the caller then computes the prefix as for a new session."""
         stages = list(self.stages)
         outcomes = await asyncio.gather(
-            *(stage.fork_session(session_id, parent_id, length) for stage in stages),
+            *(stage.fork_session(session_id, parent_id, length, move) for stage in stages),
             return_exceptions=True,
         )
         refusals = [o for o in outcomes if isinstance(o, BaseException)]

@@ -204,13 +204,18 @@ class RemoteStage:
         if inputs is not None:
             inputs.truncate(length)
 
-    async def fork_session(self, session_id: str, parent_id: str, length: int) -> None:
-        """The worker copies the cached parent's first `length` positions; the replay log
-        starts as the parent's, cut there, so a replay after a loss rebuilds the prefix too."""
+    async def fork_session(
+        self, session_id: str, parent_id: str, length: int, move: bool = False
+    ) -> None:
+        """The worker copies (or moves) the cached parent's first `length` positions; the
+        replay log starts as the parent's, cut there, so a replay after a loss rebuilds the
+        prefix too."""
         parent = self.inputs.get(parent_id)
         if parent is None or parent.length < length:
             raise WorkerError(f"{self.client.label}: no inputs of the cached prefix to replay")
-        await self._send([], lambda: self.client.fork_session(session_id, parent_id, length))
+        await self._send([], lambda: self.client.fork_session(session_id, parent_id, length, move))
+        if move:
+            del self.inputs[parent_id]
         inputs = self.inputs[session_id] = SessionInputs(list(parent.chunks), parent.length)
         inputs.truncate(length)
         self.client.phase.session_current(self._key(session_id))

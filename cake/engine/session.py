@@ -107,15 +107,16 @@ class Session:
         """Positions each forward fed, in order (their sum is `length`)."""
         return tuple(self._forwards)
 
-    async def start_from(self, prefix: CachedPrefix, length: int) -> bool:
+    async def start_from(self, prefix: CachedPrefix, length: int, move: bool = False) -> bool:
         """Open this new session on every stage as a copy of the cached `prefix`'s first
-        `length` positions (cake/engine/prefix_cache.py); False if a stage no longer holds it
-        (nothing is opened then: the session starts empty, as usual)."""
+        `length` positions (cake/engine/prefix_cache.py), or with `move` by taking its caches;
+        False if a stage no longer holds it (nothing is opened then: the session starts empty,
+        as usual)."""
         if self._fed:
             raise ValueError("only a new session starts from a cached prefix")
         if prefix.epoch != self._pipeline.epoch or self.stale:
             return False
-        if not await self._pipeline.fork_session(self.id, prefix.session_id, length):
+        if not await self._pipeline.fork_session(self.id, prefix.session_id, length, move):
             return False
         self._fed = list(prefix.tokens[:length])
         self._forwards = list(prefix.forwards)

@@ -285,10 +285,15 @@ class SessionStore:
             session.last_used = time.monotonic()
             return True
 
-    def fork(self, parent_key: Hashable, key: Hashable, length: int, label: str) -> Session:
+    def fork(
+        self, parent_key: Hashable, key: Hashable, length: int, label: str, move: bool = False
+    ) -> Session:
         """Open session `key` holding a copy of positions 0..length-1 of the cached session
-        `parent_key`, under the budget; its next forward starts at `length`. A CakeError when
-        the parent is not held (evicted, closed, a restart) or room is short."""
+        `parent_key`, under the budget; its next forward starts at `length`. With `move` the
+        new session takes the parent's caches instead (no copy, no extra memory) and the
+        parent is gone: what the master asks when the new session holds all the parent's
+        tokens. A CakeError when the parent is not held (evicted, closed, a restart) or room
+        is short."""
         with self._lock:
             parent = self._sessions.get(parent_key)
             if parent is None or not parent.cached:
@@ -304,6 +309,15 @@ class SessionStore:
                     f"the cached prefix {label} holds {min(held, parent.length)} positions on "
                     f"{self.owner}, not the {length} asked for",
                 )
+            if move:
+                if key in self._sessions:
+                    raise ValueError(f"session {key!r} is already open")
+                del self._sessions[parent_key]
+                session = self._sessions[key] = Session(
+                    key, parent.blocks, parent.caches, length=length, capacity=parent.capacity
+                )
+                session.block_ends = dict.fromkeys(session.blocks, length)
+                return session
             parent.busy += 1  # not evicted to make room for its own copy
             try:
                 session = self.open(key, parent.blocks)

@@ -77,10 +77,13 @@ class Stage(Protocol):
         drafts). The next forward starts at `length`; nothing beyond it is attended again."""
         ...
 
-    async def fork_session(self, session_id: str, parent_id: str, length: int) -> None:
+    async def fork_session(
+        self, session_id: str, parent_id: str, length: int, move: bool = False
+    ) -> None:
         """Open the session with a copy of the cached `parent_id`'s positions 0..length-1
-        (cake/engine/prefix_cache.py); a CakeError or WorkerError when the stage no longer
-        holds that prefix (the master then computes it again)."""
+        (cake/engine/prefix_cache.py), or with `move` with the parent's own caches (the parent
+        is gone then); a CakeError or WorkerError when the stage no longer holds that prefix
+        (the master then computes it again)."""
         ...
 
     async def close_session(self, session_id: str, keep: bool = False) -> None:
@@ -169,8 +172,11 @@ class LocalStage:
         if session is not None:
             store.rollback(session, length)
 
-    async def fork_session(self, session_id: str, parent_id: str, length: int) -> None:
-        self.runner.store.fork(self._key(parent_id), self._key(session_id), length, parent_id[:8])
+    async def fork_session(
+        self, session_id: str, parent_id: str, length: int, move: bool = False
+    ) -> None:
+        store = self.runner.store
+        store.fork(self._key(parent_id), self._key(session_id), length, parent_id[:8], move)
 
     async def close_session(self, session_id: str, keep: bool = False) -> None:
         if keep:

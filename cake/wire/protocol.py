@@ -723,13 +723,15 @@ class ForkSession(_Message):
     """master -> worker: open ``session`` with a copy of positions 0..length-1 of the cached
     ``parent`` (a finished session kept with CloseSession(keep)), so its first forward starts
     at ``length`` instead of recomputing that prefix. Answered with SessionForked, or with an
-    error (``unknown_session`` when the worker no longer holds the parent)."""
+    error (``unknown_session`` when the worker no longer holds the parent). With ``move`` the
+    session takes the parent's caches instead of a copy, and the parent is gone."""
 
     TYPE: ClassVar[str] = "fork_session"
     id: int
     session: str
     parent: str
     length: int
+    move: bool = False
 
     def _check(self) -> None:
         _check_session_id(self.session)

@@ -233,12 +233,14 @@ class WorkerClient:
         assert isinstance(reply, BatchResult)
         return reply
 
-    async def fork_session(self, session: str, parent: str, length: int) -> None:
-        """Open `session` on the worker as a copy of the cached `parent`'s first `length`
-        positions (see ForkSession). WorkerError if the worker no longer holds the parent."""
+    async def fork_session(self, session: str, parent: str, length: int, move: bool) -> None:
+        """Open `session` on the worker from the cached `parent`'s first `length` positions
+        (see ForkSession). WorkerError if the worker no longer holds the parent."""
 
         def request(request_id: int) -> ForkSession:
-            return ForkSession(id=request_id, session=session, parent=parent, length=length)
+            return ForkSession(
+                id=request_id, session=session, parent=parent, length=length, move=move
+            )
 
         reply = await self._request(request, 1)  # a copy of caches: about a decode step
         assert isinstance(reply, SessionForked)

@@ -4,7 +4,8 @@
 - `schemas.py`: the request bodies and the server's defaults for them.
 - `service.py`: admission (429), prompt encoding off the event loop, length checks,
   generations as tasks, health.
-- `responses.py`: a generation as one JSON body or as server-sent events.
+- `responses.py`: a generation as one JSON body or as server-sent events; `logprobs.py`: the
+  tokens' logprobs in the chat's and the legacy completions' shapes.
 - `routes.py`: `create_app` and the routes; `server.py`: `serve_api` (the CLI's entry).
 """
 

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cake.decoding.grammar import GrammarError
 from cake.errors import SESSION_REFUSALS, CakeError, ContextError, WorkerError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def generation_error(exc: BaseException, param: str) -> ApiError:
     """What a failed generation answers, before the response starts or as a stream's last event."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, GrammarError):
+        return ApiError(400, str(exc), param="response_format")
     if isinstance(exc, ContextError):
         return ApiError(400, str(exc), param=param, code="context_length_exceeded")
     if isinstance(exc, CakeError) and exc.code in SESSION_REFUSALS:  # try again later

@@ -97,7 +97,7 @@ async def tool_chat_response(
     chat: ToolChat, request: Request, generation: Generation, first: Event, head: dict[str, Any]
 ) -> dict[str, Any]:
     """The whole answer as one `chat.completion`."""
-    text, finished = await collect(request, generation, first, chat.param)
+    text, finished, _ = await collect(request, generation, first, chat.param)
     parser, pieces = chat.parser()
     pieces += parser.push(text) + parser.finish()
     content = "".join(piece for piece in pieces if isinstance(piece, str))
@@ -157,7 +157,7 @@ async def tool_chat_stream(
         if isinstance(event, BaseException):
             yield sse({"error": generation_error(event, chat.param).body})
             return
-        for line in chunks(parser.push(event)):
+        for line in chunks(parser.push(event.text)):
             yield line
         event = await generation.events.get()
     for line in chunks(parser.finish()):

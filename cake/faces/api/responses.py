@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from cake.decoding.logprobs import TokenLogprobs
 from cake.faces.api.errors import generation_error
-from cake.faces.api.service import Event, Finished, Generation
+from cake.faces.api.service import Event, Finished, Generation, Piece
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -48,20 +49,23 @@ async def _until_disconnected(request: Request) -> None:
 
 async def collect(
     request: Request, generation: Generation, first: Event, param: str
-) -> tuple[str, Finished]:
-    """The whole text, for a response that is not streamed. A client that hangs up meanwhile
-    stops the generation (after its step in flight), which frees its sessions."""
+) -> tuple[str, Finished, list[TokenLogprobs]]:
+    """The whole text and its tokens' logprobs (if asked), for a response that is not
+    streamed. A client that hangs up meanwhile stops the generation (after its step in
+    flight), which frees its sessions."""
     watcher = asyncio.create_task(_until_disconnected(request))
     watcher.add_done_callback(lambda task: task.cancelled() or generation.stop())
     try:
         pieces: list[str] = []
+        logprobs: list[TokenLogprobs] = []
         event = first
         while True:
             if isinstance(event, BaseException):
                 raise generation_error(event, param)
             if isinstance(event, Finished):
-                return "".join(pieces), event
-            pieces.append(event)
+                return "".join(pieces), event, logprobs
+            pieces.append(event.text)
+            logprobs.extend(event.logprobs)
             event = await generation.events.get()
     finally:
         watcher.cancel()
@@ -70,7 +74,7 @@ async def collect(
 async def stream(
     generation: Generation,
     first: Event,
-    chunk: Callable[[str | None, str | None], dict[str, Any]],
+    chunk: Callable[[Piece | None, str | None], dict[str, Any]],
     opening: dict[str, Any] | None,
     usage_chunk: dict[str, Any] | None,
     param: str,

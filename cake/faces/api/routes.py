@@ -24,10 +24,11 @@ from cake.faces.api.anthropic.responses import message_response, message_stream
 from cake.faces.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from cake.faces.api.errors import ApiError, install_error_handlers
 from cake.faces.api.limits import MAX_BODY_BYTES, BodyLimit
+from cake.faces.api.logprobs import chat_logprobs, completion_logprobs
 from cake.faces.api.openai_tools import openai_tool_chat, tool_chat_response, tool_chat_stream
 from cake.faces.api.responses import EventStream, collect, stream
 from cake.faces.api.schemas import ApiDefaults, ChatRequest, CompletionRequest, GenerationRequest
-from cake.faces.api.service import Event, Generation, Service
+from cake.faces.api.service import Event, Generation, Piece, Service
 from cake.faces.webchat import mount_webchat
 from cake.master import Master
 
@@ -127,17 +128,30 @@ async def _start(
     param: str,
     encode: Callable[[], Awaitable[list[int]]],
 ) -> tuple[Generation, Event]:
-    """Checks, admission (429 before any work), encoding, the length checks, the start."""
+    """Checks, admission (429 before any work), the grammar's compilation, encoding, the
+    length checks, the start."""
     service.check_model(body.model)
     body.check_supported()
     stops = body.stop_strings()
     params = service.defaults.sampling(body)
     draft = service.draft_settings(body)
+    grammar, logprobs = body.grammar(), body.logprob_count()
     admission = service.admit()
     try:
+        await service.check_request(grammar, logprobs)
         prompt_ids = await encode()
         max_tokens = service.completion_budget(len(prompt_ids), body.requested_max_tokens(), param)
-        return await service.start(admission, prompt_ids, params, max_tokens, stops, param, draft)
+        return await service.start(
+            admission,
+            prompt_ids,
+            params,
+            max_tokens,
+            stops,
+            param,
+            draft,
+            grammar=grammar,
+            logprobs=logprobs,
+        )
     except BaseException:
         admission.release()  # a generation that started releases it when it ends
         raise
@@ -155,10 +169,12 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     messages = [message.as_template_message() for message in body.messages]
     encode = partial(service.encode_chat, messages)
     generation, first = await _start(service, body, "messages", encode)
+    with_logprobs = body.logprob_count() is not None
     if not body.stream:
-        text, finished = await collect(request, generation, first, "messages")
+        text, finished, records = await collect(request, generation, first, "messages")
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None}
+        logprobs = chat_logprobs(records, service.token_bytes) if with_logprobs else None
+        choice = {"index": 0, "message": message, "logprobs": logprobs}
         return {
             **head,
             "object": "chat.completion",
@@ -170,10 +186,13 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     if body.include_usage:
         base["usage"] = None  # on every chunk but the last, as OpenAI does
 
-    def chunk(text: str | None, finish: str | None, delta: dict | None = None) -> dict:
+    def chunk(piece: Piece | None, finish: str | None, delta: dict | None = None) -> dict:
         if delta is None:
-            delta = {} if text is None else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            delta = {} if piece is None else {"content": piece.text}
+        logprobs = None
+        if with_logprobs and piece is not None:
+            logprobs = chat_logprobs(piece.logprobs, service.token_bytes)
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**base, "choices": [choice]}
 
     opening = chunk(None, None, {"role": "assistant", "content": ""})
@@ -206,15 +225,23 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         "created": int(time.time()),
         "model": service.model_name,
     }
+    with_logprobs = body.logprob_count() is not None
     if not body.stream:
-        text, finished = await collect(request, generation, first, "prompt")
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finished.reason}
+        text, finished, records = await collect(request, generation, first, "prompt")
+        logprobs = completion_logprobs(records, service.token_bytes) if with_logprobs else None
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finished.reason}
         return {**head, "choices": [choice], "usage": finished.usage()}
 
     base = {**head, "usage": None} if body.include_usage else head
+    sent = [0]  # characters streamed so far: where the next chunk's text_offset starts
 
-    def chunk(text: str | None, finish: str | None) -> dict:
-        choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+    def chunk(piece: Piece | None, finish: str | None) -> dict:
+        logprobs = None
+        if with_logprobs and piece is not None:
+            logprobs = completion_logprobs(piece.logprobs, service.token_bytes, sent[0])
+            sent[0] += len(piece.text)
+        text = piece.text if piece is not None else ""
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
         return {**base, "choices": [choice]}
 
     usage = {**base, "choices": []} if body.include_usage else None

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from cake.decoding.grammar import GrammarError, GrammarSpec, check_grammar, token_bytes
+from cake.decoding.logprobs import TokenLogprobs
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.speculative import DraftSettings, request_draft
 from cake.decoding.stats import GenerationStats
@@ -47,7 +49,16 @@ class Finished:
         }
 
 
-Event = str | Finished | BaseException  # a text piece; the end; or what went wrong
+@dataclass(frozen=True)
+class Piece:
+    """Text as it streams, and the logprobs of the tokens it came from (when they were asked:
+    a token whose text is still held back has its logprobs in the piece that sends it)."""
+
+    text: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
+
+
+Event = Piece | Finished | BaseException  # a text piece; the end; or what went wrong
 
 
 class Admission:
@@ -75,9 +86,11 @@ class Generation:
         stats: GenerationStats,
         decoder: StreamDecoder,
         prompt_tokens: int,
+        logprobs: bool = False,
     ) -> None:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._stopped = False
+        self._logprobs = logprobs
         self.task = asyncio.create_task(self._run(tokens, stats, decoder, prompt_tokens))
 
     def stop(self) -> None:
@@ -91,18 +104,22 @@ class Generation:
         prompt_tokens: int,
     ) -> None:
         count = 0
+        held: list[TokenLogprobs] = []  # of the tokens whose text is not sent yet
         try:
             async for token in tokens:
                 count += 1
+                if self._logprobs:
+                    held.append(stats.logprobs[count - 1])
                 text = decoder.push(token)
                 if text:
-                    self.events.put_nowait(text)
+                    self.events.put_nowait(Piece(text, tuple(held)))
+                    held.clear()
                 if decoder.stopped or self._stopped:
                     break
             else:
                 text = decoder.finish()
-                if text:
-                    self.events.put_nowait(text)
+                if text or held:
+                    self.events.put_nowait(Piece(text, tuple(held)))
             reason = "stop" if decoder.stopped else stats.finish_reason
             stop = decoder.stop_filter.matched
             finished = Finished(reason, prompt_tokens, count, stats.cached_tokens, stop)
@@ -215,6 +232,20 @@ class Service:
             )
         return requested
 
+    async def check_request(self, grammar: GrammarSpec | None, logprobs: int | None) -> None:
+        """Compile the grammar (400 if it cannot be) and ready the token bytes logprobs report,
+        on the tokenizer thread: both build llguidance's tokenizer on first use (~0.3 s)."""
+        try:
+            if grammar is not None:
+                await self._on_tokenizer_thread(check_grammar, grammar, self.master.tokenizer)
+            if logprobs is not None:
+                await self._on_tokenizer_thread(token_bytes, self.master.tokenizer, 0)
+        except GrammarError as exc:
+            raise ApiError(400, str(exc), param="response_format") from None
+
+    def token_bytes(self, token: int) -> bytes:
+        return token_bytes(self.master.tokenizer, token)
+
     def draft_settings(self, request: GenerationRequest) -> DraftSettings | None:
         """The request's speculative decoding (cake_draft, cake_draft_tokens), or the server's."""
         try:
@@ -236,6 +267,9 @@ class Service:
         stops: Sequence[str],
         param: str,
         draft: DraftSettings | None = None,
+        *,
+        grammar: GrammarSpec | None = None,
+        logprobs: int | None = None,
     ) -> tuple[Generation, Event]:
         """Start a generation (which releases `admission` when it ends) and wait for its first
         event, so that a worker that is gone is answered with an HTTP status, not inside a
@@ -244,9 +278,16 @@ class Service:
         decoder = await self._on_tokenizer_thread(StreamDecoder, self.master.tokenizer, stops)
         stats = GenerationStats()
         tokens = self.master.generate(
-            prompt_ids, params, max_tokens, self.defaults.ignore_eos, stats, draft
+            prompt_ids,
+            params,
+            max_tokens,
+            self.defaults.ignore_eos,
+            stats,
+            draft,
+            grammar=grammar,
+            logprobs=logprobs,
         )
-        generation = Generation(tokens, stats, decoder, len(prompt_ids))
+        generation = Generation(tokens, stats, decoder, len(prompt_ids), logprobs is not None)
         self.generations.add(generation)
 
         def ended(_: asyncio.Task) -> None:

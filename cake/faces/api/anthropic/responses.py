@@ -45,7 +45,7 @@ def block_of(piece: Piece) -> dict[str, Any]:
 async def message_response(
     chat: ToolChat, request: Request, generation: Generation, first: Event, model: str
 ) -> dict[str, Any]:
-    text, finished = await collect(request, generation, first, chat.param)
+    text, finished, _ = await collect(request, generation, first, chat.param)
     parser, pieces = chat.parser()
     pieces += parser.push(text) + parser.finish()
     reason, sequence = stop_reason(finished, bool(parser.calls))
@@ -115,7 +115,7 @@ async def message_stream(
         if isinstance(item, BaseException):
             yield event("error", anthropic_error_body(generation_error(item, chat.param)))
             return
-        for line in events(parser.push(item)):
+        for line in events(parser.push(item.text)):
             yield line
         item = await generation.events.get()
     for line in events(parser.finish()):
