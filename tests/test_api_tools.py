@@ -179,6 +179,77 @@ def test_auto_answers_alike_streamed_or_not(served: Server) -> None:
         assert calls_of(final.message) == calls_of(reply.message)
 
 
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    "forced",
+    [{"tool_choice": "required", "parallel_tool_calls": False}, {"tool_choice": NAMED}],
+    ids=["required", "named"],
+)
+def test_a_required_call_is_a_valid_call_under_the_grammar(
+    served: Server, script: ScriptedAnswers, forced: dict
+) -> None:
+    """SmolLM2 itself (no script) writes a call of an offered tool, arguments valid under its
+    schema, because the grammar allows nothing else; streamed, the same call."""
+    client = served.client()
+    reply = create(client, served.model, **forced).choices[0]
+    assert reply.finish_reason == "tool_calls", reply.message.content
+    [(name, arguments)] = calls_of(reply.message)
+    assert name == "get_weather" and set(arguments) == {"city"}
+    assert isinstance(arguments["city"], str) and arguments["city"]
+    assert reply.message.content is None
+    final = streamed(client, served.model, **forced).choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert calls_of(final.message) == calls_of(reply.message)
+    assert script.kwargs[-1]["grammar"].kind == "lark"  # the call came under the grammar
+
+
+def test_a_schema_the_grammar_cannot_take_is_a_400(served: Server) -> None:
+    broken = {"type": "object", "properties": {"city": {"$ref": "#/$defs/missing"}}}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": broken}}
+    with pytest.raises(openai.BadRequestError, match="missing") as caught:
+        create(served.client(), served.model, tools=[tool], tool_choice="required")
+    assert caught.value.body["param"] == "tools"
+    assert create(served.client(), served.model, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_an_agent_loop_with_the_openai_agents_sdk(served: Server) -> None:
+    """OpenAI's Agents SDK against the server: the model must call the Python function (the
+    first turn requires a call; the SDK then lets it answer), gets its result, and answers
+    with it."""
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)  # nothing leaves the machine
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        cities.append(city)
+        return "sunny, 24 degrees"
+
+    model = OpenAIChatCompletionsModel(model=served.model, openai_client=served.async_client())
+    settings = ModelSettings(tool_choice="required", temperature=0, max_tokens=40)
+    agent = Agent(
+        name="weather",
+        instructions="Answer with the tools' results.",
+        tools=[get_weather],
+        model=model,
+        model_settings=settings,
+    )
+    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=3)
+    assert cities == ["Paris"]
+    assert "sunny, 24 degrees" in result.final_output
+
+
 HOSTILE = [
     (
         {"tools": [{"type": "function", "function": {"description": "no name"}}]},
@@ -299,6 +370,16 @@ def test_a_tool_round_trip(served: Server, script: ScriptedAnswers) -> None:
     prompt = served.master.tokenizer.decode(script.prompts[-1])
     assert "<tool_response>\nsunny, 24 degrees\n</tool_response>" in prompt
     assert CALL in prompt
+
+
+def test_tool_choice_any_is_a_tool_use_under_the_grammar(served: Server) -> None:
+    """The model itself (no script): `any` makes its answer one valid tool_use block."""
+    choice = {"type": "any", "disable_parallel_tool_use": True}
+    kw = {"model": served.model, "max_tokens": 60, "tools": [ANTHROPIC_WEATHER], **GREEDY}
+    message = claude(served).messages.create(messages=ASK, tool_choice=choice, **kw)
+    assert message.stop_reason == "tool_use"
+    [use] = message.content
+    assert (use.type, use.name, set(use.input)) == ("tool_use", "get_weather", {"city"})
 
 
 def anthropic_post(server: Server, body: dict, headers: dict | None = None) -> tuple[int, dict]:

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from cake.decoding.grammar import GrammarSpec
 from cake.faces.api.anthropic.conversation import generation_request
 from cake.faces.api.anthropic.conversation import tool_chat as anthropic_tool_chat
 from cake.faces.api.anthropic.responses import message_response, message_stream
@@ -127,18 +128,20 @@ async def _start(
     body: GenerationRequest,
     param: str,
     encode: Callable[[], Awaitable[list[int]]],
+    tool_grammar: GrammarSpec | None = None,
 ) -> tuple[Generation, Event]:
     """Checks, admission (429 before any work), the grammar's compilation, encoding, the
-    length checks, the start."""
+    length checks, the start. `tool_grammar`: a required tool call's, in place of
+    response_format's."""
     service.check_model(body.model)
     body.check_supported()
     stops = body.stop_strings()
     params = service.defaults.sampling(body)
     draft = service.draft_settings(body)
-    grammar, logprobs = body.grammar(), body.logprob_count()
+    grammar, logprobs = tool_grammar or body.grammar(), body.logprob_count()
     admission = service.admit()
     try:
-        await service.check_request(grammar, logprobs)
+        await service.check_request(grammar, logprobs, "tools" if tool_grammar else None)
         prompt_ids = await encode()
         max_tokens = service.completion_budget(len(prompt_ids), body.requested_max_tokens(), param)
         return await service.start(
@@ -205,7 +208,9 @@ async def tool_chat_completions(
 ) -> Any:
     """A chat with tools (openai_tools.py): the same checks, admission and start."""
     chat = openai_tool_chat(body)
-    generation, first = await _start(service, body, chat.param, partial(chat.encode, service))
+    grammar = await chat.grammar(service)
+    encode = partial(chat.encode, service, grammar is not None)
+    generation, first = await _start(service, body, chat.param, encode, grammar)
     if not body.stream:
         return await tool_chat_response(chat, request, generation, first, head)
     base = {**head, "object": "chat.completion.chunk"}
@@ -252,8 +257,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 async def messages(body: MessagesRequest, request: Request, service: ServiceDep) -> Any:
     """Anthropic's Messages API (anthropic/): the same checks, admission and start."""
     chat = anthropic_tool_chat(body)
-    settings = generation_request(body)
-    generation, first = await _start(service, settings, chat.param, partial(chat.encode, service))
+    grammar = await chat.grammar(service)
+    encode = partial(chat.encode, service, grammar is not None)
+    generation, first = await _start(service, generation_request(body), chat.param, encode, grammar)
     if not body.stream:
         return await message_response(chat, request, generation, first, service.model_name)
     prompt_tokens = len(chat.prompt.ids) if chat.prompt else 0
@@ -265,4 +271,5 @@ async def messages(body: MessagesRequest, request: Request, service: ServiceDep)
 async def count_tokens(body: CountTokensRequest, service: ServiceDep) -> dict[str, int]:
     service.check_model(body.model)
     chat = anthropic_tool_chat(body)
-    return {"input_tokens": len(await chat.encode(service))}
+    # (as the generation's prompt: a required call comes under a grammar, no answer start)
+    return {"input_tokens": len(await chat.encode(service, chat.choice.forced))}

@@ -232,16 +232,19 @@ class Service:
             )
         return requested
 
-    async def check_request(self, grammar: GrammarSpec | None, logprobs: int | None) -> None:
-        """Compile the grammar (400 if it cannot be) and ready the token bytes logprobs report,
-        on the tokenizer thread: both build llguidance's tokenizer on first use (~0.3 s)."""
+    async def check_request(
+        self, grammar: GrammarSpec | None, logprobs: int | None, grammar_param: str | None = None
+    ) -> None:
+        """Compile the grammar (400 naming `grammar_param`, response_format unless said, if it
+        cannot be) and ready the token bytes logprobs report, on the tokenizer thread: both
+        build llguidance's tokenizer on first use (~0.3 s)."""
         try:
             if grammar is not None:
                 await self._on_tokenizer_thread(check_grammar, grammar, self.master.tokenizer)
             if logprobs is not None:
                 await self._on_tokenizer_thread(token_bytes, self.master.tokenizer, 0)
         except GrammarError as exc:
-            raise ApiError(400, str(exc), param="response_format") from None
+            raise ApiError(400, str(exc), param=grammar_param or "response_format") from None
 
     def token_bytes(self, token: int) -> bytes:
         return token_bytes(self.master.tokenizer, token)

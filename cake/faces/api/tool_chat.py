@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cake.decoding.grammar import GrammarSpec
 from cake.faces.api.errors import ApiError
 from cake.faces.api.service import Service
 from cake.model.tool_calls import (
@@ -23,7 +24,7 @@ from cake.model.tool_calls import (
     ToolPrompt,
     encode_tool_chat,
 )
-from cake.model.tool_calls.prompt import ToolPromptError
+from cake.model.tool_calls.prompt import ToolPromptError, special_tokens, tool_format_of
 
 
 def call_id(prefix: str = "call_") -> str:
@@ -111,6 +112,20 @@ class ToolChat:
         except ToolPromptError as exc:
             raise ApiError(400, str(exc), param=self.param) from None
         return self.prompt.ids
+
+    async def grammar(self, service: Service) -> GrammarSpec | None:
+        """The grammar of a required call (tool_choice required, or a named function) in the
+        model's own format, so that even a small model writes a valid call of an offered
+        tool; None when the model may answer freely."""
+        if not self.choice.forced:
+            return None
+        tokenizer = service.master.tokenizer
+        rendering = await service.on_tokenizer_thread(tool_format_of, tokenizer)
+        allowed = self.choice.allowed(self.tools)
+        # A named function is called once: small models, free to go on, repeat the call.
+        parallel = self.choice.parallel and self.choice.name is None
+        source = rendering.format.grammar(allowed, parallel, special_tokens(tokenizer))
+        return GrammarSpec("lark", source)
 
     def parser(self) -> tuple[ToolCallParser, list[Piece]]:
         """The answer's parser, and the pieces of the answer's start written in the prompt."""

@@ -53,7 +53,9 @@ class Hermes(ToolCallFormat):
     def grammar(
         self, tools: Sequence[Tool], parallel: bool, special_tokens: Mapping[str, int]
     ) -> str:
-        start = 'start: tagged ("\\n" tagged)*' if parallel else "start: tagged"
+        # A newline may end the answer too: models trained on Qwen's turns write one after
+        # </tool_call>, and without it a newline would commit them to another call.
+        start = 'start: tagged ("\\n" tagged)* "\\n"?' if parallel else 'start: tagged "\\n"?'
         tagged = f"tagged: {lark_string(OPEN + chr(10))} call {lark_string(chr(10) + CLOSE)}"
         return "\n".join([start, tagged, *call_rules(tools, "arguments")]) + "\n"
 

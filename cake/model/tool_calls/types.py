@@ -7,8 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# An object with no properties: the schema of a function that takes no arguments.
-NO_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
+# The schema of a function that takes no arguments: an empty object (and no other, so that a
+# grammar lets a model write nothing else).
+NO_PARAMETERS: Mapping[str, Any] = {
+    "type": "object",
+    "properties": {},
+    "additionalProperties": False,
+}
 
 
 @dataclass(frozen=True)
