@@ -265,3 +265,17 @@ def test_the_grammar_of_a_forced_call(
     assert not accepts(one, "It is sunny.")
     named = fmt.grammar([WEATHER], parallel=False, special_tokens={})
     assert accepts(named, wrap(paris)) and not accepts(named, wrap(noon))
+
+
+def test_mistral_gets_the_call_ids_its_template_takes(tokenizer: Any) -> None:
+    """OpenAI's call ids (`call_…`) become 9 hex digits, the same in a call and its result."""
+    mistral = with_template(tokenizer, MISTRAL_STYLE)
+    history = [*HISTORY[1:], {"role": "user", "content": "And now?"}]
+    text = mistral.decode(encode_tool_chat(mistral, history, TOOLS, ToolChoice()).ids)
+    assert '[TOOL_CALLS][{"name": "get_weather"' in text and "[TOOL_RESULTS]sunny" in text
+    renamed = Mistral().template_messages(history)
+    assert [call["id"] for call in renamed[1]["tool_calls"]] == [
+        renamed[2]["tool_call_id"],
+        renamed[3]["tool_call_id"],
+    ]
+    assert all(len(call["id"]) == 9 and call["id"].isalnum() for call in renamed[1]["tool_calls"])

@@ -35,9 +35,14 @@ LLAMA31_STYLE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-# Mistral's v3 format: [AVAILABLE_TOOLS] before the last user turn, calls as [TOOL_CALLS][...].
+# Mistral's v3 format: [AVAILABLE_TOOLS] before the last user turn, calls as [TOOL_CALLS][...],
+# and call ids of 9 letters or digits, or the template raises.
 MISTRAL_STYLE = (
-    "<s>{% for m in messages %}{% if m.role == 'user' %}{% if tools and loop.last %}"
+    "<s>{% for m in messages %}{% for c in m.tool_calls or [] %}{% if c.id | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{% endif %}{% endfor %}{% if m.role == 'tool' and m.tool_call_id | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{% endif %}{% if m.role == 'user' %}{% if tools and loop.last %}"
     "[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}"
     "[/INST]{% elif m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | map(attribute='function') | list"
     " | tojson }}</s>{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]"

@@ -62,6 +62,10 @@ class ToolCallFormat(ABC):
         (several, if `parallel`), arguments valid under each tool's schema. `special_tokens`:
         the ids of the format's marker tokens that the vocabulary has as special tokens."""
 
+    def template_messages(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation as this family's template takes it (by default, as it is)."""
+        return list(messages)
+
     @abstractmethod
     def answer_start(self, name: str | None) -> str:
         """The start of an answer that can only go on as a call (of `name`, if given): written

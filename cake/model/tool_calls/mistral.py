@@ -8,8 +8,10 @@ answer:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cake.model.tool_calls.base import (
     Start,
@@ -53,7 +55,27 @@ class Mistral(ToolCallFormat):
             "\n".join([f'start: {marker} "[" {calls} "]"', *call_rules(tools, "arguments")]) + "\n"
         )
 
+    def template_messages(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Mistral's templates refuse call ids that are not 9 letters or digits (OpenAI's are
+        `call_` and 24 more): each id becomes 9 hex digits of its hash, the same in the call
+        and in its result."""
+        renamed = []
+        for message in messages:
+            message = dict(message)
+            if message.get("tool_calls"):
+                message["tool_calls"] = [
+                    {**call, "id": mistral_id(call["id"])} for call in message["tool_calls"]
+                ]
+            if message.get("tool_call_id"):
+                message["tool_call_id"] = mistral_id(message["tool_call_id"])
+            renamed.append(message)
+        return renamed
+
     def answer_start(self, name: str | None) -> str:
         if name is None:
             return f'{TOOL_CALLS}[{{"name": "'
         return f'{TOOL_CALLS}[{{"name": {json.dumps(name)}, "arguments":'
+
+
+def mistral_id(call_id: str) -> str:
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]

@@ -107,7 +107,7 @@ def encode_tool_chat(
     if rendering.native:
         try:
             text = tokenizer.apply_chat_template(
-                list(messages),
+                rendering.format.template_messages(messages),
                 tools=[tool.as_template_tool() for tool in shown] or None,
                 add_generation_prompt=True,
                 tokenize=False,
