@@ -163,8 +163,7 @@ def api_in_thread(
                     topology=where,
                     device="cpu",
                     dtype="f32",
-                    max_seq_len=MAX_SEQ_LEN,
-                    **(master_options or {}),
+                    **{"max_seq_len": MAX_SEQ_LEN, **(master_options or {})},
                 )
                 master = await Master.open(settings)
                 stack.push_async_callback(master.close)
@@ -303,3 +302,43 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+class ScriptedAnswers:
+    """Wraps `master.generate`: each generation the service starts answers the next text of
+    `answers` (its token ids, cut at max_new_tokens), and records its prompt ids; once the texts
+    run out, the model answers. For tests of what the API makes of an answer (tool calls in
+    every format) that no small model would write on cue."""
+
+    def __init__(self, master: Master, answers: list[str] | None = None) -> None:
+        self.answers = list(answers or [])
+        self.prompts: list[list[int]] = []
+        self.kwargs: list[dict[str, Any]] = []
+        generate, tokenizer = master.generate, master.tokenizer
+
+        def scripted(
+            prompt_ids: Sequence[int],
+            params: SamplingParams,
+            max_new_tokens: int,
+            ignore_eos: bool = False,
+            stats: GenerationStats | None = None,
+            draft: Any = None,
+            **kwargs: Any,
+        ) -> AsyncIterator[int]:
+            self.prompts.append(list(prompt_ids))
+            self.kwargs.append(kwargs)
+            if not self.answers:
+                return generate(
+                    prompt_ids, params, max_new_tokens, ignore_eos, stats, draft, **kwargs
+                )
+            ids = tokenizer.encode(self.answers.pop(0), add_special_tokens=False)
+
+            async def tokens() -> AsyncIterator[int]:
+                if stats is not None:
+                    stats.finish_reason = "length" if len(ids) > max_new_tokens else "stop"
+                for token in ids[:max_new_tokens]:
+                    yield token
+
+            return tokens()
+
+        master.generate = scripted  # type: ignore[method-assign]

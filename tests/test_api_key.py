@@ -17,11 +17,15 @@ from cake.faces.api.routes import api_key_problem, authorize, is_authorized
 from cake.faces.webchat import mount_webchat
 
 KEY = "the-key"
-MISSING = "missing API key: send it as 'Authorization: Bearer <key>'"
+MISSING = "missing API key: send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
 
 
-def request(authorization: str | None, api_key: str | None = KEY) -> Request:
+def request(
+    authorization: str | None, api_key: str | None = KEY, x_api_key: str | None = None
+) -> Request:
     headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+    if x_api_key is not None:
+        headers.append((b"x-api-key", x_api_key.encode()))
     app = SimpleNamespace(state=SimpleNamespace(api_key=api_key))
     return Request({"type": "http", "headers": headers, "app": app})
 
@@ -40,6 +44,23 @@ def request(authorization: str | None, api_key: str | None = KEY) -> Request:
 def test_the_key_check(authorization: str | None, problem: str | None) -> None:
     assert api_key_problem(request(authorization)) == problem
     assert is_authorized(request(authorization)) is (problem is None)
+
+
+@pytest.mark.parametrize(
+    ("authorization", "x_api_key", "problem"),
+    [
+        (None, KEY, None),  # as Anthropic's clients send it
+        (None, f" {KEY} ", None),
+        (None, "not-the-key", "incorrect API key"),
+        (None, "", MISSING),
+        ("Bearer not-the-key", KEY, "incorrect API key"),  # a bearer token is what counts
+        ("Basic whatever", KEY, None),
+    ],
+)
+def test_the_key_as_x_api_key(
+    authorization: str | None, x_api_key: str, problem: str | None
+) -> None:
+    assert api_key_problem(request(authorization, x_api_key=x_api_key)) == problem
 
 
 def test_a_server_without_a_key_lets_everyone_in() -> None:

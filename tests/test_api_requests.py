@@ -79,7 +79,7 @@ BAD_CHAT_FIELDS = [
     ({"messages": None}, "messages"),
     ({"messages": {"role": "user", "content": "hi"}}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.tool_call_id"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"messages": [{"content": "hi"}]}, "messages.0.role"),
@@ -101,7 +101,7 @@ BAD_CHAT_FIELDS = [
         {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
         "response_format",
     ),
-    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
 ]
 
 

@@ -24,16 +24,18 @@ class StopFilter:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.hit = False
+        self.matched: str | None = None  # the stop string found (the first in the text)
 
     def push(self, piece: str) -> str:
         """The text that is now safe to send."""
         if self.hit or not self.stops:
             return "" if self.hit else piece
         self.pending += piece
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        found = [(at, stop) for stop in self.stops if (at := self.pending.find(stop)) >= 0]
         if found:
+            at, self.matched = min(found)
             self.hit = True
-            text, self.pending = self.pending[: min(found)], ""
+            text, self.pending = self.pending[:at], ""
             return text
         keep = self._partial_stop_len()
         text = self.pending[: len(self.pending) - keep]

@@ -1,4 +1,6 @@
-"""Errors in OpenAI's shape: `{"error": {message, type, param, code}}`, whatever went wrong.
+"""Errors in OpenAI's shape: `{"error": {message, type, param, code}}`, whatever went wrong;
+on Anthropic's routes (`/v1/messages`), in Anthropic's: `{"type": "error", "error": {type,
+message}}`.
 
 A request the server cannot serve (malformed, out of range, too large, not allowed) is a 4xx that
 names the field and the fix; a failure of ours is a 5xx in the same shape, never a bare text.
@@ -37,9 +39,32 @@ class ApiError(Exception):
         self.body = {"message": message, "type": type, "param": param, "code": code}
 
 
-def error_response(error: ApiError) -> JSONResponse:
+ANTHROPIC_PREFIX = "/v1/messages"
+# Anthropic's error types by status (its 529 "overloaded" is cake's 503: a worker refused).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_body(error: ApiError) -> dict[str, Any]:
+    kind = ANTHROPIC_TYPES.get(error.status)
+    if kind is None:
+        kind = "api_error" if error.status >= 500 else "invalid_request_error"
+    return {"type": "error", "error": {"type": kind, "message": error.body["message"]}}
+
+
+def error_response(error: ApiError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API that `path` belongs to."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse({"error": error.body}, status_code=error.status, headers=headers)
+    is_anthropic = path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+    body = anthropic_error_body(error) if is_anthropic else {"error": error.body}
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def generation_error(exc: BaseException, param: str) -> ApiError:
@@ -79,17 +104,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc.errors()))
+        return error_response(validation_error(exc.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+        error = ApiError(exc.status_code, str(exc.detail), code=code)
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(generation_error(exc, param=""))
+        return error_response(generation_error(exc, param=""), request.url.path)

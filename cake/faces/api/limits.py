@@ -57,6 +57,6 @@ class BodyLimit:
             f"the request body is larger than this server accepts ({self.max_bytes} bytes)",
             code="request_too_large",
         )
-        response = error_response(error)
+        response = error_response(error, scope.get("path", ""))
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

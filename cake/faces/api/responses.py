@@ -17,7 +17,7 @@ from cake.faces.api.errors import generation_error
 from cake.faces.api.service import Event, Finished, Generation, Piece
 
 
-def _sse(data: dict[str, Any] | str) -> str:
+def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
@@ -83,15 +83,15 @@ async def stream(
     finish_reason, the usage chunk (if asked), `[DONE]`. A failure ends the stream with an
     error event and no `[DONE]`, so that no client mistakes it for a normal finish."""
     if opening is not None:
-        yield _sse(opening)
+        yield sse(opening)
     event = first
     while not isinstance(event, Finished):
         if isinstance(event, BaseException):
-            yield _sse({"error": generation_error(event, param).body})
+            yield sse({"error": generation_error(event, param).body})
             return
-        yield _sse(chunk(event, None))
+        yield sse(chunk(event, None))
         event = await generation.events.get()
-    yield _sse(chunk(None, event.reason))
+    yield sse(chunk(None, event.reason))
     if usage_chunk is not None:
-        yield _sse({**usage_chunk, "usage": event.usage()})
-    yield _sse("[DONE]")
+        yield sse({**usage_chunk, "usage": event.usage()})
+    yield sse("[DONE]")

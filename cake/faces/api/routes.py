@@ -1,5 +1,6 @@
 """The app and its routes: `POST /v1/chat/completions`, `POST /v1/completions` (both with
-`stream: true` as server-sent events), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+`stream: true` as server-sent events), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`;
+Anthropic's `POST /v1/messages` and `POST /v1/messages/count_tokens`.
 
 A route checks what the request asks, takes an admission, encodes the prompt, starts the
 generation and shapes the response; the work itself is the service's (`service.py`).
@@ -17,9 +18,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from cake.decoding.grammar import GrammarSpec
+from cake.faces.api.anthropic.conversation import generation_request
+from cake.faces.api.anthropic.conversation import tool_chat as anthropic_tool_chat
+from cake.faces.api.anthropic.responses import message_response, message_stream
+from cake.faces.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from cake.faces.api.errors import ApiError, install_error_handlers
 from cake.faces.api.limits import MAX_BODY_BYTES, BodyLimit
 from cake.faces.api.logprobs import chat_logprobs, completion_logprobs
+from cake.faces.api.openai_tools import openai_tool_chat, tool_chat_response, tool_chat_stream
 from cake.faces.api.responses import EventStream, collect, stream
 from cake.faces.api.schemas import ApiDefaults, ChatRequest, CompletionRequest, GenerationRequest
 from cake.faces.api.service import Event, Generation, Piece, Service
@@ -46,6 +53,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.include_router(health_router)
     app.include_router(openai_router)
+    app.include_router(anthropic_router)
     # The chat page at /, its status behind the same key check as /v1.
     mount_webchat(app, api_key_required=api_key is not None, authorize=authorize)
     return app
@@ -60,17 +68,20 @@ ServiceDep = Annotated[Service, Depends(service_of)]
 
 def api_key_problem(request: Request) -> str | None:
     """The one check of the API key (the /v1 routes, /health's details, the chat page's
-    status): None when the request's `Authorization: Bearer <key>` carries the server's key
-    (or the server has none), else what a 401 says is wrong. Compared in constant time."""
+    status): None when the request's `Authorization: Bearer <key>` or `x-api-key: <key>`
+    carries the server's key (or the server has none), else what a 401 says is wrong.
+    Compared in constant time."""
     api_key: str | None = request.app.state.api_key
     if api_key is None:
         return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     is_bearer = scheme.lower() == "bearer"
+    if not is_bearer or not token:  # Anthropic's clients send it as x-api-key
+        is_bearer, token = True, request.headers.get("x-api-key", "")
     if is_bearer and hmac.compare_digest(token.strip().encode(), api_key.encode()):
         return None
-    if not is_bearer or not token:
-        return "missing API key: send it as 'Authorization: Bearer <key>'"
+    if not token:
+        return "missing API key: send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
     return "incorrect API key"
 
 
@@ -89,6 +100,7 @@ def authorize(request: Request) -> None:
 
 health_router = APIRouter()
 openai_router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+anthropic_router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
 
 @health_router.get("/health")
@@ -116,18 +128,20 @@ async def _start(
     body: GenerationRequest,
     param: str,
     encode: Callable[[], Awaitable[list[int]]],
+    tool_grammar: GrammarSpec | None = None,
 ) -> tuple[Generation, Event]:
     """Checks, admission (429 before any work), the grammar's compilation, encoding, the
-    length checks, the start."""
+    length checks, the start. `tool_grammar`: a required tool call's, in place of
+    response_format's."""
     service.check_model(body.model)
     body.check_supported()
     stops = body.stop_strings()
     params = service.defaults.sampling(body)
     draft = service.draft_settings(body)
-    grammar, logprobs = body.grammar(), body.logprob_count()
+    grammar, logprobs = tool_grammar or body.grammar(), body.logprob_count()
     admission = service.admit()
     try:
-        await service.check_request(grammar, logprobs)
+        await service.check_request(grammar, logprobs, "tools" if tool_grammar else None)
         prompt_ids = await encode()
         max_tokens = service.completion_budget(len(prompt_ids), body.requested_max_tokens(), param)
         return await service.start(
@@ -148,14 +162,16 @@ async def _start(
 
 @openai_router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep) -> Any:
-    messages = [message.as_template_message() for message in body.messages]
-    encode = partial(service.encode_chat, messages)
-    generation, first = await _start(service, body, "messages", encode)
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),
         "model": service.model_name,
     }
+    if body.uses_tools():
+        return await tool_chat_completions(body, request, service, head)
+    messages = [message.as_template_message() for message in body.messages]
+    encode = partial(service.encode_chat, messages)
+    generation, first = await _start(service, body, "messages", encode)
     with_logprobs = body.logprob_count() is not None
     if not body.stream:
         text, finished, records = await collect(request, generation, first, "messages")
@@ -185,6 +201,23 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     opening = chunk(None, None, {"role": "assistant", "content": ""})
     usage = {**base, "choices": []} if body.include_usage else None
     return EventStream(generation, stream(generation, first, chunk, opening, usage, "messages"))
+
+
+async def tool_chat_completions(
+    body: ChatRequest, request: Request, service: ServiceDep, head: dict[str, Any]
+) -> Any:
+    """A chat with tools (openai_tools.py): the same checks, admission and start."""
+    chat = openai_tool_chat(body)
+    grammar = await chat.grammar(service)
+    encode = partial(chat.encode, service, grammar is not None)
+    generation, first = await _start(service, body, chat.param, encode, grammar)
+    if not body.stream:
+        return await tool_chat_response(chat, request, generation, first, head)
+    base = {**head, "object": "chat.completion.chunk"}
+    if body.include_usage:
+        base["usage"] = None
+    events = tool_chat_stream(chat, generation, first, base, body.include_usage)
+    return EventStream(generation, events)
 
 
 @openai_router.post("/completions")
@@ -218,3 +251,25 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 
     usage = {**base, "choices": []} if body.include_usage else None
     return EventStream(generation, stream(generation, first, chunk, None, usage, "prompt"))
+
+
+@anthropic_router.post("/messages")
+async def messages(body: MessagesRequest, request: Request, service: ServiceDep) -> Any:
+    """Anthropic's Messages API (anthropic/): the same checks, admission and start."""
+    chat = anthropic_tool_chat(body)
+    grammar = await chat.grammar(service)
+    encode = partial(chat.encode, service, grammar is not None)
+    generation, first = await _start(service, generation_request(body), chat.param, encode, grammar)
+    if not body.stream:
+        return await message_response(chat, request, generation, first, service.model_name)
+    prompt_tokens = len(chat.prompt.ids) if chat.prompt else 0
+    events = message_stream(chat, generation, first, service.model_name, prompt_tokens)
+    return EventStream(generation, events)
+
+
+@anthropic_router.post("/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, service: ServiceDep) -> dict[str, int]:
+    service.check_model(body.model)
+    chat = anthropic_tool_chat(body)
+    # (as the generation's prompt: a required call comes under a grammar, no answer start)
+    return {"input_tokens": len(await chat.encode(service, chat.choice.forced))}

@@ -13,12 +13,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cake.decoding.grammar import GrammarSpec
 from cake.decoding.logprobs import MAX_TOP_LOGPROBS
 from cake.decoding.sampling import SamplingParams
 from cake.faces.api.errors import ApiError
+from cake.faces.api.tool_schemas import MessageToolCall, ToolChoiceField, ToolDefinition
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # what OpenAI uses when a request names none
 MAX_STOP_STRINGS = 16
@@ -33,16 +34,36 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     # "developer" is what newer OpenAI clients send in place of "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    # (checked after role and tool_calls, whose values they need; so named in a 400)
+    tool_call_id: str | None = Field(None, validate_default=True)  # a tool's result: of which call
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
 
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _has_content(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not (
+            info.data.get("role") == "assistant" and info.data.get("tool_calls")
+        ):
+            raise ValueError("content is required (null only for an assistant's tool calls)")
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
     def as_template_message(self) -> dict[str, str]:
-        content = (
-            self.content
-            if isinstance(self.content, str)
-            else "".join(part.text for part in self.content)
-        )
+        content = self.text()
         role = "system" if self.role == "developer" else self.role
         message = {"role": role, "content": content}
         return {**message, "name": self.name} if self.name else message
@@ -174,22 +195,28 @@ class GenerationRequest(BaseModel):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoiceField | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def uses_tools(self) -> bool:
+        """Tools offered, or tool calls in the history: the conversation goes through
+        tool_chat.py."""
+        return (
+            bool(self.tools)
+            or self.tool_choice is not None
+            or any(message.tool_calls or message.role == "tool" for message in self.messages)
+        )
+
     def logprob_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.tools:
-            raise ApiError(400, "tools (function calling) are not supported", param="tools")
 
 
 class CompletionRequest(GenerationRequest):

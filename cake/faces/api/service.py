@@ -38,6 +38,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int  # tokens generated, up to a stop string's cut
     cached_tokens: int = 0  # of the prompt's, reused from the prefix cache
+    stop: str | None = None  # the stop string that ended it, if one did
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -120,7 +121,9 @@ class Generation:
                 if text or held:
                     self.events.put_nowait(Piece(text, tuple(held)))
             reason = "stop" if decoder.stopped else stats.finish_reason
-            self.events.put_nowait(Finished(reason, prompt_tokens, count, stats.cached_tokens))
+            stop = decoder.stop_filter.matched
+            finished = Finished(reason, prompt_tokens, count, stats.cached_tokens, stop)
+            self.events.put_nowait(finished)
         except Exception as exc:
             self.events.put_nowait(exc)
         finally:
@@ -177,6 +180,10 @@ class Service:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_thread, fn, *args)
 
+    async def on_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Tokenizer work of a caller's own (a conversation with tools, say), on its thread."""
+        return await self._on_tokenizer_thread(fn, *args)
+
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template applied as the CLI does for --prompt."""
         return await self._on_tokenizer_thread(encode_chat, self.master.tokenizer, messages)
@@ -225,16 +232,19 @@ class Service:
             )
         return requested
 
-    async def check_request(self, grammar: GrammarSpec | None, logprobs: int | None) -> None:
-        """Compile the grammar (400 if it cannot be) and ready the token bytes logprobs report,
-        on the tokenizer thread: both build llguidance's tokenizer on first use (~0.3 s)."""
+    async def check_request(
+        self, grammar: GrammarSpec | None, logprobs: int | None, grammar_param: str | None = None
+    ) -> None:
+        """Compile the grammar (400 naming `grammar_param`, response_format unless said, if it
+        cannot be) and ready the token bytes logprobs report, on the tokenizer thread: both
+        build llguidance's tokenizer on first use (~0.3 s)."""
         try:
             if grammar is not None:
                 await self._on_tokenizer_thread(check_grammar, grammar, self.master.tokenizer)
             if logprobs is not None:
                 await self._on_tokenizer_thread(token_bytes, self.master.tokenizer, 0)
         except GrammarError as exc:
-            raise ApiError(400, str(exc), param="response_format") from None
+            raise ApiError(400, str(exc), param=grammar_param or "response_format") from None
 
     def token_bytes(self, token: int) -> bytes:
         return token_bytes(self.master.tokenizer, token)
