@@ -41,6 +41,7 @@ class Code(str, enum.Enum):
     AUTH_FAILED = "auth_failed"  # the cluster keys differ
     VERSION_MISMATCH = "version_mismatch"  # another protocol version: run the same cake
     MODEL_MISMATCH = "model_mismatch"  # another model (config fingerprint)
+    LOADING = "loading"  # still loading its blocks (the message says how far); retry shortly
     BAD_MESSAGE = "bad_message"  # the peer broke the protocol (framing, msgpack, fields)
 
     # -- Empty-worker control (describe, measure, push, assign).
@@ -98,6 +99,11 @@ class WorkerLost(WorkerError):
     """The connection failed (worker down, network); retrying may help, unlike a refusal."""
 
     code = Code.WORKER_LOST
+
+
+class WorkerLoading(WorkerLost):
+    """The worker answers but is still loading its blocks; the message says how far (the master
+    waits while it moves on)."""
 
 
 class WorkerGone(WorkerError):

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from cake.engine.session_store import SessionStore, kv_budget
 from cake.engine.worker_requests import WorkerRequests
 from cake.errors import CakeError, Code
 from cake.host.devices import DTYPE_NAMES
-from cake.host.network import check_can_listen, is_loopback
+from cake.host.network import is_loopback, listen_socket
 from cake.host.signals import stop_signal
 from cake.host.sizes import format_size
 from cake.model.config import architecture_of
@@ -39,6 +40,7 @@ from cake.model.opener import open_model
 from cake.topology import format_blocks, load_topology, parse_address
 from cake.wire.auth import cluster_key as parse_key
 from cake.wire.auth import server_tls
+from cake.wire.loading import LoadingListener, LoadProgress
 from cake.wire.protocol import (
     ErrorMessage,
     ForkSession,
@@ -179,10 +181,21 @@ class Worker:
         if dropped:
             log.info("connection %d: dropped %d session(s)", conn, dropped)
 
-    async def serve(self, host: str, port: int, ready_file: str | None = None) -> asyncio.Server:
-        """Listen (port 0: any free port); the 'serving' log line and `ready_file` (JSON: name,
-        host, port, pid; written before that line) say which port."""
-        server = await asyncio.start_server(self.handle_connection, host, port, ssl=self.tls)
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        ready_file: str | None = None,
+        sock: socket.socket | None = None,
+    ) -> asyncio.Server:
+        """Listen (port 0: any free port; or on `sock`, bound while the blocks loaded); the
+        'serving' log line and `ready_file` (JSON: name, host, port, pid; written before that
+        line) say which port."""
+        handler = self.handle_connection
+        if sock is not None:
+            server = await asyncio.start_server(handler, sock=sock, ssl=self.tls)
+        else:
+            server = await asyncio.start_server(handler, host, port, ssl=self.tls)
         bound = server.sockets[0].getsockname()
         if ready_file is not None:
             write_ready_file(ready_file, self.name, bound[0], bound[1])
@@ -206,10 +219,16 @@ class Worker:
         self.requests.shutdown()
 
 
-async def run_worker(worker: Worker, host: str, port: int, ready_file: str | None = None) -> None:
+async def run_worker(
+    worker: Worker,
+    host: str,
+    port: int,
+    ready_file: str | None = None,
+    sock: socket.socket | None = None,
+) -> None:
     """Serve until SIGINT or SIGTERM, then close the listener and every connection."""
     stopped = stop_signal()  # before serve() says it serves: a signal right after is orderly
-    server = await worker.serve(host, port, ready_file)
+    server = await worker.serve(host, port, ready_file, sock)
     async with server:
         await stopped
         log.info("worker %s shutting down", worker.name)
@@ -249,12 +268,33 @@ async def start_worker(
             name,
             host,
         )
-    check_can_listen(host, port, "--address" if address else f"worker {name}'s host")
+    sock = listen_socket(host, port, "--address" if address else f"worker {name}'s host")
     opened = open_model(model)
     load_topology(topology).check_fits(opened.config.n_layers)
     compute = opened.compute(device, dtype, quantize, max_seq_len)
-    log.info("worker %s: loading blocks %s of %s", name, format_blocks(node.blocks), opened.folder)
-    part = opened.load(compute, node.blocks)
+    # Listening while the blocks load: a master that connects now is told how far the load is
+    # (cake/wire/loading.py), so it waits instead of failing, and a restarted worker is found.
+    what = f"blocks {format_blocks(node.blocks)}"
+    progress = LoadProgress(what, len(node.blocks))
+    fingerprint = fingerprint_config(architecture_of(opened.config))
+    door = LoadingListener(sock, name, fingerprint, lambda: str(progress), key, tls)
+    door.start()
+    bound = sock.getsockname()
+    log.info(
+        "worker %s: loading %s of %s (listening on %s:%d meanwhile)",
+        name,
+        what,
+        opened.folder,
+        bound[0],
+        bound[1],
+    )
+    try:
+        part = opened.load(compute, node.blocks, on_block=progress.advance)
+    except BaseException:
+        door.stop()
+        sock.close()
+        raise
+    door.stop()
     log.info("worker %s runs %s", name, describe_part(part))
     worker = Worker(
         name,
@@ -266,7 +306,7 @@ async def start_worker(
         cluster_key=key,
         tls=tls,
     )
-    await run_worker(worker, host, port, ready_file)
+    await run_worker(worker, host, port, ready_file, sock)
 
 
 def write_ready_file(path: str, name: str, host: str, port: int) -> None:

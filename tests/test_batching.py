@@ -180,6 +180,9 @@ def test_one_frame_per_stage_per_step(tiny_llama: Path, tmp_path: Path) -> None:
             )
             master = await Master.open(settings)
             scheduler = master.scheduler
+            # Every member is waited for (a loaded machine can take longer than the default
+            # few milliseconds to sample): the frames per step are what this test counts.
+            scheduler.gather_s = 10.0
             try:
                 frames = _count_batches(workers.values())
                 await _concurrent(master, [("same length", 8, 0)] * 4)

@@ -105,7 +105,8 @@ class StageBuilder:
         }
         try:
             outcomes = await asyncio.gather(
-                *(client.connect() for client in clients.values()), return_exceptions=True
+                *(client.connect_when_ready() for client in clients.values()),
+                return_exceptions=True,
             )
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):

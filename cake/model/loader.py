@@ -7,7 +7,7 @@ so a worker that serves four blocks of a 70B model reads four blocks' worth of b
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -58,8 +58,10 @@ def load_llama(
     max_seq_len: int = 4096,
     config: LlamaConfig | None = None,
     quantization: Quantization | None = None,
+    on_block: Callable[[], None] | None = None,
 ) -> Llama:
-    """Build the asked-for part of the model in its final form, one projection at a time.
+    """Build the asked-for part of the model in its final form, one projection at a time
+    (`on_block()` after each block: a worker's load progress).
 
     Each projection (fused q|k|v, o, gate|up, down) is read, checked, quantized or laid out for
     `device` and its source tensors dropped before the next is read, so loading holds the final
@@ -102,6 +104,8 @@ def load_llama(
     for i in progress(sorted(blocks), "loading blocks", unit="block"):
         layers[i] = build_block(config, i, read, floats, project)
         release_free_memory()
+        if on_block is not None:
+            on_block()
     head = embedding = final_norm = None
     tied = with_head and head_source(config, checkpoint) == EMBEDDING
     if with_head:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,15 @@ class OpenedModel:
         if self.shards is not None:
             self.shards.fetch(Checkpoint(self.folder).files_of_part(blocks, with_ends))
 
-    def load(self, compute: Compute, blocks: Sequence[int], with_ends: bool = False) -> Llama:
+    def load(
+        self,
+        compute: Compute,
+        blocks: Sequence[int],
+        with_ends: bool = False,
+        on_block: Callable[[], None] | None = None,
+    ) -> Llama:
         """`blocks` (and with_ends, the embedding, the final norm and the head), built in their
-        final form on the compute device."""
+        final form on the compute device; `on_block()` after each block."""
         self.fetch(blocks, with_ends)
         return load_llama(
             self.folder,
@@ -109,6 +115,7 @@ class OpenedModel:
             max_seq_len=compute.max_seq_len,
             config=self.config,
             quantization=compute.quantization,
+            on_block=on_block,
         )
 
     def tokenizer(self) -> Any:

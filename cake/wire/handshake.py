@@ -13,7 +13,7 @@ until this succeeds. Either side answers a refusal with an ErrorMessage naming t
 
 from __future__ import annotations
 
-from cake.errors import CakeError, Code, WorkerError, WorkerLost
+from cake.errors import CakeError, Code, WorkerError, WorkerLoading, WorkerLost
 from cake.topology import Node
 from cake.wire.auth import check_proof, new_nonce, proof
 from cake.wire.protocol import (
@@ -73,7 +73,10 @@ async def greet_worker(
 
 
 def _refusal(label: str, reply: ErrorMessage) -> WorkerError:
-    """A worker busy with other handshakes may take us in a moment; any other refusal stands."""
+    """A worker busy with other handshakes may take us in a moment, and one still loading its
+    blocks once it has them; any other refusal stands."""
+    if reply.code == Code.LOADING:
+        return WorkerLoading(f"{label} is {reply.message}")
     error = WorkerLost if reply.code == Code.HANDSHAKE_BUSY else WorkerError
     return error(f"{label} refused the connection: {reply.message}")
 
@@ -107,7 +110,23 @@ async def greet_master(
     Raises CakeError (a refusal, or a ProtocolError: to be sent back as an error of its code,
     then the link closed), LinkError or TimeoutError.
     """
-    name = welcome.worker
+    hello = await receive_hello(link, welcome.worker, cluster_key, timeout)
+    return await answer_hello(link, hello, welcome)
+
+
+async def refuse_while_loading(
+    link: Link, name: str, fingerprint: str, cluster_key: bytes | None, timeout: float, status: str
+) -> Hello:
+    """The handshake of a worker still loading its blocks: the key proof and a hello for this
+    model, answered with a `loading` refusal saying how far it is (the master retries)."""
+    hello = await receive_hello(link, name, cluster_key, timeout)
+    check_hello(name, fingerprint, hello)
+    await link.send(ErrorMessage(message=status, code=Code.LOADING.value))
+    return hello
+
+
+async def receive_hello(link: Link, name: str, cluster_key: bytes | None, timeout: float) -> object:
+    """The master's first message after its key proof (if keyed): its hello, unchecked."""
     first = await link.recv(timeout=timeout)
     if cluster_key is not None:
         if not isinstance(first, AuthChallenge):
@@ -126,12 +145,18 @@ async def greet_master(
         )
     else:
         hello = first
-    return await answer_hello(link, hello, welcome)
+    return hello
 
 
 async def answer_hello(link: Link, hello: object, welcome: Welcome) -> Hello:
     """Check the master's hello (after the key proof, if any) and answer with `welcome`."""
-    name = welcome.worker
+    checked = check_hello(welcome.worker, welcome.fingerprint, hello)
+    await link.send(welcome)
+    return checked
+
+
+def check_hello(name: str, fingerprint: str, hello: object) -> Hello:
+    """The master's hello, if it speaks this protocol version about this model."""
     if not isinstance(hello, Hello):
         raise ProtocolError(f"expected 'hello' first, got {type(hello).__name__!r}")
     if hello.version != PROTOCOL_VERSION:
@@ -140,13 +165,12 @@ async def answer_hello(link: Link, hello: object, welcome: Welcome) -> Hello:
             f"protocol version {hello.version} is not this worker's {PROTOCOL_VERSION}; "
             "run the same cake version on master and workers",
         )
-    if hello.fingerprint != welcome.fingerprint:
+    if hello.fingerprint != fingerprint:
         raise CakeError(
             Code.MODEL_MISMATCH,
-            f"worker {name} serves a different model (fingerprint {welcome.fingerprint}, "
+            f"worker {name} serves a different model (fingerprint {fingerprint}, "
             f"master has {hello.fingerprint}); start both with the same model",
         )
-    await link.send(welcome)
     return hello
 
 

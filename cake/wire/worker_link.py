@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
-from cake.errors import WorkerError, WorkerGone, WorkerLost
+from cake.errors import WorkerError, WorkerGone, WorkerLoading, WorkerLost
 from cake.topology import Node, format_blocks
 from cake.wire.channel import Channel
 from cake.wire.handshake import greet_worker
@@ -52,6 +53,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRY_TIMEOUT_S = 60.0
 # Reconnection backoff: the first pause (also the shortest connect timeout), and the longest.
 RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.1, 2.0
+LOADING_POLL_S = 0.5  # how often a master asks again a worker that is loading its blocks
 
 
 class WorkerClient:
@@ -104,6 +106,31 @@ class WorkerClient:
     @property
     def epoch(self) -> int:
         return self.phase.epoch
+
+    async def connect_when_ready(self) -> Welcome:
+        """The first connection: a worker not listening yet is tried again until
+        --connect-timeout; one that answers that it is still loading its blocks is waited for
+        as long as its progress moves (each step logged), and given up on only after
+        --connect-timeout without any."""
+        started = moving_since = time.monotonic()
+        status = ""
+        while True:
+            try:
+                return await self.connect()
+            except WorkerLoading as loading:
+                now = time.monotonic()
+                if str(loading) != status:
+                    status, moving_since = str(loading), now
+                    log.info("%s; waiting for it", status)
+                elif now - moving_since > self.connect_timeout:
+                    raise WorkerError(
+                        f"{status}, with no progress for {self.connect_timeout:g}s "
+                        "(--connect-timeout): is it out of memory or stuck reading its files?"
+                    ) from None
+            except WorkerLost:
+                if time.monotonic() - started > self.connect_timeout:
+                    raise
+            await asyncio.sleep(LOADING_POLL_S)
 
     async def connect(self, timeout: float | None = None) -> Welcome:
         """Open a connection, authenticate, check the worker serves what the topology says."""

@@ -1,0 +1,134 @@
+"""A worker's door while it loads its blocks: it listens from the start and tells a master how
+far it is, so the master's wait is visible and a restarted worker is found at once.
+
+The worker binds its socket before it loads anything. While the main thread loads (the thread
+that will compute, see cake/engine/worker_requests.py on OpenMP teams), this listener serves a
+duplicate of the socket on an event loop of its own thread: a master that connects gets the key
+check and the hello check of the real handshake, then a `loading` refusal whose message says
+how far the load is ("loading blocks 0-14: 6 of 15 done"); the master waits and asks again while
+that figure moves (cake/wire/worker_link.py). Once the blocks are loaded the listener stops and
+the worker serves the original socket: a connection waiting in the backlog meanwhile is simply
+accepted by the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+from cake.errors import CakeError, Code
+from cake.wire.handshake import refuse_while_loading
+from cake.wire.protocol import HANDSHAKE_MAX_FRAME_BYTES, ErrorMessage
+from cake.wire.transport import Link, LinkError
+
+log = logging.getLogger("cake.worker")
+
+HANDSHAKE_TIMEOUT_S = 10.0
+MAX_WAITING = 16  # handshakes under way at once; more are told to come back
+
+
+class LoadingListener:
+    """Answers masters with the load's progress until `stop()`; see the module docstring."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        name: str,
+        fingerprint: str,
+        status: Callable[[], str],
+        cluster_key: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.name = name
+        self.fingerprint = fingerprint
+        self.status = status  # what the refusal says: how far the load is, now
+        self.cluster_key = cluster_key
+        self.tls = tls
+        self.answered = 0  # masters told to come back (for the log and the tests)
+        self._sock = sock.dup()
+        self._waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cake-loading", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def stop(self) -> None:
+        """Stop answering (connections in its hands end); the original socket stays open."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            server = await asyncio.start_server(self._answer, sock=self._sock, ssl=self.tls)
+        finally:
+            self._ready.set()
+        async with server:
+            await self._stop.wait()
+            server.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address = writer.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if address else "peer"
+        link = Link(reader, writer, peer, max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES)
+        if self._waiting >= MAX_WAITING:
+            busy = f"worker {self.name} is loading its blocks; try again shortly"
+            await _try_send(link, ErrorMessage(message=busy, code=Code.HANDSHAKE_BUSY.value))
+            await link.wait_closed()
+            return
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(
+                refuse_while_loading(
+                    link,
+                    self.name,
+                    self.fingerprint,
+                    self.cluster_key,
+                    HANDSHAKE_TIMEOUT_S,
+                    self.status(),
+                ),
+                HANDSHAKE_TIMEOUT_S,
+            )
+            self.answered += 1
+        except CakeError as exc:  # the key or the hello is wrong: say so now, not after loading
+            log.warning("connection from %s while loading: %s; closing it", peer, exc)
+            await _try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
+        except (TimeoutError, asyncio.TimeoutError, LinkError):
+            pass
+        finally:
+            self._waiting -= 1
+            await link.wait_closed()
+
+
+async def _try_send(link: Link, message: ErrorMessage) -> None:
+    with contextlib.suppress(LinkError):
+        await link.send(message)
+
+
+class LoadProgress:
+    """How far a worker's load is, as the `loading` refusal says it; `advance` is called from
+    the loading thread after each block."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what = what  # "blocks 0-14"
+        self.total = total
+        self.done = 0
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def __str__(self) -> str:
+        return f"loading {self.what}: {self.done} of {self.total} done"
