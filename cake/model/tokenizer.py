@@ -10,7 +10,7 @@ from typing import Any
 
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
-from cake.model.gguf import gguf_file_of
+from cake.model.gguf import ensure_tokenizer_files, gguf_file_of
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,8 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     gguf = gguf_file_of(Path(folder)) if os.path.isdir(folder) else None
+    if gguf is not None:
+        ensure_tokenizer_files(Path(folder))
     # A GGUF file's tokenizer loads as transformers converted it from the file (gguf/folder.py):
     # AutoTokenizer would rebuild it as the class its config's model_type names, and Qwen2's,
     # say, brings its own pre-tokenizer whatever the file's says.
@@ -30,12 +32,6 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     try:
         return loader.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
-        if gguf is not None and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            raise ModelFolderError(
-                f"{gguf}: the file has no tokenizer (no tokenizer.ggml.* metadata), which the "
-                "master needs; use a GGUF file converted with its tokenizer (llama.cpp's "
-                "convert_hf_to_gguf.py writes it), or a Hugging Face model folder"
-            ) from exc
         raise ModelFolderError(
             f"{folder}: cannot load the tokenizer ({exc}); the model folder needs its tokenizer "
             "files (tokenizer.json, tokenizer_config.json)"

@@ -13,6 +13,7 @@ from cake.model.gguf.blocks import FLOAT_TYPES, INT4_TYPES, decode
 from cake.model.gguf.checkpoint import GGUFCheckpoint
 from cake.model.gguf.folder import (
     POINTER_FILE,
+    ensure_tokenizer_files,
     gguf_file_of,
     metadata_folder,
     resolve_model_path,
@@ -25,6 +26,7 @@ __all__ = [
     "POINTER_FILE",
     "GGUFCheckpoint",
     "decode",
+    "ensure_tokenizer_files",
     "gguf_file_of",
     "metadata_folder",
     "resolve_model_path",

@@ -1,7 +1,8 @@
 """The metadata folder a GGUF file stands for: its config and tokenizer, cached once.
 
 What is cached is small: config.json (cake's reading of the metadata, config.py),
-generation_config.json and the tokenizer files (converted by transformers) in
+generation_config.json and, once a process needs the tokenizer (the master; a worker never
+does, and never imports transformers), the tokenizer files converted by transformers, in
 `$CAKE_CACHE_DIR/gguf-metadata/<name>-<key>/` (default `~/.cache/cake`), keyed by the file's
 absolute path, size and modification time, plus `gguf.json` naming the file. The weights are
 read from the GGUF file itself (checkpoint.py) whenever a model part is loaded.
@@ -62,14 +63,14 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     target = metadata_folder(path)
     if (target / POINTER_FILE).is_file():
         return target
-    log.info("reading config and tokenizer of %s into %s (once)", path, target)
+    log.info("reading the config of %s into %s (once)", path, target)
     write_metadata_folder(path, target)
     return target
 
 
 def write_metadata_folder(gguf_path: Path, target: Path) -> None:
-    """config.json (config.py's reading of the metadata), generation_config.json, and the
-    tokenizer files where the file carries a tokenizer."""
+    """config.json (config.py's reading of the metadata) and generation_config.json; the
+    tokenizer files come when a process needs them (`ensure_tokenizer_files`)."""
     header = read_header(gguf_path)
     config = config_from_gguf(header)
     LlamaConfig.from_dict(config, source=str(gguf_path))  # refuse what cannot run, now ...
@@ -80,12 +81,6 @@ def write_metadata_folder(gguf_path: Path, target: Path) -> None:
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if TOKENIZER_KEY in header.metadata:
-            write_tokenizer(gguf_path, staging)
-        else:
-            log.warning(
-                "%s has no tokenizer (no %s): only workers can run it", gguf_path, TOKENIZER_KEY
-            )
         pointer = {"gguf": str(gguf_path.resolve())}
         (staging / POINTER_FILE).write_text(json.dumps(pointer) + "\n", encoding="utf-8")
         if target.exists():  # another process finished first: keep theirs
@@ -95,6 +90,34 @@ def write_metadata_folder(gguf_path: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+TOKENIZER_DONE = "tokenizer_config.json"  # written last: the tokenizer files are whole
+
+
+def ensure_tokenizer_files(folder: Path) -> None:
+    """The tokenizer files of a GGUF metadata folder, converted from the file the first time a
+    process asks (nothing for an ordinary model folder). ModelFolderError if the file carries
+    no tokenizer."""
+    gguf_path = gguf_file_of(folder)
+    if gguf_path is None or (folder / TOKENIZER_DONE).is_file():
+        return
+    if TOKENIZER_KEY not in read_header(gguf_path).metadata:
+        raise ModelFolderError(
+            f"{gguf_path}: the file has no tokenizer (no tokenizer.ggml.* metadata), which the "
+            "master needs; use a GGUF file converted with its tokenizer (llama.cpp's "
+            "convert_hf_to_gguf.py writes it), or a Hugging Face model folder (workers run it "
+            "as it is)"
+        )
+    log.info("converting the tokenizer of %s into %s (once)", gguf_path, folder)
+    staging = Path(tempfile.mkdtemp(prefix="tokenizer.", dir=folder))
+    try:
+        write_tokenizer(gguf_path, staging)
+        files = sorted(staging.iterdir(), key=lambda f: f.name == TOKENIZER_DONE)
+        for file in files:  # another process converting at once writes the same bytes
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_tokenizer(gguf_path: Path, target: Path) -> None:
