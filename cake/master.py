@@ -19,8 +19,10 @@ steps without one prompt stalling the others.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,8 +148,25 @@ class Master:
         """Open the model, connect the workers, load the master's part, wire the parts."""
         drafting = DraftSettings.from_options(settings.draft, settings.draft_tokens)
         model = open_model(settings.model)
+        # The tokenizer (transformers' import alone is seconds) loads on a thread of its own
+        # while the workers are connected and the master's weights load.
+        tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="cake-tokenizer")
+        tokenizing = tokenizer_thread.submit(model.tokenizer)
+        tokenizer_thread.shutdown(wait=False)
+        try:
+            return await cls._open(settings, model, tokenizing, drafting)
+        finally:
+            tokenizing.cancel()  # (a no-op once it runs: it is then awaited or its error raised)
+
+    @classmethod
+    async def _open(
+        cls,
+        settings: MasterSettings,
+        model: OpenedModel,
+        tokenizing: Future[Any],
+        drafting: DraftSettings,
+    ) -> Master:
         config = model.config
-        tokenizer = model.tokenizer()
         compute = model.compute(
             settings.device, settings.dtype, settings.quantize, settings.max_seq_len
         )
@@ -175,13 +194,18 @@ class Master:
             if drafting.mode == "model":
                 assert settings.draft is not None
                 draft_model = load_draft_model(
-                    settings.draft, tokenizer, config.vocab_size, compute
+                    settings.draft, tokenizing.result(), config.vocab_size, compute
                 )
             return part
 
         stages = await builder.build(runs, load_master)
         ends = builder.parts[0].model
         pipeline = Pipeline(stages, builder, settings.replanning, settings.prefill_chunk)
+        try:
+            tokenizer = await asyncio.wrap_future(tokenizing)
+        except BaseException:
+            await pipeline.close()
+            raise
         scheduler = StepScheduler(
             ends.embed,
             ends.head,
