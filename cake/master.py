@@ -20,6 +20,7 @@ steps without one prompt stalling the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,8 +156,13 @@ class Master:
         tokenizer_thread.shutdown(wait=False)
         try:
             return await cls._open(settings, model, tokenizing, drafting)
-        finally:
-            tokenizing.cancel()  # (a no-op once it runs: it is then awaited or its error raised)
+        except BaseException:
+            # Nothing is left running behind a failed open (no later than the old order, which
+            # loaded the tokenizer before anything else).
+            if not tokenizing.cancel():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wrap_future(tokenizing)
+            raise
 
     @classmethod
     async def _open(
