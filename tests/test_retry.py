@@ -4,6 +4,7 @@ and the last failure (or give_up's error) comes out at the deadline."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -125,3 +126,23 @@ def test_a_constant_pause_when_the_cap_is_the_first_delay() -> None:
 def test_bad_delays_are_refused() -> None:
     with pytest.raises(ValueError, match="first_delay"):
         run(failing(0, ConnectionError()), FakeTime(), first_delay=1.0, max_delay=0.5)
+
+
+def test_pause_for_sets_a_failures_own_pace_without_passing_the_deadline() -> None:
+    """A worker that says it is loading is asked again at a steady pace; the pause still stops
+    at the deadline, and the others' backoff goes on doubling."""
+    fake = FakeTime()
+    errors = itertools.cycle([TimeoutError("loading"), ConnectionError("refused")])
+
+    async def attempt(left: float) -> str:
+        raise next(errors)
+
+    with pytest.raises(TimeoutError):  # the 7th attempt's, at the deadline
+        run(
+            attempt,
+            fake,
+            retry_on=(TimeoutError, ConnectionError),
+            deadline=2.7,
+            pause_for=lambda failure, pause: 0.5 if isinstance(failure, TimeoutError) else pause,
+        )
+    assert fake.pauses == [0.5, 0.2, 0.5, 0.8, 0.5, 0.2]  # the last cut at the deadline

@@ -28,6 +28,7 @@ async def retry(
     max_delay: float,
     retry_if: Callable[[Exception], bool] = lambda exc: True,
     on_retry: Callable[[Exception, float], object] | None = None,
+    pause_for: Callable[[Exception, float], float] | None = None,
     give_up: Callable[[Exception], Exception] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -36,7 +37,9 @@ async def retry(
 
     A `retry_on` failure for which `retry_if` holds is tried again after a pause: `first_delay`
     seconds, doubled after each failure up to `max_delay`, cut short at `deadline` (a
-    `clock()` time). Any other exception propagates at once. `on_retry(failure, pause)` is
+    `clock()` time); `pause_for(failure, pause)` may choose another pause for a failure (a
+    worker that says it is loading is asked again at a steady pace). Any other exception
+    propagates at once. `on_retry(failure, pause)` is
     called before each pause (to log it). At the deadline the last failure is raised, or
     `give_up(failure)` when given (an error that says how long we waited and for what).
     """
@@ -55,6 +58,8 @@ async def retry(
                     raise
                 raise give_up(failure) from None
             pause = min(delay, left)
+            if pause_for is not None:
+                pause = min(pause_for(failure, pause), left)
             if on_retry is not None:
                 on_retry(failure, pause)
             await sleep(pause)

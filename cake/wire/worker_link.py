@@ -200,8 +200,20 @@ class WorkerClient:
         )
 
     async def ensure_connected(self, deadline: float) -> None:
-        """Reconnect (with backoff, until `deadline`) if the connection is gone. One attempt
-        even when the deadline has passed; WorkerGone when it did not come back by then."""
+        """Reconnect (with backoff, until `deadline`) if the connection is gone; a restarted
+        worker still loading its blocks is asked again every LOADING_POLL_S, so the wait ends
+        as soon as it serves. One attempt even when the deadline has passed; WorkerGone when
+        it did not come back by then."""
+        said = ""
+
+        def on_retry(lost: Exception, pause: float) -> None:
+            nonlocal said
+            if not isinstance(lost, WorkerLoading):
+                log.warning("%s; retrying in %.1fs", lost, pause)
+            elif str(lost) != said:  # once per step of its progress
+                said = str(lost)
+                log.warning("%s; waiting for it", lost)
+
         async with self._connecting:
             if self.is_up:  # another task reconnected while this one waited
                 return
@@ -212,7 +224,10 @@ class WorkerClient:
                 deadline=deadline,
                 first_delay=RECONNECT_FIRST_DELAY_S,
                 max_delay=RECONNECT_MAX_DELAY_S,
-                on_retry=lambda lost, pause: log.warning("%s; retrying in %.1fs", lost, pause),
+                on_retry=on_retry,
+                pause_for=lambda lost, pause: (
+                    LOADING_POLL_S if isinstance(lost, WorkerLoading) else pause
+                ),
                 give_up=self.gave_up,
             )
 
