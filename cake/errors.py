@@ -101,6 +101,10 @@ class WorkerLost(WorkerError):
     code = Code.WORKER_LOST
 
 
+class WorkerUnreachable(WorkerLost):
+    """No connection to the worker could be opened (not listening yet, or down)."""
+
+
 class WorkerLoading(WorkerLost):
     """The worker answers but is still loading its blocks; the message says how far (the master
     waits while it moves on)."""

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from cake.errors import WorkerError, WorkerGone, WorkerLoading, WorkerLost
+from cake.errors import WorkerError, WorkerGone, WorkerLoading, WorkerLost, WorkerUnreachable
 from cake.topology import Node, format_blocks
 from cake.wire.channel import Channel
 from cake.wire.handshake import greet_worker
@@ -127,7 +127,7 @@ class WorkerClient:
                         f"{status}, with no progress for {self.connect_timeout:g}s "
                         "(--connect-timeout): is it out of memory or stuck reading its files?"
                     ) from None
-            except WorkerLost:
+            except WorkerUnreachable:  # not listening yet (or down): it may be starting
                 if time.monotonic() - started > self.connect_timeout:
                     raise
             await asyncio.sleep(LOADING_POLL_S)
@@ -149,7 +149,7 @@ class WorkerClient:
         except TLSFailure as exc:
             raise WorkerError(str(exc)) from None
         except LinkError as exc:
-            raise WorkerLost(f"{exc}; is the worker running?") from None
+            raise WorkerUnreachable(f"{exc}; is the worker running?") from None
         try:
             welcome = await greet_worker(
                 link,
