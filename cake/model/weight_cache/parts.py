@@ -1,0 +1,202 @@
+"""A load's view of the packed-weight cache: one entry per block, one for the head.
+
+The entry of a part is `<cache>/weights/<fingerprint>/<part>-<key>.safetensors`, where the key
+hashes what else decides the packed bytes: this cache's FORMAT, torch's version (its int4
+packing op has changed layout between releases), the device type, --quantize, --kernels and
+the source of cake's own kernels. The kernel layout each projection was packed for is in the
+entry's record and is checked against the kernels chosen now: a projection whose chosen kernel
+reads another layout is packed anew, and the entry rewritten.
+
+A part reads its entry once (mapped, checked: entry.py), hands out its projections, packs the
+ones it lacks as the loader always did, and when the part is done writes the entry if anything
+changed. A failed write (a full disk) warns once and the load goes on without the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cake.model.kernels import native, probe
+from cake.model.quant import Quantization
+from cake.model.weight_cache.entry import CorruptEntry, read_entry, write_entry
+from cake.model.weight_cache.fingerprint import source_fingerprint
+from cake.model.weight_cache.modules import module_of, record_of
+from cake.model.weight_cache.store import (
+    SOURCE_FILE,
+    evict,
+    settings,
+    stop_writing,
+    weights_folder,
+)
+
+log = logging.getLogger("cake.weight_cache")
+
+FORMAT = 1  # bump when what an entry holds changes: older entries then miss
+RECORDS_KEY = "cake.records"
+
+
+class WeightCache:
+    """The entries of one source file under one key (see the module docstring); with
+    `folder` None, a cache that keeps nothing (off, or a source it does not apply to)."""
+
+    def __init__(
+        self, folder: Path | None, key: str, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.folder, self.key, self.device, self.dtype = folder, key, device, dtype
+        self.mapped = 0  # projections mapped from entries
+        self.packed = 0  # projections packed from the source
+        self.written = 0  # bytes written
+        self.in_use: set[Path] = set()
+
+    @contextlib.contextmanager
+    def part(self, label: str) -> Iterator[CachedPart]:
+        """The entry of one part (`block-0007`, `head`), written when the part is done."""
+        path = None if self.folder is None else self.folder / f"{label}-{self.key}.safetensors"
+        part = CachedPart(self, path)
+        yield part
+        part.close()
+
+    def summary(self) -> str | None:
+        """One line for the load log; None when the cache took no part."""
+        if self.folder is None or not (self.mapped or self.packed):
+            return None
+        line = f"packed weights: {self.mapped} projections mapped from {self.folder}"
+        line += f", {self.packed} packed"
+        if self.written:
+            line += f" and cached ({self.written / 2**20:.0f} MiB)"
+        return line
+
+
+class CachedPart:
+    """One entry's projections: `projection` maps a kept one or builds (and keeps) a new one."""
+
+    def __init__(self, cache: WeightCache, path: Path | None) -> None:
+        self.cache, self.path = cache, path
+        self.records: dict[str, dict] = {}  # by projection: what the entry holds
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.changed = False
+        if path is not None:
+            self._read(path)
+
+    def _read(self, path: Path) -> None:
+        try:
+            tensors, metadata = read_entry(path)
+            records = json.loads(metadata[RECORDS_KEY])
+        except FileNotFoundError:
+            return
+        except (CorruptEntry, KeyError, ValueError) as error:
+            log.warning("packed-weight cache entry %s is corrupt (%s): rebuilding it", path, error)
+            path.unlink(missing_ok=True)
+            return
+        self.records, self.tensors = records, tensors
+        self.cache.in_use.add(path)
+
+    def projection(self, names: list[str], build: Callable[[], nn.Module]) -> nn.Module:
+        """The projection over the checkpoint tensors `names`: mapped from the entry when it
+        holds it in the layout chosen now, else `build()` (and kept for the entry)."""
+        key = "|".join(names)
+        record = self.records.get(key)
+        if record is not None:
+            module = module_of(record, self.tensors, self.cache.device, self.cache.dtype)
+            if module is not None:
+                self.cache.mapped += 1
+                return module
+        module = build()
+        self.cache.packed += 1
+        if self.path is None:
+            return module
+        self.records.pop(key, None)
+        kept = record_of(module, names[0])
+        if kept is not None:
+            self.records[key] = kept[0]
+            self.tensors.update(kept[1])
+            self.changed = True
+        return module
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        if not self.changed:
+            if self.records:
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)  # recently used: evicted last
+            return
+        if not settings().writable:
+            return
+        tensors = {name: self.tensors[name] for name in _tensor_names(self.records.values())}
+        try:
+            self.cache.written += write_entry(
+                self.path, tensors, {RECORDS_KEY: json.dumps(self.records, sort_keys=True)}
+            )
+        except OSError as error:  # a full disk, a read-only cache: run on without it
+            stop_writing(f"cannot write {self.path}: {error}")
+            return
+        self.cache.in_use.add(self.path)
+        evict(self.cache.in_use)
+
+
+def _tensor_names(records: object) -> list[str]:
+    found: list[str] = []
+    for record in records:  # type: ignore[attr-defined]
+        if record["kind"] == "concat":
+            found += _tensor_names(record["parts"])
+        else:
+            found += record["tensors"].values()
+    return found
+
+
+def open_cache(
+    source: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Quantization | None,
+) -> WeightCache:
+    """The cache for loading from `source` (a GGUF file; None: a source the cache does not
+    apply to), or one that keeps nothing when it is off."""
+    if source is None or not settings().enabled:
+        return WeightCache(None, "", device, dtype)
+    try:
+        fingerprint = source_fingerprint(source)
+    except OSError as error:
+        log.warning("packed-weight cache off for %s: %s", source, error)
+        return WeightCache(None, "", device, dtype)
+    folder = weights_folder() / fingerprint
+    _name_source(folder, source)
+    return WeightCache(folder, entry_key(device, quantization), device, dtype)
+
+
+def entry_key(device: torch.device, quantization: Quantization | None) -> str:
+    """12 hex digits of what, besides the source, decides an entry's bytes."""
+    kernels_source = "none"
+    if native.unavailable_reason() is None:
+        kernels_source = hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
+    key = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "device": device.type,
+        "quantize": [quantization.scheme, quantization.group_size] if quantization else None,
+        "kernels": probe.named(),
+        "kernels_source": kernels_source,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _name_source(folder: Path, source: Path) -> None:
+    """source.txt: which file the folder's entries were made from (for --cache-info)."""
+    named = folder / SOURCE_FILE
+    if named.is_file() or not settings().writable:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        named.write_text(f"{source.resolve()}\n", encoding="utf-8")
+    except OSError as error:
+        stop_writing(f"cannot write {named}: {error}")
