@@ -104,32 +104,32 @@ def load_llama(
     def project(weights: list[Weight]) -> nn.Module:
         return build_projection(weights, scheme, device, dtype, group)
 
-    cache = open_cache(cached_source(checkpoint), device, dtype, quantization)
     layers: dict[int, Block] = {}
-    for i in progress(sorted(blocks), "loading blocks", unit="block"):
-        with cache.part(f"block-{i:04d}") as part:
-
-            def projection(names: list[str], part: CachedPart = part) -> nn.Module:
-                return part.projection(names, lambda: project(read(names)))
-
-            layers[i] = build_block(config, i, projection, floats)
-        release_free_memory()
     head = embedding = final_norm = None
     tied = with_head and head_source(config, checkpoint) == EMBEDDING
-    if with_head:
-        serves_rows = tied and with_embedding
+    serves_rows = tied and with_embedding
 
-        def build_head() -> nn.Module:
-            (weight,) = read([HEAD], {HEAD: head_source(config, checkpoint)})
-            return _build_head(weight, scheme, serves_rows, device, dtype)
+    def build_head() -> nn.Module:
+        (weight,) = read([HEAD], {HEAD: head_source(config, checkpoint)})
+        return _build_head(weight, scheme, serves_rows, device, dtype)
 
-        with cache.part("head-rows" if serves_rows else "head") as part:
-            head = part.projection([HEAD], build_head)
-        final_norm = norm(config, floats([FINAL_NORM])[0])
-    if with_embedding and not (tied and head is not None):
-        (weight,) = read([EMBEDDING])
-        table = embedding_weight(weight, dtype).to(device)
-        embedding = nn.Embedding.from_pretrained(table)
+    with open_cache(cached_source(checkpoint), device, dtype, quantization) as cache:
+        for i in progress(sorted(blocks), "loading blocks", unit="block"):
+            with cache.part(f"block-{i:04d}") as part:
+
+                def projection(names: list[str], part: CachedPart = part) -> nn.Module:
+                    return part.projection(names, lambda: project(read(names)))
+
+                layers[i] = build_block(config, i, projection, floats)
+            release_free_memory()
+        if with_head:
+            with cache.part("head-rows" if serves_rows else "head") as part:
+                head = part.projection([HEAD], build_head)
+            final_norm = norm(config, floats([FINAL_NORM])[0])
+        if with_embedding and not (tied and head is not None):  # while the last entries write
+            (weight,) = read([EMBEDDING])
+            table = embedding_weight(weight, dtype).to(device)
+            embedding = nn.Embedding.from_pretrained(table)
     model = Llama(config, layers, embedding, final_norm, head, dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)

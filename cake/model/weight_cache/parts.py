@@ -8,8 +8,10 @@ entry's record and is checked against the kernels chosen now: a projection whose
 reads another layout is packed anew, and the entry rewritten.
 
 A part reads its entry once (mapped, checked: entry.py), hands out its projections, packs the
-ones it lacks as the loader always did, and when the part is done writes the entry if anything
-changed. A failed write (a full disk) warns once and the load goes on without the cache.
+ones it lacks as the loader always did, and when the part is done hands the entry to a writer
+thread if anything changed: the next block is converted while the last one is written (file
+writes release the GIL), and the load waits for the writes when it ends (`with` the cache). A
+failed write (a full disk) warns once and the load goes on without the cache.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 
 import torch
 from torch import nn
@@ -56,6 +60,43 @@ class WeightCache:
         self.packed = 0  # projections packed from the source
         self.written = 0  # bytes written
         self.in_use: set[Path] = set()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
+
+    def __enter__(self) -> WeightCache:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Wait for the entries being written (the load is done, or failed)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        for write in self._writes:
+            self.written += write.result()
+        self._writes.clear()
+
+    def write(self, path: Path, tensors: dict[str, torch.Tensor], records: dict) -> None:
+        """Write an entry on the writer thread (see the module docstring)."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="cake-weight-cache")
+        self._writes.append(self._writer.submit(self._write, path, tensors, records))
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], records: dict) -> int:
+        if not settings().writable:
+            return 0
+        try:
+            size = write_entry(path, tensors, {RECORDS_KEY: json.dumps(records, sort_keys=True)})
+        except OSError as error:  # a full disk, a read-only cache: run on without it
+            stop_writing(f"cannot write {path}: {error}")
+            return 0
+        self.in_use.add(path)
+        evict(self.in_use)
+        return size
 
     @contextlib.contextmanager
     def part(self, label: str) -> Iterator[CachedPart]:
@@ -130,18 +171,9 @@ class CachedPart:
                 with contextlib.suppress(OSError):
                     os.utime(self.path)  # recently used: evicted last
             return
-        if not settings().writable:
-            return
-        tensors = {name: self.tensors[name] for name in _tensor_names(self.records.values())}
-        try:
-            self.cache.written += write_entry(
-                self.path, tensors, {RECORDS_KEY: json.dumps(self.records, sort_keys=True)}
-            )
-        except OSError as error:  # a full disk, a read-only cache: run on without it
-            stop_writing(f"cannot write {self.path}: {error}")
-            return
-        self.cache.in_use.add(self.path)
-        evict(self.cache.in_use)
+        if settings().writable:
+            tensors = {name: self.tensors[name] for name in _tensor_names(self.records.values())}
+            self.cache.write(self.path, tensors, self.records)
 
 
 def _tensor_names(records: object) -> list[str]:
