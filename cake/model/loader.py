@@ -114,6 +114,8 @@ def load_llama(
         return _build_head(weight, scheme, serves_rows, device, dtype)
 
     with open_cache(cached_source(checkpoint), device, dtype, quantization) as cache:
+        head_part = "head-rows" if serves_rows else "head"
+        cache.expect([f"block-{i:04d}" for i in sorted(blocks)] + ([head_part] * with_head))
         for i in progress(sorted(blocks), "loading blocks", unit="block"):
             with cache.part(f"block-{i:04d}") as part:
 
@@ -123,7 +125,7 @@ def load_llama(
                 layers[i] = build_block(config, i, projection, floats)
             release_free_memory()
         if with_head:
-            with cache.part("head-rows" if serves_rows else "head") as part:
+            with cache.part(head_part) as part:
                 head = part.projection([HEAD], build_head)
             final_norm = norm(config, floats([FINAL_NORM])[0])
         if with_embedding and not (tied and head is not None):  # while the last entries write
