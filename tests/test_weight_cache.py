@@ -26,7 +26,7 @@ from cake.model import weight_cache
 from cake.model.gguf.checkpoint import GGUFCheckpoint
 from cake.model.kernels import probe
 from cake.model.opener import open_model
-from cake.model.weight_cache import entry, parts
+from cake.model.weight_cache import entry, parts, store
 
 TOKENS = torch.tensor([[1, 7, 42, 99, 3, 250, 17, 64]])
 
@@ -70,6 +70,7 @@ def logits(path: Path) -> torch.Tensor:
     """The whole model's logits at every position of TOKENS, loaded as cake-cli loads it."""
     model = open_model(path)
     part = model.load(model.compute("cpu"), range(model.config.n_layers), with_ends=True)
+    weight_cache.flush()  # the entries this load handed to the writer thread are written
     with torch.inference_mode():
         hidden = part.run_blocks(part.embed(TOKENS), 0, part.new_cache(16), part.blocks)
         return part.head(hidden)[0].float()
@@ -196,6 +197,18 @@ def test_least_recently_used_entries_go_first(gguf: Path, cache: Path, tmp_path:
     assert len(kept) == 1 and (next(iter(kept)) / "source.txt").read_text().strip().endswith(
         "copy.gguf"
     )
+
+
+def test_partial_files_of_killed_writers_are_removed(gguf: Path, cache: Path):
+    logits(gguf)
+    folder = next(cache.iterdir())
+    stale, live = (folder / f".block-0000-x.safetensors.{pid}.partial" for pid in (1, 2))
+    for partial in (stale, live):
+        partial.write_bytes(b"half an entry")
+    os.utime(stale, (1, 1))  # untouched for long: its writer is gone
+    store.evict(set())
+    assert not stale.exists() and live.exists()
+    assert len(entries(cache)) == 5
 
 
 def test_no_weight_cache_and_cache_info(gguf: Path, cache: Path):

@@ -11,10 +11,10 @@ concept:
 - store.py: the folder (`<cache>/weights`), its size bound, least-recently-used eviction,
   `--cache-info` and `--clear-weight-cache`, and the process's settings (`--no-weight-cache`);
 - parts.py: a load's view of the cache: one entry per block (and one for the head), hits
-  mapped, misses packed as before and written when the block is done.
+  mapped, misses packed as before and written by a writer thread while the process goes on.
 """
 
-from cake.model.weight_cache.parts import CachedPart, WeightCache, open_cache
+from cake.model.weight_cache.parts import CachedPart, WeightCache, flush, open_cache
 from cake.model.weight_cache.store import cache_info, clear, configure
 
-__all__ = ["CachedPart", "WeightCache", "cache_info", "clear", "configure", "open_cache"]
+__all__ = ["CachedPart", "WeightCache", "cache_info", "clear", "configure", "flush", "open_cache"]

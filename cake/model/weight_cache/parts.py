@@ -11,20 +11,24 @@ The entries a load will use are read and checked on a pool of threads as soon as
 its parts (`expect`: zlib's CRC releases the GIL, so a 4.5 GB model checks in about half the
 time on 2 cores, while the first blocks are put together). A part takes its entry (mapped,
 checked: entry.py), hands out its projections, packs the ones it lacks as the loader always
-did, and when the part is done hands the entry to a writer thread if anything changed: the next
-block is converted while the last one is written (file writes release the GIL too), and the
-load waits for the writes when it ends (`with` the cache). A failed write (a full disk) warns
-once and the load goes on without the cache.
+did, and when the part is done hands the entry to the process's writer thread if anything
+changed. The load does not wait for the writes: the next block is converted while the last one
+is written (file writes release the GIL too), and the first token is computed while the rest
+are. The writer's thread is joined when the interpreter exits (`flush` waits for it sooner), so
+a process ends with its entries whole. A failed write (a full disk) warns once and the process
+goes on without the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +56,21 @@ RECORDS_KEY = "cake.records"
 CHECK_THREADS = 4  # threads that read and check entries at once (at most one per core)
 
 
+_writes: list[Future] = []  # every entry write (and report) handed to the writer thread
+
+
+@functools.cache
+def _writer() -> ThreadPoolExecutor:
+    """The process's one writer thread: entries are written one at a time, in order."""
+    return ThreadPoolExecutor(1, thread_name_prefix="cake-weight-cache")
+
+
+def flush() -> None:
+    """Wait until every entry handed to the writer thread is written (or failed)."""
+    while _writes:
+        _writes.pop(0).result()
+
+
 class WeightCache:
     """The entries of one source file under one key (see the module docstring); with
     `folder` None, a cache that keeps nothing (off, or a source it does not apply to)."""
@@ -62,10 +81,9 @@ class WeightCache:
         self.folder, self.key, self.device, self.dtype = folder, key, device, dtype
         self.mapped = 0  # projections mapped from entries
         self.packed = 0  # projections packed from the source
-        self.written = 0  # bytes written
+        self.written = 0  # bytes written (by the writer thread)
+        self.writing = 0  # entries handed to the writer thread
         self.in_use: set[Path] = set()
-        self._writer: ThreadPoolExecutor | None = None
-        self._writes: list[Future] = []
         self._checker: ThreadPoolExecutor | None = None
         self._checks: dict[Path, Future] = {}
 
@@ -95,36 +113,39 @@ class WeightCache:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Wait for the entries being written (the load is done, or failed)."""
+        """The load is done (or failed): stop checking entries; log what the writer thread
+        wrote once it has (it writes in order)."""
         if self._checker is not None:
             for check in self._checks.values():
                 check.cancel()
             self._checker.shutdown(wait=True)
             self._checker, self._checks = None, {}
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
-        for write in self._writes:
-            self.written += write.result()
-        self._writes.clear()
+        if self.writing:
+            _writes.append(_writer().submit(self._report_written, time.perf_counter()))
 
     def write(self, path: Path, tensors: dict[str, torch.Tensor], records: dict) -> None:
         """Write an entry on the writer thread (see the module docstring)."""
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="cake-weight-cache")
-        self._writes.append(self._writer.submit(self._write, path, tensors, records))
+        self.writing += 1
+        _writes.append(_writer().submit(self._write, path, tensors, records))
 
-    def _write(self, path: Path, tensors: dict[str, torch.Tensor], records: dict) -> int:
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], records: dict) -> None:
         if not settings().writable:
-            return 0
+            return
         try:
             size = write_entry(path, tensors, {RECORDS_KEY: json.dumps(records, sort_keys=True)})
         except OSError as error:  # a full disk, a read-only cache: run on without it
             stop_writing(f"cannot write {path}: {error}")
-            return 0
+            return
+        self.written += size
         self.in_use.add(path)
         evict(self.in_use)
-        return size
+
+    def _report_written(self, load_end: float) -> None:
+        if self.written:
+            log.info(
+                "packed weights cached in %s: %.0f MiB (%.1f s after the load)",
+                self.folder, self.written / 2**20, time.perf_counter() - load_end,
+            )  # fmt: skip
 
     @contextlib.contextmanager
     def part(self, label: str) -> Iterator[CachedPart]:
@@ -139,8 +160,8 @@ class WeightCache:
             return None
         line = f"packed weights: {self.mapped} projections mapped from {self.folder}"
         line += f", {self.packed} packed"
-        if self.written:
-            line += f" and cached ({self.written / 2**20:.0f} MiB)"
+        if self.writing:
+            line += f" ({self.writing} entries being written to the cache)"
         return line
 
 
@@ -203,9 +224,10 @@ class CachedPart:
             self.cache.write(self.path, tensors, self.records)
 
 
-def _tensor_names(records: object) -> list[str]:
+def _tensor_names(records: Iterable[dict]) -> list[str]:
+    """The tensors `records` refer to (a concat's parts' too)."""
     found: list[str] = []
-    for record in records:  # type: ignore[attr-defined]
+    for record in records:
         if record["kind"] == "concat":
             found += _tensor_names(record["parts"])
         else:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ log = logging.getLogger("cake.weight_cache")
 DEFAULT_SHARE = 0.25  # of the disk that holds the cache, when --weight-cache-size is not given
 ENTRY_SUFFIX = ".safetensors"
 SOURCE_FILE = "source.txt"
+STALE_PARTIAL_S = 600  # a partial file untouched this long belongs to no live writer
 
 
 OFF_VARIABLE = "CAKE_NO_WEIGHT_CACHE"  # set (to anything but 0): off, as --no-weight-cache
@@ -86,7 +88,13 @@ def entries() -> list[Path]:
 
 
 def evict(in_use: set[Path]) -> None:
-    """Remove least recently used entries until the cache is within its bound."""
+    """Remove least recently used entries until the cache is within its bound, and partial
+    files a process left when it was killed mid-write."""
+    now = time.time()
+    for partial in weights_folder().glob("*/.*.partial"):
+        with contextlib.suppress(OSError):  # being written (recent), or removed meanwhile
+            if now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
     limit = bound()
     sized = []
     for path in entries():
