@@ -199,6 +199,17 @@ def test_least_recently_used_entries_go_first(gguf: Path, cache: Path, tmp_path:
     )
 
 
+def test_a_bound_smaller_than_the_model_warns_once_and_keeps_nothing_more(
+    gguf: Path, cache: Path, caplog: pytest.LogCaptureFixture
+):
+    weight_cache.configure(max_bytes=1)
+    with caplog.at_level(logging.WARNING, "cake.weight_cache"):
+        first = logits(gguf)
+    assert caplog.text.count("exceed the cache's bound") == 1
+    assert len(entries(cache)) == 1  # the first entry written; none after the warning
+    assert torch.equal(first, logits(gguf))
+
+
 def test_partial_files_of_killed_writers_are_removed(gguf: Path, cache: Path):
     logits(gguf)
     folder = next(cache.iterdir())
@@ -212,9 +223,9 @@ def test_partial_files_of_killed_writers_are_removed(gguf: Path, cache: Path):
 
 
 def test_no_weight_cache_and_cache_info(gguf: Path, cache: Path):
-    result = run_cli("--no-weight-cache", "--cache-info")
+    result = run_cli("--no-weight-cache", "--weight-cache-size", "3G", "--cache-info")
     assert result.exit_code == 0, result.stderr
-    assert "off (--no-weight-cache)" in result.stdout
+    assert "of at most 3.0 GiB, off (--no-weight-cache)" in result.stdout
     logits(gguf)  # configured off by the CLI: nothing kept
     assert entries(cache) == []
     weight_cache.configure()
