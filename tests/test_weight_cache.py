@@ -22,6 +22,7 @@ import torch
 from gguf_files import write_gguf
 from helpers import run_cli
 
+from cake.host import memory
 from cake.model import weight_cache
 from cake.model.gguf.checkpoint import GGUFCheckpoint
 from cake.model.kernels import probe
@@ -44,6 +45,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     run everywhere, so the tests do not depend on this machine's AVX2)."""
     monkeypatch.setenv("CAKE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("CAKE_NO_WEIGHT_CACHE")
+    monkeypatch.setattr(memory, "_mapped_weights", 0)  # this test's maps only, undone after it
     weight_cache.configure()
     probe.use("dense")
     yield tmp_path / "cache" / "weights"
@@ -208,6 +210,20 @@ def test_a_bound_smaller_than_the_model_warns_once_and_keeps_nothing_more(
     assert caplog.text.count("exceed the cache's bound") == 1
     assert len(entries(cache)) == 1  # the first entry written; none after the warning
     assert torch.equal(first, logits(gguf))
+
+
+def test_mapped_weights_are_not_counted_as_free_memory(
+    gguf: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The mapped entries are page cache, which the system reports as available: a KV budget
+    taken from that would push the weights out."""
+    monkeypatch.setattr(memory, "_system_memory", lambda: memory.DeviceMemory(8 << 30, 16 << 30))
+    logits(gguf)  # packs: nothing mapped
+    assert memory.device_memory(torch.device("cpu")).free == 8 << 30
+    logits(gguf)
+    mapped = sum(len(e.read_bytes()) for e in entries(cache))
+    free = memory.device_memory(torch.device("cpu")).free
+    assert 8 << 30 > free > (8 << 30) - mapped  # less the tensors' bytes (not the headers)
 
 
 def test_partial_files_of_killed_writers_are_removed(gguf: Path, cache: Path):

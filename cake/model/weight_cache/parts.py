@@ -36,6 +36,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from cake.host.memory import note_mapped_weights
 from cake.model.kernels import native, probe
 from cake.model.quant import Quantization
 from cake.model.weight_cache.entry import CorruptEntry, read_entry, write_entry
@@ -188,6 +189,8 @@ class CachedPart:
             return
         self.records, self.tensors = records, tensors
         self.cache.in_use.add(path)
+        if self.cache.device.type == "cpu":  # run from the mapped pages (elsewhere: copied)
+            note_mapped_weights(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     def projection(self, names: list[str], build: Callable[[], nn.Module]) -> nn.Module:
         """The projection over the checkpoint tensors `names`: mapped from the entry when it
