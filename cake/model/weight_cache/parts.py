@@ -162,7 +162,8 @@ class WeightCache:
         line = f"packed weights: {self.mapped} projections mapped from {self.folder}"
         line += f", {self.packed} packed"
         if self.writing:
-            line += f" ({self.writing} entries being written to the cache)"
+            line += f" ({self.writing} {'entry' if self.writing == 1 else 'entries'} being "
+            line += "written to the cache)"
         return line
 
 
