@@ -80,6 +80,20 @@ def _setup_kernels(opts: dict) -> bool:
     return True
 
 
+def _setup_weight_cache(opts: dict) -> bool:
+    """--no-weight-cache, --weight-cache-size; --cache-info and --clear-weight-cache print and
+    end the run (True)."""
+    from cake.model import weight_cache
+
+    weight_cache.configure(not opts["no_weight_cache"], opts["weight_cache_size"])
+    if opts["clear_weight_cache"]:
+        click.echo(weight_cache.clear())
+    if opts["cache_info"]:
+        for line in weight_cache.cache_info():
+            click.echo(line)
+    return bool(opts["cache_info"] or opts["clear_weight_cache"])
+
+
 def _worker_hosts(workers: object) -> list[str]:
     """The hosts of --workers HOST:PORT,... (for the thread policy: workers on this host)."""
     if not isinstance(workers, str):
@@ -199,6 +213,31 @@ def _fail(message: str) -> None:
     "then remembered), or torch|avx2|dequant-gemm|fbgemm|dense to run that one wherever it "
     "can (dense holds the weights dequantized: more memory); list: show the candidates here "
     "and the measured choices, then exit.",
+)
+@click.option(
+    "--no-weight-cache",
+    is_flag=True,
+    envvar="CAKE_NO_WEIGHT_CACHE",
+    help="Convert and pack a GGUF's weights at every start instead of mapping the packed copy "
+    "kept in the cache folder after the first (or set CAKE_NO_WEIGHT_CACHE=1).",
+)
+@click.option(
+    "--weight-cache-size",
+    default=None,
+    metavar="SIZE",
+    callback=lambda ctx, param, value: _parse_size(value, "--weight-cache-size"),
+    help="Most bytes the packed-weight cache keeps, least recently used removed first, e.g. "
+    "20G (default: a quarter of the disk that holds it).",
+)
+@click.option(
+    "--cache-info",
+    is_flag=True,
+    help="Print the cache folder, its folders' sizes and the packed weights per model, then exit.",
+)
+@click.option(
+    "--clear-weight-cache",
+    is_flag=True,
+    help="Remove every packed weight from the cache (the next start packs again), then exit.",
 )
 @click.option(
     "--max-seq-len",
@@ -437,7 +476,7 @@ def main(**opts: object) -> None:
     _setup_logging(bool(opts["verbose"]))
     try:
         _setup_threads(opts)
-        if _setup_kernels(opts):
+        if _setup_kernels(opts) or _setup_weight_cache(opts):
             return
         if opts["mode"] == "worker":
             if opts["model"] is None and opts["topology"] is None:
@@ -682,14 +721,15 @@ async def _plan_cluster(opts: dict) -> Any:
     return await assemble_cluster(opts["model"], options, discovery, plan_only=opts["plan_only"])
 
 
-def _parse_size(value: str | None) -> int | None:
-    """--max-memory: a size as cake.host.sizes reads it (8G = 8 GiB, 8GB = 8*10**9 bytes)."""
+def _parse_size(value: str | None, option: str = "--max-memory") -> int | None:
+    """--max-memory, --weight-cache-size: a size as cake.host.sizes reads it (8G = 8 GiB,
+    8GB = 8*10**9 bytes)."""
     if value is None:
         return None
     from cake.host.sizes import parse_size
 
     try:
-        return parse_size(value, "--max-memory")
+        return parse_size(value, option)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 

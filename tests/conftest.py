@@ -68,6 +68,20 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_weight_cache() -> Iterator[None]:
+    """Loads convert and pack every GGUF as the first start does (in this process and in those
+    it starts): a packed-weight cache warmed by one test would hide a regression in reading GGUF
+    blocks from the next. tests/test_weight_cache.py turns it on for its own tests."""
+    from cake.model import weight_cache
+
+    os.environ["CAKE_NO_WEIGHT_CACHE"] = "1"
+    weight_cache.configure()
+    yield
+    os.environ.pop("CAKE_NO_WEIGHT_CACHE", None)
+    weight_cache.configure()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def tokenizers_read_once() -> Iterator[None]:
     """Every Master.open reads its model folder's tokenizer (0.4 s for the Llama 3 tokenizer's
     9 MB tokenizer.json). In this process each folder's is read once per session and shared by

@@ -25,12 +25,25 @@ class DeviceMemory:
     total: int  # bytes the device has in all
 
 
+_mapped_weights = 0  # bytes of weights this process runs from mapped files
+
+
+def note_mapped_weights(n_bytes: int) -> None:
+    """Weights this process runs from a file's mapped pages (the packed-weight cache). Those
+    pages are page cache, which the system counts as available; the CPU's free memory leaves
+    them out, or a budget taken from it (--kv-memory's default) would grow into the weights and
+    push their pages out to be read again from disk."""
+    global _mapped_weights
+    _mapped_weights += n_bytes
+
+
 def device_memory(device: torch.device) -> DeviceMemory:
     """Free and total memory of the memory tensors on `device` live in.
 
     CUDA asks the driver. MPS shares the system's memory, but Metal lets a process use only its
     recommended working set: free is what of that this process has not allocated. The CPU is the
-    system's available RAM (/proc/meminfo, else psutil, else sysconf).
+    system's available RAM (/proc/meminfo, else psutil, else sysconf), less the weights this
+    process runs from mapped files (note_mapped_weights).
     """
     if device.type == "cuda":
         import torch
@@ -42,7 +55,8 @@ def device_memory(device: torch.device) -> DeviceMemory:
 
         total = int(torch.mps.recommended_max_memory())
         return DeviceMemory(max(total - int(torch.mps.driver_allocated_memory()), 0), total)
-    return _system_memory()
+    system = _system_memory()
+    return DeviceMemory(max(system.free - _mapped_weights, 0), system.total)
 
 
 def _system_memory() -> DeviceMemory:

@@ -1,9 +1,10 @@
 """One block of any family, built from its checkpoint tensors (cake/model/layout.py names them).
 
-The loader reads real tensors, `random_part` makes random ones of the same shapes; both hand
-this module a `Weights` that returns tensors by checkpoint name, so a block is put together in
-one place: projections fused and quantized (cake/model/linear.py), norms with the family's
-offset, biases, per-head q/k norms, and for a mixture-of-experts block its router and experts.
+The loader reads real tensors (or maps packed ones from cake/model/weight_cache), `random_part`
+makes random ones of the same shapes; both hand this module functions that return, by checkpoint
+names, finished projections and float tensors, so a block is put together in one place:
+projections fused and quantized (cake/model/linear.py), norms with the family's offset, biases,
+per-head q/k norms, and for a mixture-of-experts block its router and experts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from cake.model.layout import (
 from cake.model.llama import MLP, Attention, Block, Projection, RMSNorm, SparseMoE
 from cake.model.quant import QuantizedTensor, Weight
 
-# names -> their weights: linear ones as stored (float or QuantizedTensor) for build_projection;
-Linear = Callable[[list[str]], list[Weight]]
+# names of the weights one projection fuses (q|k|v, gate|up, ...) -> the finished module
+# (read and packed by cake/model/linear.py, or mapped from the packed-weight cache);
+Projector = Callable[[list[str]], nn.Module]
 # names -> float tensors in the run dtype on the run device (norms, biases, the router).
 Floats = Callable[[list[str]], list[torch.Tensor]]
 
@@ -35,11 +37,10 @@ Floats = Callable[[list[str]], list[torch.Tensor]]
 def build_block(
     config: LlamaConfig,
     block: int,
-    linear: Linear,
+    projection: Projector,
     floats: Floats,
-    project: Callable[[list[Weight]], nn.Module],
 ) -> Block:
-    """`project`: stored weights -> the finished projection module (fused along the output)."""
+    """`projection`: the names of the weights fused along the output -> the finished module."""
     names = attention_projections(config, block)
     biases = attention_biases(config, block)
     q_norm = k_norm = None
@@ -49,8 +50,8 @@ def build_block(
     attention = Attention(
         config,
         block,
-        project(linear(names["qkv"])),
-        project(linear(names["out"])),
+        projection(names["qkv"]),
+        projection(names["out"]),
         torch.cat(floats(biases)) if biases else None,
         q_norm,
         k_norm,
@@ -62,17 +63,14 @@ def build_block(
                 expert_projections(config, block, e),
                 config.expert_intermediate_size,
                 config,
-                linear,
-                project,
+                projection,
             )
             for e in range(config.n_experts)
         ]
         (router_weight,) = floats([router(config, block)])
         mlp = SparseMoE(config, Projection([router_weight]), experts)
     else:
-        mlp = _mlp(
-            mlp_projections(config, block), config.intermediate_size, config, linear, project
-        )
+        mlp = _mlp(mlp_projections(config, block), config.intermediate_size, config, projection)
     roles = block_norms(config, block)
     weights = floats(list(roles.values()))
     return Block(
@@ -84,12 +82,9 @@ def _mlp(
     names: dict[str, list[str]],
     inner: int,
     config: LlamaConfig,
-    linear: Linear,
-    project: Callable[[list[Weight]], nn.Module],
+    projection: Projector,
 ) -> MLP:
-    return MLP(
-        inner, project(linear(names["gate_up"])), project(linear(names["down"])), config.activation
-    )
+    return MLP(inner, projection(names["gate_up"]), projection(names["down"]), config.activation)
 
 
 def norm(config: LlamaConfig, weight: torch.Tensor) -> RMSNorm:

@@ -8,13 +8,31 @@ inputs (a few rows), one for prefill-shaped ones, both reading the same packed c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cake.model.kernels.probe import DECODE_ROWS, choose
+from cake.model.kernels.probe import DECODE_ROWS, Choice, choose
 from cake.model.llama import Projection
 from cake.model.quant import DEFAULT_GROUP_SIZE, QuantizedTensor, Weight, quantize
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """What a QuantizedLinear's packed tensors stand for: enough to rebuild the module around
+    them (from_packed) without the weight they were packed from."""
+
+    scheme: str
+    group_size: int
+    shape: tuple[int, int]  # (out, in)
+    serves_rows: bool
+    logits: bool
+    kernel_layout: str  # the decode kernel's layout (candidates.Kernel.layout)
+
+
+def _on(value: object, device: torch.device) -> object:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 class QuantizedLinear(nn.Module):
@@ -36,14 +54,50 @@ class QuantizedLinear(nn.Module):
     ) -> None:
         super().__init__()
         check_supported(weight.scheme, device, weight.group_size)
-        self.scheme, self.group_size = weight.scheme, weight.group_size
-        self.out_features, self.in_features = weight.shape
+        choice = choose(weight.scheme, weight.shape, weight.group_size, device, serves_rows, logits)
+        self._keep(weight.scheme, weight.group_size, weight.shape, choice, dtype)
+        self.serves_rows, self.logits = serves_rows, logits
+        self._hold(self.decode_kernel.pack(weight, device))
+
+    @classmethod
+    def from_packed(
+        cls,
+        layout: PackedLayout,
+        packed: dict,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> QuantizedLinear | None:
+        """The module over a weight already packed for `layout` (the packed-weight cache):
+        None when the kernels chosen here now read another layout, so the caller packs anew."""
+        scheme, group_size, shape = layout.scheme, layout.group_size, layout.shape
+        check_supported(scheme, device, group_size)
+        choice = choose(scheme, shape, group_size, device, layout.serves_rows, layout.logits)
+        if choice.decode.layout != layout.kernel_layout:
+            return None
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._keep(scheme, group_size, shape, choice, dtype)
+        module.serves_rows, module.logits = layout.serves_rows, layout.logits
+        module._hold({name: _on(value, device) for name, value in packed.items()})
+        return module
+
+    def _keep(
+        self,
+        scheme: str,
+        group_size: int,
+        shape: tuple[int, int],
+        choice: Choice,
+        dtype: torch.dtype,
+    ) -> None:
+        self.scheme, self.group_size = scheme, group_size
+        self.out_features, self.in_features = shape
         self.dtype = dtype  # the stage's activations: what forward returns, rows() too
-        self.choice = choose(
-            weight.scheme, weight.shape, weight.group_size, device, serves_rows, logits
-        )
-        self.decode_kernel, self.prefill_kernel = self.choice.decode, self.choice.prefill
-        packed = self.decode_kernel.pack(weight, device)
+        self.choice = choice
+        self.decode_kernel, self.prefill_kernel = choice.decode, choice.prefill
+
+    def _hold(self, packed: dict) -> None:
+        """Tensors become buffers (they follow .to()), anything else (ints, an fbgemm handle)
+        stays in `packed`."""
         self.packed: dict = {}
         for name, value in packed.items():
             if isinstance(value, torch.Tensor):
@@ -52,10 +106,25 @@ class QuantizedLinear(nn.Module):
                 self.packed[name] = value
         self._all: dict | None = None  # packed values and buffers, gathered once per layout
 
+    def layout(self) -> PackedLayout:
+        """What its packed weight is, for the packed-weight cache."""
+        return PackedLayout(
+            self.scheme,
+            self.group_size,
+            (self.out_features, self.in_features),
+            self.serves_rows,
+            self.logits,
+            self.decode_kernel.layout,
+        )
+
     def _packed(self) -> dict:
         if self._all is None:
             self._all = {**self.packed, **dict(self.named_buffers(recurse=False))}
         return self._all
+
+    def packed_values(self) -> dict:
+        """The packed weight as its kernels read it: buffers and plain values by name."""
+        return dict(self._packed())
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         self._all = None  # .to(), .half(), ... replace the buffers: gather them again

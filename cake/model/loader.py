@@ -6,8 +6,10 @@ so a worker that serves four blocks of a 70B model reads four blocks' worth of b
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from cake.host.progress import progress
 from cake.model.assemble import as_float, build_block, norm
 from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
+from cake.model.gguf import GGUFCheckpoint
 from cake.model.kernels.probe import activations_dtype, can_serve_rows
 from cake.model.layout import EMBEDDING, FINAL_NORM, HEAD, checkpoint_shapes
 from cake.model.linear import build_projection, describe, kernels_of
@@ -30,6 +33,9 @@ from cake.model.quant import (
     Weight,
     quantize,
 )
+from cake.model.weight_cache import CachedPart, open_cache
+
+log = logging.getLogger(__name__)
 
 
 def activation_dtype(
@@ -101,26 +107,49 @@ def load_llama(
         return build_projection(weights, scheme, device, dtype, group)
 
     layers: dict[int, Block] = {}
-    for i in progress(sorted(blocks), "loading blocks", unit="block"):
-        layers[i] = build_block(config, i, read, floats, project)
-        release_free_memory()
-        if on_block is not None:
-            on_block()
     head = embedding = final_norm = None
     tied = with_head and head_source(config, checkpoint) == EMBEDDING
-    if with_head:
+    serves_rows = tied and with_embedding
+
+    def build_head() -> nn.Module:
         (weight,) = read([HEAD], {HEAD: head_source(config, checkpoint)})
-        head = _build_head(weight, scheme, tied and with_embedding, device, dtype)
-        final_norm = norm(config, floats([FINAL_NORM])[0])
-    if with_embedding and not (tied and head is not None):
-        (weight,) = read([EMBEDDING])
-        table = embedding_weight(weight, dtype).to(device)
-        embedding = nn.Embedding.from_pretrained(table)
+        return _build_head(weight, scheme, serves_rows, device, dtype)
+
+    with open_cache(cached_source(checkpoint), device, dtype, quantization) as cache:
+        head_part = "head-rows" if serves_rows else "head"
+        cache.expect([f"block-{i:04d}" for i in sorted(blocks)] + ([head_part] * with_head))
+        for i in progress(sorted(blocks), "loading blocks", unit="block"):
+            with cache.part(f"block-{i:04d}") as part:
+
+                def projection(names: list[str], part: CachedPart = part) -> nn.Module:
+                    return part.projection(names, lambda: project(read(names)))
+
+                layers[i] = build_block(config, i, projection, floats)
+            release_free_memory()
+            if on_block is not None:
+                on_block()
+        if with_head:
+            with cache.part(head_part) as part:
+                head = part.projection([HEAD], build_head)
+            final_norm = norm(config, floats([FINAL_NORM])[0])
+        if with_embedding and not (tied and head is not None):  # while the last entries write
+            (weight,) = read([EMBEDDING])
+            table = embedding_weight(weight, dtype).to(device)
+            embedding = nn.Embedding.from_pretrained(table)
     model = Llama(config, layers, embedding, final_norm, head, dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)
     release_free_memory()
+    summary = cache.summary()
+    if summary:
+        log.info("%s", summary)
     return model
+
+
+def cached_source(checkpoint: object) -> Path | None:
+    """The file whose packed weights the cache keeps: a GGUF's (its weights are converted and
+    packed on every load); None for safetensors, read as stored."""
+    return checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None
 
 
 def random_part(
@@ -150,10 +179,10 @@ def random_part(
             for n in names
         ]  # fmt: skip
 
-    def project(weights: list[Weight]) -> nn.Module:
-        return build_projection(weights, scheme, device, dtype, group)
+    def projection(names: list[str]) -> nn.Module:
+        return build_projection(random(names), scheme, device, dtype, group)
 
-    layers = {i: build_block(config, i, random, floats, project) for i in blocks}
+    layers = {i: build_block(config, i, projection, floats) for i in blocks}
     model = Llama(config, layers, dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)

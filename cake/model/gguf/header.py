@@ -91,6 +91,9 @@ def _read(path: str, size: int, mtime_ns: int) -> GGUFHeader:
     return GGUFHeader(Path(path), walk.metadata, tensors)
 
 
+SKIP_CHUNK = 1 << 20  # bytes read at a time while skipping an array of strings
+
+
 class _Walk:
     """GGUF v2/v3: the magic, the version, the metadata key/values, the tensor infos."""
 
@@ -159,8 +162,24 @@ class _Walk:
             item_type, count = self._unpack("<IQ")
             if item_type in self._SCALARS:
                 self.file.seek(count * struct.calcsize(self._SCALARS[item_type]), 1)
+            elif item_type == self._STRING:
+                self._skip_strings(count)
             else:
                 for _ in range(count):
                     self._skip(item_type)
         else:
             raise ValueError(f"unknown metadata value type {value_type}")
+
+    def _skip_strings(self, count: int) -> None:
+        """Past `count` strings (a vocabulary, its merges) by their lengths, read from chunks
+        of the file: a read and a seek per string took 0.6 s for Llama 3's 400k of them."""
+        chunk, at = b"", 0
+        for _ in range(count):
+            if at + 8 > len(chunk):
+                self.file.seek(at - len(chunk), 1)  # to the unread bytes, or past a string
+                chunk, at = self.file.read(SKIP_CHUNK), 0
+                if len(chunk) < 8:
+                    raise ValueError("the header ends early")
+            (length,) = struct.unpack_from("<Q", chunk, at)
+            at += 8 + length
+        self.file.seek(at - len(chunk), 1)

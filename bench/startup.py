@@ -1,0 +1,140 @@
+"""Issue 24's start-up measurement: process start to the first streamed token, cold and warm.
+
+    python -m bench.startup [--rounds 3] [--models 1b,demo]
+
+Each model is started as `cake-cli --model FILE --prompt hi -n 1 --temperature 0`, a fresh
+process each time, and timed from the process's start to the first byte on its stdout (the
+first token). Per round and model, in this order:
+- cold: no packed weights in the cache (the folder emptied): the first start, which converts,
+  packs and writes them;
+- warm: the second start, which maps what the cold one wrote;
+- off: `--no-weight-cache`, what every start cost before the cache.
+The kernel choices and the GGUF's metadata folder are in the cache for all three (measured and
+written by one untimed start first), so the rounds time the weights and nothing else changes.
+The bench's cache is its own (`<cache>/bench/startup-cache`), never the user's.
+
+Models: `1b`, a Llama-3.2-1B-shaped Q4_0 GGUF with random weights (0.7 GB, written once into the
+cake cache by bench.gguf_writer); `8b`, the Llama-3-8B shape (4.5 GB; only when named);
+`demo`, SmolLM2-135M-Instruct Q4_1 (cake/model/demo.py). Prints the markdown table (the fastest
+of --rounds per column, the rounds alternating the three, and their ratios) and writes
+bench/results/startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.gguf_writer import LLAMA_3_8B, write_random_q4_0_gguf
+from bench.machine import cpu_label, machine_info
+from cake.host.cache import cache_root
+from cake.model.demo import demo_gguf
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LLAMA_3_2_1B = {
+    **LLAMA_3_8B,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 131072,
+}
+SHAPES = {
+    "1b": ("llama-3.2-1b-shape-q4_0.gguf", LLAMA_3_2_1B),
+    "8b": ("llama-3-8b-shape-q4_0.gguf", LLAMA_3_8B),
+}
+KINDS = ("cold", "warm", "off")
+
+
+def model_file(name: str) -> Path:
+    """The GGUF file of a model name (random-weight shapes written once)."""
+    if name == "demo":
+        return demo_gguf()
+    file_name, config = SHAPES[name]
+    path = cache_root() / "bench" / file_name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {path} (once)", file=sys.stderr)
+        write_random_q4_0_gguf(path, config)
+    return path
+
+
+def first_token_seconds(model: Path, cache: Path, *flags: str) -> float:
+    """Seconds from starting `cake-cli` to the first byte of its output (the first token)."""
+    command = [sys.executable, "-m", "cake.cli", "--model", str(model), "--prompt", "hi"]
+    command += ["-n", "1", "--temperature", "0", *flags]
+    env = {**os.environ, "CAKE_CACHE_DIR": str(cache)}
+    env.pop("CAKE_NO_WEIGHT_CACHE", None)
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log)
+        assert process.stdout is not None
+        first = process.stdout.read(1)
+        seconds = time.perf_counter() - start
+        process.stdout.read()
+        if process.wait() != 0 or not first:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{log.read().decode()[-3000:]}")
+    return seconds
+
+
+def measure(model: Path, rounds: int) -> dict[str, float]:
+    cache = cache_root() / "bench" / "startup-cache"
+    first_token_seconds(model, cache, "--no-weight-cache")  # kernel choices, metadata folder
+    best = dict.fromkeys(KINDS, float("inf"))
+    for _ in range(rounds):
+        shutil.rmtree(cache / "weights", ignore_errors=True)
+        times = {kind: first_token_seconds(model, cache, *flags) for kind, flags in (
+            ("cold", ()), ("warm", ()), ("off", ("--no-weight-cache",)))}  # fmt: skip
+        for kind, seconds in times.items():
+            best[kind] = min(best[kind], seconds)
+    ratios = {f"warm_over_{kind}": best["warm"] / best[kind] for kind in ("cold", "off")}
+    return {**best, **ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", default="1b,demo", help="comma-separated: 1b, 8b, demo")
+    args = parser.parse_args()
+    rows = {}
+    for name in args.models.split(","):
+        path = model_file(name)
+        rows[name] = {"file": path.name, "bytes": path.stat().st_size, **measure(path, args.rounds)}
+    machine = machine_info(torch.get_num_threads())
+    lines = [
+        f"Machine: {cpu_label(machine)}, torch {machine['torch']}. Process start to the first "
+        f"streamed token of `cake-cli --model FILE --prompt hi -n 1 --temperature 0`, fastest "
+        f"of {args.rounds} rounds (load average at start {machine['load_average_start']}).",
+        "",
+        "| model | file | cold (first start) | warm (second start) | --no-weight-cache "
+        "| warm / cold | warm / off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['file']} ({row['bytes'] / 2**30:.2f} GiB) | {row['cold']:.1f} s "
+            f"| {row['warm']:.1f} s | {row['off']:.1f} s | {row['warm_over_cold']:.2f} "
+            f"| {row['warm_over_off']:.2f} |"
+        )
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "startup.json").write_text(
+        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
