@@ -90,7 +90,26 @@ def first_token_seconds(model: Path, cache: Path, *flags: str) -> float:
     return seconds
 
 
-def measure(model: Path, rounds: int) -> dict[str, float]:
+def llama_cpp_seconds(model: Path, node_dir: Path) -> float | None:
+    """Seconds from starting llama.cpp (node-llama-cpp's prebuilt CPU build, via
+    bench/llamacpp_decode.mjs: load, one prompt token, one new token) to its first output
+    byte, which it writes after the first token; None without node-llama-cpp in `node_dir`."""
+    if not (node_dir / "node_modules" / "node-llama-cpp").is_dir():
+        return None
+    script = Path(__file__).resolve().parent / "llamacpp_decode.mjs"
+    command = ["node", str(script), str(node_dir), str(model), "1", "2", "hi"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    first = process.stdout.read(1)
+    seconds = time.perf_counter() - start
+    process.stdout.read()
+    if process.wait() != 0 or not first:
+        raise SystemExit(f"{' '.join(command)} failed")
+    return seconds
+
+
+def measure(model: Path, rounds: int, node_dir: Path) -> dict[str, float]:
     cache = cache_root() / "bench" / "startup-cache"
     first_token_seconds(model, cache, "--no-weight-cache")  # kernel choices, metadata folder
     best = dict.fromkeys(KINDS, float("inf"))
@@ -98,9 +117,14 @@ def measure(model: Path, rounds: int) -> dict[str, float]:
         shutil.rmtree(cache / "weights", ignore_errors=True)
         times = {kind: first_token_seconds(model, cache, *flags) for kind, flags in (
             ("cold", ()), ("warm", ()), ("off", ("--no-weight-cache",)))}  # fmt: skip
+        llama = llama_cpp_seconds(model, node_dir)
+        if llama is not None:
+            times["llama_cpp"] = llama
         for kind, seconds in times.items():
-            best[kind] = min(best[kind], seconds)
+            best[kind] = min(best.get(kind, float("inf")), seconds)
     ratios = {f"warm_over_{kind}": best["warm"] / best[kind] for kind in ("cold", "off")}
+    if "llama_cpp" in best:
+        ratios |= {f"{kind}_over_llama_cpp": best[kind] / best["llama_cpp"] for kind in KINDS}
     return {**best, **ratios}
 
 
@@ -108,11 +132,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default="1b,demo", help="comma-separated: 1b, 8b, demo")
+    parser.add_argument(
+        "--node-llama-dir",
+        type=Path,
+        default=Path("/tmp/nodellama"),
+        help="where `npm install --prefix DIR node-llama-cpp@3.21.1` put llama.cpp (benchmark "
+        "only; without it the llama.cpp column is left out)",
+    )
     args = parser.parse_args()
     rows = {}
     for name in args.models.split(","):
         path = model_file(name)
-        rows[name] = {"file": path.name, "bytes": path.stat().st_size, **measure(path, args.rounds)}
+        measured = measure(path, args.rounds, args.node_llama_dir)
+        rows[name] = {"file": path.name, "bytes": path.stat().st_size, **measured}
     machine = machine_info(torch.get_num_threads())
     lines = [
         f"Machine: {cpu_label(machine)}, torch {machine['torch']}. Process start to the first "
@@ -129,6 +161,18 @@ def main() -> None:
             f"| {row['warm']:.1f} s | {row['off']:.1f} s | {row['warm_over_cold']:.2f} "
             f"| {row['warm_over_off']:.2f} |"
         )
+    compared = {name: row for name, row in rows.items() if "llama_cpp" in row}
+    if compared:
+        lines += [
+            "",
+            "| model | llama.cpp | cake cold / llama.cpp | cake warm / llama.cpp |",
+            "|---|---|---|---|",
+        ]
+        for name, row in compared.items():
+            lines.append(
+                f"| {name} | {row['llama_cpp']:.1f} s | {row['cold_over_llama_cpp']:.2f}x "
+                f"| {row['warm_over_llama_cpp']:.2f}x |"
+            )
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "startup.json").write_text(
