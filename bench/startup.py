@@ -16,8 +16,10 @@ The bench's cache is its own (`<cache>/bench/startup-cache`), never the user's.
 Models: `1b`, a Llama-3.2-1B-shaped Q4_0 GGUF with random weights (0.7 GB, written once into the
 cake cache by bench.gguf_writer); `8b`, the Llama-3-8B shape (4.5 GB; only when named);
 `demo`, SmolLM2-135M-Instruct Q4_1 (cake/model/demo.py). Prints the markdown table (the fastest
-of --rounds per column, the rounds alternating the three, and their ratios) and writes
-bench/results/startup.json.
+of --rounds per column, the rounds alternating the three, and their ratios), and where
+node-llama-cpp is installed (`npm install --prefix /tmp/nodellama node-llama-cpp@3.21.1`)
+llama.cpp on the same file in the same rounds (process start to its first output byte, written
+after its first token), the issue's yardstick; writes bench/results/startup.json.
 """
 
 from __future__ import annotations
