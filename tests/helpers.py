@@ -191,9 +191,10 @@ def write_dequantized(gguf_path: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from cake.model.gguf import POINTER_FILE, resolve_model_path
+    from cake.model.gguf import POINTER_FILE, ensure_tokenizer_files, resolve_model_path
 
     metadata = resolve_model_path(gguf_path)
+    ensure_tokenizer_files(metadata)  # (converted the first time a process needs them)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
