@@ -178,7 +178,7 @@ def main() -> None:
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "startup.json").write_text(
-        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1)
+        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1, default=str)
     )
 
 
