@@ -14,7 +14,6 @@ accepted by the worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
@@ -25,11 +24,9 @@ from cake.errors import CakeError, Code
 from cake.wire.handshake import refuse_while_loading
 from cake.wire.protocol import HANDSHAKE_MAX_FRAME_BYTES, ErrorMessage
 from cake.wire.transport import Link, LinkError
+from cake.wire.worker_connection import HANDSHAKE_TIMEOUT_S, MAX_UNAUTHENTICATED, try_send
 
 log = logging.getLogger("cake.worker")
-
-HANDSHAKE_TIMEOUT_S = 10.0
-MAX_WAITING = 16  # handshakes under way at once; more are told to come back
 
 
 class LoadingListener:
@@ -84,9 +81,9 @@ class LoadingListener:
         address = writer.get_extra_info("peername")
         peer = f"{address[0]}:{address[1]}" if address else "peer"
         link = Link(reader, writer, peer, max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES)
-        if self._waiting >= MAX_WAITING:
+        if self._waiting >= MAX_UNAUTHENTICATED:
             busy = f"worker {self.name} is loading its blocks; try again shortly"
-            await _try_send(link, ErrorMessage(message=busy, code=Code.HANDSHAKE_BUSY.value))
+            await try_send(link, ErrorMessage(message=busy, code=Code.HANDSHAKE_BUSY.value))
             await link.wait_closed()
             return
         self._waiting += 1
@@ -105,17 +102,12 @@ class LoadingListener:
             self.answered += 1
         except CakeError as exc:  # the key or the hello is wrong: say so now, not after loading
             log.warning("connection from %s while loading: %s; closing it", peer, exc)
-            await _try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
+            await try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
         except (TimeoutError, asyncio.TimeoutError, LinkError):
             pass
         finally:
             self._waiting -= 1
             await link.wait_closed()
-
-
-async def _try_send(link: Link, message: ErrorMessage) -> None:
-    with contextlib.suppress(LinkError):
-        await link.send(message)
 
 
 class LoadProgress:

@@ -125,7 +125,7 @@ async def serve_connection(
             log.warning(
                 "connection from %s refused: %d handshakes under way", peer, MAX_UNAUTHENTICATED
             )
-            await _try_send(
+            await try_send(
                 link,
                 ErrorMessage(
                     message=f"worker {worker.name} has {MAX_UNAUTHENTICATED} connections in "
@@ -148,10 +148,10 @@ async def serve_connection(
         await _serve_requests(worker, conn, link, tasks)
     except CakeError as exc:  # a refusal in the handshake, or a ProtocolError at any time
         log.warning("connection %d from %s: %s (%s); closing it", conn, peer, exc, exc.code.value)
-        await _try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
+        await try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
     except MemoryError:  # buffering a frame: its framing is lost with it, so the link goes
         log.error("connection %d from %s: out of memory reading a frame; closing it", conn, peer)
-        await _try_send(
+        await try_send(
             link,
             ErrorMessage(
                 message=f"worker {worker.name} ran out of memory receiving a frame of up to "
@@ -188,6 +188,6 @@ async def _serve_requests(
             raise ProtocolError(f"a master does not send {type(message).__name__!r}")
 
 
-async def _try_send(link: Link, message: ErrorMessage) -> None:
+async def try_send(link: Link, message: ErrorMessage) -> None:
     with contextlib.suppress(LinkError):
         await link.send(message)
