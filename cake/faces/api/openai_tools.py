@@ -149,19 +149,15 @@ async def tool_chat_stream(
         return out
 
     yield chunk({"role": "assistant", "content": ""})
-    parser, pieces = chat.parser()
-    for line in chunks(pieces):
-        yield line
-    event = first
-    while not isinstance(event, Finished):
-        if isinstance(event, BaseException):
-            yield sse({"error": generation_error(event, chat.param).body})
+    async for item in chat.streamed_pieces(generation, first):
+        if isinstance(item, BaseException):
+            yield sse({"error": generation_error(item, chat.param).body})
             return
-        for line in chunks(parser.push(event.text)):
+        if isinstance(item, Finished):
+            event = item
+            break
+        for line in chunks(item):
             yield line
-        event = await generation.events.get()
-    for line in chunks(parser.finish()):
-        yield line
     yield chunk({}, finish_reason(calls, event))
     if include_usage:
         yield sse({**base, "choices": [], "usage": event.usage()})

@@ -9,13 +9,13 @@ their requests into a `ToolChat` (Hugging Face chat messages, cake's `Tool`s and
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cake.decoding.grammar import GrammarSpec
 from cake.faces.api.errors import ApiError
-from cake.faces.api.service import Service
+from cake.faces.api.service import Event, Finished, Generation, Service
 from cake.model.tool_calls import (
     Piece,
     Tool,
@@ -134,3 +134,21 @@ class ToolChat:
             self.prompt.format, self.choice.allowed(self.tools), self.choice.parallel
         )
         return parser, parser.push(self.prompt.answer_start)
+
+    async def streamed_pieces(
+        self, generation: Generation, first: Event
+    ) -> AsyncIterator[list[Piece] | Finished | BaseException]:
+        """A streamed answer as both APIs shape it: the parsed pieces, batch by batch as the
+        text arrives (the answer's start written in the prompt first), then how it ended: the
+        generation's Finished, or what went wrong."""
+        parser, pieces = self.parser()
+        yield pieces
+        item = first
+        while not isinstance(item, Finished):
+            if isinstance(item, BaseException):
+                yield item
+                return
+            yield parser.push(item.text)
+            item = await generation.events.get()
+        yield parser.finish()
+        yield item

@@ -87,9 +87,10 @@ async def message_stream(
     yield event("ping", {})
     blocks = 0  # blocks started so far
     text_open = False
+    called = False  # a tool_use block was sent
 
     def events(pieces: list[Piece]) -> list[str]:
-        nonlocal blocks, text_open
+        nonlocal blocks, text_open, called
         out = []
         for piece in pieces:
             if isinstance(piece, str):
@@ -104,28 +105,24 @@ async def message_stream(
                 out.append(event("content_block_stop", {"index": blocks - 1}))
                 text_open = False
             out += tool_use_events(piece, blocks)
-            blocks += 1
+            blocks, called = blocks + 1, True
         return out
 
-    parser, pieces = chat.parser()
-    for line in events(pieces):
-        yield line
-    item = first
-    while not isinstance(item, Finished):
+    async for item in chat.streamed_pieces(generation, first):
         if isinstance(item, BaseException):
             yield event("error", anthropic_error_body(generation_error(item, chat.param)))
             return
-        for line in events(parser.push(item.text)):
+        if isinstance(item, Finished):
+            finished = item
+            break
+        for line in events(item):
             yield line
-        item = await generation.events.get()
-    for line in events(parser.finish()):
-        yield line
     if text_open:
         yield event("content_block_stop", {"index": blocks - 1})
-    reason, sequence = stop_reason(item, bool(parser.calls))
+    reason, sequence = stop_reason(finished, called)
     delta = {"stop_reason": reason, "stop_sequence": sequence}
     yield event(
-        "message_delta", {"delta": delta, "usage": {"output_tokens": item.completion_tokens}}
+        "message_delta", {"delta": delta, "usage": {"output_tokens": finished.completion_tokens}}
     )
     yield event("message_stop", {})
 
