@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cake.model.gguf.mapped import MappedBlocks
 from cake.model.kernels.probe import DECODE_ROWS, Choice, choose
 from cake.model.llama import Projection
+from cake.model.mapped_linear import MappedEmbedding, MappedLinear, mapped_kernels
 from cake.model.quant import DEFAULT_GROUP_SIZE, QuantizedTensor, Weight, quantize
 
 
@@ -192,14 +194,15 @@ class ConcatProjection(nn.Module):
         self.out_features = sum(p.out_features for p in parts)
 
     def describe(self) -> str:
-        return "+".join(describe(p) for p in self.parts)
+        kinds = [describe(p) for p in self.parts]
+        return kinds[0] if len(set(kinds)) == 1 else "+".join(kinds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 def build_projection(
-    parts: Sequence[Weight],
+    parts: Sequence[Weight | MappedBlocks],
     quantize_to: str | None,
     device: torch.device,
     dtype: torch.dtype,
@@ -210,14 +213,22 @@ def build_projection(
     """The final module for one (possibly fused) projection, built from its checkpoint weights.
 
     Float weights are quantized to `quantize_to` (or kept dense in `dtype` when None); weights
-    that are already quantized (GGUF, quantized bundles) are used as they are. Parts quantized
-    differently cannot share one kernel call, so they run side by side (ConcatProjection).
+    that are already quantized (GGUF, quantized bundles) are used as they are: GGUF blocks
+    mapped from the file run where they lie when this machine's kernels read them so
+    (mapped_linear.py), else they are converted. Parts quantized differently cannot share one
+    kernel call, so they run side by side (ConcatProjection).
     """
+    mapped = [p for p in parts if isinstance(p, MappedBlocks)]
+    choice = mapped_kernels(mapped, device, serves_rows, logits) if mapped == parts else None
+    if choice is not None:
+        modules = [MappedLinear(p, dtype, choice) for p in mapped]
+        return modules[0] if len(modules) == 1 else ConcatProjection(modules)
+    weights = [p.to_quantized() if isinstance(p, MappedBlocks) else p for p in parts]
     quantized = [
         part
         if isinstance(part, QuantizedTensor) or quantize_to is None
         else quantize(part, quantize_to, group_size)
-        for part in parts
+        for part in weights
     ]
     if all(isinstance(p, torch.Tensor) for p in quantized):
         return Projection([p.to(device=device, dtype=dtype) for p in quantized])
@@ -233,7 +244,7 @@ def build_projection(
 
 def describe(module: nn.Module) -> str:
     """What a projection module runs: 'int8', 'int4/g32', 'bf16', ..."""
-    if isinstance(module, (QuantizedLinear, ConcatProjection)):
+    if isinstance(module, (QuantizedLinear, ConcatProjection, MappedLinear, MappedEmbedding)):
         return module.describe()
     weight = getattr(module, "weight", None)
     return str(weight.dtype).removeprefix("torch.") if weight is not None else "?"
@@ -245,6 +256,6 @@ def kernels_of(modules: Sequence[nn.Module]) -> dict[str, str]:
     found: dict[str, str] = {}
     for module in modules:
         for sub in module.modules():
-            if isinstance(sub, QuantizedLinear):
+            if isinstance(sub, (QuantizedLinear, MappedLinear)):
                 found.setdefault(sub.describe(), sub.kernels())
     return found

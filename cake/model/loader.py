@@ -22,10 +22,17 @@ from cake.model.assemble import as_float, build_block, norm
 from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint
+from cake.model.gguf.mapped import MappedBlocks
 from cake.model.kernels.probe import activations_dtype, can_serve_rows
 from cake.model.layout import EMBEDDING, FINAL_NORM, HEAD, checkpoint_shapes
 from cake.model.linear import build_projection, describe, kernels_of
 from cake.model.llama import Block, Llama
+from cake.model.mapped_linear import (
+    MappedEmbedding,
+    MappedLinear,
+    looks_up_mapped,
+    mapped_kernels,
+)
 from cake.model.quant import (
     DEFAULT_GROUP_SIZE,
     Quantization,
@@ -34,6 +41,8 @@ from cake.model.quant import (
     quantize,
 )
 from cake.model.weight_cache import CachedPart, open_cache
+
+Stored = Weight | MappedBlocks  # a weight as the checkpoint hands it over
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +95,13 @@ def load_llama(
     scheme = quantization.scheme if quantization else None
     group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
 
-    def read(names: list[str], sources: dict[str, str] | None = None) -> list[Weight]:
+    # GGUF blocks cake's CPU kernels read as stored are mapped, not read (gguf/mapped.py).
+    mapped = {"mapped": True} if isinstance(checkpoint, GGUFCheckpoint) else {}
+
+    def read(names: list[str], sources: dict[str, str] | None = None) -> list[Stored]:
         # Float weights that will be quantized are read as stored (quantize reads row chunks).
         tensors = checkpoint.load(
-            names, None if scheme else dtype, "cpu" if scheme else device, sources
+            names, None if scheme else dtype, "cpu" if scheme else device, sources, **mapped
         )
         for name in names:
             shape = tuple(tensors[name].shape)
@@ -103,7 +115,7 @@ def load_llama(
     def floats(names: list[str]) -> list[torch.Tensor]:
         return [as_float(w, dtype, device) for w in checkpoint.load(names, dtype, device).values()]
 
-    def project(weights: list[Weight]) -> nn.Module:
+    def project(weights: list[Stored]) -> nn.Module:
         return build_projection(weights, scheme, device, dtype, group)
 
     layers: dict[int, Block] = {}
@@ -134,8 +146,7 @@ def load_llama(
             final_norm = norm(config, floats([FINAL_NORM])[0])
         if with_embedding and not (tied and head is not None):  # while the last entries write
             (weight,) = read([EMBEDDING])
-            table = embedding_weight(weight, dtype).to(device)
-            embedding = nn.Embedding.from_pretrained(table)
+            embedding = embedding_module(weight, dtype, device)
     model = Llama(config, layers, embedding, final_norm, head, dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)
@@ -202,14 +213,25 @@ def head_weight(
     return quantize(weight, "int8") if scheme else weight
 
 
-def embedding_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """An untied embedding table stays float: a stored quantized one is dequantized."""
-    return weight.dequantize(dtype) if isinstance(weight, QuantizedTensor) else weight.to(dtype)
+def embedding_module(weight: Stored, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An untied embedding table: Q4 blocks this machine's kernels read are looked up where they
+    lie in the mapped file; any other table is float (a stored quantized one dequantized)."""
+    if isinstance(weight, MappedBlocks):
+        if looks_up_mapped(device):
+            return MappedEmbedding(weight, dtype)
+        weight = weight.to_quantized()
+    table = weight.dequantize(dtype) if isinstance(weight, QuantizedTensor) else weight.to(dtype)
+    return nn.Embedding.from_pretrained(table.to(device))
 
 
 def _build_head(
-    weight: Weight, scheme: str | None, serves_rows: bool, device: torch.device, dtype: torch.dtype
+    weight: Stored, scheme: str | None, serves_rows: bool, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
+    if isinstance(weight, MappedBlocks):
+        choice = mapped_kernels([weight], device, serves_rows, logits=True)
+        if choice is not None:
+            return MappedLinear(weight, dtype, choice)
+        weight = weight.to_quantized()
     int4_rows = isinstance(weight, QuantizedTensor) and can_serve_rows(weight, device)
     return build_projection(
         [head_weight(weight, scheme, serves_rows, int4_rows)],

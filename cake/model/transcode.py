@@ -28,7 +28,7 @@ from cake.model.checkpoint import INDEX_FILE, Checkpoint, head_source, open_chec
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint
 from cake.model.layout import EMBEDDING, HEAD, checkpoint_shapes, is_linear_weight
-from cake.model.loader import embedding_weight, head_weight
+from cake.model.loader import head_weight
 from cake.model.quant import DEFAULT_GROUP_SIZE, Quantization, QuantizedTensor, Weight, quantize
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def stored_form(
     elif name == HEAD or (name == EMBEDDING and tied):
         weight = head_weight(weight, scheme, serves_rows=name == EMBEDDING)
     elif name == EMBEDDING and isinstance(weight, QuantizedTensor):
-        weight = embedding_weight(weight, torch.bfloat16)
+        weight = weight.dequantize(torch.bfloat16)
     return weight
 
 

@@ -1,12 +1,16 @@
 """The tensors of a GGUF file under their Hugging Face names, each read from its own bytes.
 
-Tensor bytes are read with plain file reads, not through gguf's memory map: mapped pages that
-were read stay counted in the process's resident memory, which would double a worker's
-footprint. Which tensor is where comes from names.py (a 3-D expert tensor is indexed as one
-tensor per expert); what its bytes become from blocks.py; here the stored conventions are undone
-(names.py says which architecture has which):
+Tensor bytes that are converted are read with plain file reads (pages of a mapping that were
+read and then converted would stay counted in the process's resident memory beside the
+converted copy). Q4_0 and Q4_1 blocks, which cake's CPU kernels read as stored, are not read at
+all: with `mapped` they come back as views of the mapped file (mapped.py).
+
+Which tensor is where comes from names.py (a 3-D expert tensor is indexed as one tensor per
+expert); what its bytes become from blocks.py; here the stored conventions are undone (names.py
+says which architecture has which):
 - q_proj and k_proj rows are put back in Hugging Face order from llama.cpp's RoPE order (a
-  permutation of whole rows, so quantized rows move unchanged; transformers does the same);
+  permutation of whole rows, so quantized rows move unchanged; transformers does the same; a
+  mapped weight keeps its rows and gathers its outputs instead);
 - Gemma's norm weights, stored as 1 + w, become w (the block adds its offset back, in float32:
   (1 + w) - 1 is exact for the weights norms hold, so the scale is the stored one bit for bit).
 """
@@ -23,8 +27,11 @@ import torch
 from cake.errors import ModelFolderError
 from cake.model.gguf.blocks import FLOAT_TYPES, decode
 from cake.model.gguf.header import read_header
+from cake.model.gguf.mapped import MappedBlocks, can_map, mapped_blocks
 from cake.model.gguf.names import NORMS_PLUS_ONE, ROPE_PERMUTED, tensor_index
 from cake.model.quant import QuantizedTensor
+
+Stored = torch.Tensor | QuantizedTensor | MappedBlocks
 
 
 class GGUFCheckpoint:
@@ -62,10 +69,13 @@ class GGUFCheckpoint:
         dtype: torch.dtype | None,
         device: torch.device | str = "cpu",
         sources: dict[str, str] | None = None,
-    ) -> dict[str, torch.Tensor | QuantizedTensor]:
-        """Float tensors in `dtype` on `device`; quantized ones as QuantizedTensor on the CPU."""
+        mapped: bool = False,
+    ) -> dict[str, torch.Tensor | QuantizedTensor | MappedBlocks]:
+        """Float tensors in `dtype` on `device`; quantized ones as QuantizedTensor on the CPU,
+        or with `mapped`, those whose blocks cake's kernels read as stored as MappedBlocks
+        (views of the mapped file, nothing read yet)."""
         sources = sources or {}
-        out: dict[str, torch.Tensor | QuantizedTensor] = {}
+        out: dict[str, torch.Tensor | QuantizedTensor | MappedBlocks] = {}
         with open(self.path, "rb") as file:
             for name in names:
                 stored = sources.get(name, name)
@@ -74,6 +84,10 @@ class GGUFCheckpoint:
                         f"tensor {stored!r} (needed for {name!r}) is not in {self.path}"
                     )
                 kind, shape, offset, nbytes = self.entries[stored]
+                if mapped and can_map(kind, shape):
+                    blocks = mapped_blocks(self.path, kind, (shape[0], shape[1]), offset, nbytes)
+                    out[name] = self._as_stored_by_hugging_face(stored, blocks)
+                    continue
                 file.seek(offset)
                 raw = np.frombuffer(file.read(nbytes), dtype=np.uint8)
                 if raw.size != nbytes:
@@ -84,9 +98,7 @@ class GGUFCheckpoint:
                 out[name] = tensor
         return out
 
-    def _as_stored_by_hugging_face(
-        self, name: str, tensor: torch.Tensor | QuantizedTensor
-    ) -> torch.Tensor | QuantizedTensor:
+    def _as_stored_by_hugging_face(self, name: str, tensor: Stored) -> Stored:
         if self.norms_plus_one and name.endswith("norm.weight"):
             return tensor.dequantize() - 1 if isinstance(tensor, QuantizedTensor) else tensor - 1
         module = name.rsplit(".", 1)[0].split(".", 3)[-1]  # "self_attn.q_proj"
@@ -95,4 +107,6 @@ class GGUFCheckpoint:
             return tensor
         out = tensor.shape[0]
         order = torch.arange(out).reshape(heads, out // heads // 2, 2).transpose(1, 2).reshape(-1)
-        return tensor.rows(order) if isinstance(tensor, QuantizedTensor) else tensor[order]
+        if isinstance(tensor, (QuantizedTensor, MappedBlocks)):
+            return tensor.rows(order)
+        return tensor[order]

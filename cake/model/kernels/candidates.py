@@ -211,7 +211,7 @@ class DequantGemmInt4(CakeKernel):
                 start, end, tile.data_ptr(), native.threads(),
             )  # fmt: skip
 
-        return _tiled_gemm(x, q.shape[0], dequantize)
+        return tiled_gemm(x, q.shape[0], dequantize)
 
 
 # --- int8 ------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class DequantGemmInt8(CakeKernel):
                 native.threads(),
             )  # fmt: skip
 
-        return _tiled_gemm(x, q.shape[0], dequantize)
+        return tiled_gemm(x, q.shape[0], dequantize)
 
 
 class FbgemmInt8(Kernel):
@@ -305,7 +305,7 @@ class Dense(Kernel):
         return F.linear(x.to(KERNEL_DTYPE), packed["weight"])
 
 
-def _tiled_gemm(x: torch.Tensor, out: int, dequantize: Any) -> torch.Tensor:
+def tiled_gemm(x: torch.Tensor, out: int, dequantize: Any) -> torch.Tensor:
     """x @ W.T with W dequantized a tile of rows at a time into one reused f32 buffer."""
     x = x.to(torch.float32).contiguous()
     cols = x.shape[1]

@@ -24,7 +24,7 @@
 
 extern "C" {
 
-int cake_kernels_version() { return 1; }
+int cake_kernels_version() { return 2; }
 
 int cake_cpu_has_avx2() {
     __builtin_cpu_init();
@@ -76,7 +76,9 @@ struct QuantRow {
     float* sum;     // per block: the exact sum of its 32 activations
 };
 
-static void quantize_row(const float* x, int64_t K, QuantRow r) {
+// halves: the column order of GGUF's Q4_0/Q4_1 bytes (byte j holds values j and j + 16 of its
+// block), where cake's own bytes hold 2j and 2j + 1.
+static void quantize_row(const float* x, int64_t K, QuantRow r, bool halves = false) {
     int64_t blocks = K / 32;
     for (int64_t b = 0; b < blocks; ++b) {
         const float* xb = x + b * 32;
@@ -89,7 +91,8 @@ static void quantize_row(const float* x, int64_t K, QuantRow r) {
             int hi = (int)lrintf(xb[j] * inv_hi);
             int lo = (int)lrintf((xb[j] - (float)hi * step_hi) * inv_lo);
             lo = lo > 127 ? 127 : (lo < -127 ? -127 : lo);
-            int column = (j % 2) * 32 + j / 2;  // even columns first, odd after
+            // the low nibbles' values first, the high nibbles' after
+            int column = halves ? (j / 16) * 32 + j % 16 : (j % 2) * 32 + j / 2;
             pair[column] = (int8_t)hi;
             pair[64 + column] = (int8_t)lo;
         }
@@ -439,6 +442,165 @@ void cake_silu_mul(const float* gu, int64_t rows, int64_t inner, float* out) {
             _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(vg, denom), _mm256_loadu_ps(u + i)));
         }
         for (; i < inner; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+}  // extern "C"
+
+// --- GGUF's Q4_0 and Q4_1 blocks, used where they lie in the mapped file --------------------
+//
+// A row of K values is K/32 blocks of BYTES bytes: Q4_0 (18) = d (f16), 16 bytes of nibbles;
+// Q4_1 (20) = d, m (f16), 16 bytes. Byte j of a block holds value j (low nibble) and j + 16
+// (high); w = d * (q - 8) for Q4_0, d * q + m for Q4_1. The same integer dot products as the
+// int4 kernel above (pair_dot), on activations quantized in the halves order.
+
+static inline float f16_to_f32(const uint8_t* p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return _cvtsh_ss(v);
+}
+
+// 8 consecutive blocks' f16 at byte `at` of each block -> 8 floats.
+template <int BYTES>
+static inline __m256 load_f16_strided(const uint8_t* first, int at) {
+    // Inserted lane by lane: eight 2-byte stores and one 16-byte load of them would stall on
+    // store forwarding.
+    uint16_t h[8];
+    for (int i = 0; i < 8; ++i) memcpy(h + i, first + i * BYTES + at, 2);
+    __m128i v = _mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4],
+                               (short)h[5], (short)h[6], (short)h[7]);
+    return _mm256_cvtph_ps(v);
+}
+
+// Dot products of one row of blocks with up to 4 activation rows.
+template <int B, int BYTES>
+static inline void dot_row_q4(const uint8_t* row, int64_t K, const QuantRow* x, float* out) {
+    const int QS = BYTES - 16;  // where a block's nibbles start
+    __m256 acc[B], macc[B];
+    for (int b = 0; b < B; ++b) { acc[b] = _mm256_setzero_ps(); macc[b] = _mm256_setzero_ps(); }
+    int64_t blocks = K / 32, blk = 0;
+    for (; blk + 8 <= blocks; blk += 8) {
+        const uint8_t* first = row + blk * BYTES;
+        _mm_prefetch((const char*)(first + PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char*)(first + PREFETCH_BYTES + 64), _MM_HINT_T0);
+        _mm_prefetch((const char*)(first + PREFETCH_BYTES + 128), _MM_HINT_T0);
+        __m256 s8 = load_f16_strided<BYTES>(first, 0);
+        __m256 m8 = BYTES == 20 ? load_f16_strided<BYTES>(first, 2)
+                                : _mm256_mul_ps(_mm256_set1_ps(-8.f), s8);
+        __m256 d8[B];
+        for (int b = 0; b < B; ++b) {
+            d8[b] = _mm256_mul_ps(s8, _mm256_loadu_ps(x[b].scale + blk));
+            macc[b] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(x[b].sum + blk), macc[b]);
+        }
+        __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (int p = 0; p < 4; ++p, pick = _mm256_add_epi32(pick, _mm256_set1_epi32(2))) {
+            const uint8_t* a = first + 2 * p * BYTES + QS;
+            __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(a + BYTES)),
+                                         _mm_loadu_si128((const __m128i*)a));
+            for (int b = 0; b < B; ++b) {
+                __m256 dot = _mm256_cvtepi32_ps(pair_dot(v, x[b].parts + (blk / 2 + p) * 128));
+                acc[b] = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(d8[b], pick), acc[b]);
+            }
+        }
+    }
+    float mins[B];
+    for (int b = 0; b < B; ++b) mins[b] = 0.f;
+    for (; blk < blocks; blk += 2) {  // the rest a pair at a time (the last may be single)
+        bool single = blk + 1 == blocks;
+        const uint8_t* a = row + blk * BYTES;
+        __m128i va = _mm_loadu_si128((const __m128i*)(a + QS));
+        __m256i v = single ? _mm256_zextsi128_si256(va)
+                           : _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(a + BYTES + QS)), va);
+        float sa = f16_to_f32(a), ma = BYTES == 20 ? f16_to_f32(a + 2) : -8.f * sa;
+        float sb = single ? 0.f : f16_to_f32(a + BYTES);
+        float mb = single ? 0.f : (BYTES == 20 ? f16_to_f32(a + BYTES + 2) : -8.f * sb);
+        for (int b = 0; b < B; ++b) {
+            float da = sa * x[b].scale[blk], db = single ? 0.f : sb * x[b].scale[blk + 1];
+            __m256 d = _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da));
+            __m256 dot = _mm256_cvtepi32_ps(pair_dot(v, x[b].parts + (blk / 2) * 128));
+            acc[b] = _mm256_fmadd_ps(dot, d, acc[b]);
+            mins[b] += ma * x[b].sum[blk] + (single ? 0.f : mb * x[b].sum[blk + 1]);
+        }
+    }
+    for (int b = 0; b < B; ++b) out[b] = hsum(acc[b]) + hsum(macc[b]) + mins[b];
+}
+
+template <int BYTES>
+static void q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                      float* y, int threads) {
+    int64_t blocks = K / 32, row_bytes = blocks * BYTES;
+    int64_t x_bytes = (blocks + 1) / 2 * 128;
+    int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * x_bytes + 64));
+    float* fx = (float*)aligned_alloc(64, (size_t)(M * blocks * 2 * sizeof(float) + 64));
+    QuantRow* rows = (QuantRow*)malloc(sizeof(QuantRow) * (size_t)M);
+    for (int64_t m = 0; m < M; ++m) {
+        rows[m] = QuantRow{qx + m * x_bytes, fx + m * blocks * 2, fx + m * blocks * 2 + blocks};
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (M * K > 32768)
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, rows[m], true);
+
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wn = w + n * row_bytes;
+        int64_t m = 0;
+        float out[4];
+        for (; m + 4 <= M; m += 4) {
+            dot_row_q4<4, BYTES>(wn, K, rows + m, out);
+            for (int b = 0; b < 4; ++b) y[(m + b) * N + n] = out[b];
+        }
+        for (; m + 2 <= M; m += 2) {
+            dot_row_q4<2, BYTES>(wn, K, rows + m, out);
+            for (int b = 0; b < 2; ++b) y[(m + b) * N + n] = out[b];
+        }
+        for (; m < M; ++m) {
+            dot_row_q4<1, BYTES>(wn, K, rows + m, out);
+            y[m * N + n] = out[0];
+        }
+    }
+    free(rows);
+    free(fx);
+    free(qx);
+}
+
+template <int BYTES>
+static void q4_dequantize_row(const uint8_t* row, int64_t K, float* o) {
+    const int QS = BYTES - 16;
+    for (int64_t blk = 0; blk < K / 32; ++blk) {
+        const uint8_t* a = row + blk * BYTES;
+        float s = f16_to_f32(a), m = BYTES == 20 ? f16_to_f32(a + 2) : -8.f * s;
+        __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+        __m128i v = _mm_loadu_si128((const __m128i*)(a + QS));
+        __m128i halves[2] = {_mm_and_si128(v, _mm_set1_epi8(0x0F)),
+                             _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F))};
+        for (int h = 0; h < 2; ++h) {  // values 0-15 (low nibbles), 16-31 (high)
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(halves[h]));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8)));
+            _mm256_storeu_ps(o + blk * 32 + h * 16, _mm256_fmadd_ps(lo, vs, vm));
+            _mm256_storeu_ps(o + blk * 32 + h * 16 + 8, _mm256_fmadd_ps(hi, vs, vm));
+        }
+    }
+}
+
+extern "C" {
+
+// y (M, N) f32 = x (M, K) f32 @ W.T for W stored as GGUF Q4_0 (block_bytes 18) or Q4_1 (20)
+// blocks, row after row. K % 32 == 0.
+void cake_q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t block_bytes,
+                    int64_t N, float* y, int threads) {
+    if (block_bytes == 20) q4_linear<20>(x, M, K, w, N, y, threads);
+    else q4_linear<18>(x, M, K, w, N, y, threads);
+}
+
+// The W rows listed in `rows` (n of them) dequantized to f32 into out (n, K): the prefill
+// path's tiles and a stored embedding table's looked-up rows.
+void cake_q4_dequantize(const uint8_t* w, int64_t block_bytes, int64_t K, const int64_t* rows,
+                        int64_t n, float* out, int threads) {
+    int64_t row_bytes = K / 32 * block_bytes;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * K > 32768)
+    for (int64_t i = 0; i < n; ++i) {
+        const uint8_t* row = w + rows[i] * row_bytes;
+        if (block_bytes == 20) q4_dequantize_row<20>(row, K, out + i * K);
+        else q4_dequantize_row<18>(row, K, out + i * K);
     }
 }
 

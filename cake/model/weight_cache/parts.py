@@ -38,6 +38,7 @@ from torch import nn
 
 from cake.host.memory import note_mapped_weights
 from cake.model.kernels import native, probe
+from cake.model.mapped_linear import is_mapped
 from cake.model.quant import Quantization
 from cake.model.weight_cache.entry import CorruptEntry, read_entry, write_entry
 from cake.model.weight_cache.fingerprint import source_fingerprint
@@ -82,6 +83,7 @@ class WeightCache:
         self.folder, self.key, self.device, self.dtype = folder, key, device, dtype
         self.mapped = 0  # projections mapped from entries
         self.packed = 0  # projections packed from the source
+        self.in_place = 0  # projections run where they lie in the source (mapped_linear.py)
         self.written = 0  # bytes written (by the writer thread)
         self.writing = 0  # entries handed to the writer thread
         self.in_use: set[Path] = set()
@@ -161,6 +163,8 @@ class WeightCache:
             return None
         line = f"packed weights: {self.mapped} projections mapped from {self.folder}"
         line += f", {self.packed} packed"
+        if self.in_place:
+            line += f" ({self.in_place} more run where they lie in the model file)"
         if self.writing:
             line += f" ({self.writing} {'entry' if self.writing == 1 else 'entries'} being "
             line += "written to the cache)"
@@ -204,6 +208,9 @@ class CachedPart:
                 self.cache.mapped += 1
                 return module
         module = build()
+        if is_mapped(module):  # runs where it lies in the source file: nothing to keep
+            self.cache.in_place += 1
+            return module
         self.cache.packed += 1
         if self.path is None:
             return module

@@ -1,0 +1,96 @@
+"""GGUF Q4_0 and Q4_1 weights used where they lie: views of the file's mapped pages.
+
+cake's own CPU kernels read these two block formats as stored (cpu_avx2.cpp, `cake_q4_linear`),
+so such a weight is never read into memory, converted or packed: its module holds a view of the
+file mapping, the first forward pages the bytes in, and every process that maps the same file
+on one machine shares one copy of them in the page cache (a master and its workers on one host
+hold the weights once; a restarted worker finds them still cached). Other formats are converted
+as blocks.py says (and kept in the packed-weight cache).
+
+The file is mapped once per process, read-only, and stays mapped while any view of it lives.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from cake.errors import ModelFolderError
+from cake.model.gguf.blocks import decode
+from cake.model.quant import QuantizedTensor
+
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 values
+
+
+@dataclass(frozen=True)
+class MappedBlocks:
+    """One (out, in) Q4_0/Q4_1 weight in the mapped file: `data` holds its `out` rows of
+    in / 32 blocks each, as stored.
+
+    order: the stored rows are in another order than the model's (llama.cpp keeps q and k rows
+    in its RoPE order): output i of the weight is stored row order[i], so a product computed on
+    the stored rows is gathered back (y[:, order]); rows are never moved.
+    """
+
+    kind: str  # "Q4_0" or "Q4_1"
+    data: torch.Tensor  # uint8 (out, in // 32 * BLOCK_BYTES[kind]), a view of the mapping
+    shape: tuple[int, int]
+    order: torch.Tensor | None = None  # int64 (out,)
+
+    @property
+    def block_bytes(self) -> int:
+        return BLOCK_BYTES[self.kind]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, ids: torch.Tensor) -> MappedBlocks:
+        """The same weight with its outputs permuted: output i is output ids[i] of this one."""
+        order = ids if self.order is None else self.order[ids]
+        return replace(self, order=order.to(torch.int64), shape=(len(ids), self.shape[1]))
+
+    def to_quantized(self) -> QuantizedTensor:
+        """cake's int4 form of it (where the stored blocks are not what runs: another kernel,
+        another device), converted as blocks.py converts any Q4 tensor."""
+        converted = decode(self.data.numpy().reshape(-1), self.kind, self.shape)
+        assert isinstance(converted, QuantizedTensor)
+        return converted if self.order is None else converted.rows(self.order)
+
+
+def can_map(kind: str, shape: tuple[int, ...]) -> bool:
+    """Whether a GGUF tensor of this type and shape can be used as MappedBlocks."""
+    return kind in BLOCK_BYTES and len(shape) == 2 and shape[1] % 32 == 0
+
+
+def mapped_blocks(
+    path: Path, kind: str, shape: tuple[int, int], offset: int, nbytes: int
+) -> MappedBlocks:
+    """The tensor whose bytes lie at [offset, offset + nbytes) of the GGUF file at `path`."""
+    out, cols = shape
+    if nbytes != out * cols // 32 * BLOCK_BYTES[kind]:
+        raise ModelFolderError(f"{path}: a {kind} tensor of shape {shape} cannot be {nbytes} bytes")
+    whole = _file_bytes(str(path.resolve()), os.stat(path).st_mtime_ns)
+    if offset + nbytes > whole.numel():
+        raise ModelFolderError(
+            f"{path} is truncated: a tensor ends at byte {offset + nbytes}, the file has "
+            f"{whole.numel()}; download it again"
+        )
+    return MappedBlocks(kind, whole[offset : offset + nbytes].view(out, -1), (out, cols))
+
+
+@functools.lru_cache(maxsize=8)
+def _file_bytes(path: str, mtime_ns: int) -> torch.Tensor:
+    """The whole file as a uint8 tensor over a read-only mapping (once per file and process;
+    `mtime_ns` makes a rewritten file a new mapping)."""
+    with open(path, "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():  # "not writable": nothing writes to weights
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapping, dtype=torch.uint8)

@@ -1,0 +1,142 @@
+"""Projections and embedding tables over GGUF blocks used where they lie (gguf/mapped.py).
+
+`MappedLinear` runs a Q4_0/Q4_1 weight from the mapped file through cake's own kernels
+(cpu_avx2.cpp): decode-shaped inputs (at most DECODE_ROWS rows) through `cake_q4_linear`, the
+int4 kernel's integer dot products on the stored blocks; prefill-shaped ones as f32 tiles of
+dequantized rows and the BLAS GEMM. It runs where the measured choice for an int4 weight of its
+shape is cake's avx2 or dequant-gemm kernel (`mapped_kernels`): the same loops over the same
+bytes, nothing to pack.
+Elsewhere (another kernel measured faster, named with --kernels, a GPU, no AVX2) the weight is
+converted (MappedBlocks.to_quantized) and packed as any GGUF weight.
+
+`MappedEmbedding` is an untied Q4 embedding table looked up from the stored blocks, a row
+dequantized per token, so the table is never held in floats (the Llama-3-8B shape's would be
+2 GiB).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cake.host.memory import note_mapped_weights
+from cake.model.gguf.mapped import MappedBlocks
+from cake.model.kernels import native, probe
+from cake.model.kernels.candidates import tiled_gemm
+from cake.model.kernels.probe import DECODE_ROWS
+
+GROUP = 32  # values per GGUF block: the int4 group size these weights are measured as
+
+
+# The kernels chosen for cake's int4 layout that have a twin reading the stored blocks.
+TWINS = ("avx2", "dequant-gemm")
+
+
+def mapped_kernels(
+    parts: list[MappedBlocks],
+    device: torch.device,
+    serves_rows: bool = False,
+    logits: bool = False,
+) -> probe.Choice | None:
+    """The kernels the parts of one projection (fused along the output) run as stored here:
+    those measured (or named) for the fused weight's shape, as the converted weight would run,
+    where both have a twin on the stored blocks; None where they do not (see the module
+    docstring)."""
+    if not parts or device.type != "cpu" or native.unavailable_reason() is not None:
+        return None
+    shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+    choice = probe.choose("int4", shape, GROUP, device, serves_rows, logits)
+    return choice if {choice.decode.name, choice.prefill.name} <= set(TWINS) else None
+
+
+def looks_up_mapped(device: torch.device) -> bool:
+    """Whether an untied Q4 embedding table is looked up from its mapped blocks here: on the
+    CPU with cake's kernels, unless --kernels names another kernel (dense: everything
+    dequantized; torch: torch's ops)."""
+    usable = device.type == "cpu" and native.unavailable_reason() is None
+    return usable and probe.named() in (probe.AUTO, "avx2")
+
+
+def is_mapped(module: nn.Module) -> bool:
+    """Whether a projection runs wholly from mapped blocks (nothing of it to pack or cache)."""
+    leaves = [m for m in module.modules() if not list(m.children())]
+    return bool(leaves) and all(isinstance(m, MappedLinear) for m in leaves)
+
+
+def dequantized_rows(weight: MappedBlocks, stored_rows: torch.Tensor, out: torch.Tensor) -> None:
+    """Stored rows `stored_rows` (int64) of `weight`, as f32, into `out` (len(rows), in)."""
+    native.library().cake_q4_dequantize(
+        weight.data.data_ptr(), weight.block_bytes, weight.shape[1], stored_rows.data_ptr(),
+        len(stored_rows), out.data_ptr(), native.threads(),
+    )  # fmt: skip
+
+
+class MappedLinear(nn.Module):
+    """y = x @ W.T for a MappedBlocks W (see the module docstring). The blocks are neither a
+    parameter nor a buffer: .to() and state_dict leave the mapping alone."""
+
+    def __init__(
+        self, weight: MappedBlocks, dtype: torch.dtype, choice: probe.Choice | None = None
+    ) -> None:
+        super().__init__()
+        self.blocks = weight
+        # Row counts up to this take the integer kernel (avx2), larger ones dequantized tiles
+        # and the GEMM (dequant-gemm): as the choice for the converted weight says.
+        self.kernel_rows = DECODE_ROWS
+        if choice is not None:
+            decode, prefill = choice.decode.name, choice.prefill.name
+            self.kernel_rows = 0 if decode != "avx2" else DECODE_ROWS if prefill != "avx2" else -1
+        self.choice = choice
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype  # the stage's activations: what forward returns, rows() too
+        self._all_rows = torch.arange(weight.data.shape[0], dtype=torch.int64)
+        note_mapped_weights(weight.nbytes)
+
+    def describe(self) -> str:
+        return f"{self.blocks.kind.lower()} (mapped)"
+
+    def kernels(self) -> str:
+        return self.choice.describe() if self.choice else "avx2 decode, dequant-gemm prefill"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # (rows, in)
+        stored = self.blocks.data.shape[0]
+        if x2.shape[0] <= self.kernel_rows or self.kernel_rows < 0:
+            y = torch.empty(x2.shape[0], stored, dtype=torch.float32)
+            native.library().cake_q4_linear(
+                x2.data_ptr(), x2.shape[0], self.in_features, self.blocks.data.data_ptr(),
+                self.blocks.block_bytes, stored, y.data_ptr(), native.threads(),
+            )  # fmt: skip
+        else:
+
+            def dequantize(start: int, end: int, tile: torch.Tensor) -> None:
+                dequantized_rows(self.blocks, self._all_rows[start:end], tile)
+
+            y = tiled_gemm(x2, stored, dequantize)
+        if self.blocks.order is not None:  # outputs back in the model's order
+            y = y.index_select(1, self.blocks.order)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W, dequantized (a tied head doubles as the embedding table)."""
+        flat = ids.reshape(-1).to(torch.int64)
+        stored = flat if self.blocks.order is None else self.blocks.order[flat]
+        out = torch.empty(len(flat), self.in_features, dtype=torch.float32)
+        dequantized_rows(self.blocks, stored.contiguous(), out)
+        return out.reshape(*ids.shape, self.in_features).to(self.dtype)
+
+
+class MappedEmbedding(nn.Module):
+    """An embedding table of Q4 blocks in the mapped file, rows dequantized per lookup."""
+
+    def __init__(self, weight: MappedBlocks, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = MappedLinear(weight, dtype)
+        self.embedding_dim = weight.shape[1]
+
+    def describe(self) -> str:
+        return self.table.describe()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.rows(ids)

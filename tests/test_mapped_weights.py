@@ -1,0 +1,147 @@
+"""GGUF Q4_0/Q4_1 weights run where they lie in the mapped file (cake/model/gguf/mapped.py,
+cake/model/mapped_linear.py): the products equal those of the stored weight, rows come back
+exact, a loaded model's blocks are views of the file (no copy), and where cake's kernels are
+not available the same file loads converted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf_files import write_gguf
+
+from cake.errors import ModelFolderError
+from cake.model.config import LlamaConfig
+from cake.model.gguf import resolve_model_path
+from cake.model.gguf.mapped import BLOCK_BYTES, MappedBlocks, mapped_blocks
+from cake.model.kernels import native, probe
+from cake.model.linear import describe
+from cake.model.loader import load_llama
+from cake.model.mapped_linear import MappedEmbedding, MappedLinear
+
+needs_native = pytest.mark.skipif(
+    native.library() is None, reason=f"no native kernels: {native.unavailable_reason()}"
+)
+
+
+def random_blocks(kind: str, out: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random Q4 blocks with plausible f16 scales (and Q4_1 minimums), flat bytes."""
+    rng = np.random.default_rng(seed)
+    size, n = BLOCK_BYTES[kind], out * cols // 32
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    raw[:, :2] = (rng.random(n) * 0.02 + 1e-3).astype(np.float16).view(np.uint8).reshape(n, 2)
+    if kind == "Q4_1":
+        raw[:, 2:4] = (-rng.random(n) * 0.1).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return raw.reshape(-1)
+
+
+def stored_weight(raw: np.ndarray, kind: str, out: int, cols: int) -> torch.Tensor:
+    """The (out, cols) f64 weight the blocks stand for, from the format's definition."""
+    size = BLOCK_BYTES[kind]
+    blocks = raw.reshape(-1, size)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float64)
+    low = blocks[:, 2:4].copy().view(np.float16).astype(np.float64) if kind == "Q4_1" else -8 * d
+    nibbles = blocks[:, size - 16 :]
+    values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float64)
+    return torch.from_numpy((values * d + low).reshape(out, cols))
+
+
+def mapped(tmp_path: Path, kind: str, out: int, cols: int) -> tuple[MappedBlocks, torch.Tensor]:
+    raw = random_blocks(kind, out, cols)
+    path = tmp_path / f"{kind}.bin"
+    path.write_bytes(b"\0" * 64 + raw.tobytes())  # at an offset, as in a GGUF file
+    return mapped_blocks(path, kind, (out, cols), 64, raw.size), stored_weight(raw, kind, out, cols)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # decode kernel up to 16 rows, tiles beyond
+def test_products_are_those_of_the_stored_weight(tmp_path: Path, kind: str, rows: int) -> None:
+    blocks, weight = mapped(tmp_path, kind, 96, 352)  # 11 blocks a row: the odd tail too
+    x = torch.randn(rows, 352)
+    y = MappedLinear(blocks, torch.float32)(x)
+    exact = x.double() @ weight.T
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-4
+
+
+@needs_native
+def test_a_permuted_weight_gathers_its_outputs_and_rows(tmp_path: Path) -> None:
+    """q/k rows stay in llama.cpp's order in the file; the module answers in the model's."""
+    blocks, weight = mapped(tmp_path, "Q4_0", 64, 128)
+    order = torch.randperm(64)
+    module = MappedLinear(blocks.rows(order), torch.float32)
+    x = torch.randn(2, 128)
+    exact = x.double() @ weight[order].T
+    assert ((module(x).double() - exact).norm() / exact.norm()).item() < 1e-4
+    ids = torch.tensor([[5, 0], [63, 5]])
+    torch.testing.assert_close(module.rows(ids), weight[order][ids].float(), rtol=0, atol=0)
+
+
+@needs_native
+def test_an_embedding_table_hands_out_exact_rows(tmp_path: Path) -> None:
+    blocks, weight = mapped(tmp_path, "Q4_1", 50, 64)
+    ids = torch.tensor([[3, 49, 3, 0]])
+    rows = MappedEmbedding(blocks, torch.bfloat16)(ids)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (1, 4, 64)
+    torch.testing.assert_close(rows, weight[ids].to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_truncated_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "short.gguf"
+    path.write_bytes(b"\0" * 100)
+    with pytest.raises(ModelFolderError, match=r"truncated.*download it again"):
+        mapped_blocks(path, "Q4_0", (4, 64), 0, 4 * 2 * 18)
+
+
+@pytest.fixture(scope="module")
+def q4_0_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mapped") / "tiny-q4_0.gguf"
+    write_gguf(tiny_llama, path, "Q4_0")
+    return path
+
+
+@needs_native
+def test_a_loaded_model_runs_views_of_the_file(q4_0_gguf: Path) -> None:
+    """Every block projection, the head and the embedding of a Q4_0 file are views of one
+    mapping of it (nothing copied), and the model answers as the converted load of the same file
+    does (the mapped scales are f16 as stored, the converted ones bf16: close, not equal)."""
+    q4_0_model = resolve_model_path(q4_0_gguf)
+    config = LlamaConfig.from_folder(q4_0_model)
+    probe.use("avx2")
+    try:
+        part = load_llama(q4_0_model, range(config.n_layers), True, True, max_seq_len=16)
+    finally:
+        probe.use(probe.AUTO)
+    modules = [m for m in part.modules() if isinstance(m, MappedLinear)]
+    assert len(modules) == 7 * config.n_layers + 2  # q, k, v, o, gate, up, down; head; table
+    assert isinstance(part.model.embed_tokens, MappedEmbedding)
+    bases = {m.blocks.data.untyped_storage().data_ptr() for m in modules}
+    assert len(bases) == 1  # one mapping of the file, which every weight is a view of
+    start, size = bases.pop(), q4_0_gguf.stat().st_size
+    for module in modules:
+        offset = module.blocks.data.data_ptr() - start
+        assert offset >= 0 and offset + module.blocks.nbytes <= size
+
+    probe.use("dense")
+    try:
+        converted = load_llama(q4_0_model, range(config.n_layers), True, True, max_seq_len=16)
+    finally:
+        probe.use(probe.AUTO)
+    assert not any(isinstance(m, MappedLinear) for m in converted.modules())
+    tokens = torch.tensor([[1, 7, 42, 99, 3]])
+    with torch.inference_mode():
+        ours, theirs = (
+            model.head(model.run_blocks(model.embed(tokens), 0, model.new_cache(16), model.blocks))
+            for model in (part, converted)
+        )
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 0.02
+
+
+def test_without_cake_kernels_the_blocks_are_converted(
+    q4_0_gguf: Path, without_native_kernels: None
+) -> None:
+    part = load_llama(resolve_model_path(q4_0_gguf), [0], True, True, max_seq_len=16)
+    assert describe(part.model.layers["0"].self_attn.qkv) == "int4/g32"
+    assert not any(isinstance(m, (MappedLinear, MappedEmbedding)) for m in part.modules())
