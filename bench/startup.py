@@ -2,7 +2,7 @@
 
     python -m bench.startup [--rounds 3] [--models 1b,demo]
 
-Each model is started as `cake-cli --model FILE --prompt hi -n 1 --temperature 0`, a fresh
+Each model is started as `cake-cli --model FILE --prompt hi --raw -n 1 --temperature 0`, a fresh
 process each time, and timed from the process's start to the first byte on its stdout (the
 first token). Per round and model, in this order:
 - cold: no packed weights in the cache (the folder emptied): the first start, which converts,
@@ -75,7 +75,8 @@ def model_file(name: str) -> Path:
 
 def first_token_seconds(model: Path, cache: Path, *flags: str) -> float:
     """Seconds from starting `cake-cli` to the first byte of its output (the first token)."""
-    command = [sys.executable, "-m", "cake.cli", "--model", str(model), "--prompt", "hi"]
+    # --raw: the prompt as llama.cpp's run below takes it (one token, no chat template).
+    command = [sys.executable, "-m", "cake.cli", "--model", str(model), "--prompt", "hi", "--raw"]
     command += ["-n", "1", "--temperature", "0", *flags]
     env = {**os.environ, "CAKE_CACHE_DIR": str(cache)}
     env.pop("CAKE_NO_WEIGHT_CACHE", None)
@@ -150,8 +151,8 @@ def main() -> None:
     machine = machine_info(torch.get_num_threads())
     lines = [
         f"Machine: {cpu_label(machine)}, torch {machine['torch']}. Process start to the first "
-        f"streamed token of `cake-cli --model FILE --prompt hi -n 1 --temperature 0`, fastest "
-        f"of {args.rounds} rounds (load average at start {machine['load_average_start']}).",
+        "streamed token of `cake-cli --model FILE --prompt hi --raw -n 1 --temperature 0`, "
+        f"fastest of {args.rounds} rounds (load average at start {machine['load_average_start']}).",
         "",
         "| model | file | cold (first start) | warm (second start) | --no-weight-cache "
         "| warm / cold | warm / off |",

@@ -15,7 +15,14 @@ from gguf_files import write_gguf
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
 from cake.model.gguf import resolve_model_path
-from cake.model.gguf.mapped import BLOCK_BYTES, MappedBlocks, mapped_blocks
+from cake.model.gguf.mapped import (
+    BLOCK_BYTES,
+    PAGE,
+    MappedBlocks,
+    mapped_blocks,
+    page_in,
+    page_spans,
+)
 from cake.model.kernels import native, probe
 from cake.model.linear import describe
 from cake.model.loader import load_llama
@@ -93,6 +100,29 @@ def test_a_truncated_file_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 100)
     with pytest.raises(ModelFolderError, match=r"truncated.*download it again"):
         mapped_blocks(path, "Q4_0", (4, 64), 0, 4 * 2 * 18)
+
+
+def test_paging_in_covers_the_weights_pages_once(tmp_path: Path) -> None:
+    """Two weights side by side in the file page in as one span from the first's page start;
+    one far after them as its own; the thread that pages them in ends."""
+    raw = random_blocks("Q4_0", 64, 256)
+    path = tmp_path / "three.bin"
+    far = 5 * PAGE
+    path.write_bytes(b"\0" * 100 + raw.tobytes() * 2 + b"\0" * far + raw.tobytes())
+    first, second, third = (
+        mapped_blocks(path, "Q4_0", (64, 256), offset, raw.size)
+        for offset in (100, 100 + raw.size, 100 + 2 * raw.size + far)
+    )
+    base = first.data.data_ptr() - 100
+    spans = page_spans([third, second, first])
+    assert spans == [
+        (base, base + 100 + 2 * raw.size),
+        ((base + 100 + 2 * raw.size + far) // PAGE * PAGE, third.data.data_ptr() + raw.size),
+    ]
+    thread = page_in([first, second, third])
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cake.model.assemble import as_float, build_block, norm
 from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint
-from cake.model.gguf.mapped import MappedBlocks
+from cake.model.gguf.mapped import MappedBlocks, page_in
 from cake.model.kernels.probe import activations_dtype, can_serve_rows
 from cake.model.layout import EMBEDDING, FINAL_NORM, HEAD, checkpoint_shapes
 from cake.model.linear import build_projection, describe, kernels_of
@@ -150,6 +150,10 @@ def load_llama(
     model = Llama(config, layers, embedding, final_norm, head, dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     model.setup_rope(max_seq_len)
+    # Every mapped block and head weight is read by the first forward; the embedding table's
+    # rows only as tokens ask for them.
+    computed = [*layers.values(), *([head] if head is not None else [])]
+    page_in(m.blocks for part in computed for m in part.modules() if isinstance(m, MappedLinear))
     release_free_memory()
     summary = cache.summary()
     if summary:
