@@ -84,8 +84,10 @@ def _setup_weight_cache(opts: dict) -> bool:
     """--no-weight-cache, --weight-cache-size; --cache-info and --clear-weight-cache print and
     end the run (True)."""
     from cake.model import weight_cache
+    from cake.model.gguf import mapped
 
     weight_cache.configure(not opts["no_weight_cache"], opts["weight_cache_size"])
+    mapped.configure(False if opts["no_mmap"] else None)
     if opts["clear_weight_cache"]:
         click.echo(weight_cache.clear())
     if opts["cache_info"]:
@@ -220,6 +222,13 @@ def _fail(message: str) -> None:
     envvar="CAKE_NO_WEIGHT_CACHE",
     help="Convert and pack a GGUF's weights at every start instead of mapping the packed copy "
     "kept in the cache folder after the first (or set CAKE_NO_WEIGHT_CACHE=1).",
+)
+@click.option(
+    "--no-mmap",
+    is_flag=True,
+    envvar="CAKE_NO_MMAP",
+    help="Read and convert a GGUF's Q4_0/Q4_1 weights instead of running them where they lie "
+    "in the mapped file (for a file on a slow network filesystem; or set CAKE_NO_MMAP=1).",
 )
 @click.option(
     "--weight-cache-size",

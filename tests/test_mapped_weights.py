@@ -175,3 +175,10 @@ def test_without_cake_kernels_the_blocks_are_converted(
     part = load_llama(resolve_model_path(q4_0_gguf), [0], True, True, max_seq_len=16)
     assert describe(part.model.layers["0"].self_attn.qkv) == "int4/g32"
     assert not any(isinstance(m, (MappedLinear, MappedEmbedding)) for m in part.modules())
+
+
+def test_no_mmap_converts_the_blocks(q4_0_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-mmap (CAKE_NO_MMAP=1): the blocks are read and converted, as without cake's kernels."""
+    monkeypatch.setenv("CAKE_NO_MMAP", "1")
+    part = load_llama(resolve_model_path(q4_0_gguf), [0], True, True, max_seq_len=16)
+    assert not any(isinstance(m, (MappedLinear, MappedEmbedding)) for m in part.modules())

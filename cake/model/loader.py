@@ -23,6 +23,7 @@ from cake.model.checkpoint import head_source, open_checkpoint
 from cake.model.config import LlamaConfig
 from cake.model.gguf import GGUFCheckpoint
 from cake.model.gguf.mapped import MappedBlocks, page_in
+from cake.model.gguf.mapped import enabled as maps
 from cake.model.kernels.probe import activations_dtype, can_serve_rows
 from cake.model.layout import EMBEDDING, FINAL_NORM, HEAD, checkpoint_shapes
 from cake.model.linear import build_projection, describe, kernels_of
@@ -96,7 +97,7 @@ def load_llama(
     group = quantization.group_size if quantization else DEFAULT_GROUP_SIZE
 
     # GGUF blocks cake's CPU kernels read as stored are mapped, not read (gguf/mapped.py).
-    mapped = {"mapped": True} if isinstance(checkpoint, GGUFCheckpoint) else {}
+    mapped = {"mapped": True} if isinstance(checkpoint, GGUFCheckpoint) and maps() else {}
 
     def read(names: list[str], sources: dict[str, str] | None = None) -> list[Stored]:
         # Float weights that will be quantized are read as stored (quantize reads row chunks).

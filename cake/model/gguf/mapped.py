@@ -36,6 +36,23 @@ MADV_WILLNEED, MADV_POPULATE_READ = 3, 22  # Linux; POPULATE_READ since 5.14
 PAGE = mmap.PAGESIZE
 
 
+OFF_VARIABLE = "CAKE_NO_MMAP"  # set (to anything but 0): off, as --no-mmap
+_enabled: bool | None = None  # None: as OFF_VARIABLE says
+
+
+def configure(enabled: bool | None) -> None:
+    """--no-mmap, for every load in this process (None: as CAKE_NO_MMAP says)."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    """Whether loads map the blocks cake's kernels read as stored (else they convert them)."""
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get(OFF_VARIABLE, "").strip() in ("", "0")
+
+
 @dataclass(frozen=True)
 class MappedBlocks:
     """One (out, in) Q4_0/Q4_1 weight in the mapped file: `data` holds its `out` rows of
