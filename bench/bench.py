@@ -26,13 +26,13 @@ from bench.goals import evaluate
 from bench.hop import measure_hop
 from bench.layout import measure_layout
 from bench.machine import cpu_features, cpu_model, load_average, machine_info, read_bandwidth
-from bench.memory import idle_torch_rss
 from bench.models import MODEL_KEYS, SMOLLM2, default_cache_dir, resolve_model
 from bench.netns import measure_netns
 from bench.report import write
 from bench.streamed import measure_streamed
 from bench.throughput import RunSettings, measure_model
 from bench.worker_hop import measure_worker_hop
+from bench.worker_memory import idle_torch_rss
 
 log = logging.getLogger("bench")
 

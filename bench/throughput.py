@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from bench.machine import load_average
-from bench.memory import worker_rows
 from bench.models import ModelSpec, bytes_per_token
 from bench.runs import CakeRunner, Measurement, Runner, TransformersRunner, alternate, warm_up
 from bench.stats import ratios, spread
+from bench.worker_memory import worker_rows
 
 log = logging.getLogger("bench")
 
