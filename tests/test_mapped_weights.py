@@ -14,7 +14,8 @@ from gguf_files import write_gguf
 
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
-from cake.model.gguf import resolve_model_path
+from cake.model.gguf import GGUFCheckpoint, resolve_model_path
+from cake.model.gguf import mapped as mapped_module
 from cake.model.gguf.mapped import (
     BLOCK_BYTES,
     PAGE,
@@ -182,3 +183,28 @@ def test_no_mmap_converts_the_blocks(q4_0_gguf: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("CAKE_NO_MMAP", "1")
     part = load_llama(resolve_model_path(q4_0_gguf), [0], True, True, max_seq_len=16)
     assert not any(isinstance(m, (MappedLinear, MappedEmbedding)) for m in part.modules())
+
+
+def test_float_tensors_are_views_of_the_mapping(tiny_llama: Path, tmp_path: Path) -> None:
+    """An F32 GGUF's weights run in float32 are the file's bytes where they lie: an unfused
+    projection (o_proj, kept as stored) is a view into the mapping, and copy-on-write keeps a
+    write to it off the file."""
+    path = tmp_path / "tiny-f32.gguf"
+    write_gguf(tiny_llama, path, "F32")
+    folder = resolve_model_path(path)
+    checkpoint = GGUFCheckpoint(path, *_heads(folder))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    (weight,) = checkpoint.load([name], torch.float32, "cpu", mapped=True).values()
+    (read,) = checkpoint.load([name], torch.float32, "cpu").values()
+    assert torch.equal(weight, read)
+    base = mapped_module._file_bytes(str(path.resolve()), path.stat().st_mtime_ns)
+    offset = weight.data_ptr() - base.data_ptr()
+    assert 0 < offset < path.stat().st_size
+    before = path.read_bytes()
+    weight.add_(1.0)  # nothing in cake writes weights; were it to, the file stays as it was
+    assert path.read_bytes() == before
+
+
+def _heads(folder: Path) -> tuple[int, int]:
+    config = LlamaConfig.from_folder(folder)
+    return config.n_heads, config.n_kv_heads

@@ -2,8 +2,9 @@
 
 Tensor bytes that are converted are read with plain file reads (pages of a mapping that were
 read and then converted would stay counted in the process's resident memory beside the
-converted copy). Q4_0 and Q4_1 blocks, which cake's CPU kernels read as stored, are not read at
-all: with `mapped` they come back as views of the mapped file (mapped.py).
+converted copy). With `mapped`, Q4_0 and Q4_1 blocks, which cake's CPU kernels read as stored,
+and float tensors come back as views of the mapped file instead (mapped.py): not read at all
+until they are used or copied.
 
 Which tensor is where comes from names.py (a 3-D expert tensor is indexed as one tensor per
 expert); what its bytes become from blocks.py; here the stored conventions are undone (names.py
@@ -27,7 +28,7 @@ import torch
 from cake.errors import ModelFolderError
 from cake.model.gguf.blocks import FLOAT_TYPES, decode
 from cake.model.gguf.header import read_header
-from cake.model.gguf.mapped import MappedBlocks, can_map, mapped_blocks
+from cake.model.gguf.mapped import MappedBlocks, can_map, mapped_blocks, mapped_floats
 from cake.model.gguf.names import NORMS_PLUS_ONE, ROPE_PERMUTED, tensor_index
 from cake.model.quant import QuantizedTensor
 
@@ -87,6 +88,11 @@ class GGUFCheckpoint:
                 if mapped and can_map(kind, shape):
                     blocks = mapped_blocks(self.path, kind, (shape[0], shape[1]), offset, nbytes)
                     out[name] = self._as_stored_by_hugging_face(stored, blocks)
+                    continue
+                if mapped and kind in FLOAT_TYPES:
+                    view = mapped_floats(self.path, kind, shape, offset, nbytes)
+                    tensor = self._as_stored_by_hugging_face(stored, view)
+                    out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
                     continue
                 file.seek(offset)
                 raw = np.frombuffer(file.read(nbytes), dtype=np.uint8)

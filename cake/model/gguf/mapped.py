@@ -7,18 +7,18 @@ on one machine shares one copy of them in the page cache (a master and its worke
 hold the weights once; a restarted worker finds them still cached). Other formats are converted
 as blocks.py says (and kept in the packed-weight cache).
 
-The file is mapped once per process, read-only, and stays mapped while any view of it lives.
+Float tensors (F32, F16, BF16) are views of the mapping too (`mapped_floats`): used in place
+where the run keeps them as stored. The file is mapped once per process and stays mapped while
+any view of it lives.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import mmap
 import os
 import threading
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,8 +28,6 @@ import torch
 from cake.errors import ModelFolderError
 from cake.model.gguf.blocks import decode
 from cake.model.quant import QuantizedTensor
-
-log = logging.getLogger(__name__)
 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 values
 MADV_WILLNEED, MADV_POPULATE_READ = 3, 22  # Linux; POPULATE_READ since 5.14
@@ -101,24 +99,38 @@ def mapped_blocks(
     out, cols = shape
     if nbytes != out * cols // 32 * BLOCK_BYTES[kind]:
         raise ModelFolderError(f"{path}: a {kind} tensor of shape {shape} cannot be {nbytes} bytes")
+    return MappedBlocks(kind, _view(path, offset, nbytes).view(out, -1), (out, cols))
+
+
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def mapped_floats(
+    path: Path, kind: str, shape: tuple[int, ...], offset: int, nbytes: int
+) -> torch.Tensor:
+    """A float tensor of the GGUF file as a view of its mapping (a run in another dtype, or a
+    layout that fuses or transposes it, copies it then; one used as it is stays in place)."""
+    return _view(path, offset, nbytes).view(FLOAT_DTYPES[kind]).reshape(shape)
+
+
+def _view(path: Path, offset: int, nbytes: int) -> torch.Tensor:
     whole = _file_bytes(str(path.resolve()), os.stat(path).st_mtime_ns)
     if offset + nbytes > whole.numel():
         raise ModelFolderError(
             f"{path} is truncated: a tensor ends at byte {offset + nbytes}, the file has "
             f"{whole.numel()}; download it again"
         )
-    return MappedBlocks(kind, whole[offset : offset + nbytes].view(out, -1), (out, cols))
+    return whole[offset : offset + nbytes]
 
 
 @functools.lru_cache(maxsize=8)
 def _file_bytes(path: str, mtime_ns: int) -> torch.Tensor:
-    """The whole file as a uint8 tensor over a read-only mapping (once per file and process;
-    `mtime_ns` makes a rewritten file a new mapping)."""
+    """The whole file as a uint8 tensor over a private mapping (once per file and process;
+    `mtime_ns` makes a rewritten file a new mapping). Copy-on-write: nothing writes weights,
+    and were something to, it would get its own page, never the file's nor a crash."""
     with open(path, "rb") as file:
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    with warnings.catch_warnings():  # "not writable": nothing writes to weights
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mapping, dtype=torch.uint8)
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def page_in(weights: Iterable[MappedBlocks]) -> threading.Thread | None:
