@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cake.model.fast_tokenizer import FastTokenizer
+
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema or Lark grammar's text; OpenAI's own limits are similar
 MAX_SCHEMA_DEPTH = 64  # JSON containers in a schema (an object property nests two: ~30 levels)
 CACHED_GRAMMARS = 64  # compiled specs kept per tokenizer
@@ -114,9 +116,14 @@ class _Compiler:
     """One tokenizer's llguidance tokenizer and its compiled specs (an LRU)."""
 
     def __init__(self, tokenizer: Any) -> None:
+        import llguidance
         import llguidance.hf
 
-        self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer)
+        if isinstance(tokenizer, FastTokenizer):  # the same tokenizer.json transformers' wraps
+            eos = tokenizer.eos_token_id
+            self.lltokenizer = llguidance.LLTokenizer(tokenizer.to_json(), eos_token=eos)
+        else:
+            self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer)
         self.vocab_size: int = self.lltokenizer.vocab_size
         self._compiled: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()

@@ -10,6 +10,7 @@ from typing import Any
 
 from cake.errors import ModelFolderError
 from cake.model.config import LlamaConfig
+from cake.model.fast_tokenizer import FastTokenizer, is_plain, read_config
 from cake.model.gguf import ensure_tokenizer_files, gguf_file_of
 
 log = logging.getLogger(__name__)
@@ -20,16 +21,22 @@ LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    """The folder's tokenizer: a GGUF's converted one as cake's FastTokenizer where it is plain
+    (no transformers import: fast_tokenizer.py), any other through transformers."""
     gguf = gguf_file_of(Path(folder)) if os.path.isdir(folder) else None
     if gguf is not None:
         ensure_tokenizer_files(Path(folder))
-    # A GGUF file's tokenizer loads as transformers converted it from the file (gguf/folder.py):
-    # AutoTokenizer would rebuild it as the class its config's model_type names, and Qwen2's,
-    # say, brings its own pre-tokenizer whatever the file's says.
-    loader = AutoTokenizer if gguf is None else PreTrainedTokenizerFast
     try:
+        if gguf is not None:
+            config = read_config(Path(folder))
+            if is_plain(Path(folder), config):
+                return FastTokenizer(Path(folder), config)
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        # A GGUF file's tokenizer loads as transformers converted it from the file
+        # (gguf/folder.py): AutoTokenizer would rebuild it as the class its config's model_type
+        # names, and Qwen2's, say, brings its own pre-tokenizer whatever the file's says.
+        loader = AutoTokenizer if gguf is None else PreTrainedTokenizerFast
         return loader.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
         raise ModelFolderError(
