@@ -121,23 +121,47 @@ static inline __m256i pair_dot(__m256i v, const int8_t* x) {
     return _mm256_add_epi32(_mm256_madd_epi16(hi, hi_weight), _mm256_madd_epi16(lo, ones));
 }
 
-// Dot products of one int4 weight row with up to 4 activation rows. G32: the group size is 32,
-// so 8 blocks' scales load as one vector.
-template <int B, bool G32>
-static inline void dot_row(const uint8_t* q, const uint16_t* sc, const uint16_t* zr, int64_t K,
-                           int64_t G, const QuantRow* x, float* out) {
+// One row of int4 weights as the dot products read it: cake's layout (below) or GGUF's Q4_0/Q4_1
+// blocks (further down). For 8 blocks from `blk` (EIGHT: when the layout holds one scale per
+// block): their scales and "mins" (w = scale * q + min, so min = zero - 8 scale); one pair of
+// blocks' 32 weight bytes (block a in bytes 0-15, a+1 in 16-31); one block's scale and min.
+struct CakeInt4Row {
+    const uint8_t* q;
+    const uint16_t* sc;
+    const uint16_t* zr;  // null: all zero
+    int64_t per_group;   // blocks of 32 per group
+    static const int BYTES_PER_BLOCK = 16;
+    const uint8_t* bytes(int64_t blk) const { return q + blk * 16; }
+    __m256 scales8(int64_t blk) const { return load_bf16x8(sc + blk); }
+    __m256 mins8(int64_t blk, __m256 s8) const {
+        __m256 z8 = zr ? load_bf16x8(zr + blk) : _mm256_setzero_ps();
+        return _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s8, z8);
+    }
+    __m256i pair(int64_t a) const { return _mm256_loadu_si256((const __m256i*)(q + a * 16)); }
+    __m128i one(int64_t a) const { return _mm_loadu_si128((const __m128i*)(q + a * 16)); }
+    float scale(int64_t blk) const { return bf16_to_f32(sc[blk / per_group]); }
+    float min(int64_t blk) const {
+        return (zr ? bf16_to_f32(zr[blk / per_group]) : 0.f) - 8.f * scale(blk);
+    }
+};
+
+// Dot products of one int4 weight row with up to 4 activation rows. EIGHT: 8 blocks' scales
+// load as one vector (cake's layout with groups of 32, GGUF's blocks).
+template <int B, bool EIGHT, class Row>
+static inline void dot_row(const Row& w, int64_t K, const QuantRow* x, float* out) {
     __m256 acc[B], macc[B];
     for (int b = 0; b < B; ++b) { acc[b] = _mm256_setzero_ps(); macc[b] = _mm256_setzero_ps(); }
     int64_t blocks = K / 32, blk = 0;
-    if (G32) {
+    if (EIGHT) {
         for (; blk + 8 <= blocks; blk += 8) {
             // The hardware prefetcher alone left ~15% of the bandwidth unused here (AVX2
             // EPYC, weights streamed from DRAM); 4 KiB ahead measured best of 1-16 KiB.
-            _mm_prefetch((const char*)(q + blk * 16 + PREFETCH_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char*)(q + blk * 16 + PREFETCH_BYTES + 64), _MM_HINT_T0);
-            __m256 s8 = load_bf16x8(sc + blk);
-            __m256 z8 = zr ? load_bf16x8(zr + blk) : _mm256_setzero_ps();
-            __m256 m8 = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s8, z8);
+            const char* ahead = (const char*)w.bytes(blk) + PREFETCH_BYTES;
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            if (Row::BYTES_PER_BLOCK > 16) _mm_prefetch(ahead + 128, _MM_HINT_T0);
+            __m256 s8 = w.scales8(blk);
+            __m256 m8 = w.mins8(blk, s8);
             __m256 d8[B];
             for (int b = 0; b < B; ++b) {
                 d8[b] = _mm256_mul_ps(s8, _mm256_loadu_ps(x[b].scale + blk));
@@ -146,7 +170,7 @@ static inline void dot_row(const uint8_t* q, const uint16_t* sc, const uint16_t*
             __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
             for (int p = 0; p < 4; ++p, pick = _mm256_add_epi32(pick, _mm256_set1_epi32(2))) {
                 int64_t a = blk + 2 * p;
-                __m256i v = _mm256_loadu_si256((const __m256i*)(q + a * 16));
+                __m256i v = w.pair(a);
                 for (int b = 0; b < B; ++b) {
                     __m256 dot = _mm256_cvtepi32_ps(pair_dot(v, x[b].parts + (a / 2) * 128));
                     acc[b] = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(d8[b], pick), acc[b]);
@@ -156,16 +180,11 @@ static inline void dot_row(const uint8_t* q, const uint16_t* sc, const uint16_t*
     }
     float mins[B];
     for (int b = 0; b < B; ++b) mins[b] = 0.f;
-    int64_t per_group = G / 32;
     for (; blk < blocks; blk += 2) {  // the rest a pair at a time (the last may be single)
         bool single = blk + 1 == blocks;
-        __m256i v = single ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(q + blk * 16)))
-                           : _mm256_loadu_si256((const __m256i*)(q + blk * 16));
-        float sa = bf16_to_f32(sc[blk / per_group]);
-        float ma = (zr ? bf16_to_f32(zr[blk / per_group]) : 0.f) - 8.f * sa;
-        float sb = single ? 0.f : bf16_to_f32(sc[(blk + 1) / per_group]);
-        float zb = single || !zr ? 0.f : bf16_to_f32(zr[(blk + 1) / per_group]);
-        float mb = zb - 8.f * sb;
+        __m256i v = single ? _mm256_zextsi128_si256(w.one(blk)) : w.pair(blk);
+        float sa = w.scale(blk), ma = w.min(blk);
+        float sb = single ? 0.f : w.scale(blk + 1), mb = single ? 0.f : w.min(blk + 1);
         for (int b = 0; b < B; ++b) {
             float da = sa * x[b].scale[blk], db = single ? 0.f : sb * x[b].scale[blk + 1];
             __m256 d = _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da));
@@ -177,11 +196,43 @@ static inline void dot_row(const uint8_t* q, const uint16_t* sc, const uint16_t*
     for (int b = 0; b < B; ++b) out[b] = hsum(acc[b]) + hsum(macc[b]) + mins[b];
 }
 
-template <int B>
-static inline void dot_row_any(const uint8_t* q, const uint16_t* sc, const uint16_t* zr,
-                               int64_t K, int64_t G, const QuantRow* x, float* out) {
-    if (G == 32) dot_row<B, true>(q, sc, zr, K, G, x, out);
-    else dot_row<B, false>(q, sc, zr, K, G, x, out);
+// y (M, N) = x (M, K) @ W.T, one weight row (`row_of(n)`) at a time, up to 4 activation rows
+// per pass over it. The activations are quantized first (QuantRow; `halves`: GGUF's order).
+template <bool EIGHT, class RowOf>
+static void int4_product(const float* x, int64_t M, int64_t K, int64_t N, bool halves,
+                         RowOf row_of, float* y, int threads) {
+    int64_t blocks = K / 32;
+    int64_t row_bytes = (blocks + 1) / 2 * 128;
+    int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * row_bytes + 64));
+    float* fx = (float*)aligned_alloc(64, (size_t)(M * blocks * 2 * sizeof(float) + 64));
+    QuantRow* rows = (QuantRow*)malloc(sizeof(QuantRow) * (size_t)M);
+    for (int64_t m = 0; m < M; ++m) {
+        rows[m] = QuantRow{qx + m * row_bytes, fx + m * blocks * 2, fx + m * blocks * 2 + blocks};
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (M * K > 32768)
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, rows[m], halves);
+
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        auto w = row_of(n);
+        int64_t m = 0;
+        float out[4];
+        for (; m + 4 <= M; m += 4) {
+            dot_row<4, EIGHT>(w, K, rows + m, out);
+            for (int b = 0; b < 4; ++b) y[(m + b) * N + n] = out[b];
+        }
+        for (; m + 2 <= M; m += 2) {
+            dot_row<2, EIGHT>(w, K, rows + m, out);
+            for (int b = 0; b < 2; ++b) y[(m + b) * N + n] = out[b];
+        }
+        for (; m < M; ++m) {
+            dot_row<1, EIGHT>(w, K, rows + m, out);
+            y[m * N + n] = out[0];
+        }
+    }
+    free(rows);
+    free(fx);
+    free(qx);
 }
 
 extern "C" {
@@ -191,40 +242,13 @@ extern "C" {
 void cake_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* q,
                       const uint16_t* scales, const uint16_t* zeros, int64_t N, int64_t G,
                       float* y, int threads) {
-    int64_t blocks = K / 32, groups = K / G;
-    int64_t row_bytes = (blocks + 1) / 2 * 128;
-    int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * row_bytes + 64));
-    float* fx = (float*)aligned_alloc(64, (size_t)(M * blocks * 2 * sizeof(float) + 64));
-    QuantRow* rows = (QuantRow*)malloc(sizeof(QuantRow) * (size_t)M);
-    for (int64_t m = 0; m < M; ++m) {
-        rows[m] = QuantRow{qx + m * row_bytes, fx + m * blocks * 2, fx + m * blocks * 2 + blocks};
-    }
-    #pragma omp parallel for num_threads(threads) schedule(static) if (M * K > 32768)
-    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, rows[m]);
-
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* qn = q + n * (K / 2);
-        const uint16_t* sn = scales + n * groups;
-        const uint16_t* zn = zeros ? zeros + n * groups : nullptr;
-        int64_t m = 0;
-        float out[4];
-        for (; m + 4 <= M; m += 4) {
-            dot_row_any<4>(qn, sn, zn, K, G, rows + m, out);
-            for (int b = 0; b < 4; ++b) y[(m + b) * N + n] = out[b];
-        }
-        for (; m + 2 <= M; m += 2) {
-            dot_row_any<2>(qn, sn, zn, K, G, rows + m, out);
-            for (int b = 0; b < 2; ++b) y[(m + b) * N + n] = out[b];
-        }
-        for (; m < M; ++m) {
-            dot_row_any<1>(qn, sn, zn, K, G, rows + m, out);
-            y[m * N + n] = out[0];
-        }
-    }
-    free(rows);
-    free(fx);
-    free(qx);
+    int64_t groups = K / G;
+    auto row_of = [=](int64_t n) {
+        return CakeInt4Row{q + n * (K / 2), scales + n * groups,
+                           zeros ? zeros + n * groups : nullptr, G / 32};
+    };
+    if (G == 32) int4_product<true>(x, M, K, N, false, row_of, y, threads);
+    else int4_product<false>(x, M, K, N, false, row_of, y, threads);
 }
 
 // Rows [r0, r1) of an int4 W, dequantized to f32 into out ((r1 - r0), K): the prefill path
@@ -463,8 +487,6 @@ static inline float f16_to_f32(const uint8_t* p) {
 // 8 consecutive blocks' f16 at byte `at` of each block -> 8 floats.
 template <int BYTES>
 static inline __m256 load_f16_strided(const uint8_t* first, int at) {
-    // Inserted lane by lane: eight 2-byte stores and one 16-byte load of them would stall on
-    // store forwarding.
     uint16_t h[8];
     for (int i = 0; i < 8; ++i) memcpy(h + i, first + i * BYTES + at, 2);
     __m128i v = _mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4],
@@ -472,94 +494,34 @@ static inline __m256 load_f16_strided(const uint8_t* first, int at) {
     return _mm256_cvtph_ps(v);
 }
 
-// Dot products of one row of blocks with up to 4 activation rows.
-template <int B, int BYTES>
-static inline void dot_row_q4(const uint8_t* row, int64_t K, const QuantRow* x, float* out) {
-    const int QS = BYTES - 16;  // where a block's nibbles start
-    __m256 acc[B], macc[B];
-    for (int b = 0; b < B; ++b) { acc[b] = _mm256_setzero_ps(); macc[b] = _mm256_setzero_ps(); }
-    int64_t blocks = K / 32, blk = 0;
-    for (; blk + 8 <= blocks; blk += 8) {
-        const uint8_t* first = row + blk * BYTES;
-        _mm_prefetch((const char*)(first + PREFETCH_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char*)(first + PREFETCH_BYTES + 64), _MM_HINT_T0);
-        _mm_prefetch((const char*)(first + PREFETCH_BYTES + 128), _MM_HINT_T0);
-        __m256 s8 = load_f16_strided<BYTES>(first, 0);
-        __m256 m8 = BYTES == 20 ? load_f16_strided<BYTES>(first, 2)
-                                : _mm256_mul_ps(_mm256_set1_ps(-8.f), s8);
-        __m256 d8[B];
-        for (int b = 0; b < B; ++b) {
-            d8[b] = _mm256_mul_ps(s8, _mm256_loadu_ps(x[b].scale + blk));
-            macc[b] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(x[b].sum + blk), macc[b]);
-        }
-        __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        for (int p = 0; p < 4; ++p, pick = _mm256_add_epi32(pick, _mm256_set1_epi32(2))) {
-            const uint8_t* a = first + 2 * p * BYTES + QS;
-            __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(a + BYTES)),
-                                         _mm_loadu_si128((const __m128i*)a));
-            for (int b = 0; b < B; ++b) {
-                __m256 dot = _mm256_cvtepi32_ps(pair_dot(v, x[b].parts + (blk / 2 + p) * 128));
-                acc[b] = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(d8[b], pick), acc[b]);
-            }
-        }
+// A row of Q4_0 (BYTES 18) or Q4_1 (20) blocks, for dot_row.
+template <int BYTES>
+struct GgufQ4Row {
+    const uint8_t* row;
+    static const int QS = BYTES - 16;  // where a block's nibbles start
+    static const int BYTES_PER_BLOCK = BYTES;
+    const uint8_t* bytes(int64_t blk) const { return row + blk * BYTES; }
+    __m256 scales8(int64_t blk) const { return load_f16_strided<BYTES>(bytes(blk), 0); }
+    __m256 mins8(int64_t blk, __m256 s8) const {
+        return BYTES == 20 ? load_f16_strided<BYTES>(bytes(blk), 2)
+                           : _mm256_mul_ps(_mm256_set1_ps(-8.f), s8);
     }
-    float mins[B];
-    for (int b = 0; b < B; ++b) mins[b] = 0.f;
-    for (; blk < blocks; blk += 2) {  // the rest a pair at a time (the last may be single)
-        bool single = blk + 1 == blocks;
-        const uint8_t* a = row + blk * BYTES;
-        __m128i va = _mm_loadu_si128((const __m128i*)(a + QS));
-        __m256i v = single ? _mm256_zextsi128_si256(va)
-                           : _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(a + BYTES + QS)), va);
-        float sa = f16_to_f32(a), ma = BYTES == 20 ? f16_to_f32(a + 2) : -8.f * sa;
-        float sb = single ? 0.f : f16_to_f32(a + BYTES);
-        float mb = single ? 0.f : (BYTES == 20 ? f16_to_f32(a + BYTES + 2) : -8.f * sb);
-        for (int b = 0; b < B; ++b) {
-            float da = sa * x[b].scale[blk], db = single ? 0.f : sb * x[b].scale[blk + 1];
-            __m256 d = _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da));
-            __m256 dot = _mm256_cvtepi32_ps(pair_dot(v, x[b].parts + (blk / 2) * 128));
-            acc[b] = _mm256_fmadd_ps(dot, d, acc[b]);
-            mins[b] += ma * x[b].sum[blk] + (single ? 0.f : mb * x[b].sum[blk + 1]);
-        }
+    __m256i pair(int64_t a) const {
+        return _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(bytes(a + 1) + QS)), one(a));
     }
-    for (int b = 0; b < B; ++b) out[b] = hsum(acc[b]) + hsum(macc[b]) + mins[b];
-}
+    __m128i one(int64_t a) const { return _mm_loadu_si128((const __m128i*)(bytes(a) + QS)); }
+    float scale(int64_t blk) const { return f16_to_f32(bytes(blk)); }
+    float min(int64_t blk) const {
+        return BYTES == 20 ? f16_to_f32(bytes(blk) + 2) : -8.f * scale(blk);
+    }
+};
 
 template <int BYTES>
 static void q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
                       float* y, int threads) {
-    int64_t blocks = K / 32, row_bytes = blocks * BYTES;
-    int64_t x_bytes = (blocks + 1) / 2 * 128;
-    int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * x_bytes + 64));
-    float* fx = (float*)aligned_alloc(64, (size_t)(M * blocks * 2 * sizeof(float) + 64));
-    QuantRow* rows = (QuantRow*)malloc(sizeof(QuantRow) * (size_t)M);
-    for (int64_t m = 0; m < M; ++m) {
-        rows[m] = QuantRow{qx + m * x_bytes, fx + m * blocks * 2, fx + m * blocks * 2 + blocks};
-    }
-    #pragma omp parallel for num_threads(threads) schedule(static) if (M * K > 32768)
-    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, rows[m], true);
-
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* wn = w + n * row_bytes;
-        int64_t m = 0;
-        float out[4];
-        for (; m + 4 <= M; m += 4) {
-            dot_row_q4<4, BYTES>(wn, K, rows + m, out);
-            for (int b = 0; b < 4; ++b) y[(m + b) * N + n] = out[b];
-        }
-        for (; m + 2 <= M; m += 2) {
-            dot_row_q4<2, BYTES>(wn, K, rows + m, out);
-            for (int b = 0; b < 2; ++b) y[(m + b) * N + n] = out[b];
-        }
-        for (; m < M; ++m) {
-            dot_row_q4<1, BYTES>(wn, K, rows + m, out);
-            y[m * N + n] = out[0];
-        }
-    }
-    free(rows);
-    free(fx);
-    free(qx);
+    int64_t row_bytes = K / 32 * BYTES;
+    auto row_of = [=](int64_t n) { return GgufQ4Row<BYTES>{w + n * row_bytes}; };
+    int4_product<true>(x, M, K, N, true, row_of, y, threads);
 }
 
 template <int BYTES>
