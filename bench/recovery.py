@@ -9,7 +9,9 @@ second worker's warm start is timed alone (process start to its "serving" line; 
 weights are in the cache from the cluster's first start). Then a master generates `--tokens`
 greedy tokens and, after `--kill-after`, the second worker is killed (SIGKILL, as a crash) and
 started again on its port; the stall is the longest pause between two tokens. Prints the table
-(goal: stall <= 1.5x the warm start) and writes bench/results/recovery.json.
+(goal: stall <= 1.5x the warm start), where the stall went (a timeline from the kill: the new
+process started, listening, its blocks loaded, serving; the master's log of the loss, its
+reconnection and replay; the next token) and writes bench/results/recovery.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -36,6 +39,48 @@ from cake.model.opener import open_model
 RESULTS = Path(__file__).resolve().parent / "results"
 GREEDY = SamplingParams(temperature=0)
 EXTRA = ("--device", "cpu", "--max-seq-len", "512")
+# The victim's log lines and the master's log records that mark the recovery's steps.
+WORKER_STEPS = {
+    "meanwhile)": "worker listening",
+    " runs blocks": "worker loaded",
+    "serving blocks": "worker serving",
+}
+MASTER_STEPS = {
+    "reconnecting": "master: loss noticed",
+    "cannot connect": "master: first reconnection attempt",
+    "is loading": "master: told it is loading",
+    "connected to worker w2": "master: reconnected",
+    "replaying": "master: replay started",
+    "replayed": "master: replay done",
+}
+
+
+class Stamps(logging.Handler):
+    """The master's log records, with the time each was made (time.perf_counter)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((time.perf_counter(), record.getMessage()))
+
+
+def timeline(
+    killed: float, victim: WorkerProcess, master: list[tuple[float, str]], arrivals: list[float]
+) -> list[tuple[float, str]]:
+    """(seconds after the kill, what happened) for each step of the recovery, in time order:
+    the first line that marks each step."""
+    events = [(victim.started, "worker process started")]
+    heard = zip(victim.heard, victim.lines, strict=False)  # it may be between the two appends
+    for steps, lines in (
+        (WORKER_STEPS, list(heard)),
+        (MASTER_STEPS, [(t, m) for t, m in master if t >= killed]),
+    ):
+        for marker, step in steps.items():
+            events += [(t, step) for t, line in lines if marker in line][:1]
+    events += [(t, "next token") for t in arrivals if t > killed][:1]
+    return sorted((t - killed, step) for t, step in events)
 
 
 def restart(model: Path, topology: Path, worker: WorkerProcess) -> tuple[WorkerProcess, float]:
@@ -51,15 +96,21 @@ def restart(model: Path, topology: Path, worker: WorkerProcess) -> tuple[WorkerP
 
 async def generate(
     model: Path, topology: Path, workers: dict[str, WorkerProcess], tokens: int, kill_after: int
-) -> tuple[list[float], float]:
-    """Token arrival times (seconds from the first), and the victim's restart time."""
+) -> tuple[list[float], float, list[tuple[float, str]]]:
+    """Token arrival times (seconds from the first), the victim's restart time, and the
+    recovery's timeline."""
     master = await Master.open(
         MasterSettings(model, topology, device="cpu", max_seq_len=512, retry_timeout=600)
     )
     arrivals: list[float] = []
     restarted: dict[str, float] = {}
+    stamps = Stamps()
+    cake_log = logging.getLogger("cake")
+    cake_log.addHandler(stamps)
+    cake_log.setLevel(logging.INFO)
 
     def crash_and_restart() -> None:
+        restarted["killed"] = time.perf_counter()
         workers["w2"].kill()
         workers["w2"], restarted["s"] = restart(model, topology, workers["w2"])
 
@@ -73,7 +124,9 @@ async def generate(
     finally:
         thread.join()
         await master.close()
-    return [t - arrivals[0] for t in arrivals], restarted["s"]
+        cake_log.removeHandler(stamps)
+    steps = timeline(restarted["killed"], workers["w2"], stamps.records, arrivals)
+    return [t - arrivals[0] for t in arrivals], restarted["s"], steps
 
 
 def main() -> None:
@@ -96,7 +149,7 @@ def main() -> None:
         try:
             workers["w2"].stop()
             workers["w2"], warm_start = restart(model, topology, workers["w2"])
-            arrivals, restart_s = asyncio.run(
+            arrivals, restart_s, steps = asyncio.run(
                 generate(model, topology, workers, args.tokens, args.kill_after)
             )
         finally:
@@ -114,6 +167,7 @@ def main() -> None:
         "stall_s": stall,
         "median_token_gap_s": usual,
         "ratio": stall / warm_start,
+        "timeline_s": [[round(t, 3), step] for t, step in steps],
     }
     print(f"\nCPU: {cpu_label(info)}; {model.name}, 2 workers ({layers})\n")
     print("| worker warm start | restart during generation | generation stall | ratio |")
@@ -122,6 +176,9 @@ def main() -> None:
         f"| {warm_start:.2f} s | {restart_s:.2f} s | {stall:.2f} s "
         f"(a token takes {usual * 1e3:.0f} ms) | {stall / warm_start:.2f}x |"
     )
+    print("\n| after the kill | step |\n|---|---|")
+    for t, step in steps:
+        print(f"| {t:.2f} s | {step} |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "recovery.json"
     out.write_text(json.dumps({"machine": info, **result}, indent=2))

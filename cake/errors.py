@@ -105,6 +105,11 @@ class WorkerUnreachable(WorkerLost):
     """No connection to the worker could be opened (not listening yet, or down)."""
 
 
+class WorkerRefused(WorkerUnreachable):
+    """The worker's host refused the connection: nothing listens on its port (the process is
+    down, or restarting and not listening yet)."""
+
+
 class WorkerLoading(WorkerLost):
     """The worker answers but is still loading its blocks; the message says how far (the master
     waits while it moves on)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from cake.host.network import listen_socket
 from cake.model.config import architecture_of
 from cake.model.loader import load_llama
 from cake.topology import parse_topology
+from cake.wire import loading, worker_link
 from cake.wire.loading import LoadingListener, LoadProgress
 from cake.wire.protocol import fingerprint_config
 from cake.wire.worker_link import WorkerClient
@@ -104,3 +106,48 @@ def test_a_worker_that_is_not_listening_yet_is_tried_until_the_connect_timeout()
         return loop.time() - started
 
     assert 1 <= asyncio.run(main()) < 5
+
+
+def test_a_restarting_worker_is_used_the_moment_it_listens_and_the_moment_it_has_loaded(
+    part, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The master's reconnection after a crash: every pause it could wait out (the backoff, the
+    loading poll, the worker's hold) is an hour here, so it gets through only on the two signals
+    it must act on at once: the port that refused now listens, and the loading worker closes
+    the connection it held because its blocks are loaded."""
+    for name in ("RECONNECT_FIRST_DELAY_S", "RECONNECT_MAX_DELAY_S", "LOADING_POLL_S"):
+        monkeypatch.setattr(worker_link, name, 3600.0)
+    monkeypatch.setattr(loading, "HANDSHAKE_TIMEOUT_S", 3600.0)
+    fingerprint = fingerprint_config(architecture_of(part.config))
+    closed = listen_socket("127.0.0.1", 0, "--address")
+    port = closed.getsockname()[1]
+    closed.close()  # the worker crashed: its port refuses
+
+    async def main() -> int:
+        client = client_for(port, fingerprint, connect_timeout=3600)
+        reconnecting = asyncio.create_task(client.ensure_connected(time.monotonic() + 3600))
+        await asyncio.sleep(0.2)  # refused meanwhile
+        sock = listen_socket("127.0.0.1", port, "--address")  # the new process listens
+        door = LoadingListener(sock, "w1", fingerprint, lambda: "loading blocks 0-3: 1 of 4 done")
+        await asyncio.to_thread(door.start)
+        try:  # hang guards, not timings: without the signals each wait lasts an hour
+            await asyncio.wait_for(asked_while_loading(door), 60)
+        finally:
+            await asyncio.to_thread(door.stop)  # loaded
+        worker = Worker("w1", part, max_seq_len=512)
+        server = await worker.serve("127.0.0.1", port, sock=sock)
+        try:
+            await asyncio.wait_for(reconnecting, 60)
+            assert client.is_up
+        finally:
+            await client.close()
+            server.close()
+            worker.close()
+        return door.answered
+
+    assert asyncio.run(main()) == 1  # asked once while loading, then waited on that connection
+
+
+async def asked_while_loading(door: LoadingListener) -> None:
+    while door.answered == 0:
+        await asyncio.sleep(0.01)

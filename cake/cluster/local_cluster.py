@@ -28,6 +28,8 @@ class WorkerProcess:
         self.name = name
         self.args = args
         self.lines: list[str] = []
+        self.heard: list[float] = []  # when each line arrived (time.perf_counter), for timelines
+        self.started = time.perf_counter()
         self.port: int | None = None
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
@@ -44,6 +46,7 @@ class WorkerProcess:
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
+            self.heard.append(time.perf_counter())
             self.lines.append(line.rstrip("\n"))
             match = READY.search(line)
             if match:

@@ -190,11 +190,18 @@ class RemoteStage:
                 self.blocks.start,
                 self.blocks.stop - 1,
             )
+            started = time.perf_counter()
             start = 0
             for chunk in list(inputs.chunks):
                 await self.client.forward(session_id, start, self.blocks, chunk)
                 times.round_trips += 1
                 start += chunk.shape[1]
+            log.info(
+                "%s: replayed session %s in %.2fs",
+                self.client.label,
+                session_id[:8],
+                time.perf_counter() - started,
+            )
         self.client.phase.session_current(self._key(session_id))
 
     async def rollback(self, session_id: str, length: int) -> None:

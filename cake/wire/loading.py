@@ -6,9 +6,12 @@ that will compute, see cake/engine/worker_requests.py on OpenMP teams), this lis
 duplicate of the socket on an event loop of its own thread: a master that connects gets the key
 check and the hello check of the real handshake, then a `loading` refusal whose message says
 how far the load is ("loading blocks 0-14: 6 of 15 done"); the master waits and asks again while
-that figure moves (cake/wire/worker_link.py). Once the blocks are loaded the listener stops and
-the worker serves the original socket: a connection waiting in the backlog meanwhile is simply
-accepted by the worker.
+that figure moves (cake/wire/worker_link.py). The refused connection stays open until the
+blocks are loaded (or the master closes it to ask again, or HANDSHAKE_TIMEOUT_S passes): its
+close is the master's signal that the worker serves now, so a restarted worker is used the
+moment it can be, not a polling interval later. Once the blocks are loaded the listener closes
+those connections and stops, and the worker serves the original socket: a connection waiting in
+the backlog meanwhile is simply accepted by the worker.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class LoadingListener:
         self.answered = 0  # masters told to come back (for the log and the tests)
         self._sock = sock.dup()
         self._waiting = 0
+        self._open: dict[Link, asyncio.Task] = {}  # connections in its hands, and their tasks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -59,7 +63,8 @@ class LoadingListener:
         self._ready.wait(10)
 
     def stop(self) -> None:
-        """Stop answering (connections in its hands end); the original socket stays open."""
+        """Stop answering and close the connections in its hands (a master waiting on one
+        connects again now); the original socket stays open."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(15)
@@ -76,6 +81,10 @@ class LoadingListener:
         async with server:
             await self._stop.wait()
             server.close()
+            for link in self._open:
+                link.close()
+            if self._open:  # let them end, rather than be cancelled with the loop
+                await asyncio.wait(self._open.values(), timeout=HANDSHAKE_TIMEOUT_S)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = writer.get_extra_info("peername")
@@ -87,6 +96,9 @@ class LoadingListener:
             await link.wait_closed()
             return
         self._waiting += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[link] = task
         try:
             await asyncio.wait_for(
                 refuse_while_loading(
@@ -100,6 +112,9 @@ class LoadingListener:
                 HANDSHAKE_TIMEOUT_S,
             )
             self.answered += 1
+            # Held until the blocks are loaded (then `stop` closes it), the master closes it
+            # (to ask again how far the load is), or the timeout; the master sends nothing.
+            await link.recv(timeout=HANDSHAKE_TIMEOUT_S)
         except CakeError as exc:  # the key or the hello is wrong: say so now, not after loading
             log.warning("connection from %s while loading: %s; closing it", peer, exc)
             await try_send(link, ErrorMessage(message=str(exc), code=exc.code.value))
@@ -107,6 +122,7 @@ class LoadingListener:
             pass
         finally:
             self._waiting -= 1
+            del self._open[link]
             await link.wait_closed()
 
 

@@ -6,6 +6,12 @@ hello (cake/wire/handshake.py), then carries every session's requests on one `Ch
 worker is lost until `ensure_connected` brings a new one up (with backoff, cake/wire/retry.py);
 `phase` (cake/wire/liveness.py) says which sessions must replay their inputs on it, and
 `is_up` is the one answer to "is this worker's link up?" for everyone outside the wire.
+
+Waiting for a worker that is starting (a first start, or a restart after a crash) ends as soon
+as it serves: while its port refuses connections the master asks again every RESTART_POLL_S
+(a refusal costs nothing, and the moment the new process listens cannot be known); once it
+listens and says it is loading its blocks, it holds that connection until they are loaded and
+then closes it (cake/wire/loading.py), so the master, waiting on it, asks again at once.
 """
 
 from __future__ import annotations
@@ -20,7 +26,15 @@ from typing import TypeVar
 
 import torch
 
-from cake.errors import WorkerError, WorkerGone, WorkerLoading, WorkerLost, WorkerUnreachable
+from cake.errors import (
+    CakeError,
+    WorkerError,
+    WorkerGone,
+    WorkerLoading,
+    WorkerLost,
+    WorkerRefused,
+    WorkerUnreachable,
+)
 from cake.topology import Node, format_blocks
 from cake.wire.channel import Channel
 from cake.wire.handshake import greet_worker
@@ -40,7 +54,7 @@ from cake.wire.protocol import (
     Welcome,
 )
 from cake.wire.retry import retry
-from cake.wire.transport import LinkError, TLSFailure, open_link
+from cake.wire.transport import Link, LinkError, TLSFailure, open_link
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +67,33 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRY_TIMEOUT_S = 60.0
 # Reconnection backoff: the first pause (also the shortest connect timeout), and the longest.
 RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S = 0.1, 2.0
-LOADING_POLL_S = 0.5  # how often a master asks again a worker that is loading its blocks
+RESTART_POLL_S = 0.05  # how often a master asks again an address that refuses connections
+# The longest a master waits on a loading worker's held connection before asking again (to
+# hear how far the load is); the worker closes it sooner, when its blocks are loaded.
+LOADING_POLL_S = 0.5
+
+
+def pause_before_next_attempt(failure: Exception, backoff: float) -> float:
+    """How long to wait after `failure` before connecting again: an address that refuses is
+    asked again at the short fixed RESTART_POLL_S; a worker that said it is loading at once
+    (`connect` waited on the connection it held until its load ended, or LOADING_POLL_S);
+    anything else after `backoff`."""
+    if isinstance(failure, WorkerRefused):
+        return RESTART_POLL_S
+    if isinstance(failure, WorkerLoading):
+        return 0.0
+    return backoff
+
+
+async def wait_for_load(link: Link, limit: float) -> None:
+    """A worker that refused us as loading closes the connection once its blocks are loaded:
+    wait for that, at most `limit` seconds, then close our end."""
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError, LinkError, CakeError):
+        await link.recv(timeout=limit)  # the worker sends nothing more: this ends at its close
+    await link.wait_closed()
+    # A peer that closes at once is not asked again in a tight loop.
+    await asyncio.sleep(max(0.0, min(RESTART_POLL_S, limit) - (time.monotonic() - started)))
 
 
 class WorkerClient:
@@ -127,10 +167,12 @@ class WorkerClient:
                         f"{status}, with no progress for {self.connect_timeout:g}s "
                         "(--connect-timeout): is it out of memory or stuck reading its files?"
                     ) from None
-            except WorkerUnreachable:  # not listening yet (or down): it may be starting
+                pause = pause_before_next_attempt(loading, LOADING_POLL_S)
+            except WorkerUnreachable as unreachable:  # not listening yet (or down): starting?
                 if time.monotonic() - started > self.connect_timeout:
                     raise
-            await asyncio.sleep(LOADING_POLL_S)
+                pause = pause_before_next_attempt(unreachable, LOADING_POLL_S)
+            await asyncio.sleep(pause)
 
     async def connect(self, timeout: float | None = None) -> Welcome:
         """Open a connection, authenticate, check the worker serves what the topology says."""
@@ -149,7 +191,9 @@ class WorkerClient:
         except TLSFailure as exc:
             raise WorkerError(str(exc)) from None
         except LinkError as exc:
-            raise WorkerUnreachable(f"{exc}; is the worker running?") from None
+            refused = isinstance(exc.__cause__, ConnectionRefusedError)
+            unreachable = WorkerRefused if refused else WorkerUnreachable
+            raise unreachable(f"{exc}; is the worker running?") from None
         try:
             welcome = await greet_worker(
                 link,
@@ -161,6 +205,9 @@ class WorkerClient:
                 timeout,
                 hint="" if self.tls else " (if the worker uses TLS, pass --tls-ca)",
             )
+        except WorkerLoading:
+            await wait_for_load(link, min(timeout, LOADING_POLL_S))
+            raise
         except BaseException:
             await link.wait_closed()
             raise
@@ -200,19 +247,23 @@ class WorkerClient:
         )
 
     async def ensure_connected(self, deadline: float) -> None:
-        """Reconnect (with backoff, until `deadline`) if the connection is gone; a restarted
-        worker still loading its blocks is asked again every LOADING_POLL_S, so the wait ends
-        as soon as it serves. One attempt even when the deadline has passed; WorkerGone when
-        it did not come back by then."""
+        """Reconnect (until `deadline`) if the connection is gone: a restarting worker is
+        asked again every RESTART_POLL_S while its port refuses and at once when it has loaded
+        its blocks (see the module docstring), after any other failure with backoff. One
+        attempt even when the deadline has passed; WorkerGone when it did not come back by
+        then."""
         said = ""
 
         def on_retry(lost: Exception, pause: float) -> None:
             nonlocal said
-            if not isinstance(lost, WorkerLoading):
+            if isinstance(lost, WorkerLoading | WorkerRefused):
+                if str(lost) != said:  # once per step of its progress; a refusal once
+                    said = str(lost)
+                    loading = isinstance(lost, WorkerLoading)
+                    pace = f"retrying every {RESTART_POLL_S:g}s"
+                    log.warning("%s; %s", lost, "waiting for it" if loading else pace)
+            else:
                 log.warning("%s; retrying in %.1fs", lost, pause)
-            elif str(lost) != said:  # once per step of its progress
-                said = str(lost)
-                log.warning("%s; waiting for it", lost)
 
         async with self._connecting:
             if self.is_up:  # another task reconnected while this one waited
@@ -225,9 +276,7 @@ class WorkerClient:
                 first_delay=RECONNECT_FIRST_DELAY_S,
                 max_delay=RECONNECT_MAX_DELAY_S,
                 on_retry=on_retry,
-                pause_for=lambda lost, pause: (
-                    LOADING_POLL_S if isinstance(lost, WorkerLoading) else pause
-                ),
+                pause_for=pause_before_next_attempt,
                 give_up=self.gave_up,
             )
 
