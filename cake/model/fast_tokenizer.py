@@ -103,9 +103,8 @@ class FastTokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, int):
-            ids = [ids]
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]  # numpy, tensors too
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         found = self.backend.token_to_id(token)
