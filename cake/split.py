@@ -36,7 +36,7 @@ from cake.host.progress import progress_bar
 from cake.host.sizes import format_size
 from cake.model.checkpoint import INDEX_FILE, MODEL_FILES, Checkpoint, head_source
 from cake.model.config import LlamaConfig
-from cake.model.gguf import gguf_file_of
+from cake.model.gguf import ensure_tokenizer_files, gguf_file_of
 from cake.model.layout import HEAD, checkpoint_shapes
 from cake.model.opener import open_model
 from cake.model.quant import Quantization
@@ -124,6 +124,8 @@ def split_model(
         with_ends=MASTER in names,
     )
     quantization = Quantization(quantize) if quantize else None
+    if gguf_file_of(folder):
+        _convert_tokenizer(folder)
     if quantization or gguf_file_of(folder):
         # Tensors change form (quantized, or decoded from GGUF blocks): block by block.
         bundles = [
@@ -356,6 +358,16 @@ def _write_bundle(
         if (folder / name).is_file():
             shutil.copyfile(folder / name, target / name)
     (target / TOPOLOGY_FILE).write_text(bundle.topology_yaml, encoding="utf-8")
+
+
+def _convert_tokenizer(folder: Path) -> None:
+    """A GGUF's tokenizer files, converted into its metadata folder when a process first needs
+    them (the bundles copy them; a master bundle needs them). A file without a tokenizer still
+    splits: its bundles serve workers."""
+    try:
+        ensure_tokenizer_files(folder)
+    except ModelFolderError as error:
+        log.warning("%s: the bundles get no tokenizer", error)
 
 
 def write_safetensors(

@@ -150,10 +150,13 @@ def test_two_empty_workers_plan_push_generate_and_reuse(tiny_llama: Path, tmp_pa
 
 @pytest.mark.slow
 def test_quantized_and_gguf_models_push_what_the_worker_runs(
-    tiny_llama: Path, smollm2_gguf: Path, tmp_path: Path
+    tiny_llama: Path, smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--quantize int4 pushes int4 tensors, a GGUF pushes its decoded int4 blocks; either way
-    the cluster's greedy text is the one the master alone produces from the same model."""
+    the cluster's greedy text is the one the master alone produces from the same model (read
+    as the push reads it: decoded, not run from the file's mapped blocks, whose f16 scales the
+    int4 form rounds to bf16)."""
+    monkeypatch.setenv("CAKE_NO_MMAP", "1")
     cache = tmp_path / "cache"
     worker = empty_worker("w", cache)
     try:
