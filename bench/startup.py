@@ -5,10 +5,11 @@
 Each model is started as `cake-cli --model FILE --prompt hi --raw -n 1 --temperature 0`, a fresh
 process each time, and timed from the process's start to the first byte on its stdout (the
 first token). Per round and model, in this order:
-- cold: no packed weights in the cache (the folder emptied): the first start, which converts,
-  packs and writes them;
+- cold: no packed weights in the cache (the folder emptied): the first start (Q4_0/Q4_1
+  blocks run where they lie in the file, nothing to convert; other types are converted, packed
+  and written to the cache);
 - warm: the second start, which maps what the cold one wrote;
-- off: `--no-weight-cache`, what every start cost before the cache.
+- off: `--no-weight-cache`, every start converting what is not run as stored.
 The kernel choices and the GGUF's metadata folder are in the cache for all three (measured and
 written by one untimed start first), so the rounds time the weights and nothing else changes.
 The bench's cache is its own (`<cache>/bench/startup-cache`), never the user's.
