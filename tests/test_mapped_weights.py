@@ -126,6 +126,20 @@ def test_paging_in_covers_the_weights_pages_once(tmp_path: Path) -> None:
     assert not thread.is_alive()
 
 
+def test_a_file_that_cannot_be_mapped_names_the_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "fuse.gguf"
+    path.write_bytes(b"\0" * 4096)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mapped_module.mmap, "mmap", refuse)
+    with pytest.raises(ModelFolderError, match=r"cannot be memory-mapped.*--no-mmap"):
+        mapped_blocks(path, "Q4_0", (2, 64), 0, 2 * 2 * 18)
+
+
 @pytest.fixture(scope="module")
 def q4_0_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("mapped") / "tiny-q4_0.gguf"

@@ -128,8 +128,14 @@ def _file_bytes(path: str, mtime_ns: int) -> torch.Tensor:
     """The whole file as a uint8 tensor over a private mapping (once per file and process;
     `mtime_ns` makes a rewritten file a new mapping). Copy-on-write: nothing writes weights,
     and were something to, it would get its own page, never the file's nor a crash."""
-    with open(path, "rb") as file:
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        with open(path, "rb") as file:
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as error:  # a filesystem that cannot map files
+        raise ModelFolderError(
+            f"{path} cannot be memory-mapped ({error}); run with --no-mmap (or CAKE_NO_MMAP=1) "
+            "to read and convert its weights instead"
+        ) from None
     return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
