@@ -1,5 +1,6 @@
 """A worker needs no tokenizer: its process never imports `transformers` (~3 s of start-up and
-a few hundred MB), whether it serves a model folder or a GGUF file with a tokenizer inside.
+a few hundred MB), whether it serves a model folder or a GGUF file with a tokenizer inside; nor
+`huggingface_hub` (~0.1 s), which only fetching a model by its hub name needs.
 Checked with the interpreter's own import log (`python -X importtime`) of a real worker process,
 up to the moment it serves."""
 
@@ -34,4 +35,5 @@ def test_a_worker_process_never_imports_transformers(
         worker.stop()
     imported = [line.split("|")[-1].strip() for line in worker.lines if "import time:" in line]
     assert "cake.worker" in imported and "torch" in imported  # the log is the real one
-    assert not [name for name in imported if name.split(".")[0] == "transformers"]
+    heavy = {"transformers", "huggingface_hub"}
+    assert not [name for name in imported if name.split(".")[0] in heavy]

@@ -22,6 +22,7 @@ ModelFolderError that says what to do.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -29,18 +30,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
-from huggingface_hub.errors import (
-    CachedRepoTreeNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import tqdm as hub_tqdm
 
 from cake.errors import ModelFolderError
 from cake.host import progress
@@ -190,6 +179,13 @@ def _model_files(name: HubName, files: Sequence[str]) -> list[str]:
 def _repo_files(name: HubName) -> list[str]:
     """The repository's files at the revision: asked of the hub, or, offline or when the hub
     does not answer, read from huggingface_hub's cached listing of that revision."""
+    from huggingface_hub import HfApi, constants, get_cached_repo_tree
+    from huggingface_hub.errors import (
+        CachedRepoTreeNotFoundError,
+        HFValidationError,
+        RevisionNotFoundError,
+    )
+
     unreachable: Exception | None = None
     if not constants.is_offline_mode():
         try:
@@ -210,12 +206,15 @@ def _repo_files(name: HubName) -> list[str]:
 
 def _snapshot(name: HubName, files: Sequence[str], revision: str | None) -> Path:
     """Fetch `files` (those not cached yet) at `revision`; their snapshot folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
     try:
         folder = snapshot_download(
             name.repo_id,
             revision=revision,
             allow_patterns=[glob.escape(file) for file in files],
-            tqdm_class=_Bars,
+            tqdm_class=_bars(),
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError) as exc:
         raise _explain(name, exc, ", ".join(files), revision) from None
@@ -229,6 +228,16 @@ def _explain(
     name: HubName, exc: Exception | None, what: str, revision: str | None
 ) -> ModelFolderError:
     """One line for what went wrong fetching `what` of `name` at `revision`, and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     hub = f"the Hugging Face hub ({constants.ENDPOINT})"
     revision = revision or "main"
     if isinstance(exc, GatedRepoError):
@@ -269,11 +278,17 @@ def _explain(
     )
 
 
-class _Bars(hub_tqdm):
+@functools.cache
+def _bars() -> type:
     """huggingface_hub's download bars, drawn when cake draws its own (cake.host.progress: on
-    a terminal, unless CAKE_PROGRESS=0): quiet in pipes, logs and tests."""
+    a terminal, unless CAKE_PROGRESS=0): quiet in pipes, logs and tests. (huggingface_hub is
+    imported only when a hub model is fetched: ~0.1 s of every start otherwise.)"""
+    from huggingface_hub.utils import tqdm as hub_tqdm
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        if not progress.enabled():
-            kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
+    class Bars(hub_tqdm):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            if not progress.enabled():
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Bars
