@@ -85,6 +85,9 @@ def test_a_permuted_weight_gathers_its_outputs_and_rows(tmp_path: Path) -> None:
     assert ((module(x).double() - exact).norm() / exact.norm()).item() < 1e-4
     ids = torch.tensor([[5, 0], [63, 5]])
     torch.testing.assert_close(module.rows(ids), weight[order][ids].float(), rtol=0, atol=0)
+    for bad in (64, -1):  # never read past the blocks
+        with pytest.raises(IndexError, match="0-63"):
+            module.rows(torch.tensor([1, bad]))
 
 
 @needs_native

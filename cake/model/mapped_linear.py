@@ -5,9 +5,8 @@
 int4 kernel's integer dot products on the stored blocks; prefill-shaped ones as f32 tiles of
 dequantized rows and the BLAS GEMM. It runs where the measured choice for an int4 weight of its
 shape is cake's avx2 or dequant-gemm kernel (`mapped_kernels`): the same loops over the same
-bytes, nothing to pack.
-Elsewhere (another kernel measured faster, named with --kernels, a GPU, no AVX2) the weight is
-converted (MappedBlocks.to_quantized) and packed as any GGUF weight.
+bytes, nothing to pack. Elsewhere (another kernel measured faster, named with --kernels, a GPU,
+no AVX2) the weight is converted (MappedBlocks.to_quantized) and packed as any GGUF weight.
 
 `MappedEmbedding` is an untied Q4 embedding table looked up from the stored blocks, a row
 dequantized per token, so the table is never held in floats (the Llama-3-8B shape's would be
@@ -121,6 +120,9 @@ class MappedLinear(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of W, dequantized (a tied head doubles as the embedding table)."""
         flat = ids.reshape(-1).to(torch.int64)
+        if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < self.out_features:
+            # the kernel would read past the blocks: an error here, as nn.Embedding raises
+            raise IndexError(f"token ids must be in 0-{self.out_features - 1}")
         stored = flat if self.blocks.order is None else self.blocks.order[flat]
         out = torch.empty(len(flat), self.in_features, dtype=torch.float32)
         dequantized_rows(self.blocks, stored.contiguous(), out)
