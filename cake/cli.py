@@ -227,8 +227,8 @@ def _fail(message: str) -> None:
     "--no-mmap",
     is_flag=True,
     envvar="CAKE_NO_MMAP",
-    help="Read and convert a GGUF's Q4_0/Q4_1 weights instead of running them where they lie "
-    "in the mapped file (for a file on a slow network filesystem; or set CAKE_NO_MMAP=1).",
+    help="Read and convert a GGUF's Q4_0/Q4_1/Q8_0 weights instead of running them where they "
+    "lie in the mapped file (for a file on a slow network filesystem; or set CAKE_NO_MMAP=1).",
 )
 @click.option(
     "--weight-cache-size",

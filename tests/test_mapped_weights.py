@@ -1,4 +1,4 @@
-"""GGUF Q4_0/Q4_1 weights run where they lie in the mapped file (cake/model/gguf/mapped.py,
+"""GGUF Q4_0/Q4_1/Q8_0 weights run where they lie in the mapped file (cake/model/gguf/mapped.py,
 cake/model/mapped_linear.py): the products equal those of the stored weight, rows come back
 exact, a loaded model's blocks are views of the file (no copy), and where cake's kernels are
 not available the same file loads converted."""
@@ -35,7 +35,7 @@ needs_native = pytest.mark.skipif(
 
 
 def random_blocks(kind: str, out: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random Q4 blocks with plausible f16 scales (and Q4_1 minimums), flat bytes."""
+    """Random blocks with plausible f16 scales (and Q4_1 minimums), flat bytes."""
     rng = np.random.default_rng(seed)
     size, n = BLOCK_BYTES[kind], out * cols // 32
     raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
@@ -50,6 +50,8 @@ def stored_weight(raw: np.ndarray, kind: str, out: int, cols: int) -> torch.Tens
     size = BLOCK_BYTES[kind]
     blocks = raw.reshape(-1, size)
     d = blocks[:, :2].copy().view(np.float16).astype(np.float64)
+    if kind == "Q8_0":  # d * q, q int8
+        return torch.from_numpy((blocks[:, 2:].copy().view(np.int8) * d).reshape(out, cols))
     low = blocks[:, 2:4].copy().view(np.float16).astype(np.float64) if kind == "Q4_1" else -8 * d
     nibbles = blocks[:, size - 16 :]
     values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float64)
@@ -64,8 +66,8 @@ def mapped(tmp_path: Path, kind: str, out: int, cols: int) -> tuple[MappedBlocks
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # decode kernel up to 16 rows, tiles beyond
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 32, 40])  # the decode kernel up to 32 rows, tiles beyond
 def test_products_are_those_of_the_stored_weight(tmp_path: Path, kind: str, rows: int) -> None:
     blocks, weight = mapped(tmp_path, kind, 96, 352)  # 11 blocks a row: the odd tail too
     x = torch.randn(rows, 352)
@@ -92,7 +94,7 @@ def test_a_permuted_weight_gathers_its_outputs_and_rows(tmp_path: Path) -> None:
 
 @needs_native
 def test_an_embedding_table_hands_out_exact_rows(tmp_path: Path) -> None:
-    blocks, weight = mapped(tmp_path, "Q4_1", 50, 64)
+    blocks, weight = mapped(tmp_path, "Q8_0", 50, 64)
     ids = torch.tensor([[3, 49, 3, 0]])
     rows = MappedEmbedding(blocks, torch.bfloat16)(ids)
     assert rows.dtype == torch.bfloat16 and rows.shape == (1, 4, 64)
@@ -150,16 +152,26 @@ def q4_0_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
+@pytest.fixture(scope="module")
+def q8_0_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mapped") / "tiny-q8_0.gguf"
+    write_gguf(tiny_llama, path, "Q8_0")
+    return path
+
+
 @needs_native
-def test_a_loaded_model_runs_views_of_the_file(q4_0_gguf: Path) -> None:
-    """Every block projection, the head and the embedding of a Q4_0 file are views of one
-    mapping of it (nothing copied), and the model answers as the converted load of the same file
-    does (the mapped scales are f16 as stored, the converted ones bf16: close, not equal)."""
-    q4_0_model = resolve_model_path(q4_0_gguf)
-    config = LlamaConfig.from_folder(q4_0_model)
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_a_loaded_model_runs_views_of_the_file(qtype: str, request: pytest.FixtureRequest) -> None:
+    """Every block projection, the head and the embedding of a Q4_0 (Q8_0) file are views of
+    one mapping of it (nothing copied), and the model answers as the converted load of the same
+    file does (the mapped blocks keep their f16 scales, the converted ones round them to bf16;
+    Q8_0 converts to int8 per channel: close, not equal)."""
+    gguf = request.getfixturevalue(f"{qtype.lower()}_gguf")
+    folder = resolve_model_path(gguf)
+    config = LlamaConfig.from_folder(folder)
     probe.use("avx2")
     try:
-        part = load_llama(q4_0_model, range(config.n_layers), True, True, max_seq_len=16)
+        part = load_llama(folder, range(config.n_layers), True, True, max_seq_len=16)
     finally:
         probe.use(probe.AUTO)
     modules = [m for m in part.modules() if isinstance(m, MappedLinear)]
@@ -167,14 +179,14 @@ def test_a_loaded_model_runs_views_of_the_file(q4_0_gguf: Path) -> None:
     assert isinstance(part.model.embed_tokens, MappedEmbedding)
     bases = {m.blocks.data.untyped_storage().data_ptr() for m in modules}
     assert len(bases) == 1  # one mapping of the file, which every weight is a view of
-    start, size = bases.pop(), q4_0_gguf.stat().st_size
+    start, size = bases.pop(), gguf.stat().st_size
     for module in modules:
         offset = module.blocks.data.data_ptr() - start
         assert offset >= 0 and offset + module.blocks.nbytes <= size
 
     probe.use("dense")
     try:
-        converted = load_llama(q4_0_model, range(config.n_layers), True, True, max_seq_len=16)
+        converted = load_llama(folder, range(config.n_layers), True, True, max_seq_len=16)
     finally:
         probe.use(probe.AUTO)
     assert not any(isinstance(m, MappedLinear) for m in converted.modules())

@@ -256,9 +256,10 @@ def test_no_weight_cache_and_cache_info(gguf: Path, cache: Path):
 
 @pytest.mark.slow
 def test_cli_answers_the_same_from_the_cache(smollm2_gguf: Path, tmp_path: Path):
-    """Two `cake-cli` processes on the demo model: the second maps every projection and writes
-    the same text."""
-    env = {**os.environ, "CAKE_CACHE_DIR": str(tmp_path)}
+    """Two `cake-cli` processes on the demo model, its blocks converted (--no-mmap: else they
+    run where they lie in the file, with nothing to cache): the second maps every projection
+    from the cache and writes the same text."""
+    env = {**os.environ, "CAKE_CACHE_DIR": str(tmp_path), "CAKE_NO_MMAP": "1"}
     env.pop("CAKE_NO_WEIGHT_CACHE")
     command = [sys.executable, "-m", "cake.cli", "--model", str(smollm2_gguf), "--prompt"]
     command += ["What is the capital of France?", "-n", "8", "--temperature", "0"]

@@ -1,14 +1,15 @@
 """Projections and embedding tables over GGUF blocks used where they lie (gguf/mapped.py).
 
-`MappedLinear` runs a Q4_0/Q4_1 weight from the mapped file through cake's own kernels
-(cpu_avx2.cpp): decode-shaped inputs (at most DECODE_ROWS rows) through `cake_q4_linear`, the
-int4 kernel's integer dot products on the stored blocks; prefill-shaped ones as f32 tiles of
-dequantized rows and the BLAS GEMM. It runs where the measured choice for an int4 weight of its
-shape is cake's avx2 or dequant-gemm kernel (`mapped_kernels`): the same loops over the same
-bytes, nothing to pack. Elsewhere (another kernel measured faster, named with --kernels, a GPU,
-no AVX2) the weight is converted (MappedBlocks.to_quantized) and packed as any GGUF weight.
+`MappedLinear` runs a Q4_0/Q4_1/Q8_0 weight from the mapped file through cake's own kernels
+(cpu_avx2.cpp): decode-shaped inputs (at most DECODE_ROWS rows) through `cake_gguf_linear`, the
+int4 (int8) kernel's integer dot products on the stored blocks; prefill-shaped ones as f32 tiles
+of dequantized rows and the BLAS GEMM. It runs where the measured choice for an int4 (int8)
+weight of its shape is cake's avx2 or dequant-gemm kernel (`mapped_kernels`): the same loops
+over the same values, nothing to pack. Elsewhere (another kernel measured faster, named with
+--kernels, a GPU, no AVX2) the weight is converted (MappedBlocks.to_quantized) and packed as any
+GGUF weight.
 
-`MappedEmbedding` is an untied Q4 embedding table looked up from the stored blocks, a row
+`MappedEmbedding` is an untied Q4/Q8_0 embedding table looked up from the stored blocks, a row
 dequantized per token, so the table is never held in floats (the Llama-3-8B shape's would be
 2 GiB).
 """
@@ -19,15 +20,15 @@ import torch
 from torch import nn
 
 from cake.host.memory import note_mapped_weights
-from cake.model.gguf.mapped import MappedBlocks
+from cake.model.gguf.mapped import SCHEMES, MappedBlocks
 from cake.model.kernels import native, probe
 from cake.model.kernels.candidates import tiled_gemm
 from cake.model.kernels.probe import DECODE_ROWS
 
-GROUP = 32  # values per GGUF block: the int4 group size these weights are measured as
+GROUP = 32  # values per GGUF block: the int4 group size Q4 weights are measured as
 
 
-# The kernels chosen for cake's int4 layout that have a twin reading the stored blocks.
+# The kernels chosen for cake's int4 and int8 layouts that have a twin reading the stored blocks.
 TWINS = ("avx2", "dequant-gemm")
 
 
@@ -43,8 +44,13 @@ def mapped_kernels(
     docstring)."""
     if not parts or device.type != "cpu" or native.unavailable_reason() is not None:
         return None
+    schemes = {SCHEMES[p.kind] for p in parts}
+    if len(schemes) != 1:  # one kernel call cannot run both
+        return None
+    scheme = schemes.pop()
     shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-    choice = probe.choose("int4", shape, GROUP, device, serves_rows, logits)
+    group = GROUP if scheme == "int4" else 0
+    choice = probe.choose(scheme, shape, group, device, serves_rows, logits)
     return choice if {choice.decode.name, choice.prefill.name} <= set(TWINS) else None
 
 
@@ -64,7 +70,7 @@ def is_mapped(module: nn.Module) -> bool:
 
 def dequantized_rows(weight: MappedBlocks, stored_rows: torch.Tensor, out: torch.Tensor) -> None:
     """Stored rows `stored_rows` (int64) of `weight`, as f32, into `out` (len(rows), in)."""
-    native.library().cake_q4_dequantize(
+    native.library().cake_gguf_dequantize(
         weight.data.data_ptr(), weight.block_bytes, weight.shape[1], stored_rows.data_ptr(),
         len(stored_rows), out.data_ptr(), native.threads(),
     )  # fmt: skip
@@ -103,7 +109,7 @@ class MappedLinear(nn.Module):
         stored = self.blocks.data.shape[0]
         if x2.shape[0] <= self.kernel_rows or self.kernel_rows < 0:
             y = torch.empty(x2.shape[0], stored, dtype=torch.float32)
-            native.library().cake_q4_linear(
+            native.library().cake_gguf_linear(
                 x2.data_ptr(), x2.shape[0], self.in_features, self.blocks.data.data_ptr(),
                 self.blocks.block_bytes, stored, y.data_ptr(), native.threads(),
             )  # fmt: skip

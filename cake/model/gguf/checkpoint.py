@@ -2,9 +2,9 @@
 
 Tensor bytes that are converted are read with plain file reads (pages of a mapping that were
 read and then converted would stay counted in the process's resident memory beside the
-converted copy). With `mapped`, Q4_0 and Q4_1 blocks, which cake's CPU kernels read as stored,
-and float tensors come back as views of the mapped file instead (mapped.py): not read at all
-until they are used or copied.
+converted copy). With `mapped`, Q4_0, Q4_1 and Q8_0 blocks, which cake's CPU kernels read as
+stored, and float tensors come back as views of the mapped file instead (mapped.py): not read
+at all until they are used or copied.
 
 Which tensor is where comes from names.py (a 3-D expert tensor is indexed as one tensor per
 expert); what its bytes become from blocks.py; here the stored conventions are undone (names.py

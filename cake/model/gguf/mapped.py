@@ -1,6 +1,6 @@
-"""GGUF Q4_0 and Q4_1 weights used where they lie: views of the file's mapped pages.
+"""GGUF Q4_0, Q4_1 and Q8_0 weights used where they lie: views of the file's mapped pages.
 
-cake's own CPU kernels read these two block formats as stored (cpu_avx2.cpp, `cake_q4_linear`),
+cake's own CPU kernels read these block formats as stored (cpu_avx2.cpp, `cake_gguf_linear`),
 so such a weight is never read into memory, converted or packed: its module holds a view of the
 file mapping, the first forward pages the bytes in, and every process that maps the same file
 on one machine shares one copy of them in the page cache (a master and its workers on one host
@@ -29,7 +29,8 @@ from cake.errors import ModelFolderError
 from cake.model.gguf.blocks import decode
 from cake.model.quant import QuantizedTensor
 
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 values
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 values
+SCHEMES = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}  # cake's form of each, converted
 MADV_WILLNEED, MADV_POPULATE_READ = 3, 22  # Linux; POPULATE_READ since 5.14
 PAGE = mmap.PAGESIZE
 
@@ -53,7 +54,7 @@ def enabled() -> bool:
 
 @dataclass(frozen=True)
 class MappedBlocks:
-    """One (out, in) Q4_0/Q4_1 weight in the mapped file: `data` holds its `out` rows of
+    """One (out, in) Q4_0/Q4_1/Q8_0 weight in the mapped file: `data` holds its `out` rows of
     in / 32 blocks each, as stored.
 
     order: the stored rows are in another order than the model's (llama.cpp keeps q and k rows
@@ -61,7 +62,7 @@ class MappedBlocks:
     the stored rows is gathered back (y[:, order]); rows are never moved.
     """
 
-    kind: str  # "Q4_0" or "Q4_1"
+    kind: str  # "Q4_0", "Q4_1" or "Q8_0"
     data: torch.Tensor  # uint8 (out, in // 32 * BLOCK_BYTES[kind]), a view of the mapping
     shape: tuple[int, int]
     order: torch.Tensor | None = None  # int64 (out,)
@@ -80,8 +81,8 @@ class MappedBlocks:
         return replace(self, order=order.to(torch.int64), shape=(len(ids), self.shape[1]))
 
     def to_quantized(self) -> QuantizedTensor:
-        """cake's int4 form of it (where the stored blocks are not what runs: another kernel,
-        another device), converted as blocks.py converts any Q4 tensor."""
+        """cake's int4 (int8 for Q8_0) form of it (where the stored blocks are not what runs:
+        another kernel, another device), converted as blocks.py converts any such tensor."""
         converted = decode(self.data.numpy().reshape(-1), self.kind, self.shape)
         assert isinstance(converted, QuantizedTensor)
         return converted if self.order is None else converted.rows(self.order)

@@ -293,33 +293,43 @@ static void quantize_row_plain(const float* x, int64_t K, int16_t* xq, float* xs
     }
 }
 
-template <int B>
-static inline void dot_row_int8(const int8_t* w, int64_t K, const int16_t* const* xq,
+// One row of int8 weights as dot_row_int8 reads it: cake's (per-channel scale, applied to the
+// row's sum) or GGUF's Q8_0 blocks (34 bytes: an f16 scale, 32 int8 values; further down).
+struct CakeInt8Row {
+    const int8_t* q;
+    float row_scale;
+    const int8_t* values(int64_t blk) const { return q + blk * 32; }
+    float scale(int64_t) const { return 1.f; }
+};
+
+template <int B, class Row>
+static inline void dot_row_int8(const Row& w, int64_t K, const int16_t* const* xq,
                                 const float* const* xs, float* out) {
     __m256 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < K / 32; ++blk) {
-        if (blk % 2 == 0) _mm_prefetch((const char*)(w + blk * 32 + PREFETCH_BYTES), _MM_HINT_T0);
-        __m256i v = _mm256_loadu_si256((const __m256i*)(w + blk * 32));
+        if (blk % 2 == 0) _mm_prefetch((const char*)w.values(blk) + PREFETCH_BYTES, _MM_HINT_T0);
+        __m256i v = _mm256_loadu_si256((const __m256i*)w.values(blk));
         __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
         __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+        float d = w.scale(blk);
         for (int b = 0; b < B; ++b) {
             const int16_t* x = xq[b] + blk * 32;
             __m256i s = _mm256_add_epi32(
                 _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
                 _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 16))));
-            acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(xs[b] + blk),
+            acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xs[b][blk]),
                                      acc[b]);
         }
     }
-    for (int b = 0; b < B; ++b) out[b] = hsum(acc[b]);
+    for (int b = 0; b < B; ++b) out[b] = hsum(acc[b]) * w.row_scale;
 }
 
-extern "C" {
-
-// y (M, N) f32 = x (M, K) f32 @ W.T for an int8 W. K % 32 == 0.
-void cake_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* q,
-                      const uint16_t* scales, int64_t N, float* y, int threads) {
+// y (M, N) = x (M, K) @ W.T, int8 weights a row (`row_of(n)`) at a time, up to 4 activation
+// rows per pass; the activations quantized to int16 per block of 32 first.
+template <class RowOf>
+static void int8_product(const float* x, int64_t M, int64_t K, int64_t N, RowOf row_of,
+                         float* y, int threads) {
     int64_t blocks = K / 32;
     int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)(M * K * 2 + 64));
     float* sx = (float*)aligned_alloc(64, (size_t)(M * blocks * sizeof(float) + 64));
@@ -328,26 +338,34 @@ void cake_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* q,
 
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-        const int8_t* wn = q + n * K;
-        float scale = bf16_to_f32(scales[n]);
+        auto w = row_of(n);
         const int16_t* xr[4];
         const float* sr[4];
         float out[4];
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) {
             for (int b = 0; b < 4; ++b) { xr[b] = qx + (m + b) * K; sr[b] = sx + (m + b) * blocks; }
-            dot_row_int8<4>(wn, K, xr, sr, out);
-            for (int b = 0; b < 4; ++b) y[(m + b) * N + n] = out[b] * scale;
+            dot_row_int8<4>(w, K, xr, sr, out);
+            for (int b = 0; b < 4; ++b) y[(m + b) * N + n] = out[b];
         }
         for (; m < M; ++m) {
             xr[0] = qx + m * K;
             sr[0] = sx + m * blocks;
-            dot_row_int8<1>(wn, K, xr, sr, out);
-            y[m * N + n] = out[0] * scale;
+            dot_row_int8<1>(w, K, xr, sr, out);
+            y[m * N + n] = out[0];
         }
     }
     free(sx);
     free(qx);
+}
+
+extern "C" {
+
+// y (M, N) f32 = x (M, K) f32 @ W.T for an int8 W. K % 32 == 0.
+void cake_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* q,
+                      const uint16_t* scales, int64_t N, float* y, int threads) {
+    auto row_of = [=](int64_t n) { return CakeInt8Row{q + n * K, bf16_to_f32(scales[n])}; };
+    int8_product(x, M, K, N, row_of, y, threads);
 }
 
 // Rows [r0, r1) of an int8 W as f32 into out ((r1 - r0), K).
@@ -543,25 +561,56 @@ static void q4_dequantize_row(const uint8_t* row, int64_t K, float* o) {
     }
 }
 
+// GGUF's Q8_0: blocks of 34 bytes, an f16 scale d and 32 int8 values q; w = d * q.
+static const int64_t Q8_BYTES = 34;
+
+struct GgufQ8Row {
+    const uint8_t* row;
+    float row_scale = 1.f;
+    const int8_t* values(int64_t blk) const { return (const int8_t*)(row + blk * Q8_BYTES + 2); }
+    float scale(int64_t blk) const { return f16_to_f32(row + blk * Q8_BYTES); }
+};
+
+static void q8_dequantize_row(const uint8_t* row, int64_t K, float* o) {
+    for (int64_t blk = 0; blk < K / 32; ++blk) {
+        const uint8_t* a = row + blk * Q8_BYTES;
+        __m256 d = _mm256_set1_ps(f16_to_f32(a));
+        for (int c = 0; c < 32; c += 8) {
+            __m128i v = _mm_loadl_epi64((const __m128i*)(a + 2 + c));
+            __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            _mm256_storeu_ps(o + blk * 32 + c, _mm256_mul_ps(f, d));
+        }
+    }
+}
+
 extern "C" {
 
-// y (M, N) f32 = x (M, K) f32 @ W.T for W stored as GGUF Q4_0 (block_bytes 18) or Q4_1 (20)
-// blocks, row after row. K % 32 == 0.
-void cake_q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t block_bytes,
+// y (M, N) f32 = x (M, K) f32 @ W.T for W stored as GGUF blocks of 32 values, row after row,
+// the format named by the size of a block: Q4_0 (block_bytes 18), Q4_1 (20), Q8_0 (34).
+// K % 32 == 0.
+void cake_gguf_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t block_bytes,
                     int64_t N, float* y, int threads) {
-    if (block_bytes == 20) q4_linear<20>(x, M, K, w, N, y, threads);
-    else q4_linear<18>(x, M, K, w, N, y, threads);
+    if (block_bytes == Q8_BYTES) {
+        int64_t row_bytes = K / 32 * Q8_BYTES;
+        auto row_of = [=](int64_t n) { return GgufQ8Row{w + n * row_bytes}; };
+        int8_product(x, M, K, N, row_of, y, threads);
+    } else if (block_bytes == 20) {
+        q4_linear<20>(x, M, K, w, N, y, threads);
+    } else {
+        q4_linear<18>(x, M, K, w, N, y, threads);
+    }
 }
 
 // The W rows listed in `rows` (n of them) dequantized to f32 into out (n, K): the prefill
 // path's tiles and a stored embedding table's looked-up rows.
-void cake_q4_dequantize(const uint8_t* w, int64_t block_bytes, int64_t K, const int64_t* rows,
+void cake_gguf_dequantize(const uint8_t* w, int64_t block_bytes, int64_t K, const int64_t* rows,
                         int64_t n, float* out, int threads) {
     int64_t row_bytes = K / 32 * block_bytes;
     #pragma omp parallel for num_threads(threads) schedule(static) if (n * K > 32768)
     for (int64_t i = 0; i < n; ++i) {
         const uint8_t* row = w + rows[i] * row_bytes;
-        if (block_bytes == 20) q4_dequantize_row<20>(row, K, out + i * K);
+        if (block_bytes == Q8_BYTES) q8_dequantize_row(row, K, out + i * K);
+        else if (block_bytes == 20) q4_dequantize_row<20>(row, K, out + i * K);
         else q4_dequantize_row<18>(row, K, out + i * K);
     }
 }

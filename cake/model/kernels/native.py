@@ -50,9 +50,9 @@ _SIGNATURES = {
     # q, scales, K, r0, r1, out, threads
     "cake_int8_dequantize": ([_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT], None),
     # x, M, K, w (GGUF Q4_0/Q4_1 blocks), block_bytes, N, y, threads
-    "cake_q4_linear": ([_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _INT], None),
+    "cake_gguf_linear": ([_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _INT], None),
     # w, block_bytes, K, rows (int64), n, out, threads
-    "cake_q4_dequantize": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _INT], None),
+    "cake_gguf_dequantize": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _INT], None),
     # x, rows, C, w, eps, out
     "cake_rms_norm": ([_PTR, _I64, _I64, _PTR, ctypes.c_float, _PTR], None),
     # x, rows, row_stride, heads, hd, cos, sin, table_rows
