@@ -1,12 +1,15 @@
-"""The machine a run was measured on, and its memory read bandwidth (the decode speed limit)."""
+"""The machine a run was measured on, its memory read bandwidth (the decode speed limit), and
+where a benchmark writes what it measured (bench/results/)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,3 +83,15 @@ def read_bandwidth(passes: int = 5) -> dict:
         "max_bytes_per_s": max(rates),
         "passes": passes,
     }
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(name: str, result: dict, indent: int = 2) -> Path:
+    """bench/results/NAME.json holding `result` (the machine's description in it too, under
+    "machine", as the benchmark put it); its path."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=indent, default=str))
+    return out

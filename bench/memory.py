@@ -29,7 +29,6 @@ warm one, as every start after a model's first is. Prints the markdown table wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 
 from bench.cluster import even_layers, topology_entries
-from bench.machine import cpu_label, machine_info
+from bench.machine import cpu_label, machine_info, write_result
 from bench.mission import GIB
 from bench.startup import model_file
 from cake.cluster.local_cluster import start_local_cluster
@@ -53,7 +52,6 @@ from cake.host.cache import cache_root
 from cake.model.config import LlamaConfig
 from cake.model.opener import open_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Tell me about the history of the bridges of Paris."
 EXTRA = ("--device", "cpu")
 GOAL_MARGIN = 1.5 * GIB  # issue 24: the three together within the file's size + 1.5 GiB
@@ -352,9 +350,7 @@ def main() -> None:
         "samples": [sample_json(s, names, start) for s in sampler.samples],
     }
     print(report(result, machine))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "memory.json"
-    out.write_text(json.dumps({"machine": machine, "args": vars(args), **result}, indent=1))
+    out = write_result("memory", {"machine": machine, "args": vars(args), **result}, indent=1)
     print(f"\nwrote {out}", file=sys.stderr)
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.machine import cpu_label, machine_info
+from bench.machine import cpu_label, machine_info, write_result
 from cake.cluster.local_cluster import start_local_cluster
 from cake.decoding.sampling import SamplingParams
 from cake.decoding.stats import GenerationStats
@@ -31,7 +30,6 @@ from cake.master import Master, MasterSettings
 from cake.model.demo import demo_gguf
 from cake.model.tokenizer import encode_chat
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GREEDY = SamplingParams(temperature=0)
 CONTEXT = 4096
 ANSWER = 16
@@ -129,9 +127,7 @@ def main() -> None:
         f"| {result['prompt_tokens']} tokens | {result['cached_tokens']} | "
         f"{best['cached']:.2f} s | {best['uncached']:.2f} s | {result['ratio']:.3f}x |"
     )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "prefix_cache.json"
-    out.write_text(json.dumps({"machine": info, **result}, indent=2))
+    out = write_result("prefix_cache", {"machine": info, **result})
     print(f"\nwrote {out}")
 
 

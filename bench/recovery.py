@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import logging
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import cpu_label, machine_info
+from bench.machine import cpu_label, machine_info, write_result
 from cake.cluster.local_cluster import WorkerProcess, start_local_cluster, worker_command
 from cake.decoding.sampling import SamplingParams
 from cake.master import Master, MasterSettings
@@ -36,7 +35,6 @@ from cake.model.config import LlamaConfig
 from cake.model.demo import demo_gguf
 from cake.model.opener import open_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GREEDY = SamplingParams(temperature=0)
 EXTRA = ("--device", "cpu", "--max-seq-len", "512")
 # The victim's log lines and the master's log records that mark the recovery's steps.
@@ -179,9 +177,7 @@ def main() -> None:
     print("\n| after the kill | step |\n|---|---|")
     for t, step in steps:
         print(f"| {t:.2f} s | {step} |")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "recovery.json"
-    out.write_text(json.dumps({"machine": info, **result}, indent=2))
+    out = write_result("recovery", {"machine": info, **result})
     print(f"\nwrote {out}")
 
 

@@ -26,7 +26,6 @@ after its first token), the issue's yardstick; writes bench/results/startup.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -38,11 +37,10 @@ from pathlib import Path
 import torch
 
 from bench.gguf_writer import LLAMA_3_8B, write_random_q4_0_gguf
-from bench.machine import cpu_label, machine_info
+from bench.machine import cpu_label, machine_info, write_result
 from cake.host.cache import cache_root
 from cake.model.demo import demo_gguf
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_3_2_1B = {
     **LLAMA_3_8B,
     "hidden_size": 2048,
@@ -178,10 +176,7 @@ def main() -> None:
                 f"| {row['warm_over_llama_cpp']:.2f}x |"
             )
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "startup.json").write_text(
-        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1, default=str)
-    )
+    write_result("startup", {"machine": machine, "args": vars(args), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

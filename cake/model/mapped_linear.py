@@ -85,16 +85,14 @@ class MappedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = weight
-        # Row counts up to this take the integer kernel (avx2), larger ones dequantized tiles
-        # and the GEMM (dequant-gemm): as the choice for the converted weight says.
-        self.kernel_rows = DECODE_ROWS
-        if choice is not None:
-            decode, prefill = choice.decode.name, choice.prefill.name
-            self.kernel_rows = 0 if decode != "avx2" else DECODE_ROWS if prefill != "avx2" else -1
+        # Which inputs take the integer kernel (avx2) rather than dequantized tiles and the GEMM
+        # (dequant-gemm), decode-shaped (at most DECODE_ROWS rows) and prefill-shaped ones: as
+        # the choice for the converted weight says (no choice: avx2 decode, tiles prefill).
+        self.integer_decode = choice is None or choice.decode.name == "avx2"
+        self.integer_prefill = choice is not None and choice.prefill.name == "avx2"
         self.choice = choice
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype  # the stage's activations: what forward returns, rows() too
-        self._all_rows = torch.arange(weight.data.shape[0], dtype=torch.int64)
         note_mapped_weights(weight.nbytes)
 
     def describe(self) -> str:
@@ -107,7 +105,8 @@ class MappedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # (rows, in)
         stored = self.blocks.data.shape[0]
-        if x2.shape[0] <= self.kernel_rows or self.kernel_rows < 0:
+        decode = x2.shape[0] <= DECODE_ROWS
+        if self.integer_decode if decode else self.integer_prefill:
             y = torch.empty(x2.shape[0], stored, dtype=torch.float32)
             native.library().cake_gguf_linear(
                 x2.data_ptr(), x2.shape[0], self.in_features, self.blocks.data.data_ptr(),
@@ -116,7 +115,7 @@ class MappedLinear(nn.Module):
         else:
 
             def dequantize(start: int, end: int, tile: torch.Tensor) -> None:
-                dequantized_rows(self.blocks, self._all_rows[start:end], tile)
+                dequantized_rows(self.blocks, torch.arange(start, end), tile)
 
             y = tiled_gemm(x2, stored, dequantize)
         if self.blocks.order is not None:  # outputs back in the model's order
